@@ -1,0 +1,302 @@
+"""Custom Keras layers of PL-Net: activation-based part partition, masked part pooling, per-part heads.
+
+PL-Net (Yao et al., "Deep Representation Learning with Part Loss for Person Re-Identification",
+arXiv 1707.00798, IEEE TIP 2019) splits each image's last feature map into K parts found from the
+network's own activations and classifies identity from each part. The paper's exact clustering
+recipe is not available; `ActivationPartPartition` is our reconstruction (WORKSPACE.md says why).
+"""
+
+import keras
+import tensorflow as tf
+
+PART_STRATEGIES = ("peaks", "activation", "stripes")
+
+
+def stripe_assignment(height, num_parts):
+    """Part index of each of `height` rows for K equal horizontal stripes (int32 `[height]`)."""
+    return tf.constant([row * num_parts // height for row in range(height)], tf.int32)
+
+
+def _grid_points(height, width):
+    """(y, x) of each cell of an h x w grid, row-major (so y never decreases): `[h*w]`, `[h*w]`."""
+    ys, xs = tf.meshgrid(tf.range(height, dtype=tf.float32), tf.range(width, dtype=tf.float32),
+                         indexing="ij")
+    return tf.reshape(ys, [-1]), tf.reshape(xs, [-1])
+
+
+def _squared_distances(ys, xs, centre_y, centre_x):
+    """Cells `[P]` against centres `[B,K]` -> `[B,P,K]`."""
+    return (tf.square(ys[None, :, None] - centre_y[:, None, :])
+            + tf.square(xs[None, :, None] - centre_x[:, None, :]))
+
+
+def weighted_kmeans(ys, xs, weights, num_parts, num_iterations):
+    """Batched weighted K-means (Lloyd) over points shared by the batch, no loop over images.
+
+    Initial centres: y at the weighted quantiles (k + 0.5) / K of the points' y, x at the
+    weighted mean x. Deterministic.
+
+    Args:
+        ys, xs: float32 `[P]`, point coordinates sorted by y (e.g. a row-major grid).
+        weights: float32 `[B,P]`, strictly positive.
+        num_parts: K.
+        num_iterations: fixed number of Lloyd steps (static, so XLA can compile it).
+
+    Returns:
+        Centre (y, x), each `[B,K]`, sorted by y (top to bottom, stable for ties).
+    """
+    total_weight = tf.reduce_sum(weights, axis=1, keepdims=True)
+    cumulative = tf.math.cumsum(weights, axis=1) / total_weight
+    levels = (tf.range(num_parts, dtype=tf.float32) + 0.5) / num_parts
+    levels = tf.broadcast_to(levels, [tf.shape(weights)[0], num_parts])
+    index = tf.minimum(tf.searchsorted(cumulative, levels, side="left"), tf.size(ys) - 1)
+    centre_y = tf.gather(ys, index)
+    centre_x = tf.broadcast_to(tf.reduce_sum(weights * xs, axis=1, keepdims=True) / total_weight,
+                               tf.shape(centre_y))
+    for _ in range(num_iterations):
+        nearest = tf.argmin(_squared_distances(ys, xs, centre_y, centre_x), axis=-1)
+        mass = tf.one_hot(nearest, num_parts) * weights[..., None]  # [B,P,K]
+        cluster_weight = tf.reduce_sum(mass, axis=1)  # [B,K]
+        kept = cluster_weight > 0  # a centre that lost every point stays where it was
+        safe_weight = tf.maximum(cluster_weight, 1e-12)
+        centre_y = tf.where(kept, tf.einsum("bpk,p->bk", mass, ys) / safe_weight, centre_y)
+        centre_x = tf.where(kept, tf.einsum("bpk,p->bk", mass, xs) / safe_weight, centre_x)
+    order = tf.argsort(centre_y, axis=1, stable=True)
+    return tf.gather(centre_y, order, batch_dims=1), tf.gather(centre_x, order, batch_dims=1)
+
+
+@keras.saving.register_keras_serializable(package="reid_tf")
+class ActivationPartPartition(keras.layers.Layer):
+    """Splits each feature map into K parts from its own activations: hard masks, top to bottom.
+
+    Strategies (a reconstruction of PL-Net's part generation; see WORKSPACE.md):
+    - `"peaks"`: every channel votes with the (y, x) of its maximum, weighted by that maximum;
+      weighted K-means on the C votes (computed as K-means on the cells, each weighted by the
+      votes it received); each grid cell joins its nearest centre.
+    - `"activation"`: the same K-means over all h*w cells, each weighted by its channel-summed
+      activation.
+    - `"stripes"`: K equal horizontal stripes (PCB-like), ignoring activations.
+
+    Centres are sorted top to bottom, so part k is the same body band in every image. The
+    assignment carries no gradient. Every cell belongs to exactly one part; an image whose
+    clustering leaves a part empty (all-zero or single-peak maps, ties) falls back to stripes,
+    so no part is ever empty.
+
+    Args:
+        num_parts: K >= 1, at most the number of grid rows.
+        strategy: one of `PART_STRATEGIES`.
+        num_iterations: Lloyd iterations of the K-means.
+
+    Shapes: `[B,h,w,C] -> [B,h,w,K]` (float32 one-hot masks).
+
+    Example:
+    >>> masks = ActivationPartPartition(num_parts=3)(tf.random.uniform([2, 8, 4, 16]))
+    >>> masks.shape
+    TensorShape([2, 8, 4, 3])
+    """
+
+    def __init__(self, num_parts, strategy="peaks", num_iterations=10, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # clustering stays in float32 under mixed precision
+        super().__init__(**kwargs)
+        if not isinstance(num_parts, int) or num_parts < 1:
+            raise ValueError(f"num_parts={num_parts!r}: expected an integer >= 1.")
+        if strategy not in PART_STRATEGIES:
+            raise ValueError(f"part_strategy={strategy!r}: expected one of {PART_STRATEGIES}.")
+        if not isinstance(num_iterations, int) or num_iterations < 0:
+            raise ValueError(f"num_iterations={num_iterations!r}: expected an integer >= 0.")
+        self.num_parts = num_parts
+        self.strategy = strategy
+        self.num_iterations = num_iterations
+
+    def build(self, input_shape):
+        height = input_shape[1]
+        if height is not None and self.num_parts > height:
+            raise ValueError(
+                f"num_parts={self.num_parts}: the feature grid has only {height} rows, so at most "
+                f"{height} parts fit (parts must be non-empty)."
+            )
+
+    def call(self, features):
+        features = tf.stop_gradient(tf.cast(features, tf.float32))
+        height, width = features.shape[1], features.shape[2]
+        batch = tf.shape(features)[0]
+        stripes = tf.one_hot(stripe_assignment(height, self.num_parts), self.num_parts)
+        stripes = tf.broadcast_to(stripes[None, :, None, :], [batch, height, width, self.num_parts])
+        if self.strategy == "stripes":
+            return stripes
+        ys, xs = _grid_points(height, width)
+        cells = height * width
+        flat = tf.nn.relu(tf.reshape(features, [batch, cells, features.shape[3]]))
+        if self.strategy == "peaks":
+            # Each channel votes at its maximum with that maximum's value. K-means on the C votes
+            # equals K-means on the cells with the votes summed per cell, which is much cheaper.
+            peak_cell = tf.argmax(flat, axis=1, output_type=tf.int32)  # [B,C]
+            segments = peak_cell + cells * tf.range(batch)[:, None]
+            votes = tf.math.unsorted_segment_sum(tf.reduce_max(flat, axis=1), segments,
+                                                 batch * cells)
+            weights = tf.reshape(votes, [batch, cells])
+        else:
+            weights = tf.reduce_sum(flat, axis=2)  # [B,h*w]
+        # Relative weights plus a floor: an all-zero map weighs its cells equally, never 0/0.
+        weights = weights / tf.maximum(tf.reduce_max(weights, axis=1, keepdims=True), 1e-12)
+        weights = weights + 1e-6
+        centre_y, centre_x = weighted_kmeans(ys, xs, weights, self.num_parts, self.num_iterations)
+        nearest = tf.argmin(_squared_distances(ys, xs, centre_y, centre_x), axis=-1)  # ties: lower k
+        masks = tf.reshape(tf.one_hot(nearest, self.num_parts), [batch, height, width, self.num_parts])
+        complete = tf.reduce_all(tf.reduce_sum(masks, axis=[1, 2]) > 0, axis=-1)  # [B]
+        return tf.where(complete[:, None, None, None], masks, stripes)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:3], self.num_parts)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_parts": self.num_parts,
+            "strategy": self.strategy,
+            "num_iterations": self.num_iterations,
+        }
+
+
+@keras.saving.register_keras_serializable(package="reid_tf")
+class MaskedAveragePooling(keras.layers.Layer):
+    """Average-pools a feature map over each part mask.
+
+    Shapes: `([B,h,w,C], [B,h,w,K]) -> [B,K,C]`. Parts are never empty (see
+    `ActivationPartPartition`); an empty mask would still give zeros, not NaN.
+
+    Example:
+    >>> pooled = MaskedAveragePooling()([tf.ones([2, 8, 4, 16]), tf.ones([2, 8, 4, 1])])
+    >>> pooled.shape
+    TensorShape([2, 1, 16])
+    """
+
+    def call(self, inputs):
+        features, masks = inputs
+        masks = tf.cast(masks, features.dtype)
+        sums = tf.einsum("bhwc,bhwk->bkc", features, masks)
+        counts = tf.reduce_sum(masks, axis=[1, 2])[..., None]
+        return sums / tf.maximum(counts, tf.ones_like(counts))
+
+    def compute_output_shape(self, input_shape):
+        features_shape, masks_shape = input_shape
+        return (features_shape[0], masks_shape[-1], features_shape[-1])
+
+
+@keras.saving.register_keras_serializable(package="reid_tf")
+class PartDense(keras.layers.Layer):
+    """K independent dense layers as one kernel `[K,Din,units]` and one einsum.
+
+    Args:
+        num_parts: K.
+        units: output size of each part.
+        use_bias: whether each part has a bias.
+        kernel_initializer: initialiser of the `[K,Din,units]` kernel; the default scales each
+            part's slice by its own fan-in (LeCun normal), as K separate Dense layers would.
+
+    Shapes: `[B,K,Din] -> [B,K,units]`.
+    """
+
+    def __init__(self, num_parts, units, use_bias=True, kernel_initializer=None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_parts = num_parts
+        self.units = units
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(
+            kernel_initializer
+            or keras.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal",
+                                                  input_axes=[1], output_axes=[2])
+        )
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(
+            name="kernel", shape=(self.num_parts, input_shape[-1], self.units),
+            initializer=self.kernel_initializer,
+        )
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(self.num_parts, self.units),
+                                        initializer="zeros")
+
+    def call(self, inputs):
+        outputs = tf.einsum("bkd,kdn->bkn", inputs, self.kernel)
+        if self.bias is not None:
+            outputs = outputs + self.bias
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.units)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_parts": self.num_parts,
+            "units": self.units,
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        }
+
+
+@keras.saving.register_keras_serializable(package="reid_tf")
+class PartClassifierBlock(keras.layers.Layer):
+    """Per-part embedding and identity classifier: PartDense -> BatchNorm -> PartDense.
+
+    The global branch of PL-Net is the same block with one part.
+
+    Args:
+        num_parts: K (1 for the global branch).
+        embedding_dim: D, size of each part's embedding.
+        num_classes: N, training identities.
+
+    Shapes: `[B,K,C] -> ([B,K,D] embeddings, [B,K,N] logits)`; logits are float32.
+
+    Example:
+    >>> embeddings, logits = PartClassifierBlock(3, 8, 5)(tf.ones([2, 3, 16]))
+    >>> logits.shape
+    TensorShape([2, 3, 5])
+    """
+
+    def __init__(self, num_parts, embedding_dim, num_classes, **kwargs):
+        super().__init__(**kwargs)
+        for name, value in [("num_parts", num_parts), ("embedding_dim", embedding_dim),
+                            ("num_classes", num_classes)]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected an integer >= 1.")
+        self.num_parts = num_parts
+        self.embedding_dim = embedding_dim
+        self.num_classes = num_classes
+
+    def build(self, input_shape):
+        self.embedding = PartDense(self.num_parts, self.embedding_dim, name="embedding",
+                                   dtype=self.dtype_policy)
+        self.embedding.build(input_shape)
+        self.batch_norm = keras.layers.BatchNormalization(name="batch_norm",
+                                                          dtype=self.dtype_policy)
+        self.batch_norm.build((input_shape[0], self.num_parts * self.embedding_dim))
+        # Small classifier init, as in torchreid/fast-reid heads.
+        self.classifier = PartDense(
+            self.num_parts, self.num_classes, use_bias=False, name="classifier",
+            kernel_initializer=keras.initializers.RandomNormal(stddev=0.001),
+            dtype=self.dtype_policy,
+        )
+        self.classifier.build((input_shape[0], self.num_parts, self.embedding_dim))
+
+    def call(self, inputs, training=None):
+        embeddings = self.embedding(inputs)
+        flat = tf.reshape(embeddings, [-1, self.num_parts * self.embedding_dim])
+        embeddings = tf.reshape(self.batch_norm(flat, training=training),
+                                [-1, self.num_parts, self.embedding_dim])
+        logits = tf.cast(self.classifier(embeddings), tf.float32)
+        return embeddings, logits
+
+    def compute_output_shape(self, input_shape):
+        batch = input_shape[0]
+        return ((batch, self.num_parts, self.embedding_dim), (batch, self.num_parts, self.num_classes))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_parts": self.num_parts,
+            "embedding_dim": self.embedding_dim,
+            "num_classes": self.num_classes,
+        }

@@ -1,0 +1,137 @@
+"""PartLossNet: PL-Net's global branch plus K activation-defined part branches."""
+
+import keras
+import tensorflow as tf
+
+from reid_tf import backbones
+from reid_tf import layers
+
+OUTPUT_KEYS = ("global_logits", "part_logits", "global_embedding", "part_embeddings",
+               "part_masks", "embedding")
+
+
+def descriptor(global_embedding, part_embeddings):
+    """Test descriptor: each of the K+1 embeddings L2-normalised, concatenated, renormalised.
+
+    Normalising each piece first gives the global feature and every part the same weight in a
+    cosine distance, whatever their raw scales. `[B,D]`, `[B,K,D]` -> `[B,(K+1)*D]`.
+    """
+    pieces = tf.concat([global_embedding[:, None, :], part_embeddings], axis=1)
+    pieces = tf.math.l2_normalize(tf.cast(pieces, tf.float32), axis=-1)
+    batch = tf.shape(pieces)[0]
+    return tf.math.l2_normalize(tf.reshape(pieces, [batch, -1]), axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="reid_tf")
+class PartLossNet(keras.Model):
+    """PL-Net (Yao et al., arXiv 1707.00798): identity classification from the whole image and
+    from K parts that the network finds in its own activations.
+
+    backbone -> feature map [B,h,w,C] -> global average pool -> embedding -> global logits
+                                      -> ActivationPartPartition -> masked pooling per part
+                                         -> per-part embedding -> per-part logits
+
+    Args:
+        num_classes: N, identities in the training set.
+        num_parts: K; 0 is the paper's global-loss baseline (part outputs then have K=0).
+        part_strategy: `"peaks"`, `"activation"` or `"stripes"` (see `ActivationPartPartition`).
+        embedding_dim: D, size of the global and of each part embedding.
+        backbone: a name in `backbones.BACKBONES`.
+        image_size: `(height, width)` of the input images.
+        backbone_weights: `None` or `"imagenet"`.
+        last_stride: 1 or 2, the backbone's last stage stride.
+        kmeans_iterations: Lloyd iterations of the part clustering.
+
+    Call: `images [B,H,W,3]` float RGB in [0, 255] -> dict with `global_logits [B,N]`,
+    `part_logits [B,K,N]`, `global_embedding [B,D]`, `part_embeddings [B,K,D]`,
+    `part_masks [B,h,w,K]`, `embedding [B,(K+1)*D]` (L2-normalised), the same keys in training
+    and inference.
+
+    Example:
+    >>> model = PartLossNet(num_classes=5, num_parts=3, backbone="tiny", image_size=(64, 32))
+    >>> model(tf.zeros([2, 64, 32, 3]))["part_logits"].shape
+    TensorShape([2, 3, 5])
+    """
+
+    def __init__(self, num_classes, num_parts=4, part_strategy="peaks", embedding_dim=256,
+                 backbone="resnet50", image_size=(256, 128), backbone_weights=None,
+                 last_stride=1, kmeans_iterations=10, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(num_parts, int) or num_parts < 0:
+            raise ValueError(f"num_parts={num_parts!r}: expected an integer >= 0 (0 = baseline).")
+        if part_strategy not in layers.PART_STRATEGIES:
+            raise ValueError(
+                f"part_strategy={part_strategy!r}: expected one of {layers.PART_STRATEGIES}."
+            )
+        self.num_classes = num_classes
+        self.num_parts = num_parts
+        self.part_strategy = part_strategy
+        self.embedding_dim = embedding_dim
+        self.backbone_name = backbone
+        self.image_size = tuple(image_size)
+        self.backbone_weights = backbone_weights
+        self.last_stride = last_stride
+        self.kmeans_iterations = kmeans_iterations
+
+        self.backbone = backbones.build_backbone(
+            backbone, (*self.image_size, 3), weights=backbone_weights, last_stride=last_stride
+        )
+        grid_height, grid_width = self.backbone.output_shape[1:3]
+        self.grid_size = (grid_height, grid_width)
+        if num_parts > grid_height:
+            raise ValueError(
+                f"num_parts={num_parts}: backbone {backbone!r} at image_size={self.image_size} "
+                f"gives a {grid_height}x{grid_width} feature grid, so num_parts must be in "
+                f"0..{grid_height}."
+            )
+        self.global_head = layers.PartClassifierBlock(1, embedding_dim, num_classes,
+                                                      name="global_head")
+        if num_parts:
+            self.partition = layers.ActivationPartPartition(
+                num_parts, part_strategy, kmeans_iterations, name="partition"
+            )
+            self.part_pooling = layers.MaskedAveragePooling(name="part_pooling")
+            self.part_head = layers.PartClassifierBlock(num_parts, embedding_dim, num_classes,
+                                                        name="part_head")
+
+    def build(self, input_shape=None):
+        # Heads are built by running the graph once on zeros; nothing is updated.
+        self.call(tf.zeros([1, *self.image_size, 3]), training=False)
+        self.built = True
+
+    def call(self, images, training=None):
+        features = self.backbone(images, training=training)
+        batch = tf.shape(features)[0]
+        pooled = tf.reduce_mean(features, axis=[1, 2])[:, None, :]
+        global_embedding, global_logits = self.global_head(pooled, training=training)
+        if self.num_parts:
+            part_masks = self.partition(features)
+            part_features = self.part_pooling([features, part_masks])
+            part_embeddings, part_logits = self.part_head(part_features, training=training)
+        else:
+            part_masks = tf.zeros([batch, *self.grid_size, 0], tf.float32)
+            part_embeddings = tf.zeros([batch, 0, self.embedding_dim], global_embedding.dtype)
+            part_logits = tf.zeros([batch, 0, self.num_classes], tf.float32)
+        return {
+            "global_logits": global_logits[:, 0],
+            "part_logits": part_logits,
+            "global_embedding": global_embedding[:, 0],
+            "part_embeddings": part_embeddings,
+            "part_masks": part_masks,
+            "embedding": descriptor(global_embedding[:, 0], part_embeddings),
+        }
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "num_parts": self.num_parts,
+            "part_strategy": self.part_strategy,
+            "embedding_dim": self.embedding_dim,
+            "backbone": self.backbone_name,
+            "image_size": self.image_size,
+            # Saved weights replace any initialisation: never download again on reload.
+            "backbone_weights": None,
+            "last_stride": self.last_stride,
+            "kmeans_iterations": self.kmeans_iterations,
+        }

@@ -1,0 +1,197 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from reid_tf import layers
+from reid_tf import train_lib
+from tests import layer_testing
+
+STRATEGIES = layers.PART_STRATEGIES
+
+
+def assert_partition(masks, num_parts):
+    masks = np.asarray(masks)
+    assert masks.shape[-1] == num_parts
+    assert not np.isnan(masks).any()
+    assert set(np.unique(masks)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(masks.sum(-1), 1.0)  # every cell in exactly one part
+    assert (masks.sum(axis=(1, 2)) > 0).all(), "a part is empty"
+
+
+def blob_features(heights, grid=(16, 8), channels_per_blob=6, noise=0.05, seed=0):
+    """A feature map with one activation blob per listed row; channel group i peaks at blob i."""
+    rng = np.random.default_rng(seed)
+    h, w = grid
+    features = noise * rng.random((1, h, w, channels_per_blob * len(heights)), dtype=np.float32)
+    for i, row in enumerate(heights):
+        for c in range(i * channels_per_blob, (i + 1) * channels_per_blob):
+            features[0, row, w // 2, c] = 5.0 + c * 0.01
+            features[0, row, w // 2 - 1, c] = 3.0
+    return tf.constant(features)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_partition_covers_every_cell_once(strategy):
+    features = tf.random.uniform([3, 16, 8, 32])
+    masks = layers.ActivationPartPartition(4, strategy)(features)
+    assert masks.shape == (3, 16, 8, 4)
+    assert_partition(masks, 4)
+
+
+@pytest.mark.parametrize("strategy", ["peaks", "activation"])
+def test_parts_follow_blobs_top_to_bottom(strategy):
+    heights = [2, 7, 13]
+    masks = np.asarray(layers.ActivationPartPartition(3, strategy)(blob_features(heights)))[0]
+    rows = np.arange(16)[:, None]
+    centre_rows = [(masks[..., k] * rows).sum() / masks[..., k].sum() for k in range(3)]
+    assert centre_rows[0] < centre_rows[1] < centre_rows[2]
+    for k, row in enumerate(heights):
+        assert masks[row, 4, k] == 1.0, f"part {k} does not cover the blob at row {row}"
+
+
+def test_blob_order_does_not_depend_on_channel_order():
+    features = blob_features([3, 12])
+    shuffled = tf.gather(features, np.random.default_rng(1).permutation(12), axis=-1)
+    layer = layers.ActivationPartPartition(2, "peaks")
+    np.testing.assert_array_equal(layer(features), layer(shuffled))
+
+
+def test_stripes_are_equal_horizontal_bands():
+    masks = np.asarray(layers.ActivationPartPartition(4, "stripes")(tf.zeros([1, 8, 3, 2])))[0]
+    np.testing.assert_array_equal(masks.argmax(-1), np.repeat(np.arange(4), 2)[:, None] * np.ones(3))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", ["zeros", "one_hot_cell", "k_equals_rows", "ties", "negative"])
+def test_no_empty_part_on_degenerate_input(strategy, case):
+    num_parts = 3
+    features = np.zeros([2, 6, 4, 5], np.float32)
+    if case == "one_hot_cell":
+        features[:, 2, 1, :] = 1.0
+    elif case == "k_equals_rows":
+        num_parts = 6
+        features = np.random.default_rng(0).random([2, 6, 4, 5]).astype(np.float32)
+    elif case == "ties":
+        features[:] = 1.0
+    elif case == "negative":
+        features[:] = -3.0
+    masks = layers.ActivationPartPartition(num_parts, strategy)(tf.constant(features))
+    assert_partition(masks, num_parts)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_partition_same_eager_graph_and_xla(strategy):
+    layer = layers.ActivationPartPartition(4, strategy)
+    masks = layer_testing.check_call_modes(layer, tf.random.uniform([4, 16, 8, 64]), atol=0)
+    assert_partition(masks, 4)
+
+
+def test_partition_passes_no_gradient():
+    features = tf.random.uniform([2, 16, 8, 32])
+    layer = layers.ActivationPartPartition(4, "peaks")
+    with tf.GradientTape() as tape:
+        tape.watch(features)
+        masks = layer(features * 2.0)
+        target = tf.reduce_sum(masks * tf.random.uniform(masks.shape))
+    assert tape.gradient(target, features) is None
+
+
+def test_partition_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_parts"):
+        layers.ActivationPartPartition(0)
+    with pytest.raises(ValueError, match="part_strategy.*peaks"):
+        layers.ActivationPartPartition(2, "kmeans")
+    with pytest.raises(ValueError, match="num_parts=5.*4 rows"):
+        layers.ActivationPartPartition(5, "stripes")(tf.zeros([1, 4, 2, 3]))
+
+
+def test_partition_under_mirrored_strategy_matches_single_device():
+    strategy = train_lib.make_strategy("mirrored")
+    layer = layers.ActivationPartPartition(3, "peaks")
+    features = tf.random.uniform([4, 12, 6, 16])
+    expected = layer(features)
+    dataset = tf.data.Dataset.from_tensor_slices(features).batch(4)
+    batch = next(iter(strategy.experimental_distribute_dataset(dataset)))
+    per_replica = strategy.run(tf.function(layer), args=(batch,))
+    got = tf.concat(strategy.experimental_local_results(per_replica), axis=0)
+    assert len(strategy.experimental_local_results(per_replica)) == 2
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_masked_average_pooling_by_hand():
+    features = np.arange(2 * 2 * 2 * 1, dtype=np.float32).reshape(2, 2, 2, 1)
+    masks = np.zeros([2, 2, 2, 2], np.float32)
+    masks[:, 0, :, 0] = 1  # top row -> part 0
+    masks[:, 1, :, 1] = 1
+    pooled = layers.MaskedAveragePooling()([features, masks])
+    np.testing.assert_allclose(pooled[..., 0], [[0.5, 2.5], [4.5, 6.5]])
+    # An empty part pools to zeros, not NaN.
+    masks[:, :, :, 1] = 0
+    masks[:, 1, :, 0] = 1
+    assert not np.isnan(np.asarray(layers.MaskedAveragePooling()([features, masks]))).any()
+
+
+def test_masked_pooling_gradient_is_the_per_part_average():
+    features = tf.random.uniform([2, 4, 2, 3])
+    masks = layers.ActivationPartPartition(2, "activation")(features)
+    with tf.GradientTape() as tape:
+        tape.watch(features)
+        total = tf.reduce_sum(layers.MaskedAveragePooling()([features, masks]))
+    gradient = tape.gradient(total, features).numpy()
+    counts = masks.numpy().sum(axis=(1, 2))  # [B,K]
+    expected = (masks.numpy() / counts[:, None, None, :]).sum(-1)[..., None] * np.ones(3)
+    np.testing.assert_allclose(gradient, expected, rtol=1e-6)
+
+
+def test_part_dense_equals_independent_dense_layers():
+    layer = layers.PartDense(3, 4)
+    inputs = tf.random.uniform([2, 3, 5])
+    outputs = layer(inputs).numpy()
+    kernel, bias = layer.kernel.numpy(), layer.bias.numpy()
+    for k in range(3):
+        np.testing.assert_allclose(outputs[:, k], inputs[:, k].numpy() @ kernel[k] + bias[k],
+                                   rtol=1e-5, atol=1e-6)
+    # Each part's slice is initialised by its own fan-in (5: std ~0.45), not K * fan-in.
+    wide = layers.PartDense(2, 4000)
+    wide.build((None, 2, 5))
+    assert 0.35 < float(np.std(wide.kernel.numpy())) < 0.5
+
+
+def test_classifier_block_shapes_and_independent_parts():
+    block = layers.PartClassifierBlock(3, 8, 5)
+    embeddings, logits = block(tf.random.uniform([4, 3, 16]), training=False)
+    assert embeddings.shape == (4, 3, 8) and logits.shape == (4, 3, 5)
+    assert logits.dtype == tf.float32
+    with tf.GradientTape() as tape:
+        _, logits = block(tf.random.uniform([4, 3, 16]), training=True)
+        loss = tf.reduce_sum(logits[:, 1])  # only part 1
+    gradient = tape.gradient(loss, block.classifier.kernel).numpy()
+    assert np.abs(gradient[1]).sum() > 0
+    np.testing.assert_array_equal(gradient[[0, 2]], 0.0)
+
+
+@pytest.mark.parametrize("layer", [
+    layers.ActivationPartPartition(3, "activation", num_iterations=4),
+    layers.MaskedAveragePooling(),
+    layers.PartDense(3, 7, use_bias=False),
+    layers.PartClassifierBlock(3, 8, 5),
+], ids=lambda layer: type(layer).__name__)
+def test_config_round_trip(layer):
+    clone = layer_testing.check_config_round_trip(layer)
+    assert type(clone) is type(layer)
+
+
+def test_layers_save_and_reload_in_a_model(tmp_path):
+    import keras
+
+    features = keras.Input((8, 4, 16))
+    masks = layers.ActivationPartPartition(3)(features)
+    pooled = layers.MaskedAveragePooling()([features, masks])
+    embeddings, logits = layers.PartClassifierBlock(3, 8, 5)(pooled)
+    model = keras.Model(features, [masks, embeddings, logits])
+    inputs = tf.random.uniform([2, 8, 4, 16])
+    expected = model(inputs)
+    model.save(tmp_path / "layers.keras")
+    reloaded = keras.models.load_model(tmp_path / "layers.keras")
+    for a, b in zip(expected, reloaded(inputs)):
+        np.testing.assert_allclose(a, b, atol=1e-6)

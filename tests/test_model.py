@@ -1,0 +1,124 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from reid_tf import losses
+from reid_tf import model as model_lib
+from reid_tf import train_lib
+
+TINY = dict(num_classes=5, backbone="tiny", image_size=(64, 32), embedding_dim=16)
+
+
+def images(batch=2, seed=0):
+    return tf.random.stateless_uniform([batch, 64, 32, 3], [seed, 1], 0, 255)
+
+
+@pytest.mark.parametrize("num_parts", [0, 3])
+def test_output_dict_keys_and_shapes(num_parts):
+    net = model_lib.PartLossNet(num_parts=num_parts, **TINY)
+    for training in (True, False):
+        outputs = net(images(), training=training)
+        assert tuple(outputs) == model_lib.OUTPUT_KEYS
+        assert outputs["global_logits"].shape == (2, 5)
+        assert outputs["part_logits"].shape == (2, num_parts, 5)
+        assert outputs["global_embedding"].shape == (2, 16)
+        assert outputs["part_embeddings"].shape == (2, num_parts, 16)
+        assert outputs["part_masks"].shape == (2, 8, 4, num_parts)
+        assert outputs["embedding"].shape == (2, (num_parts + 1) * 16)
+        np.testing.assert_allclose(np.linalg.norm(outputs["embedding"], axis=-1), 1.0, rtol=1e-5)
+        if num_parts:
+            np.testing.assert_array_equal(outputs["part_masks"].numpy().sum(-1), 1.0)
+
+
+def test_descriptor_weighs_global_and_parts_equally():
+    global_embedding = tf.constant([[3.0, 4.0]])
+    part_embeddings = tf.constant([[[0.0, 10.0]]])
+    got = model_lib.descriptor(global_embedding, part_embeddings).numpy()
+    np.testing.assert_allclose(got, [[0.6, 0.8, 0.0, 1.0]] / np.sqrt(2), rtol=1e-6)
+
+
+def test_gradients_reach_backbone_and_every_part_classifier_but_not_the_masks():
+    net = model_lib.PartLossNet(num_parts=3, **TINY)
+    labels = tf.constant([0, 3])
+    with tf.GradientTape(persistent=True) as tape:
+        outputs = net(images(), training=True)
+        loss = tf.reduce_mean(losses.plnet_loss(labels, outputs)["loss"])
+        mask_sum = tf.reduce_sum(outputs["part_masks"] * tf.random.uniform([2, 8, 4, 3]))
+    variables = net.trainable_variables
+    gradients = dict(zip([v.path for v in variables], tape.gradient(loss, variables)))
+    classifier = tape.gradient(loss, net.part_head.classifier.kernel).numpy()
+    for k in range(3):
+        assert np.abs(classifier[k]).sum() > 0, f"part {k} classifier gets no gradient"
+    first_conv = net.backbone.get_layer("tiny").get_layer("tiny_conv0").kernel
+    assert np.abs(tape.gradient(loss, first_conv).numpy()).sum() > 0
+    assert all(g is not None for g in gradients.values())
+    assert all(g is None for g in tape.gradient(mask_sum, variables))
+
+
+def test_baseline_has_no_part_branch_and_trains():
+    net = model_lib.PartLossNet(num_parts=0, **TINY)
+    outputs = net(images(), training=True)
+    terms = losses.plnet_loss(tf.constant([1, 2]), outputs)
+    np.testing.assert_array_equal(terms["part_loss"], 0.0)
+    np.testing.assert_allclose(terms["loss"], terms["global_loss"])
+    assert not any("part_head" in v.path for v in net.trainable_variables)
+
+
+@pytest.mark.parametrize("num_parts", [0, 3])
+def test_model_saves_and_reloads_with_identical_outputs(tmp_path, num_parts):
+    net = model_lib.PartLossNet(num_parts=num_parts, part_strategy="activation", **TINY)
+    net(images(), training=True)  # move BatchNorm statistics off their initial values
+    expected = net(images(seed=1), training=False)
+    net.save(tmp_path / "net.keras")
+    reloaded = keras.models.load_model(tmp_path / "net.keras")
+    assert reloaded.get_config() == net.get_config()
+    got = reloaded(images(seed=1), training=False)
+    for key in model_lib.OUTPUT_KEYS:
+        np.testing.assert_allclose(got[key], expected[key], atol=1e-6, err_msg=key)
+
+
+def test_model_same_output_eager_and_in_tf_function():
+    net = model_lib.PartLossNet(num_parts=3, **TINY)
+    eager = net(images(), training=False)
+    graph = tf.function(lambda x: net(x, training=False))(images())
+    for key in model_lib.OUTPUT_KEYS:
+        np.testing.assert_allclose(graph[key], eager[key], atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("num_parts", [0, 3])
+def test_mirrored_training_on_two_cpu_replicas_decreases_loss(num_parts):
+    strategy = train_lib.make_strategy("mirrored")
+    assert strategy.num_replicas_in_sync == 2
+    with strategy.scope():
+        net = model_lib.PartLossNet(num_parts=num_parts, **TINY)
+        net.build()
+        optimizer = keras.optimizers.Adam(1e-3)
+        optimizer.build(net.trainable_variables)
+    batch = {"image": images(batch=8), "label": tf.constant([0, 0, 1, 1, 2, 2, 3, 3])}
+    dataset = tf.data.Dataset.from_tensors(batch).unbatch().batch(8).repeat()
+    iterator = iter(strategy.experimental_distribute_dataset(dataset))
+    step = train_lib.make_train_step(net, optimizer, strategy, global_batch_size=8)
+    history = [step(iterator, tf.constant(1)) for _ in range(3)]
+    totals = [float(m["loss"]) for m in history]
+    assert all(np.isfinite(totals))
+    assert totals[0] > totals[1] > totals[2], totals
+    for m in history:
+        np.testing.assert_allclose(float(m["loss"]),
+                                   float(m["global_loss"]) + float(m["part_loss"]), rtol=1e-5)
+        assert m["part_losses"].shape == (num_parts,)
+
+
+def test_bad_arguments_name_the_argument_and_valid_values():
+    with pytest.raises(ValueError, match=r"num_parts=-1.*>= 0"):
+        model_lib.PartLossNet(num_parts=-1, **TINY)
+    with pytest.raises(ValueError, match=r"num_parts=9.*8x4 feature grid.*0\.\.8"):
+        model_lib.PartLossNet(num_parts=9, **TINY)
+    with pytest.raises(ValueError, match=r"part_strategy='grid'.*'peaks', 'activation', 'stripes'"):
+        model_lib.PartLossNet(part_strategy="grid", **TINY)
+    with pytest.raises(ValueError, match=r"backbone='vgg'.*mobilenet_v2.*resnet50.*tiny"):
+        model_lib.PartLossNet(**{**TINY, "backbone": "vgg"})
+    with pytest.raises(ValueError, match=r"input_shape=\(4, 32, 3\).*'tiny'.*at least 8"):
+        model_lib.PartLossNet(**{**TINY, "image_size": (4, 32)})
+    with pytest.raises(ValueError, match=r"input_shape=\(16, 128, 3\).*'resnet50'.*at least 32"):
+        model_lib.PartLossNet(num_classes=5, backbone="resnet50", image_size=(16, 128))
