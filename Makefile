@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/reid-demo
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/pytest -q
 
 benchmarks: install
 	$(BIN)/python benchmarks/part_partition.py

@@ -17,7 +17,13 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["reid_tf", "reid_tf.*"]),
+    # The repository's datasets/ folder installs as `reid_datasets`: never shadow HuggingFace's
+    # `datasets` distribution.
+    packages=setuptools.find_packages(include=["reid_tf", "reid_tf.*"]) + [
+        "reid_datasets" + sub.removeprefix("datasets")
+        for sub in setuptools.find_packages(include=["datasets", "datasets.*"])
+    ],
+    package_dir={"reid_datasets": "datasets"},
     install_requires=[
         "keras>=3.10,<4",
         "numpy>=1.26",
@@ -26,11 +32,13 @@ setuptools.setup(
         "tensorflow-datasets>=4.9.8",
         "scikit-learn>=1.5",
         "pillow>=10",
+        "scipy>=1.11",  # CUHK03's protocol files (.mat v5)
+        "h5py>=3.9",  # CUHK03's cuhk-03.mat (MATLAB v7.3)
     ],
     extras_require={
         "cpu": ["tensorflow-cpu" + TENSORFLOW],
         "gpu": ["tensorflow[and-cuda]" + TENSORFLOW],
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "dill"],  # dill: tfds.testing
     },
     entry_points={
         "console_scripts": [

@@ -4,7 +4,7 @@ import tensorflow as tf
 
 from reid_tf import layers
 from reid_tf import train_lib
-from tests import layer_testing
+from reid_tf import testing as layer_testing
 
 STRATEGIES = layers.PART_STRATEGIES
 

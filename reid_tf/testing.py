@@ -1,4 +1,7 @@
-"""Shared checks for custom Keras layers: config round trip, eager == tf.function == XLA."""
+"""Test helpers shared by the suite.
+
+Keras layer checks: config round trip; eager, tf.function and XLA give the same outputs.
+"""
 
 import numpy as np
 import tensorflow as tf

@@ -1,0 +1,3 @@
+"""cuhk03 dataset."""
+
+from reid_datasets.cuhk03.cuhk03_dataset_builder import Builder  # noqa: F401

@@ -1,0 +1,56 @@
+"""What every ReID TFDS builder shares: features, manual data, image checks, splits."""
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from reid_tf import sources
+
+
+class ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Yields {image (encoded), person_id (as in the files), camera_id, file_name} per split.
+
+    Subclasses set `MANUAL_DOWNLOAD_INSTRUCTIONS` and implement `_parse(manual_dir)` returning
+    `{split: [sources.Record]}`. Data is never downloaded. Pass `skip_corrupt=True` to
+    `tfds.builder(...)` to leave out images that do not decode (the count is printed); by
+    default preparation fails with the list of bad files.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    IMAGE_FORMAT = "jpeg"  # how images given as arrays are encoded; files are stored as they are
+
+    def __init__(self, *, skip_corrupt=False, **kwargs):
+        self.skip_corrupt = skip_corrupt
+        super().__init__(**kwargs)
+
+    def _info(self):
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3),
+                                             encoding_format=self.IMAGE_FORMAT),
+                "person_id": tfds.features.Scalar(dtype=np.int64),
+                "camera_id": tfds.features.Scalar(dtype=np.int64),
+                "file_name": tfds.features.Text(),
+            }),
+            supervised_keys=("image", "person_id"),
+            homepage=self.HOMEPAGE,
+        )
+
+    HOMEPAGE = None
+
+    def _parse(self, manual_dir):
+        raise NotImplementedError
+
+    def _split_generators(self, dl_manager):
+        records = sources.check_images(self._parse(str(dl_manager.manual_dir)),
+                                       skip_corrupt=self.skip_corrupt)
+        return {split: self._generate_examples(records[split]) for split in sources.SPLITS}
+
+    def _generate_examples(self, records):
+        for index, record in enumerate(records):
+            yield f"{index:07d}_{record.file_name}", {
+                "image": record.image,
+                "person_id": record.person_id,
+                "camera_id": record.camera_id,
+                "file_name": record.file_name,
+            }

@@ -1,0 +1,152 @@
+import collections
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from reid_tf import input_pipeline
+from reid_tf import synthetic
+from reid_tf import train_lib
+
+DATASETS = os.path.join(os.path.dirname(__file__), "..", "datasets")
+SMALL = synthetic.SyntheticConfig(num_train_ids=10, num_test_ids=6, images_per_id=6,
+                                  height=64, width=32, seed=1)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {s: input_pipeline.Split.from_records(r) for s, r in synthetic.generate(SMALL).items()}
+
+
+@pytest.mark.parametrize("sizes", [[6] * 10, [1, 2, 3, 4, 5, 9, 13, 4, 4, 4], [20, 1, 1, 1]])
+def test_pk_epoch_batches_and_coverage(sizes):
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    P, K = 3, 4
+    epoch = input_pipeline.pk_epoch(labels, P, K, np.random.default_rng(0))
+    assert len(epoch) % (P * K) == 0
+    assert set(epoch) == set(range(len(labels)))  # every image appears
+    for batch in epoch.reshape(-1, P * K):
+        groups = labels[batch].reshape(P, K)
+        assert (groups == groups[:, :1]).all()  # K images of one identity, grouped
+        assert len(set(groups[:, 0])) == P  # P distinct identities
+
+
+def test_pk_epoch_needs_p_identities():
+    with pytest.raises(ValueError, match="P=4 identities per batch, but the split has only 2"):
+        input_pipeline.pk_epoch(np.array([0, 0, 1, 1]), 4, 2, np.random.default_rng(0))
+
+
+def take(dataset, n):
+    return [{k: v.numpy() for k, v in b.items()} for b in dataset.take(n)]
+
+
+def test_train_batches_relabel_resize_and_are_deterministic(splits):
+    make = lambda seed: input_pipeline.train_dataset(splits["train"], (48, 24), 4, 3, seed=seed)
+    first, again, other = take(make(0), 3), take(make(0), 3), take(make(1), 3)
+    for batch in first:
+        assert batch["image"].shape == (12, 48, 24, 3) and batch["image"].dtype == np.float32
+        assert 0 <= batch["image"].min() and batch["image"].max() <= 255
+        groups = batch["label"].reshape(4, 3)
+        assert (groups == groups[:, :1]).all() and len(set(groups[:, 0])) == 4
+        assert set(batch["label"]) <= set(range(10))  # person ids 1..10 -> labels 0..9
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    assert not np.array_equal(first[0]["image"], other[0]["image"])
+
+
+def test_an_epoch_covers_every_training_image(splits):
+    split = splits["train"]
+    labels, _ = input_pipeline.relabel(split.person_ids)
+    epoch = input_pipeline.pk_epoch(labels, 4, 3, np.random.default_rng([0, 0]))
+    dataset = input_pipeline.train_dataset(split, (48, 24), 4, 3, seed=0,
+                                           augmentation=input_pipeline.Augmentation(0, 0, 0))
+    batches = take(dataset, len(epoch) // 12)
+    seen = np.concatenate([b["image"] for b in batches])
+    reference = [b["image"][0] for b in take(input_pipeline.eval_dataset(split, (48, 24), 1),
+                                              len(split))]
+    found = {int(np.argmin([np.abs(r - image).sum() for r in reference])) for image in seen}
+    assert found == set(range(len(split)))
+
+
+def test_augmentation_flips_pads_and_erases():
+    image = tf.reshape(tf.range(8 * 4 * 3, dtype=tf.float32), [8, 4, 3])
+    flips = [input_pipeline.augment(image, tf.constant([0, s], tf.int64), (8, 4),
+                                    input_pipeline.Augmentation(True, 0, 0)) for s in range(20)]
+    flipped = [f for f in flips if not np.array_equal(f, image)]
+    assert flipped and all(np.array_equal(f, image[:, ::-1]) for f in flipped)
+    erased = [input_pipeline.augment(image, tf.constant([0, s], tf.int64), (8, 4),
+                                     input_pipeline.Augmentation(False, 0, 1.0)) for s in range(5)]
+    for e in erased:
+        changed = np.any(e.numpy() != image.numpy(), axis=-1)
+        assert changed.any()
+        np.testing.assert_allclose(e.numpy()[changed], np.broadcast_to(
+            input_pipeline.ERASING_FILL, (changed.sum(), 3)))
+    shifted = input_pipeline.augment(image, tf.constant([0, 3], tf.int64), (8, 4),
+                                     input_pipeline.Augmentation(False, 2, 0))
+    assert shifted.shape == (8, 4, 3) and (shifted.numpy() == 0).any()  # padding came in
+
+
+def test_two_replicas_each_get_half_of_every_batch(splits):
+    strategy = train_lib.make_strategy("mirrored")
+    assert strategy.num_replicas_in_sync == 2
+    args = (splits["train"], (48, 24), 4, 3)
+    plain = take(input_pipeline.train_dataset(*args, seed=5), 2)
+    distributed = strategy.distribute_datasets_from_function(
+        lambda context: input_pipeline.train_dataset(*args, seed=5, input_context=context))
+    iterator = iter(distributed)
+    for expected in plain:
+        per_replica = strategy.experimental_local_results(next(iterator)["label"])
+        assert [p.shape[0] for p in per_replica] == [6, 6]
+        np.testing.assert_array_equal(np.concatenate(per_replica), expected["label"])
+
+
+def test_workers_read_disjoint_slots_of_the_same_schedule(splits):
+    class Context:  # what tf.distribute.InputContext tells one worker of two
+        def __init__(self, worker):
+            self.num_input_pipelines, self.input_pipeline_id = 2, worker
+            self.num_replicas_in_sync = 2
+
+        def get_per_replica_batch_size(self, global_batch):
+            return global_batch // 2
+
+    args = (splits["train"], (48, 24), 4, 3)
+    full = take(input_pipeline.train_dataset(*args, seed=2), 4)
+    workers = [take(input_pipeline.train_dataset(*args, seed=2, input_context=Context(w)), 4)
+               for w in (0, 1)]
+    for step, batch in enumerate(full):
+        halves = [workers[w][step] for w in (0, 1)]
+        np.testing.assert_array_equal(np.concatenate([h["label"] for h in halves]), batch["label"])
+        np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), batch["image"])
+        assert not set(halves[0]["label"]) & set(halves[1]["label"])
+
+
+def test_eval_dataset_keeps_order_and_labels(splits):
+    batches = take(input_pipeline.eval_dataset(splits["gallery"], (64, 32), 7), 100)
+    names = np.concatenate([b["file_name"] for b in batches]).astype(str)
+    assert list(names) == list(splits["gallery"].file_names)
+    np.testing.assert_array_equal(np.concatenate([b["person_id"] for b in batches]),
+                                  splits["gallery"].person_ids)
+    assert batches[0]["image"].shape == (7, 64, 32, 3)
+
+
+def test_folder_and_tfds_sources_agree(tmp_path):
+    root = synthetic.write_market_folder(synthetic.generate(
+        synthetic.SyntheticConfig(num_train_ids=3, num_test_ids=3, images_per_id=4, height=32,
+                                  width=16)), str(tmp_path / "market"))
+    folder = input_pipeline.load_splits(f"folder:{root}")
+    assert len(folder["train"]) == 12 and len(folder["query"]) + len(folder["gallery"]) == 12
+    assert folder["train"].are_paths and set(folder["train"].person_ids) == {1, 2, 3}
+    market = input_pipeline.load_splits("market1501", data_dir=str(tmp_path / "tfds"),
+                                        manual_dir=os.path.join(DATASETS, "market1501/dummy_data"))
+    assert sorted(market["train"].file_names) == sorted(
+        n for n in os.listdir(os.path.join(DATASETS, "market1501/dummy_data",
+                                           "Market-1501-v15.09.15", "bounding_box_train"))
+        if not n.startswith("-1"))
+    batch = next(iter(input_pipeline.eval_dataset(market["query"], (32, 16), 2)))
+    assert batch["image"].shape == (2, 32, 16, 3)
+
+
+def test_unknown_dataset_lists_the_valid_names():
+    with pytest.raises(ValueError, match=r"dataset 'market1502'.*'cuhk03'.*folder:PATH"):
+        input_pipeline.load_splits("market1502")
