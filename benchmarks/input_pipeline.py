@@ -1,0 +1,81 @@
+"""Training input pipeline throughput against what a resnet50 training step consumes.
+
+Prints images/s for: the P×K training pipeline (decode + flip + pad/crop + random erasing to
+256x128) on the shared CUHK03 data; synthetic_persons generation; and one resnet50 PL-Net
+training step at 256x128, batch 32 (P=8, K=4). Target: pipeline >= 3x the training step.
+
+    REID_TF_SHARED_DIR=../shared python benchmarks/input_pipeline.py
+"""
+
+import os
+import time
+
+from absl import app
+from absl import flags
+import keras
+import tensorflow as tf
+
+from reid_tf import input_pipeline
+from reid_tf import model as model_lib
+from reid_tf import synthetic
+from reid_tf import train_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data", None, "Market-layout folder; default: "
+                    "$REID_TF_SHARED_DIR/data/cuhk03_pair1_labeled.")
+flags.DEFINE_integer("batches", 60, "Pipeline batches to time (after 5 warm-up batches).")
+flags.DEFINE_integer("train_steps", 3, "resnet50 training steps to time (after one warm-up).")
+flags.DEFINE_bool("train_step", True, "Also time the resnet50 training step.")
+
+
+def pipeline_rate(split):
+    iterator = iter(input_pipeline.train_dataset(split, (256, 128), 8, 4, seed=0))
+    for _ in range(5):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(FLAGS.batches):
+        next(iterator)["image"].numpy()
+    return FLAGS.batches * 32 / (time.perf_counter() - start)
+
+
+def synthetic_rate():
+    config = synthetic.SyntheticConfig(num_train_ids=100, num_test_ids=0)
+    start = time.perf_counter()
+    records = synthetic.generate(config)
+    return len(records["train"]) / (time.perf_counter() - start)
+
+
+def train_step_rate(split):
+    strategy = tf.distribute.get_strategy()
+    _, num_classes = input_pipeline.relabel(split.person_ids)
+    net = model_lib.PartLossNet(num_classes=num_classes, num_parts=4, backbone="resnet50",
+                                image_size=(256, 128))
+    net.build()
+    optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+    optimizer.build(net.trainable_variables)
+    step = train_lib.make_train_step(net, optimizer, strategy, global_batch_size=32)
+    # One cached batch, repeated: times the model alone.
+    iterator = iter(input_pipeline.train_dataset(split, (256, 128), 8, 4).take(1).cache().repeat())
+    step(iterator, tf.constant(1))
+    start = time.perf_counter()
+    step(iterator, tf.constant(FLAGS.train_steps))["loss"].numpy()
+    return FLAGS.train_steps * 32 / (time.perf_counter() - start)
+
+
+def main(argv):
+    del argv
+    folder = FLAGS.data or os.path.join(os.environ["REID_TF_SHARED_DIR"], "data",
+                                        "cuhk03_pair1_labeled")
+    split = input_pipeline.load_splits(f"folder:{folder}")["train"]
+    print(f"machine: {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}")
+    pipeline = pipeline_rate(split)
+    print(f"training pipeline (decode+augment to 256x128, P=8 K=4): {pipeline:8.1f} images/s")
+    print(f"synthetic_persons generation (128x64):                 {synthetic_rate():8.1f} images/s")
+    if FLAGS.train_step:
+        consumed = train_step_rate(split)
+        print(f"resnet50 PL-Net training step (256x128, batch 32):     {consumed:8.1f} images/s")
+        print(f"pipeline / training step: {pipeline / consumed:.1f}x (target >= 3x)")
+
+
+if __name__ == "__main__":
+    app.run(main)
