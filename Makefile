@@ -1,5 +1,5 @@
 # Two commands on a fresh machine with Python 3.11, bash and make:
-#   make demo   build PL-Net and train it for a few steps on generated images
+#   make demo   train PL-Net on the built-in synthetic_persons, evaluate and export (~6 min)
 #   make test   install what the tests need and run the whole suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -18,14 +18,19 @@ $(VENV)/.installed: $(BIN)/python setup.py
 
 install: $(VENV)/.installed
 
+DEMO_WORKDIR ?= runs/synthetic_persons_plnet_tiny_128x64
+
 demo: install
-	$(BIN)/reid-demo
+	$(BIN)/reid-train --flagfile=experiments/synthetic_persons_plnet_tiny_128x64.flags \
+		--workdir=$(DEMO_WORKDIR)
 
 test: install
 	$(BIN)/pytest -q
 
 benchmarks: install
 	$(BIN)/python benchmarks/part_partition.py
+	$(BIN)/python benchmarks/input_pipeline.py
+	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

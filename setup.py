@@ -43,6 +43,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "reid-demo=reid_tf.demo:run",
+            "reid-train=reid_tf.train:run",
         ],
     },
 )

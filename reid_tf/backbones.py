@@ -72,20 +72,28 @@ def _check_input_shape(name, input_shape):
         )
 
 
+def _rebuild(net, edit_layer_config):
+    """The same functional graph with edited layer configs, and the same weights."""
+    config = net.get_config()
+    for layer in config["layers"]:
+        edit_layer_config(layer["class_name"], layer["config"])
+    rebuilt = keras.Model.from_config(config)
+    rebuilt.set_weights(net.get_weights())
+    return rebuilt
+
+
 def _resnet50(inputs, weights, last_stride):
     net = keras.applications.ResNet50(include_top=False, weights=weights, input_tensor=inputs)
     if last_stride == 2:
         return net
-    # keras.applications has no last-stride option: rebuild the same graph with stride 1 in
-    # conv5_block1 (the usual ReID change, 16x8 map at 256x128) and copy the weights over;
-    # 1x1 convolutions have the same kernels whatever their stride.
-    config = net.get_config()
-    for layer in config["layers"]:
-        if layer["config"]["name"] in _RESNET50_LAST_STRIDE_LAYERS:
-            layer["config"]["strides"] = (1, 1)
-    rebuilt = keras.Model.from_config(config)
-    rebuilt.set_weights(net.get_weights())
-    return rebuilt
+
+    # keras.applications has no last-stride option: stride 1 in conv5_block1 (the usual ReID
+    # change, 16x8 map at 256x128); 1x1 convolutions keep their kernels whatever their stride.
+    def last_stride_one(class_name, config):
+        if config["name"] in _RESNET50_LAST_STRIDE_LAYERS:
+            config["strides"] = (1, 1)
+
+    return _rebuild(net, last_stride_one)
 
 
 def _mobilenet_v2(inputs, weights, last_stride):
@@ -107,10 +115,16 @@ def _tiny(inputs, weights, last_stride):
     return keras.Model(inputs, x, name="tiny")
 
 
+def _synchronize_batch_norm(class_name, config):
+    if class_name == "BatchNormalization":
+        config["synchronized"] = True
+
+
 _BUILDERS = {"resnet50": _resnet50, "mobilenet_v2": _mobilenet_v2, "tiny": _tiny}
 
 
-def build_backbone(name, input_shape=(256, 128, 3), weights=None, last_stride=1):
+def build_backbone(name, input_shape=(256, 128, 3), weights=None, last_stride=1,
+                   sync_batch_norm=False):
     """Builds a backbone that maps raw RGB pixels to its last feature map.
 
     Args:
@@ -119,6 +133,8 @@ def build_backbone(name, input_shape=(256, 128, 3), weights=None, last_stride=1)
         weights: `None` (random init) or `"imagenet"` (Keras's own download).
         last_stride: 1 or 2; 1 keeps the last stage at stride 16 (16x8 map at 256x128 for
             resnet50), as is usual in ReID.
+        sync_batch_norm: BatchNorm statistics over the global batch of all replicas (and
+            workers), so every replica keeps identical moving statistics.
 
     Returns:
         A `keras.Model` `[B,H,W,3] float in [0,255] -> [B,h,w,C]` with normalisation inside.
@@ -134,4 +150,6 @@ def build_backbone(name, input_shape=(256, 128, 3), weights=None, last_stride=1)
     images = keras.Input(shape=input_shape, name="images")
     normalized = ImageNormalization(BACKBONES[name]["normalization"], name="normalization")(images)
     body = _BUILDERS[name](keras.Input(shape=input_shape), weights, last_stride)
+    if sync_batch_norm:
+        body = _rebuild(body, _synchronize_batch_norm)
     return keras.Model(images, body(normalized), name=f"{name}_backbone")

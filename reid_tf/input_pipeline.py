@@ -156,11 +156,23 @@ def relabel(person_ids):
     return labels.astype(np.int32), len(identities)
 
 
-def _decode(image_or_path, are_paths, image_size):
-    data = tf.io.read_file(image_or_path) if are_paths else image_or_path
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+def preprocess(images, image_size):
+    """uint8 (or float) RGB `[..., H, W, 3]` of any size -> float32 `[..., h, w, 3]` in [0, 255].
+
+    The one resize shared by training, evaluation and the SavedModel (bilinear).
+    """
+    return tf.image.resize(tf.cast(images, tf.float32), image_size)
+
+
+def decode(encoded, image_size):
+    """Encoded JPEG/PNG/BMP bytes -> preprocessed float32 `[h, w, 3]`."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    return tf.image.resize(tf.cast(image, tf.float32), image_size)
+    return preprocess(image, image_size)
+
+
+def _decode(image_or_path, are_paths, image_size):
+    return decode(tf.io.read_file(image_or_path) if are_paths else image_or_path, image_size)
 
 
 def _random_erasing(image, seed, probability, image_size):
@@ -202,7 +214,7 @@ def augment(image, seed, image_size, augmentation):
 
 
 def train_dataset(split, image_size, num_identities_per_batch=8, num_instances=4, seed=0,
-                  augmentation=Augmentation(), input_context=None):
+                  augmentation=Augmentation(), input_context=None, start_batch=0):
     """Endless P×K training batches: {"image" [b,H,W,3] float32 0..255, "label" [b] int32}.
 
     Person ids are relabelled to 0..N-1 (N = `relabel(split.person_ids)[1]`). The batch order
@@ -210,7 +222,8 @@ def train_dataset(split, image_size, num_identities_per_batch=8, num_instances=4
     `strategy.distribute_datasets_from_function`), input pipeline w of W takes the w-th of W equal
     slices of each global P×K batch and batches it per replica: workers read disjoint slots of
     the same schedule, and each replica gets its share of every batch (whole identities when P
-    divides evenly).
+    divides evenly). `start_batch` skips that many global batches (cheaply, before any decoding),
+    so a resumed run sees exactly the batches an uninterrupted run would have.
     """
     P, K = num_identities_per_batch, num_instances
     global_batch = P * K
@@ -223,6 +236,7 @@ def train_dataset(split, image_size, num_identities_per_batch=8, num_instances=4
     stream = tf.data.Dataset.counter().map(
         lambda epoch: tf.ensure_shape(tf.numpy_function(epoch_indices, [epoch], tf.int64), [None])
     ).unbatch().enumerate()  # (position in the global stream, image index)
+    stream = stream.skip(start_batch * global_batch)
     batch_size = global_batch
     if input_context is not None:
         pipelines, pipeline = input_context.num_input_pipelines, input_context.input_pipeline_id

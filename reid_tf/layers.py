@@ -247,6 +247,7 @@ class PartClassifierBlock(keras.layers.Layer):
         num_parts: K (1 for the global branch).
         embedding_dim: D, size of each part's embedding.
         num_classes: N, training identities.
+        sync_batch_norm: BatchNorm statistics over all replicas' batches.
 
     Shapes: `[B,K,C] -> ([B,K,D] embeddings, [B,K,N] logits)`; logits are float32.
 
@@ -256,7 +257,7 @@ class PartClassifierBlock(keras.layers.Layer):
     TensorShape([2, 3, 5])
     """
 
-    def __init__(self, num_parts, embedding_dim, num_classes, **kwargs):
+    def __init__(self, num_parts, embedding_dim, num_classes, sync_batch_norm=False, **kwargs):
         super().__init__(**kwargs)
         for name, value in [("num_parts", num_parts), ("embedding_dim", embedding_dim),
                             ("num_classes", num_classes)]:
@@ -265,13 +266,14 @@ class PartClassifierBlock(keras.layers.Layer):
         self.num_parts = num_parts
         self.embedding_dim = embedding_dim
         self.num_classes = num_classes
+        self.sync_batch_norm = sync_batch_norm
 
     def build(self, input_shape):
         self.embedding = PartDense(self.num_parts, self.embedding_dim, name="embedding",
                                    dtype=self.dtype_policy)
         self.embedding.build(input_shape)
-        self.batch_norm = keras.layers.BatchNormalization(name="batch_norm",
-                                                          dtype=self.dtype_policy)
+        self.batch_norm = keras.layers.BatchNormalization(
+            name="batch_norm", synchronized=self.sync_batch_norm, dtype=self.dtype_policy)
         self.batch_norm.build((input_shape[0], self.num_parts * self.embedding_dim))
         # Small classifier init, as in torchreid/fast-reid heads.
         self.classifier = PartDense(
@@ -299,4 +301,5 @@ class PartClassifierBlock(keras.layers.Layer):
             "num_parts": self.num_parts,
             "embedding_dim": self.embedding_dim,
             "num_classes": self.num_classes,
+            "sync_batch_norm": self.sync_batch_norm,
         }

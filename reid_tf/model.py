@@ -41,6 +41,8 @@ class PartLossNet(keras.Model):
         backbone_weights: `None` or `"imagenet"`.
         last_stride: 1 or 2, the backbone's last stage stride.
         kmeans_iterations: Lloyd iterations of the part clustering.
+        sync_batch_norm: BatchNorm statistics over all replicas (set by training when it runs
+            on several); identical moving statistics on every replica and worker.
 
     Call: `images [B,H,W,3]` float RGB in [0, 255] -> dict with `global_logits [B,N]`,
     `part_logits [B,K,N]`, `global_embedding [B,D]`, `part_embeddings [B,K,D]`,
@@ -55,7 +57,7 @@ class PartLossNet(keras.Model):
 
     def __init__(self, num_classes, num_parts=4, part_strategy="peaks", embedding_dim=256,
                  backbone="resnet50", image_size=(256, 128), backbone_weights=None,
-                 last_stride=1, kmeans_iterations=10, **kwargs):
+                 last_stride=1, kmeans_iterations=10, sync_batch_norm=False, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(num_parts, int) or num_parts < 0:
             raise ValueError(f"num_parts={num_parts!r}: expected an integer >= 0 (0 = baseline).")
@@ -72,9 +74,11 @@ class PartLossNet(keras.Model):
         self.backbone_weights = backbone_weights
         self.last_stride = last_stride
         self.kmeans_iterations = kmeans_iterations
+        self.sync_batch_norm = sync_batch_norm
 
         self.backbone = backbones.build_backbone(
-            backbone, (*self.image_size, 3), weights=backbone_weights, last_stride=last_stride
+            backbone, (*self.image_size, 3), weights=backbone_weights, last_stride=last_stride,
+            sync_batch_norm=sync_batch_norm,
         )
         grid_height, grid_width = self.backbone.output_shape[1:3]
         self.grid_size = (grid_height, grid_width)
@@ -85,14 +89,14 @@ class PartLossNet(keras.Model):
                 f"0..{grid_height}."
             )
         self.global_head = layers.PartClassifierBlock(1, embedding_dim, num_classes,
-                                                      name="global_head")
+                                                      sync_batch_norm, name="global_head")
         if num_parts:
             self.partition = layers.ActivationPartPartition(
                 num_parts, part_strategy, kmeans_iterations, name="partition"
             )
             self.part_pooling = layers.MaskedAveragePooling(name="part_pooling")
             self.part_head = layers.PartClassifierBlock(num_parts, embedding_dim, num_classes,
-                                                        name="part_head")
+                                                        sync_batch_norm, name="part_head")
 
     def build(self, input_shape=None):
         # Heads are built by running the graph once on zeros; nothing is updated.
@@ -134,4 +138,5 @@ class PartLossNet(keras.Model):
             "backbone_weights": None,
             "last_stride": self.last_stride,
             "kmeans_iterations": self.kmeans_iterations,
+            "sync_batch_norm": self.sync_batch_norm,
         }

@@ -1,10 +1,117 @@
-"""Training: strategies and the distributed PL-Net train step."""
+"""Training: `train_and_evaluate(config, workdir)`, a tf.distribute custom loop.
 
+The workdir holds everything a run writes (`config.json`, `flags.txt`, `checkpoints/`,
+`tensorboard/{train,eval}/`, `export/<version>/`, `results.json`); running the same command
+again resumes from its latest checkpoint.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+
+import keras
+import numpy as np
 import tensorflow as tf
 
+from reid_tf import evaluation
+from reid_tf import export
+from reid_tf import input_pipeline
 from reid_tf import losses
+from reid_tf import model as model_lib
+from reid_tf import visualize
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step")
+# Fields that define the model and its checkpoint: a workdir only resumes with the same values.
+MODEL_FIELDS = ("dataset", "backbone", "num_parts", "part_strategy", "embedding_dim",
+                "image_height", "image_width", "last_stride", "kmeans_iterations", "optimizer")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run needs; `reid-train` builds it from flags."""
+
+    # Data.
+    dataset: str = "synthetic_persons"
+    data_dir: str = None
+    manual_dir: str = None
+    skip_corrupt: bool = False
+    # Model.
+    backbone: str = "resnet50"
+    weights: str = None
+    num_parts: int = 4
+    part_strategy: str = "peaks"
+    embedding_dim: int = 256
+    image_height: int = 256
+    image_width: int = 128
+    last_stride: int = 1
+    kmeans_iterations: int = 10
+    # Loss.
+    part_loss_weight: float = 1.0
+    label_smoothing: float = 0.0
+    # Optimisation.
+    optimizer: str = "sgd"
+    learning_rate: float = 0.01
+    backbone_lr_multiplier: float = 1.0
+    weight_decay: float = 5e-4
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    lr_decay_steps: tuple = ()  # step schedule boundaries; empty: 60 % and 85 % of training
+    lr_decay_factor: float = 0.1
+    train_steps: int = 0  # 0: use epochs
+    epochs: int = 10
+    num_identities_per_batch: int = 8  # P
+    num_instances: int = 4  # K
+    flip: bool = True
+    pad: int = 10
+    random_erasing: float = 0.5
+    # Distribution and numerics.
+    strategy: str = "default"
+    cpu_replicas: int = 0
+    mixed_precision: bool = False
+    seed: int = 0
+    # Cadence (in steps; 0 = off).
+    log_every: int = 20
+    checkpoint_every: int = 200
+    eval_every: int = 0
+    image_summary_every: int = 200
+    max_steps_per_call: int = 50
+    eval_batch_size: int = 64
+    export: bool = True
+
+    @property
+    def image_size(self):
+        return (self.image_height, self.image_width)
+
+    @property
+    def global_batch_size(self):
+        return self.num_identities_per_batch * self.num_instances
+
+    def validate(self):
+        """Checks what needs no data or model; ValueError names the flag and the valid values."""
+        choices = {"strategy": STRATEGIES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"--{name}={getattr(self, name)!r}: expected one of {valid}.")
+        positive = ["num_identities_per_batch", "num_instances", "embedding_dim", "log_every",
+                    "max_steps_per_call", "eval_batch_size", "image_height", "image_width"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}={getattr(self, name)}: expected a positive integer.")
+        if self.train_steps < 0 or (self.train_steps == 0 and self.epochs < 1):
+            raise ValueError("--train_steps or --epochs: expected a positive number of steps or "
+                             "epochs.")
+        if self.cpu_replicas < 0:
+            raise ValueError(f"--cpu_replicas={self.cpu_replicas}: expected >= 0.")
+        if self.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
+            raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable.")
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
 def split_cpu(num_replicas):
@@ -24,7 +131,8 @@ def split_cpu(num_replicas):
 def make_strategy(name="default", cpu_replicas=0):
     """Returns the `tf.distribute` strategy called `name` (one of `STRATEGIES`).
 
-    `cpu_replicas > 0` mirrors over that many logical CPU devices (no GPU needed).
+    `cpu_replicas > 0` mirrors over that many logical CPU devices (no GPU needed);
+    `multi_worker` reads the cluster from TF_CONFIG.
     """
     if name not in STRATEGIES:
         raise ValueError(f"strategy={name!r}: expected one of {STRATEGIES}.")
@@ -44,14 +152,84 @@ def make_strategy(name="default", cpu_replicas=0):
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
+def is_chief(strategy):
+    """True on the one worker that writes summaries, exports and the real checkpoints."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return (resolver.task_type == "worker" and resolver.task_id == 0
+            and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def every(step, period):
+    """True when `step` is a positive multiple of `period` (period 0: never)."""
+    return bool(period) and step > 0 and step % period == 0
+
+
+def steps_to_next(step, periods, total):
+    """Steps to run before the next cadence boundary or the end of training."""
+    candidates = [total - step] + [p - step % p for p in periods if p]
+    return max(1, min(candidates))
+
+
+@keras.saving.register_keras_serializable(package="reid_tf")
+class WarmupThenDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from 0, then cosine decay to 0 or step decay at `boundaries`."""
+
+    def __init__(self, learning_rate, total_steps, warmup_steps=0, schedule="cosine",
+                 boundaries=(), decay_factor=0.1):
+        self.learning_rate = learning_rate
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.schedule = schedule
+        self.boundaries = tuple(boundaries)
+        self.decay_factor = decay_factor
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warmup = tf.minimum(1.0, (step + 1) / max(self.warmup_steps, 1))
+        if self.schedule == "cosine":
+            progress = tf.clip_by_value((step - self.warmup_steps)
+                                        / max(self.total_steps - self.warmup_steps, 1), 0.0, 1.0)
+            decay = 0.5 * (1.0 + tf.cos(math.pi * progress))
+        else:
+            passed = tf.add_n([tf.cast(step >= b, tf.float32) for b in self.boundaries] or [0.0])
+            decay = tf.pow(self.decay_factor, passed)
+        return self.learning_rate * warmup * decay
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps, "schedule": self.schedule,
+                "boundaries": self.boundaries, "decay_factor": self.decay_factor}
+
+
+def make_optimizer(config, schedule):
+    if config.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True,
+                                         weight_decay=config.weight_decay or None)
+    elif config.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(schedule, weight_decay=config.weight_decay or None)
+    else:
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+    # No decay on biases and BatchNorm scales/offsets, as usual.
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
+
+
 def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_weight=1.0,
-                    label_smoothing=0.0):
+                    label_smoothing=0.0, backbone_optimizer=None):
     """Builds `train_step(iterator, num_steps)`: `num_steps` distributed steps in one tf.function.
 
-    Returns per-call metrics (means over the global batch of the last step): `loss`,
-    `global_loss`, `part_loss`, `part_losses [K]`, `global_accuracy`, `part_accuracies [K]`.
-    Build the optimizer's variables inside `strategy.scope()` before the first call.
+    Returns the metrics averaged over those steps: `loss`, `global_loss`, `part_loss`,
+    `part_losses [K]`, `global_accuracy`, `part_accuracies [K]`, and `first_bad_step` (the
+    0-based offset of the first step with a non-finite loss, -1 if none). With
+    `backbone_optimizer`, the backbone's variables are updated by it (e.g. a lower learning
+    rate), the rest by `optimizer`. Build the optimizers' variables inside `strategy.scope()`
+    before the first call.
     """
+    backbone_ids = {id(v) for v in model.backbone.trainable_variables}
 
     def replica_step(batch):
         images, labels = batch["image"], batch["label"]
@@ -59,17 +237,21 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
             outputs = model(images, training=True)
             terms = losses.plnet_loss(labels, outputs, part_loss_weight, label_smoothing)
             loss = tf.nn.compute_average_loss(terms["loss"], global_batch_size=global_batch_size)
-            scaled = optimizer.scale_loss(loss)  # loss scaling under mixed precision, else as is
-        gradients = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        variables = model.trainable_variables
+        gradients = tape.gradient(loss, variables)
+        pairs = list(zip(gradients, variables))
+        if backbone_optimizer is None:
+            optimizer.apply_gradients(pairs)
+        else:
+            backbone_optimizer.apply_gradients([p for p in pairs if id(p[1]) in backbone_ids])
+            optimizer.apply_gradients([p for p in pairs if id(p[1]) not in backbone_ids])
 
         def batch_mean(values):
-            return tf.reduce_sum(values, axis=0) / global_batch_size
+            return tf.reduce_sum(tf.cast(values, tf.float32), axis=0) / global_batch_size
 
         labels = tf.cast(labels, tf.int64)
-        global_hits = tf.cast(tf.equal(tf.argmax(outputs["global_logits"], -1), labels), tf.float32)
-        part_hits = tf.cast(tf.equal(tf.argmax(outputs["part_logits"], -1), labels[:, None]),
-                            tf.float32)
+        global_hits = tf.equal(tf.argmax(outputs["global_logits"], -1), labels)
+        part_hits = tf.equal(tf.argmax(outputs["part_logits"], -1), labels[:, None])
         return {
             "loss": batch_mean(terms["loss"]),
             "global_loss": batch_mean(terms["global_loss"]),
@@ -79,11 +261,253 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
             "part_accuracies": batch_mean(part_hits),
         }
 
+    def one_step(iterator):
+        per_replica = strategy.run(replica_step, args=(next(iterator),))
+        return {name: strategy.reduce("SUM", value, axis=None)
+                for name, value in per_replica.items()}
+
     @tf.function
     def train_step(iterator, num_steps):
-        for _ in tf.range(num_steps - 1):
-            strategy.run(replica_step, args=(next(iterator),))
-        metrics = strategy.run(replica_step, args=(next(iterator),))
-        return {name: strategy.reduce("SUM", value, axis=None) for name, value in metrics.items()}
+        totals = one_step(iterator)
+        first_bad = tf.where(tf.math.is_finite(totals["loss"]), -1, 0)
+        for offset in tf.range(1, num_steps):
+            metrics = one_step(iterator)
+            first_bad = tf.where((first_bad < 0) & ~tf.math.is_finite(metrics["loss"]),
+                                 offset, first_bad)
+            totals = {name: totals[name] + metrics[name] for name in totals}
+        means = {name: value / tf.cast(num_steps, tf.float32) for name, value in totals.items()}
+        return {**means, "first_bad_step": first_bad}
 
     return train_step
+
+
+def _write_atomically(path, text):
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
+def _check_workdir(workdir, config, chief, flags_text):
+    """Refuses a workdir that holds a run with other model flags; records this run's config."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        changed = [f"--{name}={previous.get(name)!r} there, {getattr(config, name)!r} here"
+                   for name in MODEL_FIELDS if previous.get(name) != getattr(config, name)]
+        if changed:
+            raise ValueError(f"workdir {workdir} holds a run with different model flags ("
+                             + "; ".join(changed) + "): use another --workdir or the same flags.")
+    if chief:
+        os.makedirs(workdir, exist_ok=True)
+        _write_atomically(path, config.to_json())
+        if flags_text is not None:
+            _write_atomically(os.path.join(workdir, "flags.txt"), flags_text)
+
+
+def extract_features(model, split, image_size, batch_size):
+    """Embeddings `[N, (K+1)·D]` of a split, in its order (no augmentation)."""
+    predict = tf.function(lambda images: model(images, training=False)["embedding"])
+    features = [predict(batch["image"]).numpy()
+                for batch in input_pipeline.eval_dataset(split, image_size, batch_size)]
+    return np.concatenate(features).astype(np.float32)
+
+
+def evaluate_model(model, splits, config):
+    """rank-1 / mAP / mINP / CMC of `model` on the dataset's query and gallery (cosine)."""
+    query = extract_features(model, splits["query"], config.image_size, config.eval_batch_size)
+    gallery = extract_features(model, splits["gallery"], config.image_size, config.eval_batch_size)
+    distances = evaluation.pairwise_distances(query, gallery, "cosine")
+    return evaluation.evaluate(distances, splits["query"].person_ids, splits["gallery"].person_ids,
+                               splits["query"].camera_ids, splits["gallery"].camera_ids)
+
+
+def _format_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
+        f"{seconds // 60}m{seconds % 60:02d}s")
+
+
+def _flags_markdown(config):
+    rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(dataclasses.asdict(config).items()))
+    return "| flag | value |\n| --- | --- |\n" + rows
+
+
+def train_and_evaluate(config, workdir, log=print, flags_text=None):
+    """Trains PL-Net as `config` says, evaluates, exports; resumes from `workdir` if it can.
+
+    `flags_text` (the command's flags) is saved as `workdir/flags.txt`. Returns the results
+    dict also written to `workdir/results.json`.
+    """
+    config.validate()
+    strategy = make_strategy(config.strategy, config.cpu_replicas)
+    chief = is_chief(strategy)
+    replicas = strategy.num_replicas_in_sync
+    if config.global_batch_size % replicas:
+        raise ValueError(f"batch P*K={config.global_batch_size} (--num_identities_per_batch="
+                         f"{config.num_identities_per_batch} x --num_instances="
+                         f"{config.num_instances}) does not divide over {replicas} replicas.")
+    _check_workdir(workdir, config, chief, flags_text)
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(config.seed)
+
+    splits = input_pipeline.load_splits(config.dataset, config.data_dir, config.manual_dir,
+                                        config.skip_corrupt, log)
+    for split in ("train", "query", "gallery"):
+        if split not in splits:
+            raise ValueError(f"--dataset={config.dataset}: has no {split!r} split.")
+    train_labels, num_classes = input_pipeline.relabel(splits["train"].person_ids)
+    epoch_length = len(input_pipeline.pk_epoch(
+        train_labels, config.num_identities_per_batch, config.num_instances,
+        np.random.default_rng([config.seed, 0])))
+    steps_per_epoch = max(1, epoch_length // config.global_batch_size)
+    total_steps = config.train_steps or config.epochs * steps_per_epoch
+
+    with strategy.scope():
+        model = model_lib.PartLossNet(
+            num_classes=num_classes, num_parts=config.num_parts,
+            part_strategy=config.part_strategy, embedding_dim=config.embedding_dim,
+            backbone=config.backbone, image_size=config.image_size,
+            backbone_weights=config.weights, last_stride=config.last_stride,
+            kmeans_iterations=config.kmeans_iterations,
+            # The P×K batch is split across replicas: normalise over the whole batch, and keep
+            # one set of moving statistics on every replica and worker.
+            sync_batch_norm=replicas > 1,
+        )
+        model.build()
+        boundaries = config.lr_decay_steps or (int(0.6 * total_steps), int(0.85 * total_steps))
+        schedule_args = dict(total_steps=total_steps, warmup_steps=config.warmup_steps,
+                             schedule=config.schedule, boundaries=boundaries,
+                             decay_factor=config.lr_decay_factor)
+        optimizer = make_optimizer(config, WarmupThenDecay(config.learning_rate, **schedule_args))
+        optimizer.build(model.trainable_variables)
+        backbone_optimizer = None
+        if config.backbone_lr_multiplier != 1.0:
+            backbone_optimizer = make_optimizer(config, WarmupThenDecay(
+                config.learning_rate * config.backbone_lr_multiplier, **schedule_args))
+            backbone_optimizer.build(model.backbone.trainable_variables)
+        trackables = {"model": model, "optimizer": optimizer}
+        if backbone_optimizer is not None:
+            trackables["backbone_optimizer"] = backbone_optimizer
+        checkpoint = tf.train.Checkpoint(**trackables)
+
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    # Every worker saves (the save is collective); only the chief's copy is the real one.
+    save_dir = checkpoint_dir if chief else os.path.join(
+        checkpoint_dir, f".worker_{strategy.cluster_resolver.task_id}")
+    manager = tf.train.CheckpointManager(checkpoint, save_dir, max_to_keep=3)
+    latest = tf.train.latest_checkpoint(checkpoint_dir)
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+    step = int(optimizer.iterations.numpy())
+    if latest:
+        log(f"resumed from {latest} at step {step}")
+
+    def dataset_fn(context):
+        return input_pipeline.train_dataset(
+            splits["train"], config.image_size, config.num_identities_per_batch,
+            config.num_instances, seed=config.seed,
+            augmentation=input_pipeline.Augmentation(config.flip, config.pad,
+                                                     config.random_erasing),
+            input_context=context, start_batch=step)
+
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    train_step = make_train_step(model, optimizer, strategy, config.global_batch_size,
+                                 config.part_loss_weight, config.label_smoothing,
+                                 backbone_optimizer)
+    tensorboard_dir = os.path.join(workdir, "tensorboard")
+    if chief:
+        train_writer = tf.summary.create_file_writer(os.path.join(tensorboard_dir, "train"))
+        eval_writer = tf.summary.create_file_writer(os.path.join(tensorboard_dir, "eval"))
+    else:
+        train_writer = eval_writer = tf.summary.create_noop_writer()
+    preview = next(iter(input_pipeline.eval_dataset(splits["train"], config.image_size, 8)))["image"]
+    dataset_tag = config.dataset.replace("/", "_").replace(":", "_")
+
+    log(f"training {config.backbone} PL-Net K={config.num_parts} ({config.part_strategy}) on "
+        f"{config.dataset}: {len(splits['train'])} images, {num_classes} identities; "
+        f"{total_steps} steps of {config.global_batch_size} ({steps_per_epoch} steps/epoch) on "
+        f"{replicas} replica(s); workdir {workdir}")
+    if step == 0:
+        with train_writer.as_default(step=0):
+            tf.summary.text("flags", _flags_markdown(config))
+
+    def run_eval():
+        metrics = evaluate_model(model, splits, config)
+        with eval_writer.as_default(step=step):
+            tf.summary.scalar(f"eval/{dataset_tag}/rank1", metrics["rank1"])
+            tf.summary.scalar(f"eval/{dataset_tag}/mAP", metrics["mAP"])
+        log(f"eval step {step}: rank-1 {metrics['rank1']:.4f}  mAP {metrics['mAP']:.4f}  "
+            f"(queries {metrics['num_valid']}, skipped {metrics['num_skipped']})")
+        return metrics
+
+    start_time, start_step = time.perf_counter(), step
+    images_per_second = 0.0
+    while step < total_steps:
+        cadence = (config.log_every, config.checkpoint_every, config.eval_every,
+                   config.image_summary_every, config.max_steps_per_call)
+        num_steps = steps_to_next(step, cadence, total_steps)
+        call_start = time.perf_counter()
+        metrics = train_step(iterator, tf.constant(num_steps))
+        first_bad = int(metrics["first_bad_step"])
+        if first_bad >= 0:
+            raise FloatingPointError(
+                f"non-finite loss at step {step + first_bad + 1}: training stopped; the last "
+                f"checkpoint ({manager.latest_checkpoint}) is intact.")
+        step += num_steps
+        images_per_second = num_steps * config.global_batch_size / (time.perf_counter() - call_start)
+        if every(step, config.log_every) or step == total_steps:
+            elapsed = time.perf_counter() - start_time
+            remaining = elapsed / (step - start_step) * (total_steps - step)
+            parts = " ".join(f"{v:.2f}" for v in metrics["part_losses"].numpy())
+            log(f"step {step}/{total_steps}  loss {float(metrics['loss']):.4f}  "
+                f"global {float(metrics['global_loss']):.4f}  part {float(metrics['part_loss']):.4f}"
+                f" [{parts}]  acc {float(metrics['global_accuracy']):.3f}  "
+                f"{images_per_second:.1f} img/s  ETA {_format_duration(remaining)}")
+            with train_writer.as_default(step=step):
+                for name in ("loss", "global_loss", "part_loss", "global_accuracy"):
+                    tf.summary.scalar(f"train/{name}", metrics[name])
+                for k in range(config.num_parts):
+                    tf.summary.scalar(f"train/part_{k + 1}_loss", metrics["part_losses"][k])
+                    tf.summary.scalar(f"train/part_{k + 1}_accuracy",
+                                      metrics["part_accuracies"][k])
+                tf.summary.scalar("train/learning_rate", optimizer.learning_rate)
+                tf.summary.scalar("train/images_per_second", images_per_second)
+        if every(step, config.image_summary_every) or step == total_steps:
+            masks = model(preview, training=False)["part_masks"]
+            with train_writer.as_default(step=step):
+                tf.summary.image("train/part_masks", visualize.overlay_part_masks(preview, masks),
+                                 max_outputs=8)
+        if every(step, config.checkpoint_every) or step == total_steps:
+            manager.save(checkpoint_number=step)
+        if every(step, config.eval_every) and step < total_steps and chief:
+            run_eval()
+
+    results = {"step": step, "dataset": config.dataset, "num_parts": config.num_parts,
+               "train_images_per_second": images_per_second}
+    if chief:
+        metrics = run_eval()
+        results.update(rank1=metrics["rank1"], mAP=metrics["mAP"], mINP=metrics["mINP"],
+                       cmc=[float(v) for v in metrics["cmc"][:20]],
+                       num_queries=metrics["num_valid"], skipped_queries=metrics["num_skipped"])
+    if config.export:
+        export_dir = os.path.join(workdir, "export")
+        if not chief:  # every worker saves, as MultiWorkerMirroredStrategy expects; one keeps it
+            export_dir = os.path.join(workdir, f".export_worker_{strategy.cluster_resolver.task_id}")
+        version = step
+        path = os.path.join(export_dir, str(version))
+        if os.path.exists(path):
+            log(f"export {path} already exists")
+        else:
+            path = export.export_model(model, export_dir, version)
+            log(f"exported {path}")
+        if not chief:
+            shutil.rmtree(export_dir, ignore_errors=True)
+        results["export"] = path if chief else None
+    for writer in (train_writer, eval_writer):
+        writer.flush()
+    if chief:
+        _write_atomically(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
+    return results

@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+
+from reid_tf import evaluation
+
+
+def reference_evaluate(distances, q_ids, g_ids, q_cams, g_cams, max_rank):
+    """torchreid's eval_market1501 logic, written plainly, one query at a time."""
+    cmc_all, aps, inps = [], [], []
+    for q in range(len(q_ids)):
+        order = np.argsort(distances[q], kind="stable")
+        remove = (g_ids[order] == q_ids[q]) & (g_cams[order] == q_cams[q])
+        matches = (g_ids[order] == q_ids[q])[~remove].astype(int)
+        if not matches.any():
+            continue
+        cmc = matches.cumsum()
+        cmc[cmc > 1] = 1
+        cmc = np.pad(cmc, (0, max(0, max_rank - len(cmc))), mode="edge")
+        cmc_all.append(cmc[:max_rank])
+        positions = np.flatnonzero(matches)
+        inps.append(matches.sum() / (positions.max() + 1))
+        precisions = [(i + 1) / (p + 1) for i, p in enumerate(positions)]
+        aps.append(np.mean(precisions))
+    return np.mean(cmc_all, axis=0), np.mean(aps), np.mean(inps), len(aps)
+
+
+def test_hand_worked_case_same_camera_removal_distractor_and_skipped_query():
+    # Gallery: 0 (id 1 cam 1), 1 (id 1 cam 2), 2 (id 2 cam 2), 3 (distractor id 0 cam 3)
+    g_ids, g_cams = np.array([1, 1, 2, 0]), np.array([1, 2, 2, 3])
+    q_ids, q_cams = np.array([1, 2, 3]), np.array([1, 2, 1])
+    distances = np.array([
+        [0.1, 0.5, 0.3, 0.2],  # query id1 cam1: gallery 0 removed (same id+cam); ranks 3,2,1
+        [0.9, 0.1, 0.2, 0.3],  # query id2 cam2: gallery 2 removed -> no true match: skipped
+        [0.5, 0.4, 0.3, 0.2],  # query id3: no such id in gallery: skipped
+    ])
+    result = evaluation.evaluate(distances, q_ids, g_ids, q_cams, g_cams, max_rank=5)
+    # Query 1 after removal: order 3 (0.2, id 0), 2 (0.3, id 2), 1 (0.5, id 1): match at rank 3.
+    np.testing.assert_allclose(result["cmc"], [0, 0, 1, 1, 1])  # gallery smaller than max_rank
+    assert result["mAP"] == pytest.approx(1 / 3)
+    assert result["mINP"] == pytest.approx(1 / 3)
+    assert (result["num_valid"], result["num_skipped"]) == (1, 2)
+
+
+def test_ties_are_broken_by_gallery_order():
+    distances = np.array([[0.5, 0.5, 0.5]])
+    result = evaluation.evaluate(distances, np.array([7]), np.array([3, 7, 7]), np.array([1]),
+                                 np.array([2, 2, 2]), max_rank=3)
+    np.testing.assert_allclose(result["cmc"], [0, 1, 1])
+    assert result["mAP"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert result["mINP"] == pytest.approx(2 / 3)
+
+
+def test_matches_reference_on_random_data():
+    rng = np.random.default_rng(0)
+    q_ids, g_ids = rng.integers(0, 30, 200), rng.integers(0, 30, 900)
+    q_cams, g_cams = rng.integers(1, 4, 200), rng.integers(1, 4, 900)
+    distances = rng.random((200, 900)).astype(np.float32)
+    distances[:, ::7] = 0.5  # ties
+    result = evaluation.evaluate(distances, q_ids, g_ids, q_cams, g_cams, max_rank=50,
+                                 chunk_size=37)
+    cmc, mean_ap, minp, valid = reference_evaluate(distances, q_ids, g_ids, q_cams, g_cams, 50)
+    np.testing.assert_allclose(result["cmc"], cmc, rtol=1e-12)
+    assert result["mAP"] == pytest.approx(mean_ap, rel=1e-12)
+    assert result["mINP"] == pytest.approx(minp, rel=1e-12)
+    assert result["num_valid"] == valid and result["num_skipped"] == 200 - valid
+
+
+@pytest.mark.parametrize("metric", evaluation.METRICS)
+def test_distances_match_scipy(metric):
+    from scipy.spatial import distance
+
+    rng = np.random.default_rng(1)
+    query, gallery = rng.normal(size=(13, 8)), rng.normal(size=(29, 8))
+    got = evaluation.pairwise_distances(query, gallery, metric, chunk_size=5)
+    np.testing.assert_allclose(got, distance.cdist(query, gallery, metric), atol=1e-5)
+
+
+def test_bad_input_names_what_is_wrong():
+    good = dict(query_ids=np.array([1]), gallery_ids=np.array([1, 2]),
+                query_cameras=np.array([1]), gallery_cameras=np.array([2, 2]))
+    with pytest.raises(ValueError, match=r"gallery_ids: expected 2 entries"):
+        evaluation.evaluate(np.zeros((1, 2)), **{**good, "gallery_ids": np.array([1])})
+    with pytest.raises(ValueError, match=r"gallery is empty"):
+        evaluation.evaluate(np.zeros((1, 0)), **{**good, "gallery_ids": np.array([]),
+                                                 "gallery_cameras": np.array([])})
+    with pytest.raises(ValueError, match=r"distances hold NaN"):
+        evaluation.evaluate(np.array([[np.nan, 0.0]]), **good)
+    with pytest.raises(ValueError, match=r"metric='manhattan'"):
+        evaluation.pairwise_distances(np.zeros((1, 2)), np.zeros((1, 2)), "manhattan")
+    with pytest.raises(ValueError, match=r"query features: 1 row\(s\) hold NaN"):
+        evaluation.pairwise_distances(np.array([[np.inf, 0.0]]), np.zeros((1, 2)))
+    with pytest.raises(ValueError, match=r"dimension 2 but gallery features 3"):
+        evaluation.pairwise_distances(np.zeros((1, 2)), np.zeros((1, 3)))

@@ -1,0 +1,187 @@
+"""End-to-end training through the `reid-train` command (subprocesses), tiny shapes."""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from reid_tf import input_pipeline
+from reid_tf import model as model_lib
+
+TINY_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
+              "--image_width=32", "--embedding_dim=16", "--num_parts=3", "--P=4", "--K=4",
+              "--optimizer=adam", "--learning_rate=0.001", "--log_every=2",
+              "--checkpoint_every=4", "--image_summary_every=4"]
+EXPECTED_TAGS = {"train/loss", "train/global_loss", "train/part_loss", "train/global_accuracy",
+                 "train/learning_rate", "train/images_per_second", "train/part_masks",
+                 *[f"train/part_{k}_{m}" for k in (1, 2, 3) for m in ("loss", "accuracy")]}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tfds"))
+    input_pipeline.load_splits("synthetic_persons/small", data_dir=path)  # prepare once
+    return path
+
+
+def reid_train(workdir, data_dir, *extra, env=None, check=True, **popen):
+    command = [sys.executable, "-m", "reid_tf.train", f"--workdir={workdir}",
+               f"--data_dir={data_dir}", *TINY_FLAGS, *extra]
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    if popen:
+        return subprocess.Popen(command, env=environment, **popen)
+    result = subprocess.run(command, env=environment, capture_output=True, text=True,
+                            timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def scalar_tags(folder):
+    accumulator = event_accumulator.EventAccumulator(folder, size_guidance={"tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def restore_model(workdir):
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    net = model_lib.PartLossNet(
+        num_classes=20, num_parts=config["num_parts"], part_strategy=config["part_strategy"],
+        embedding_dim=config["embedding_dim"], backbone=config["backbone"],
+        image_size=(config["image_height"], config["image_width"]))
+    net.build()
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    tf.train.Checkpoint(model=net).restore(latest).expect_partial()
+    return net, latest
+
+
+def test_train_writes_checkpoint_summaries_export_and_resumes(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    first = reid_train(workdir, data_dir, "--train_steps=6", "--strategy=mirrored",
+                       "--cpu_replicas=2")
+    assert "on 2 replica(s)" in first.stdout and "step 6/6" in first.stdout
+    assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith("ckpt-6")
+    train_events = scalar_tags(os.path.join(workdir, "tensorboard", "train"))
+    tags = set(train_events.Tags()["tensors"])
+    assert EXPECTED_TAGS <= tags, EXPECTED_TAGS - tags
+    assert "flags/text_summary" in tags or "flags" in tags
+    loss_steps = [event.step for event in train_events.Tensors("train/loss")]
+    assert loss_steps == [2, 4, 6]
+    eval_tags = set(scalar_tags(os.path.join(workdir, "tensorboard", "eval")).Tags()["tensors"])
+    assert {"eval/synthetic_persons_small/rank1", "eval/synthetic_persons_small/mAP"} <= eval_tags
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    assert results["step"] == 6 and 0 <= results["rank1"] <= 1 and results["num_queries"] == 40
+    assert os.path.isdir(os.path.join(workdir, "export", "6"))
+    assert "--num_parts=3" in open(os.path.join(workdir, "flags.txt")).read()
+
+    # Re-running continues at the saved step with the optimizer state.
+    second = reid_train(workdir, data_dir, "--train_steps=10", "--strategy=mirrored",
+                        "--cpu_replicas=2")
+    assert "resumed from" in second.stdout and "at step 6" in second.stdout
+    assert "step 8/10" in second.stdout and "step 2/10" not in second.stdout
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(workdir,
+                                                                              "checkpoints")))
+    iterations = [k for k in reader.get_variable_to_shape_map() if "iteration" in k]
+    assert iterations and reader.get_tensor(iterations[0]) == 10
+
+    # A model restored from the checkpoint gives the outputs of the exported final model.
+    net, _ = restore_model(workdir)
+    images = np.random.default_rng(0).integers(0, 255, (3, 64, 32, 3), dtype=np.uint8)
+    exported = tf.saved_model.load(os.path.join(workdir, "export", "10"))
+    served = exported.signatures["serving_default"](images=tf.constant(images))
+    restored = net(tf.cast(images, tf.float32), training=False)
+    for key in ("embedding", "part_masks"):
+        np.testing.assert_allclose(served[key], restored[key], atol=1e-5)
+
+
+def test_sigkill_at_random_moments_loses_at_most_the_steps_since_the_last_checkpoint(
+        tmp_path, data_dir):
+    workdir = str(tmp_path / "killed")
+    flags = ["--train_steps=400", "--checkpoint_every=2", "--image_summary_every=0",
+             "--export=false"]
+    rng = random.Random(0)
+    saved_steps = []
+    for attempt in range(5):
+        process = reid_train(workdir, data_dir, *flags, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        output = ""
+        while "\nstep " not in output:  # wait until training steps run, then pick a moment
+            line = process.stdout.readline()
+            assert line, output[-2000:]
+            output += line
+        time.sleep(rng.uniform(0.0, 3.0))  # a random moment of training and checkpointing
+        process.send_signal(signal.SIGKILL)
+        output += process.communicate()[0]
+        _, latest = restore_model(workdir)  # always restorable
+        step = int(latest.rsplit("-", 1)[1]) if latest else 0
+        if saved_steps and saved_steps[-1]:
+            assert step >= saved_steps[-1]
+            assert f"at step {saved_steps[-1]}" in output  # resumed where the last run saved
+        saved_steps.append(step)
+    assert saved_steps[-1] > saved_steps[0] > 0
+    final = reid_train(workdir, data_dir, *flags[1:], f"--train_steps={saved_steps[-1] + 2}")
+    assert f"at step {saved_steps[-1]}" in final.stdout
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_train_to_identical_weights(tmp_path, data_dir):
+    workdir = str(tmp_path / "multi")
+    cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
+    workers = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        workers.append(reid_train(workdir, data_dir, "--strategy=multi_worker",
+                                  "--train_steps=4", env={"TF_CONFIG": tf_config},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs[0][-2000:] + outputs[1][-2000:]
+    assert "on 2 replica(s)" in outputs[0]
+    chief = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints", "ckpt-4"))
+    other = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints", ".worker_1", "ckpt-4"))
+    # Every saved tensor: model weights (stored via the optimizer's variable list), BatchNorm
+    # statistics, optimizer slots and step.
+    names = [n for n in chief.get_variable_to_shape_map() if n != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    assert len(names) > 40 and any("_trainable_variables" in n for n in names)
+    for name in names:
+        np.testing.assert_array_equal(chief.get_tensor(name), other.get_tensor(name), err_msg=name)
+    assert os.path.isdir(os.path.join(workdir, "export", "4"))  # only the chief's export stays
+    assert not [n for n in os.listdir(workdir) if n.startswith(".export_worker")]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset=market1502"], "dataset 'market1502': expected one of"),
+    (["--num_parts=9"], "num_parts=9: backbone 'tiny' at image_size=(64, 32) gives a 8x4 feature"),
+    (["--P=3", "--K=3", "--strategy=mirrored", "--cpu_replicas=2"],
+     "batch P*K=9 (--num_identities_per_batch=3 x --num_instances=3) does not divide over 2"),
+])
+def test_bad_flags_fail_before_training_with_one_line(tmp_path, data_dir, flags, message):
+    result = reid_train(str(tmp_path / "bad"), data_dir, "--train_steps=2", *flags, check=False)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("reid-train: error")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert "step 1" not in result.stdout and "step 2" not in result.stdout
+
+
+def test_workdir_with_other_model_flags_is_refused(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    reid_train(workdir, data_dir, "--train_steps=2", "--export=false")
+    result = reid_train(workdir, data_dir, "--train_steps=4", "--embedding_dim=8", check=False)
+    assert result.returncode == 1
+    assert ("holds a run with different model flags (--embedding_dim=16 there, 8 here)"
+            in result.stderr)
+    assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith("ckpt-2")
