@@ -30,6 +30,7 @@ setuptools.setup(
         "absl-py>=2.1",
         "tensorboard" + TENSORFLOW,
         "tensorflow-datasets>=4.9.8",
+        "importlib_resources",  # tensorflow-datasets needs it to prepare a dataset, undeclared
         "scikit-learn>=1.5",
         "pillow>=10",
         "scipy>=1.11",  # CUHK03's protocol files (.mat v5)
