@@ -35,6 +35,8 @@ setuptools.setup(
         "pillow>=10",
         "scipy>=1.11",  # CUHK03's protocol files (.mat v5)
         "h5py>=3.9",  # CUHK03's cuhk-03.mat (MATLAB v7.3)
+        "tqdm>=4.60",  # progress bars
+        "numba>=0.60",  # the evaluation kernel (no per-query sort)
     ],
     extras_require={
         "cpu": ["tensorflow-cpu" + TENSORFLOW],
@@ -45,6 +47,7 @@ setuptools.setup(
         "console_scripts": [
             "reid-demo=reid_tf.demo:run",
             "reid-train=reid_tf.train:run",
+            "reid-eval=reid_tf.eval:run",
         ],
     },
 )

@@ -9,6 +9,8 @@ steps after one warm-up call. Prints one line per configuration and PL-Net's ove
 """
 
 import os
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -28,6 +30,7 @@ flags.DEFINE_list("num_parts", ["4", "0"], "K values (0 = baseline).")
 flags.DEFINE_integer("steps", 3, "Steps per timed call.")
 flags.DEFINE_integer("calls", 2, "Timed calls (median kept).")
 flags.DEFINE_integer("height", 256, "Image height.")
+flags.DEFINE_integer("child_replicas", 0, "Internal: measure this replica count in this process.")
 flags.DEFINE_integer("width", 128, "Image width.")
 
 
@@ -54,23 +57,34 @@ def images_per_second(backbone, num_parts, replicas):
     return sorted(rates)[len(rates) // 2]
 
 
+def measure(replicas):
+    """One replica count per process: splitting the CPU into logical devices (needed for 2
+    replicas) must happen before TensorFlow starts, and halves one device's threads."""
+    if replicas > 1:
+        train_lib.split_cpu(replicas)
+    for backbone in FLAGS.backbones:
+        rates = {}
+        for num_parts in map(int, FLAGS.num_parts):
+            rates[num_parts] = images_per_second(backbone, num_parts, replicas)
+            print(f"{backbone:13s} replicas={replicas} K={num_parts}: "
+                  f"{rates[num_parts]:7.2f} images/s", flush=True)
+        for num_parts, rate in rates.items():
+            if num_parts and 0 in rates:
+                print(f"{backbone:13s} replicas={replicas} PL-Net K={num_parts} overhead over "
+                      f"baseline: {100 * (rates[0] / rate - 1):+.1f}%", flush=True)
+
+
 def main(argv):
     del argv
-    train_lib.split_cpu(2)
+    tf.get_logger().setLevel("ERROR")
+    if FLAGS.child_replicas:
+        return measure(FLAGS.child_replicas)
     print(f"machine: {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}, "
-          f"{FLAGS.height}x{FLAGS.width}, batch 32 (P=8, K=4)")
-    for backbone in FLAGS.backbones:
-        for replicas in map(int, FLAGS.replicas):
-            rates = {}
-            for num_parts in map(int, FLAGS.num_parts):
-                rates[num_parts] = images_per_second(backbone, num_parts, replicas)
-                print(f"{backbone:13s} replicas={replicas} K={num_parts}: "
-                      f"{rates[num_parts]:7.2f} images/s", flush=True)
-            if 0 in rates and len(rates) > 1:
-                for num_parts, rate in rates.items():
-                    if num_parts:
-                        print(f"{backbone:13s} replicas={replicas} PL-Net K={num_parts} overhead "
-                              f"over baseline: {100 * (rates[0] / rate - 1):+.1f}%", flush=True)
+          f"{FLAGS.height}x{FLAGS.width}, batch 32 (P=8, K=4)", flush=True)
+    for replicas in map(int, FLAGS.replicas):
+        subprocess.run([sys.executable, __file__, f"--child_replicas={replicas}",
+                        *[a for a in sys.argv[1:] if not a.startswith("--child_replicas")]],
+                       check=True)
 
 
 if __name__ == "__main__":

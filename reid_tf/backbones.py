@@ -97,9 +97,19 @@ def _resnet50(inputs, weights, last_stride):
 
 
 def _mobilenet_v2(inputs, weights, last_stride):
-    if last_stride != 2:
-        raise ValueError("last_stride=1 is not available for 'mobilenet_v2' yet; use 2.")
-    return keras.applications.MobileNetV2(include_top=False, weights=weights, input_tensor=inputs)
+    net = keras.applications.MobileNetV2(include_top=False, weights=weights, input_tensor=inputs)
+    if last_stride == 2:
+        return net
+
+    # The last stride-2 layer is block 13's depthwise conv, after an asymmetric zero pad; with
+    # stride 1 it needs a symmetric pad of 1 to keep the size (16x8 map at 256x128).
+    def last_stride_one(class_name, config):
+        if config["name"] == "block_13_pad":
+            config["padding"] = ((1, 1), (1, 1))
+        elif config["name"] == "block_13_depthwise":
+            config["strides"] = (1, 1)
+
+    return _rebuild(net, last_stride_one)
 
 
 def _tiny(inputs, weights, last_stride):

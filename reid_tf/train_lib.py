@@ -377,6 +377,9 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
             sync_batch_norm=replicas > 1,
         )
         model.build()
+        if chief:  # how to rebuild this network (reid-eval, export tools)
+            _write_atomically(os.path.join(workdir, "model.json"),
+                              json.dumps(model.get_config(), indent=2))
         boundaries = config.lr_decay_steps or (int(0.6 * total_steps), int(0.85 * total_steps))
         schedule_args = dict(total_steps=total_steps, warmup_steps=config.warmup_steps,
                              schedule=config.schedule, boundaries=boundaries,

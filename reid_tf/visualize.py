@@ -24,3 +24,63 @@ def overlay_part_masks(images, part_masks, alpha=0.45):
     colours = np.resize(PART_COLOURS, (num_parts, 3)) / 255.0
     colour = tf.einsum("bhwk,kc->bhwc", masks, tf.constant(colours, tf.float32))
     return (1 - alpha) * images + alpha * colour
+
+
+def _load_image(split, index, size):
+    import io
+
+    from PIL import Image
+
+    source = split.images[index]
+    image = Image.open(source if split.are_paths else io.BytesIO(source)).convert("RGB")
+    return image.resize((size[1], size[0]))
+
+
+def ranked_list_picture(distances_row, query, query_index, gallery, top=10, size=(128, 64)):
+    """One query and its `top` nearest gallery images: uint8 [H, W, 3].
+
+    A green border marks a true match, red a false one; person id and camera under each. The
+    query's own same-camera images of the same person are left out, as in evaluation.
+    """
+    from PIL import Image, ImageDraw
+
+    person, camera = query.person_ids[query_index], query.camera_ids[query_index]
+    kept = ~((gallery.person_ids == person) & (gallery.camera_ids == camera))
+    order = np.flatnonzero(kept)[np.argsort(distances_row[kept], kind="stable")][:top]
+    border, caption, gap = 4, 14, 6
+    cell_w, cell_h = size[1] + 2 * border, size[0] + 2 * border + caption
+    canvas = Image.new("RGB", (cell_w * (len(order) + 1) + gap, cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    entries = [(query, query_index, (90, 90, 90))] + [
+        (gallery, g, (40, 170, 60) if gallery.person_ids[g] == person else (210, 40, 40))
+        for g in order]
+    for slot, (split, index, colour) in enumerate(entries):
+        left = slot * cell_w + (gap if slot else 0)
+        draw.rectangle([left, 0, left + cell_w - 1, cell_h - caption - 1], fill=colour)
+        canvas.paste(_load_image(split, index, size), (left + border, border))
+        draw.text((left + 2, cell_h - caption + 1),
+                  f"{split.person_ids[index]}/c{split.camera_ids[index]}", fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def plot_ranked_lists(distances, query, gallery, num_queries, output_dir, top=10):
+    """PNGs of the first `num_queries` queries' ranked lists in `output_dir/ranked/`, and the
+    same pictures in `output_dir/tensorboard`. Returns the PNG paths."""
+    import os
+
+    from PIL import Image
+
+    folder = os.path.join(output_dir, "ranked")
+    os.makedirs(folder, exist_ok=True)
+    writer = tf.summary.create_file_writer(os.path.join(output_dir, "tensorboard"))
+    paths = []
+    for q in range(min(num_queries, len(query))):
+        picture = ranked_list_picture(np.asarray(distances[q]), query, q, gallery, top)
+        stem = os.path.splitext(query.file_names[q])[0].replace("/", "_")
+        path = os.path.join(folder, f"query_{q:04d}_{stem}.png")
+        Image.fromarray(picture).save(path)
+        paths.append(path)
+        with writer.as_default(step=q):
+            tf.summary.image("ranked_lists", picture[None], step=q)
+    writer.flush()
+    return paths

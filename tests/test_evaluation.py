@@ -91,3 +91,43 @@ def test_bad_input_names_what_is_wrong():
         evaluation.pairwise_distances(np.array([[np.inf, 0.0]]), np.zeros((1, 2)))
     with pytest.raises(ValueError, match=r"dimension 2 but gallery features 3"):
         evaluation.pairwise_distances(np.zeros((1, 2)), np.zeros((1, 3)))
+
+
+def test_trapezoid_average_precision_by_hand():
+    # Kept order: match, non-match, match -> precisions 1, 1/2, 2/3 at ranks 1, 2, 3.
+    distances = np.array([[0.1, 0.2, 0.3]])
+    result = evaluation.evaluate(distances, np.array([1]), np.array([1, 2, 1]), np.array([1]),
+                                 np.array([2, 2, 2]), max_rank=3, average_precision="trapezoid")
+    # Official code: 0.5 * (1 + 1) / 2 + 0.5 * (1/2 + 2/3) / 2
+    assert result["mAP"] == pytest.approx(0.5 + 0.5 * (0.5 + 2 / 3) / 2)
+
+
+def test_features_path_equals_matrix_path_with_bounded_chunks():
+    rng = np.random.default_rng(3)
+    query, gallery = rng.normal(size=(50, 16)), rng.normal(size=(300, 16))
+    ids = dict(query_ids=rng.integers(0, 20, 50), gallery_ids=rng.integers(0, 20, 300),
+               query_cameras=rng.integers(1, 3, 50), gallery_cameras=rng.integers(1, 3, 300))
+    from_matrix = evaluation.evaluate(evaluation.pairwise_distances(query, gallery), **ids)
+    from_features = evaluation.evaluate_features(query, gallery, **ids, chunk_size=7)
+    np.testing.assert_allclose(from_features["cmc"], from_matrix["cmc"])
+    assert from_features["mAP"] == pytest.approx(from_matrix["mAP"])
+
+
+def test_single_gallery_shot_cmc():
+    # Query id 1 cam 1. Gallery: id 2 (0.1), id 1 cam 2 (0.2), id 1 cam 2 (0.05), id 3 (0.3).
+    distances = np.array([[0.1, 0.2, 0.05, 0.3]])
+    args = (np.array([1]), np.array([2, 1, 1, 3]), np.array([1]), np.array([2, 2, 2, 2]))
+    result = evaluation.evaluate_single_gallery_shot(distances, *args, max_rank=3, repeats=200)
+    # The sampled id-1 image is 0.05 (rank 1) or 0.2 (rank 2, behind id 2): rank-1 about 1/2.
+    assert 0.4 < result["cmc"][0] < 0.6 and result["cmc"][1] == pytest.approx(1.0)
+    assert result["mAP"] == evaluation.evaluate(distances, *args, max_rank=3)["mAP"]
+
+
+def test_mean_over_splits():
+    results = [{"cmc": np.array([0.5, 1.0]), "mAP": 0.4, "mINP": 0.2, "num_valid": 3,
+                "num_skipped": 0},
+               {"cmc": np.array([1.0, 1.0]), "mAP": 0.8, "mINP": 0.6, "num_valid": 3,
+                "num_skipped": 1}]
+    mean = evaluation.mean_over_splits(results)
+    assert mean["rank1"] == 0.75 and mean["mAP"] == pytest.approx(0.6)
+    assert mean["num_splits"] == 2 and mean["num_skipped"] == 1

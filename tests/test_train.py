@@ -185,3 +185,13 @@ def test_workdir_with_other_model_flags_is_refused(tmp_path, data_dir):
     assert ("holds a run with different model flags (--embedding_dim=16 there, 8 here)"
             in result.stderr)
     assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith("ckpt-2")
+
+
+def test_non_finite_loss_stops_training_naming_the_step(tmp_path, data_dir):
+    workdir = str(tmp_path / "diverged")
+    result = reid_train(workdir, data_dir, "--train_steps=8", "--optimizer=sgd",
+                        "--learning_rate=1e30", "--checkpoint_every=2", check=False)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("reid-train: error")]
+    assert len(lines) == 1 and "non-finite loss at step" in lines[0], result.stderr[-2000:]
+    assert not os.path.exists(os.path.join(workdir, "results.json"))

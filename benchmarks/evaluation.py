@@ -1,0 +1,107 @@
+"""Evaluation and re-ranking at Market-1501 scale: time, peak memory, agreement.
+
+Random features (3,368 queries, 15,913 gallery, 2,048-d, 751 identities + distractors id 0,
+6 cameras), squared-euclidean distances precomputed (not timed). Prints:
+- `evaluate` from the distance matrix (after a 2-query warm-up call that compiles or loads the
+  numba kernel): seconds, peak memory of its own allocations
+  (tracemalloc), and the largest difference to a plain per-query reference of the protocol
+  (stable argsort per query, as torchreid's Python evaluator);
+- `re_rank` (k1=20, k2=6, lambda=0.3): seconds and peak memory; agreement with the dense
+  reference (tests/test_reranking.py) is checked on a 400 x 1,600 subset, since the dense
+  version needs O(N^2) Python work.
+
+    python benchmarks/evaluation.py [--rerank=false]
+"""
+
+import os
+import sys
+import time
+import tracemalloc
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from reid_tf import evaluation
+from reid_tf import reranking
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("num_query", 3368, "Queries.")
+flags.DEFINE_integer("num_gallery", 15913, "Gallery images.")
+flags.DEFINE_integer("dim", 2048, "Feature dimension.")
+flags.DEFINE_bool("rerank", True, "Also time re-ranking.")
+flags.DEFINE_bool("reference", True, "Also run the per-query reference evaluator.")
+
+
+def market_like(rng):
+    ids = np.arange(1, 752)
+    query_ids = rng.choice(ids, FLAGS.num_query)
+    gallery_ids = np.where(rng.random(FLAGS.num_gallery) < 0.15, 0,
+                           rng.choice(ids, FLAGS.num_gallery))
+    return (query_ids, gallery_ids, rng.integers(1, 7, FLAGS.num_query),
+            rng.integers(1, 7, FLAGS.num_gallery))
+
+
+def measured(function, *args, **kwargs):
+    tracemalloc.start()
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return result, seconds, peak / 2 ** 30
+
+
+def main(argv):
+    del argv
+    from test_evaluation import reference_evaluate
+    from test_reranking import dense_reference
+
+    rng = np.random.default_rng(0)
+    query = rng.normal(size=(FLAGS.num_query, FLAGS.dim)).astype(np.float32)
+    gallery = rng.normal(size=(FLAGS.num_gallery, FLAGS.dim)).astype(np.float32)
+    labels = market_like(rng)
+    distances = evaluation.pairwise_distances(query, gallery, "sqeuclidean")
+    print(f"machine: {os.cpu_count()} CPU cores; {FLAGS.num_query} x {FLAGS.num_gallery}, "
+          f"{FLAGS.dim}-d", flush=True)
+    start = time.perf_counter()
+    evaluation.evaluate(distances[:2], labels[0][:2], labels[1], labels[2][:2], labels[3])
+    print(f"first call (numba kernel compiled or loaded from its cache): "
+          f"{time.perf_counter() - start:.2f} s", flush=True)
+    result, seconds, peak = measured(evaluation.evaluate, distances, *labels)
+    print(f"evaluate: {seconds:.3f} s, peak {peak:.2f} GiB; rank-1 {result['rank1']:.6f} "
+          f"mAP {result['mAP']:.6f} mINP {result['mINP']:.6f} valid {result['num_valid']} "
+          f"skipped {result['num_skipped']}", flush=True)
+    if FLAGS.reference:
+        start = time.perf_counter()
+        cmc, mean_ap, minp, valid = reference_evaluate(distances, *labels, 50)
+        print(f"reference (per-query stable argsort): {time.perf_counter() - start:.2f} s; "
+              f"max |CMC diff| {np.abs(cmc - result['cmc']).max():.2e}, "
+              f"|mAP diff| {abs(mean_ap - result['mAP']):.2e}, "
+              f"|mINP diff| {abs(minp - result['mINP']):.2e}, "
+              f"valid {valid == result['num_valid']}", flush=True)
+    if not FLAGS.rerank:
+        return
+    query_query = evaluation.pairwise_distances(query, query, "sqeuclidean")
+    gallery_gallery = evaluation.pairwise_distances(gallery, gallery, "sqeuclidean")
+    for matrix in (query_query, gallery_gallery):
+        np.fill_diagonal(matrix, 0)
+    reranked, seconds, peak = measured(reranking.re_rank, distances, query_query,
+                                       gallery_gallery)
+    after = evaluation.evaluate(reranked, *labels)
+    print(f"re_rank: {seconds:.2f} s, peak {peak:.2f} GiB (inputs not counted: "
+          f"{(distances.nbytes + query_query.nbytes + gallery_gallery.nbytes) / 2**30:.2f} GiB);"
+          f" mAP after {after['mAP']:.6f}", flush=True)
+    small = (slice(0, 400), slice(0, 1600))
+    q_g, q_q = distances[small], query_query[small[0], small[0]]
+    g_g = gallery_gallery[small[1], small[1]]
+    q_q, g_g = (q_q + q_q.T) / 2, (g_g + g_g.T) / 2
+    difference = np.abs(reranking.re_rank(q_g, q_q, g_g) - dense_reference(q_g, q_q, g_g, 20, 6,
+                                                                           0.3)).max()
+    print(f"re_rank vs dense reference on 400 x 1600: max |difference| {difference:.2e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

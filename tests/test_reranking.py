@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+
+from reid_tf import evaluation
+from reid_tf import reranking
+
+
+def dense_reference(q_g, q_q, g_g, k1, k2, lambda_value):
+    """The k-reciprocal re-ranking of Zhong et al. (CVPR 2017) written densely, step by step."""
+    num_query = len(q_q)
+    original = np.block([[q_q, q_g], [q_g.T, g_g]]).astype(np.float64) ** 2
+    original = (original / original.max(axis=0)).T
+    total = len(original)
+    rank = np.argsort(original, axis=1, kind="stable")
+    encoding = np.zeros_like(original)
+
+    def reciprocal_set(i, k):
+        forward = rank[i, :k + 1]
+        return np.array([j for j in forward if i in rank[j, :k + 1]], dtype=int)
+
+    for i in range(total):
+        own = reciprocal_set(i, k1)
+        expansion = list(own)
+        for candidate in own:
+            candidate_set = reciprocal_set(candidate, int(np.around(k1 / 2)))
+            if len(np.intersect1d(candidate_set, own)) > 2 / 3 * len(candidate_set):
+                expansion.extend(candidate_set)
+        expansion = np.unique(expansion)
+        weight = np.exp(-original[i, expansion])
+        encoding[i, expansion] = weight / weight.sum()
+    if k2 != 1:
+        encoding = np.stack([encoding[rank[i, :k2]].mean(axis=0) for i in range(total)])
+    jaccard = np.zeros((num_query, total))
+    for i in range(num_query):
+        minima = np.minimum(encoding[i][None, :], encoding).sum(axis=1)
+        jaccard[i] = 1 - minima / (2 - minima)
+    final = jaccard * (1 - lambda_value) + original[:num_query] * lambda_value
+    return final[:, num_query:]
+
+
+def distances(seed, num_query=15, num_gallery=45, dim=6):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(8, dim))
+    query = centres[rng.integers(0, 8, num_query)] + 0.5 * rng.normal(size=(num_query, dim))
+    gallery = centres[rng.integers(0, 8, num_gallery)] + 0.5 * rng.normal(size=(num_gallery, dim))
+    return [evaluation.pairwise_distances(a, b, "euclidean") for a, b in
+            [(query, gallery), (query, query), (gallery, gallery)]]
+
+
+@pytest.mark.parametrize("seed, k1, k2, lambda_value", [(0, 20, 6, 0.3), (1, 6, 3, 0.5),
+                                                        (2, 10, 1, 0.0)])
+def test_re_rank_equals_the_dense_reference(seed, k1, k2, lambda_value):
+    q_g, q_q, g_g = distances(seed)
+    for matrix in (q_q, g_g):  # exact symmetry and zero diagonal, as real distance matrices
+        matrix[:] = (matrix + matrix.T) / 2
+        np.fill_diagonal(matrix, 0)
+    got = reranking.re_rank(q_g, q_q, g_g, k1, k2, lambda_value, chunk_size=7)
+    expected = dense_reference(q_g, q_q, g_g, k1, k2, lambda_value)
+    assert got.shape == (15, 45) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_re_rank_rejects_mismatched_shapes():
+    q_g, q_q, g_g = distances(0)
+    with pytest.raises(ValueError, match=r"gallery_gallery \[45,45\]"):
+        reranking.re_rank(q_g, q_q, g_g[:10, :10])
