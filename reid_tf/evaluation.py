@@ -23,11 +23,7 @@ def _check_features(name, features):
     return features
 
 
-def pairwise_distances(query, gallery, metric="cosine", chunk_size=1024):
-    """Distances `[Q, G]` (float32), computed `chunk_size` queries at a time.
-
-    `cosine` is 1 - cosine similarity; `euclidean` and `sqeuclidean` as named.
-    """
+def _check_feature_pair(query, gallery, metric):
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r}: expected one of {METRICS}.")
     query = _check_features("query features", query)
@@ -35,19 +31,37 @@ def pairwise_distances(query, gallery, metric="cosine", chunk_size=1024):
     if query.shape[1] != gallery.shape[1]:
         raise ValueError(f"query features have dimension {query.shape[1]} but gallery features "
                          f"{gallery.shape[1]}.")
+    return query, gallery
+
+
+def _prepare(features, metric):
+    """Features as the distance blocks use them (unit rows for cosine) and their squared norms."""
     if metric == "cosine":
-        query = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
-        gallery = gallery / np.maximum(np.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
-    gallery_norms = (gallery ** 2).sum(axis=1)
+        features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    return features, (features ** 2).sum(axis=1)
+
+
+def _distance_block(query, query_norms, gallery, gallery_norms, metric):
+    products = query @ gallery.T
+    if metric == "cosine":
+        return 1.0 - products
+    squared = np.maximum(query_norms[:, None] + gallery_norms[None] - 2 * products, 0)
+    return squared if metric == "sqeuclidean" else np.sqrt(squared)
+
+
+def pairwise_distances(query, gallery, metric="cosine", chunk_size=1024):
+    """Distances `[Q, G]` (float32), computed `chunk_size` queries at a time.
+
+    `cosine` is 1 - cosine similarity; `euclidean` and `sqeuclidean` as named.
+    """
+    query, gallery = _check_feature_pair(query, gallery, metric)
+    query, query_norms = _prepare(query, metric)
+    gallery, gallery_norms = _prepare(gallery, metric)
     distances = np.empty((len(query), len(gallery)), np.float32)
     for start in range(0, len(query), chunk_size):
-        block = query[start:start + chunk_size]
-        products = block @ gallery.T
-        if metric == "cosine":
-            distances[start:start + chunk_size] = 1.0 - products
-            continue
-        squared = np.maximum((block ** 2).sum(axis=1)[:, None] + gallery_norms[None] - 2 * products, 0)
-        distances[start:start + chunk_size] = squared if metric == "sqeuclidean" else np.sqrt(squared)
+        block = slice(start, start + chunk_size)
+        distances[block] = _distance_block(query[block], query_norms[block], gallery,
+                                           gallery_norms, metric)
     return distances
 
 
@@ -174,8 +188,8 @@ def evaluate_features(query_features, gallery_features, query_ids, gallery_ids, 
                       average_precision="noninterpolated"):
     """`evaluate` straight from features, never holding more than `chunk_size` distance rows:
     memory stays bounded for any gallery size."""
-    query_features = _check_features("query features", query_features)
-    gallery_features = _check_features("gallery features", gallery_features)
+    query_features, gallery_features = _check_feature_pair(query_features, gallery_features,
+                                                           metric)
     if len(gallery_features) == 0:
         raise ValueError("gallery is empty: nothing to rank.")
     for name, array, size in [("query_ids", query_ids, len(query_features)),
@@ -185,9 +199,12 @@ def evaluate_features(query_features, gallery_features, query_ids, gallery_ids, 
         if np.shape(array) != (size,):
             raise ValueError(f"{name}: expected {size} entries to match the features, got "
                              f"shape {np.shape(array)}.")
+    query_features, query_norms = _prepare(query_features, metric)
+    gallery_features, gallery_norms = _prepare(gallery_features, metric)
     chunks = ((slice(start, start + chunk_size),
-               pairwise_distances(query_features[start:start + chunk_size], gallery_features,
-                                  metric))
+               _distance_block(query_features[start:start + chunk_size],
+                               query_norms[start:start + chunk_size], gallery_features,
+                               gallery_norms, metric))
               for start in range(0, len(query_features), chunk_size))
     return _evaluate_chunks(chunks, len(query_features), *map(np.asarray, (
         query_ids, gallery_ids, query_cameras, gallery_cameras)), max_rank, average_precision)
