@@ -29,8 +29,9 @@ test: install
 
 benchmarks: install
 	$(BIN)/python benchmarks/part_partition.py
-	$(BIN)/python benchmarks/input_pipeline.py
+	REID_TF_SHARED_DIR=$${REID_TF_SHARED_DIR:-../shared} $(BIN)/python benchmarks/input_pipeline.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/evaluation.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -53,12 +53,8 @@ def scalar_tags(folder):
 
 
 def restore_model(workdir):
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = json.load(f)
-    net = model_lib.PartLossNet(
-        num_classes=20, num_parts=config["num_parts"], part_strategy=config["part_strategy"],
-        embedding_dim=config["embedding_dim"], backbone=config["backbone"],
-        image_size=(config["image_height"], config["image_width"]))
+    with open(os.path.join(workdir, "model.json")) as f:
+        net = model_lib.PartLossNet.from_config(json.load(f))
     net.build()
     latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
     tf.train.Checkpoint(model=net).restore(latest).expect_partial()
