@@ -53,16 +53,9 @@ def _embedder(image_size):
             return serving(images=tf.cast(tf.round(images), tf.uint8))["embedding"]
 
         return embed, image_size
-    from reid_tf import model as model_lib
+    from reid_tf import train_lib
 
-    model_json = os.path.join(FLAGS.workdir, "model.json")
-    checkpoint = tf.train.latest_checkpoint(os.path.join(FLAGS.workdir, "checkpoints"))
-    if checkpoint is None:
-        raise FileNotFoundError(f"{FLAGS.workdir}/checkpoints: no checkpoint to evaluate.")
-    with open(model_json) as f:
-        net = model_lib.PartLossNet.from_config({**json.load(f), "sync_batch_norm": False})
-    net.build()
-    tf.train.Checkpoint(model=net).restore(checkpoint).expect_partial()
+    net, checkpoint = train_lib.load_trained_model(FLAGS.workdir)
     print(f"evaluating {checkpoint}")
     return tf.function(lambda images: net(images, training=False)["embedding"]), net.image_size
 

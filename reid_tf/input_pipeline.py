@@ -69,9 +69,7 @@ def load_splits(dataset, data_dir=None, manual_dir=None, skip_corrupt=False, log
     """
     if dataset.startswith(FOLDER_PREFIX):
         records = sources.parse_market_layout(os.path.expanduser(dataset[len(FOLDER_PREFIX):]))
-        records = sources.check_images(records, skip_corrupt, log)
-        return {split: Split.from_records(r) for split, r in records.items()}
-    if dataset.startswith(IDENTITY_FOLDERS_PREFIX):
+    elif dataset.startswith(IDENTITY_FOLDERS_PREFIX):
         root = os.path.expanduser(dataset[len(IDENTITY_FOLDERS_PREFIX):])
         records = sources.parse_identity_folder_dataset(
             *[os.path.join(root, s) if os.path.isdir(os.path.join(root, s)) else None
@@ -79,9 +77,10 @@ def load_splits(dataset, data_dir=None, manual_dir=None, skip_corrupt=False, log
         if not records:
             raise FileNotFoundError(f"{root}: expected train/, query/ and/or gallery/ folders, "
                                     "each with one sub-folder per identity.")
-        records = sources.check_images(records, skip_corrupt, log)
-        return {split: Split.from_records(r) for split, r in records.items()}
-    return _load_tfds(dataset, data_dir, manual_dir, skip_corrupt)
+    else:
+        return _load_tfds(dataset, data_dir, manual_dir, skip_corrupt)
+    records = sources.check_images(records, skip_corrupt, log)
+    return {split: Split.from_records(r) for split, r in records.items()}
 
 
 def _load_tfds(dataset, data_dir, manual_dir, skip_corrupt):

@@ -306,6 +306,25 @@ def _check_workdir(workdir, config, chief, flags_text):
             _write_atomically(os.path.join(workdir, "flags.txt"), flags_text)
 
 
+def load_trained_model(workdir):
+    """The network of a reid-train workdir (from `model.json`) with its latest checkpoint.
+
+    Returns `(model, checkpoint_path)`. FileNotFoundError names what is missing.
+    """
+    model_json = os.path.join(workdir, "model.json")
+    if not os.path.exists(model_json):
+        raise FileNotFoundError(f"{model_json}: not found; is {workdir} a reid-train workdir?")
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    if latest is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to restore.")
+    with open(model_json) as f:
+        # Synchronised BatchNorm only matters while training on several replicas.
+        model = model_lib.PartLossNet.from_config({**json.load(f), "sync_batch_norm": False})
+    model.build()
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    return model, latest
+
+
 def extract_features(model, split, image_size, batch_size):
     """Embeddings `[N, (K+1)·D]` of a split, in its order (no augmentation)."""
     predict = tf.function(lambda images: model(images, training=False)["embedding"])

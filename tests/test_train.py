@@ -15,7 +15,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from reid_tf import input_pipeline
-from reid_tf import model as model_lib
+from reid_tf import train_lib
 
 TINY_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
               "--image_width=32", "--embedding_dim=16", "--num_parts=3", "--P=4", "--K=4",
@@ -53,12 +53,9 @@ def scalar_tags(folder):
 
 
 def restore_model(workdir):
-    with open(os.path.join(workdir, "model.json")) as f:
-        net = model_lib.PartLossNet.from_config(json.load(f))
-    net.build()
-    latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
-    tf.train.Checkpoint(model=net).restore(latest).expect_partial()
-    return net, latest
+    if tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")) is None:
+        return None, None
+    return train_lib.load_trained_model(workdir)
 
 
 def test_train_writes_checkpoint_summaries_export_and_resumes(tmp_path, data_dir):
