@@ -38,7 +38,8 @@ class PartLossNet(keras.Model):
         embedding_dim: D, size of the global and of each part embedding.
         backbone: a name in `backbones.BACKBONES`.
         image_size: `(height, width)` of the input images.
-        backbone_weights: `None` or `"imagenet"`.
+        backbone_weights: `None`, `"imagenet"` or a torchvision `.pth` path (see
+            `backbones.build_backbone`).
         last_stride: 1 or 2, the backbone's last stage stride.
         kmeans_iterations: Lloyd iterations of the part clustering.
         sync_batch_norm: BatchNorm statistics over all replicas (set by training when it runs
@@ -69,7 +70,8 @@ class PartLossNet(keras.Model):
         self.num_parts = num_parts
         self.part_strategy = part_strategy
         self.embedding_dim = embedding_dim
-        self.backbone_name = backbone
+        # A torchvision checkpoint builds torchvision's layout; the config records the layout.
+        self.backbone_name = backbones.resolve_backbone(backbone, backbone_weights)
         self.image_size = tuple(image_size)
         self.backbone_weights = backbone_weights
         self.last_stride = last_stride

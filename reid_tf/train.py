@@ -16,6 +16,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
+from reid_tf import backbones  # noqa: E402
 from reid_tf import train_lib  # noqa: E402
 
 _DEFAULTS = train_lib.TrainConfig()
@@ -29,8 +30,10 @@ flags.DEFINE_string("data_dir", None, "TFDS data_dir (default ~/tensorflow_datas
 flags.DEFINE_string("manual_dir", None, "Folder holding the downloaded dataset (TFDS manual_dir).")
 flags.DEFINE_bool("skip_corrupt", False, "Leave out images that do not decode (else fail).")
 # Model.
-flags.DEFINE_enum("backbone", _DEFAULTS.backbone, ["resnet50", "mobilenet_v2", "tiny"], "Backbone.")
-flags.DEFINE_string("weights", None, "Backbone initialisation: empty (random) or imagenet.")
+flags.DEFINE_enum("backbone", _DEFAULTS.backbone, sorted(backbones.BACKBONES),
+                  "Backbone (torchvision_mobilenet_v2: torchvision's layout, for --weights=*.pth).")
+flags.DEFINE_string("weights", None, "Backbone initialisation: empty (random), imagenet (Keras "
+                    "download) or the path of a torchvision checkpoint (.pth; mobilenet_v2 then uses torchvision's layout).")
 flags.DEFINE_integer("num_parts", _DEFAULTS.num_parts, "K parts; 0 = global-loss baseline.")
 flags.DEFINE_enum("part_strategy", _DEFAULTS.part_strategy, ["peaks", "activation", "stripes"],
                   "How parts are found.")
