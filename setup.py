@@ -37,17 +37,22 @@ setuptools.setup(
         "h5py>=3.9",  # CUHK03's cuhk-03.mat (MATLAB v7.3)
         "tqdm>=4.60",  # progress bars
         "numba>=0.60",  # the evaluation kernel (no per-query sort)
+        "faiss-cpu>=1.8",  # reid-serve's gallery search
+        "aiohttp>=3.9",  # reid-serve's HTTP server
     ],
     extras_require={
         "cpu": ["tensorflow-cpu" + TENSORFLOW],
         "gpu": ["tensorflow[and-cuda]" + TENSORFLOW],
-        "test": ["pytest>=8", "dill"],  # dill: tfds.testing
+        "test": ["pytest>=8", "dill", "scikit-image>=0.22"],  # dill: tfds.testing; skimage: chelsea
     },
     entry_points={
         "console_scripts": [
             "reid-demo=reid_tf.demo:run",
             "reid-train=reid_tf.train:run",
             "reid-eval=reid_tf.eval:run",
+            "reid-export=reid_tf.export:run",
+            "reid-extract=reid_tf.features:run",
+            "reid-serve=reid_tf.serving:run",
         ],
     },
 )

@@ -7,10 +7,16 @@ Both return `embedding [N,(K+1)·D]` (L2-normalised), `global_embedding [N,D]`,
 `part_embeddings [N,K,D]`, `part_masks [N,h,w,K]`, with the preprocessing of evaluation
 (`input_pipeline.preprocess`). The export loads with plain `tf.saved_model.load`; it needs no
 reid_tf code.
+
+    reid-export --workdir=runs/demo                     # -> runs/demo/export/<step>/
+    reid-export --workdir=runs/demo --export_dir=/models/reid --version=3
+    saved_model_cli show --all --dir runs/demo/export/<step>
 """
 
 import os
+import re
 import shutil
+import sys
 import time
 
 import tensorflow as tf
@@ -29,8 +35,15 @@ class ServingModule(tf.Module):
         self.image_size = tuple(model.image_size)
 
     def _embed(self, images):
-        outputs = self.model(images, training=False)
-        return {key: tf.cast(outputs[key], tf.float32) for key in EXPORT_KEYS}
+        outputs = {key: tf.cast(value, tf.float32)
+                   for key, value in self.model(images, training=False).items()
+                   if key in EXPORT_KEYS}
+        # The concatenation's width is static: say so in the signature (saved_model_cli, TF
+        # Serving metadata) rather than -1.
+        _, parts, dim = outputs["part_embeddings"].shape
+        outputs["embedding"] = tf.ensure_shape(
+            outputs["embedding"], [None, outputs["global_embedding"].shape[-1] + parts * dim])
+        return outputs
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
     def serve(self, images):
@@ -62,3 +75,55 @@ def export_model(model, export_dir, version=None):
         "serving_default": module.serve, "serve_encoded": module.serve_encoded})
     os.replace(temporary, final)
     return final
+
+
+def checkpoint_step(checkpoint_path):
+    """The step of a reid-train checkpoint path (`.../ckpt-<step>`)."""
+    match = re.search(r"ckpt-(\d+)$", checkpoint_path)
+    if match is None:
+        raise ValueError(f"{checkpoint_path}: not a reid-train checkpoint (ckpt-<step>).")
+    return int(match.group(1))
+
+
+def export_workdir(workdir, export_dir=None, version=None):
+    """Exports a reid-train workdir's latest checkpoint; returns the export's path.
+
+    `export_dir` defaults to `<workdir>/export`, `version` to the checkpoint's step.
+    """
+    from reid_tf import train_lib  # train_lib imports this module
+
+    model, checkpoint = train_lib.load_trained_model(workdir)
+    version = checkpoint_step(checkpoint) if version is None else version
+    return export_model(model, export_dir or os.path.join(workdir, "export"), version), checkpoint
+
+
+def run():
+    """reid-export: a workdir's latest checkpoint -> `<export_dir>/<version>/`."""
+    from absl import app
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "A reid-train workdir; its latest checkpoint is exported.")
+    flags.DEFINE_string("export_dir", None, "Where `<version>/` goes (default <workdir>/export).")
+    flags.DEFINE_integer("version", None, "Integer version (default: the checkpoint's step).")
+    flags.mark_flag_as_required("workdir")
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        tf.get_logger().setLevel("ERROR")
+        options = flags.FLAGS
+        if options.version is not None and options.version < 0:
+            raise app.UsageError("--version: expected a non-negative integer.")
+        try:
+            path, checkpoint = export_workdir(os.path.expanduser(options.workdir),
+                                              options.export_dir, options.version)
+        except (ValueError, FileNotFoundError, FileExistsError) as error:
+            print(f"reid-export: error: {error}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        print(f"exported {checkpoint} -> {path}")
+
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

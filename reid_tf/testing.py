@@ -1,7 +1,16 @@
-"""Test helpers shared by the suite.
+"""Test helpers shared by the suite and the benchmarks.
 
 Keras layer checks: config round trip; eager, tf.function and XLA give the same outputs.
+HTTP: a free port, a small JSON client, and the load test of reid-serve.
 """
+
+import base64
+import contextlib
+import http.client
+import json
+import socket
+import threading
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -21,3 +30,115 @@ def check_call_modes(layer, inputs, atol=1e-5):
     for other in (graph, xla):
         np.testing.assert_allclose(np.asarray(other), np.asarray(eager), atol=atol)
     return eager
+
+
+@contextlib.contextmanager
+def free_port():
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        yield probe.getsockname()[1]
+
+
+class JsonClient:
+    """A small keep-alive HTTP client: `request(method, path, body)` -> (status, JSON answer).
+
+    `body` is a JSON-able value, or bytes sent as they are.
+    """
+
+    def __init__(self, host, port, timeout=120):
+        self.host, self.port, self.timeout = host, port, timeout
+        self.connection = None
+
+    def request(self, method, path, body=None):
+        if body is not None and not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+        for attempt in range(2):  # a kept-alive connection the server closed: reconnect once
+            if self.connection is None:
+                self.connection = http.client.HTTPConnection(self.host, self.port,
+                                                             timeout=self.timeout)
+            try:
+                self.connection.request(method, path, body=body,
+                                        headers={"Content-Type": "application/json"})
+                response = self.connection.getresponse()
+                data = response.read()
+                break
+            except (http.client.HTTPException, ConnectionError):
+                self.connection.close()
+                self.connection = None
+                if attempt:
+                    raise
+        if response.getheader("Connection", "").lower() == "close":
+            self.connection.close()
+            self.connection = None
+        try:
+            return response.status, json.loads(data)
+        except ValueError:
+            return response.status, {"raw": data[:200].decode(errors="replace")}
+
+
+def _load_test_requests(images):
+    """The mix of a load test: (kind, path, body, expected status, image index or None)."""
+    def b64(image):
+        return base64.b64encode(tf.io.encode_png(image).numpy()).decode()
+
+    predict, search = "/v1/models/reid:predict", "/v1/models/reid:search"
+    mix = []
+    for index, image in enumerate(images):
+        mix += [
+            ("predict_b64", predict, {"instances": [{"b64": b64(image)}]}, 200, index),
+            ("predict_array", predict, {"instances": [image.tolist()]}, 200, index),
+            ("search", search, {"k": 5, "instances": [{"b64": b64(image)}]}, 200, None),
+            ("malformed_json", predict, b'{"instances": [', 400, None),
+            ("bad_base64", predict, {"instances": [{"b64": "!!" + b64(image)[2:]}]}, 400, None),
+            ("undecodable", predict, {"instances": [{"b64": b64(image)[:40]}]}, 400, None),
+            ("wrong_shape", predict, {"instances": [image[..., :2].tolist()]}, 400, None),
+            ("float_values", predict, {"instances": [(image / 255).tolist()]}, 400, None),
+        ]
+    return mix
+
+
+def load_test(host, port, images, clients=8, requests=200):
+    """`clients` threads each sending `requests` requests (valid and malformed, interleaved).
+
+    Returns counts, the requests whose status was not the expected one (`unexpected`), the
+    `(image index, embedding)` of every valid predict answer (to check nothing was mixed up),
+    and latencies in seconds per kind.
+    """
+    mix = _load_test_requests(np.asarray(images, np.uint8))
+    encoded = [(kind, path, json.dumps(body).encode() if not isinstance(body, bytes) else body,
+                status, index) for kind, path, body, status, index in mix]
+    lock = threading.Lock()
+    report = {"total": 0, "valid": 0, "malformed": 0, "server_errors": 0, "unexpected": [],
+              "embeddings": [], "latencies": {}}
+
+    def client(number):
+        connection = JsonClient(host, port)
+        for request in range(requests):
+            kind, path, body, expected, index = encoded[(number * 7 + request * 3) % len(encoded)]
+            start = time.perf_counter()
+            try:
+                status, answer = connection.request("POST", path, body)
+            except OSError as error:
+                status, answer = None, {"error": repr(error)}
+            elapsed = time.perf_counter() - start
+            with lock:
+                report["total"] += 1
+                report["valid" if expected == 200 else "malformed"] += 1
+                report["latencies"].setdefault(kind, []).append(elapsed)
+                if status is None or status >= 500:
+                    report["server_errors"] += 1
+                if status != expected:
+                    report["unexpected"].append((kind, status, str(answer)[:200]))
+                elif index is not None:
+                    report["embeddings"].append(
+                        (index, np.asarray(answer["predictions"][0]["embedding"], np.float32)))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    report["wall_seconds"] = time.perf_counter() - start
+    return report

@@ -1,0 +1,105 @@
+"""reid-extract throughput through the SavedModel against a plain forward pass of the network.
+
+For each backbone (256x128, batch 64, PL-Net K=4, random initialisation: speed does not depend on
+the weights): exports the network, then times
+- `plain forward`: the Keras PartLossNet in a tf.function on a float batch already in memory;
+- `reid-extract`: `features.extract` through the export's `serve_encoded` over a folder of JPEG
+  files (reading, decoding and resizing included, as reid-extract runs);
+- `keras.applications.MobileNetV2`: the stock Keras network at the same size and batch, for
+  reference.
+Images: --images (a folder), else 128x64 JPEGs written to a temporary folder. Each figure is the
+best of --repeats timed runs over --batches batches, after one warm-up batch.
+
+    python benchmarks/extract.py [--backbones=resnet50,mobilenet_v2] [--batches=5]
+"""
+
+import os
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from reid_tf import export as export_lib  # noqa: E402
+from reid_tf import features  # noqa: E402
+from reid_tf import model as model_lib  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("backbones", ["mobilenet_v2", "resnet50"], "Backbones to time.")
+flags.DEFINE_integer("batches", 5, "Timed batches of 64.")
+flags.DEFINE_integer("repeats", 2, "Timed runs (best kept).")
+flags.DEFINE_string("images", None, "A folder of images (default: generated JPEGs).")
+
+SIZE = (256, 128)
+BATCH = 64
+
+
+def best_rate(function, images_per_call):
+    function()  # warm-up (tracing)
+    times = []
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return images_per_call / min(times)
+
+
+def write_jpegs(folder, count):
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        # Smooth random pictures (JPEG of pure noise is unusually slow to decode).
+        small = rng.integers(0, 256, (16, 8, 3), dtype=np.uint8)
+        image = tf.image.resize(small, (128, 64)).numpy().astype(np.uint8)
+        tf.io.write_file(os.path.join(folder, f"{i:04d}_c1s1_{i:06d}_00.jpg"),
+                         tf.io.encode_jpeg(image, quality=90))
+    return folder
+
+
+def main(argv):
+    del argv
+    tf.get_logger().setLevel("ERROR")
+    count = FLAGS.batches * BATCH
+    print(f"machine: {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}; {SIZE[0]}x{SIZE[1]},"
+          f" batch {BATCH}, {count} images per timed run", flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        if FLAGS.images:
+            folder = FLAGS.images
+        else:
+            folder = os.path.join(scratch, "images")
+            os.makedirs(folder)
+            write_jpegs(folder, count)
+        split = features.folder_split(folder)
+        for field in ("images", "person_ids", "camera_ids", "file_names"):
+            setattr(split, field, getattr(split, field)[:count])
+        batch = tf.random.uniform([BATCH, *SIZE, 3], 0, 255)
+
+        reference = keras.applications.MobileNetV2(input_shape=(*SIZE, 3), include_top=False,
+                                                   weights=None, pooling="avg")
+        forward = tf.function(lambda x: reference(x, training=False))
+        rate = best_rate(lambda: [forward(batch).numpy() for _ in range(FLAGS.batches)], count)
+        print(f"keras.applications.MobileNetV2 forward       {rate:7.1f} images/s", flush=True)
+
+        for backbone in FLAGS.backbones:
+            net = model_lib.PartLossNet(num_classes=751, num_parts=4, backbone=backbone,
+                                        image_size=SIZE)
+            net.build()
+            forward = tf.function(lambda x, net=net: net(x, training=False)["embedding"])
+            plain = best_rate(lambda: [forward(batch).numpy() for _ in range(FLAGS.batches)],
+                              count)
+            path = export_lib.export_model(net, os.path.join(scratch, backbone), 1)
+            export = features.Export(path)
+            extract = best_rate(lambda: features.extract(export, split, BATCH, progress=False),
+                                count)
+            print(f"{backbone:13s} PL-Net K=4 plain forward      {plain:7.1f} images/s", flush=True)
+            print(f"{backbone:13s} reid-extract (SavedModel)  {extract:7.1f} images/s "
+                  f"({100 * (extract / plain - 1):+.1f}% vs plain forward; target within -15%)",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

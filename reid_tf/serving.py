@@ -1,0 +1,362 @@
+"""reid-serve: an HTTP server for an export, with TF Serving's REST API and gallery search.
+
+    reid-serve --export=runs/demo/export/1140 --port=8501 --gallery=gallery.npz
+    reid-serve --export=runs/demo/export/1140 --gallery_images=../shared/data/x/bounding_box_test
+
+Endpoints (`<name>` is --model_name; `/versions/<v>` may follow it, as in TF Serving):
+- `GET  /v1/models/<name>`: model status; `GET /v1/models/<name>/metadata`: signatures.
+- `POST /v1/models/<name>:predict`: `{"instances": [...]}` (or `{"inputs": [...]}`), each image
+  `{"b64": "<JPEG/PNG base64>"}` or a nested uint8 array `[H][W][3]`; returns
+  `{"predictions": [{"embedding": [...], "global_embedding": ..., ...}, ...]}`
+  (`{"outputs": {...}}` for `inputs`), as TensorFlow Serving does.
+- `POST /v1/models/<name>:search`: the same images plus `"k"` (default 10); returns
+  `{"results": [[{"file_name", "person_id", "camera_id", "distance"}, ...], ...]}`, nearest first,
+  distance = 1 - cosine similarity, from a faiss index of the gallery (exact inner product by
+  default; `--index=ivf` for large galleries).
+
+Bad requests get 400 (413 for a body over --max_body_mb) with `{"error": ..., "field": ...}`;
+a request over --timeout_s gets 504. The server never stops on a bad request.
+"""
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import json
+import os
+import sys
+import threading
+
+import numpy as np
+
+from reid_tf import features
+
+MAX_RESULTS = 1000
+
+
+class BadRequest(Exception):
+    """A client error: `field` names the part of the request that is wrong."""
+
+    def __init__(self, field, message):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class Gallery:
+    """A faiss index over L2-normalised gallery embeddings with their file names and labels.
+
+    `index="flat"`: exact inner product (`IndexFlatIP`); `"ivf"`: `IndexIVFFlat` with `nlist`
+    inverted lists (trained on the gallery itself) searching `nprobe` of them.
+    """
+
+    def __init__(self, embeddings, file_names, person_ids=None, camera_ids=None, index="flat",
+                 nlist=100, nprobe=10):
+        import faiss
+
+        embeddings = np.ascontiguousarray(embeddings, np.float32)
+        if embeddings.ndim != 2 or not len(embeddings):
+            raise ValueError(f"gallery embeddings: shape {embeddings.shape}; expected [N>0, E].")
+        dimension = embeddings.shape[1]
+        if index == "flat":
+            self.index = faiss.IndexFlatIP(dimension)
+        elif index == "ivf":
+            if nlist < 1 or nlist > len(embeddings):
+                raise ValueError(f"--nlist={nlist}: expected 1..{len(embeddings)} (the gallery "
+                                 "size) for an IVF index.")
+            self.index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dimension), dimension, nlist,
+                                            faiss.METRIC_INNER_PRODUCT)
+            self.index.train(embeddings)
+            self.index.nprobe = nprobe
+        else:
+            raise ValueError(f"--index={index}: expected flat or ivf.")
+        self.index.add(embeddings)
+        self.file_names = np.asarray(file_names, dtype=str)
+        self.person_ids = None if person_ids is None else np.asarray(person_ids, np.int64)
+        self.camera_ids = None if camera_ids is None else np.asarray(camera_ids, np.int64)
+
+    @classmethod
+    def from_features(cls, arrays, **index_options):
+        return cls(arrays["embeddings"], arrays["file_names"], arrays.get("person_ids"),
+                   arrays.get("camera_ids"), **index_options)
+
+    def __len__(self):
+        return self.index.ntotal
+
+    def search(self, queries, k):
+        """Top-k matches of each query, nearest first: lists of dicts."""
+        similarities, indices = self.index.search(np.ascontiguousarray(queries, np.float32),
+                                                  min(k, len(self)))
+        results = []
+        for row_similarities, row_indices in zip(similarities, indices):
+            results.append([{
+                "file_name": str(self.file_names[i]),
+                "person_id": None if self.person_ids is None else int(self.person_ids[i]),
+                "camera_id": None if self.camera_ids is None else int(self.camera_ids[i]),
+                "distance": float(1.0 - s),
+            } for s, i in zip(row_similarities, row_indices) if i >= 0])
+        return results
+
+
+def parse_images(body, max_batch):
+    """A TF Serving request body -> ("encoded", [bytes]) or ("images", uint8 [N,H,W,3]).
+
+    Raises BadRequest naming the field for anything else.
+    """
+    if not isinstance(body, dict):
+        raise BadRequest("body", "expected a JSON object with 'instances' or 'inputs'.")
+    if ("instances" in body) == ("inputs" in body):
+        raise BadRequest("instances", "expected exactly one of 'instances' and 'inputs'.")
+    field = "instances" if "instances" in body else "inputs"
+    instances = body[field]
+    if isinstance(instances, dict):  # columnar, named input
+        if set(instances) != {"images"}:
+            raise BadRequest(field, "expected the one input 'images'.")
+        field, instances = f"{field}.images", instances["images"]
+    if not isinstance(instances, list) or not instances:
+        raise BadRequest(field, "expected a non-empty list of images.")
+    if len(instances) > max_batch:
+        raise BadRequest(field, f"{len(instances)} images; at most {max_batch} per request.")
+    instances = [item["images"] if isinstance(item, dict) and set(item) == {"images"} else item
+                 for item in instances]
+    if all(isinstance(item, dict) for item in instances):
+        return "encoded", [_decode_b64(item, f"{field}[{i}]") for i, item in enumerate(instances)]
+    if any(isinstance(item, dict) for item in instances):
+        raise BadRequest(field, "mixes {'b64': ...} images and arrays; send one kind per request.")
+    images = [_uint8_image(item, f"{field}[{i}]") for i, item in enumerate(instances)]
+    for i, image in enumerate(images):
+        if image.shape != images[0].shape:
+            raise BadRequest(f"{field}[{i}]", f"shape {list(image.shape)} differs from "
+                             f"{field}[0]'s {list(images[0].shape)}; one size per request (or "
+                             "send encoded images as b64).")
+    return "images", np.stack(images)
+
+
+def _decode_b64(item, field):
+    if set(item) != {"b64"} or not isinstance(item["b64"], str):
+        raise BadRequest(field, "expected {\"b64\": \"<base64 of a JPEG/PNG image>\"}.")
+    try:
+        data = base64.b64decode(item["b64"], validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{field}.b64", "not valid base64.") from None
+    if not data:
+        raise BadRequest(f"{field}.b64", "empty image.")
+    return data
+
+
+def _uint8_image(item, field):
+    try:
+        array = np.asarray(item)
+    except ValueError:  # ragged nesting
+        raise BadRequest(field, "ragged array; expected uint8 [H][W][3].") from None
+    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] < 1 or array.shape[1] < 1:
+        raise BadRequest(field, f"shape {list(array.shape)}; expected [H][W][3] with H, W >= 1.")
+    if array.dtype.kind not in "iu":
+        raise BadRequest(field, f"values of type {array.dtype.name}; expected integers 0..255.")
+    if array.min() < 0 or array.max() > 255:
+        raise BadRequest(field, "values outside 0..255; expected uint8.")
+    return array.astype(np.uint8)
+
+
+class Server:
+    """The request handling of reid-serve, apart from HTTP (so tests can call it directly)."""
+
+    def __init__(self, export, gallery=None, model_name="reid", max_batch=64, threads=2):
+        self.export = export
+        self.gallery = gallery
+        self.model_name = model_name
+        self.max_batch = max_batch
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads)
+        # One model call at a time: each already uses every core; parsing and answering the
+        # other requests goes on meanwhile.
+        self.model_lock = threading.Lock()
+
+    def embed(self, kind, images):
+        try:
+            with self.model_lock:
+                if kind == "encoded":
+                    return self.export.embed_encoded(images)
+                return self.export.embed_images(images)
+        except Exception as error:  # TF's InvalidArgumentError on an undecodable image
+            import tensorflow as tf
+
+            if not isinstance(error, tf.errors.InvalidArgumentError):
+                raise
+            if kind == "encoded":
+                for i, data in enumerate(images):
+                    try:
+                        tf.io.decode_image(data, channels=3, expand_animations=False)
+                    except tf.errors.InvalidArgumentError:
+                        raise BadRequest(f"instances[{i}].b64",
+                                         "not a decodable JPEG/PNG/BMP image.") from None
+            raise BadRequest("instances", f"the model refused the input: {error.message}")
+
+    def predict(self, body, columnar):
+        outputs = self.embed(*parse_images(body, self.max_batch))
+        if columnar:
+            return {"outputs": {key: value.tolist() for key, value in outputs.items()}}
+        keys = sorted(outputs)
+        return {"predictions": [{key: outputs[key][i].tolist() for key in keys}
+                                for i in range(len(outputs[keys[0]]))]}
+
+    def search(self, body):
+        if self.gallery is None:
+            raise BadRequest("gallery", "this server has no gallery; start it with --gallery or "
+                             "--gallery_images.")
+        k = body.get("k", 10) if isinstance(body, dict) else 10
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_RESULTS:
+            raise BadRequest("k", f"expected an integer 1..{MAX_RESULTS}.")
+        embeddings = self.embed(*parse_images(body, self.max_batch))["embedding"]
+        return {"results": self.gallery.search(embeddings, k)}
+
+    def status(self):
+        return {"model_version_status": [{
+            "version": str(self.export.version), "state": "AVAILABLE",
+            "status": {"error_code": "OK", "error_message": ""}}]}
+
+    def metadata(self):
+        return {"model_spec": {"name": self.model_name, "signature_name": "",
+                               "version": str(self.export.version)},
+                "metadata": self.export.signature_def()}
+
+
+def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
+    """The aiohttp application of `server`."""
+    from aiohttp import web
+
+    def error(status, message, field=None):
+        return web.json_response({"error": message, "field": field}, status=status)
+
+    async def run_blocking(function, *args):
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(server.pool, function, *args),
+                                      timeout_s)
+
+    async def read_json(request):
+        try:
+            return json.loads(await request.read())
+        except (UnicodeDecodeError, json.JSONDecodeError) as problem:
+            raise BadRequest("body", f"malformed JSON: {problem}") from None
+
+    def check_model(request):
+        name = request.match_info["name"]
+        if name != server.model_name:
+            raise web.HTTPNotFound(text=json.dumps(
+                {"error": f"Servable not found for request: Latest({name})", "field": "name"}),
+                content_type="application/json")
+        version = request.match_info.get("version")
+        if version is not None and version != str(server.export.version):
+            raise web.HTTPNotFound(text=json.dumps(
+                {"error": f"version {version} not found; serving {server.export.version}",
+                 "field": "version"}), content_type="application/json")
+
+    @web.middleware
+    async def errors(request, handler):
+        try:
+            return await handler(request)
+        except BadRequest as problem:
+            return error(400, problem.message, problem.field)
+        except web.HTTPRequestEntityTooLarge:
+            return error(413, f"body over {max_body_bytes} bytes", "body")
+        except asyncio.TimeoutError:
+            return error(504, f"request took over {timeout_s} s", None)
+        except web.HTTPException:
+            raise
+        except Exception as problem:  # never let a request take the server down
+            print(f"reid-serve: internal error: {problem!r}", file=sys.stderr, flush=True)
+            return error(500, "internal error", None)
+
+    async def status(request):
+        check_model(request)
+        return web.json_response(server.status())
+
+    async def metadata(request):
+        check_model(request)
+        return web.json_response(server.metadata())
+
+    async def post(request):
+        check_model(request)
+        method = request.match_info["method"]
+        if method not in ("predict", "search"):
+            raise BadRequest("method", f":{method}; expected :predict or :search.")
+        body = await read_json(request)
+        if method == "search":
+            result = await run_blocking(server.search, body)
+        else:
+            result = await run_blocking(server.predict, body,
+                                        isinstance(body, dict) and "inputs" in body)
+        return web.json_response(result, dumps=_dumps)
+
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[errors])
+    for prefix in ("/v1/models/{name}", "/v1/models/{name}/versions/{version}"):
+        app.router.add_get(prefix, status)
+        app.router.add_get(prefix + "/metadata", metadata)
+        app.router.add_post(prefix + ":{method}", post)
+    return app
+
+
+def _dumps(value):
+    return json.dumps(value, separators=(",", ":"))
+
+
+def run():
+    """reid-serve: serve an export (and a gallery) over HTTP."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import app
+    from absl import flags
+
+    flags.DEFINE_string("export", None, "A SavedModel export folder (<export_dir>/<version>).")
+    flags.DEFINE_string("model_name", "reid", "The <name> of /v1/models/<name>.")
+    flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
+    flags.DEFINE_integer("port", 8501, "Port (TF Serving's REST port is 8501).")
+    flags.DEFINE_string("gallery", None, "A features.npz (reid-extract) to search.")
+    flags.DEFINE_string("gallery_images", None, "Or a folder of gallery images, extracted at "
+                        "start (a Market layout root: its bounding_box_test).")
+    flags.DEFINE_enum("index", "flat", ["flat", "ivf"], "faiss index: exact inner product, or "
+                      "IVF for large galleries.")
+    flags.DEFINE_integer("nlist", 100, "IVF lists.")
+    flags.DEFINE_integer("nprobe", 10, "IVF lists searched per query.")
+    flags.DEFINE_integer("max_batch", 64, "Most images in one request.")
+    flags.DEFINE_float("max_body_mb", 32, "Largest request body, MiB.")
+    flags.DEFINE_float("timeout_s", 30, "Per-request time limit, seconds.")
+    flags.DEFINE_integer("threads", 2, "Requests parsed and answered at once (model calls run one "
+                         "at a time, each on every core).")
+    flags.mark_flag_as_required("export")
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        from aiohttp import web
+
+        options = flags.FLAGS
+        try:
+            export = features.Export(options.export)
+            gallery = None
+            if options.gallery and options.gallery_images:
+                raise ValueError("give one of --gallery and --gallery_images.")
+            if options.gallery:
+                arrays = features.load_features(options.gallery)
+            elif options.gallery_images:
+                split = features.load_split(images=options.gallery_images, split="gallery")
+                arrays = {"embeddings": features.extract(export, split),
+                          "file_names": split.file_names}
+                if np.all(split.camera_ids >= 0):
+                    arrays.update(person_ids=split.person_ids, camera_ids=split.camera_ids)
+            if options.gallery or options.gallery_images:
+                gallery = Gallery.from_features(arrays, index=options.index,
+                                                nlist=options.nlist, nprobe=options.nprobe)
+        except (ValueError, FileNotFoundError) as problem:
+            print(f"reid-serve: error: {problem}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        server = Server(export, gallery, options.model_name, options.max_batch, options.threads)
+        print(f"serving {export.path} as '{options.model_name}' (version {export.version})"
+              + (f" with a gallery of {len(gallery)}" if gallery else "")
+              + f" on http://{options.host}:{options.port}", flush=True)
+        web.run_app(make_app(server, int(options.max_body_mb * (1 << 20)), options.timeout_s),
+                    host=options.host, port=options.port, print=None)
+
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,265 @@
+"""reid-export, reid-extract and reid-serve on a tiny synthetic training run (subprocesses)."""
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reid_tf import evaluation
+from reid_tf import features
+from reid_tf import input_pipeline
+from reid_tf import serving
+from reid_tf import testing
+from reid_tf import train_lib
+
+TRAIN_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
+               "--image_width=32", "--embedding_dim=16", "--num_parts=3", "--P=4", "--K=4",
+               "--optimizer=adam", "--learning_rate=0.001", "--train_steps=20",
+               "--log_every=10", "--checkpoint_every=10", "--image_summary_every=0", "--noexport"]
+
+
+def run(*command, check=True):
+    result = subprocess.run([*command], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def python(module, *flags, check=True):
+    return run(sys.executable, "-m", module, *flags, check=check)
+
+
+def png(image):
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decoded(split):
+    """The split's images as uint8 arrays (lossless PNGs in synthetic_persons)."""
+    return np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                     for data in split.images])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    splits = input_pipeline.load_splits("synthetic_persons/small", data_dir=data_dir)
+    workdir = str(tmp_path_factory.mktemp("run"))
+    python("reid_tf.train", f"--workdir={workdir}", f"--data_dir={data_dir}", *TRAIN_FLAGS)
+    result = python("reid_tf.export", f"--workdir={workdir}")
+    export = os.path.join(workdir, "export", "20")
+    assert f"-> {export}" in result.stdout
+    gallery_npz = os.path.join(workdir, "gallery.npz")
+    python("reid_tf.features", f"--export={export}", "--dataset=synthetic_persons/small",
+           f"--data_dir={data_dir}", "--split=gallery", f"--output={gallery_npz}")
+    return {"workdir": workdir, "data_dir": data_dir, "splits": splits, "export": export,
+            "gallery_npz": gallery_npz}
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    with testing.free_port() as port:
+        pass
+    # A file, not a pipe nobody reads: the access log of 1,600 requests would fill a pipe and
+    # block the server.
+    log = open(os.path.join(trained["workdir"], "serve.log"), "w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "reid_tf.serving", f"--export={trained['export']}",
+         f"--port={port}", f"--gallery={trained['gallery_npz']}", "--max_batch=8",
+         "--max_body_mb=1"],
+        stdout=log, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    client = testing.JsonClient("127.0.0.1", port)
+    deadline = time.time() + 180
+    while True:
+        try:
+            status, body = client.request("GET", "/v1/models/reid")
+            break
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                log.seek(0)
+                pytest.fail(f"reid-serve did not start: {log.read()[-3000:]}")
+            time.sleep(0.5)
+    assert status == 200 and body["model_version_status"][0]["state"] == "AVAILABLE"
+    yield client
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+def test_export_cli_refuses_to_overwrite_a_version_and_saved_model_cli_lists_signatures(
+        trained):
+    again = python("reid_tf.export", f"--workdir={trained['workdir']}", check=False)
+    assert again.returncode == 1
+    assert "reid-export: error:" in again.stderr and "already exists" in again.stderr
+    assert sorted(os.listdir(os.path.dirname(trained["export"]))) == ["20"]
+    shown = run(os.path.join(os.path.dirname(sys.executable), "saved_model_cli"), "show",
+                "--all", "--dir", trained["export"]).stdout
+    assert "signature_def['serving_default']" in shown
+    assert "signature_def['serve_encoded']" in shown
+    assert "dtype: DT_UINT8\n        shape: (-1, -1, -1, 3)" in shown
+    assert "outputs['embedding'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 64)" \
+        in shown  # (K+1)·D = 4·16
+    assert "shape: (-1, 3, 16)" in shown  # part_embeddings
+
+
+def test_keras_savedmodel_subprocess_and_http_embeddings_agree(trained, server):
+    images = decoded(trained["splits"]["query"])[:6]
+    model, _ = train_lib.load_trained_model(trained["workdir"])
+    keras_embedding = model(input_pipeline.preprocess(images, (64, 32)),
+                            training=False)["embedding"].numpy()
+
+    # A process that never imports reid_tf: plain TensorFlow on both signatures.
+    np.save(os.path.join(trained["workdir"], "images.npy"), images)
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, tensorflow as tf
+        images = np.load({os.path.join(trained['workdir'], 'images.npy')!r})
+        loaded = tf.saved_model.load({trained['export']!r})
+        arrays = loaded.signatures["serving_default"](images=tf.constant(images))["embedding"]
+        encoded = [tf.io.encode_png(image).numpy() for image in images]
+        strings = loaded.signatures["serve_encoded"](images=tf.constant(encoded))["embedding"]
+        np.save({os.path.join(trained['workdir'], 'plain.npy')!r},
+                np.stack([arrays.numpy(), strings.numpy()]))
+        assert not any(name.startswith("reid_tf") for name in sys.modules), "imported reid_tf"
+    """)
+    run(sys.executable, "-c", script)
+    plain = np.load(os.path.join(trained["workdir"], "plain.npy"))
+
+    status, from_arrays = server.request("POST", "/v1/models/reid:predict",
+                                         {"instances": images.tolist()})
+    assert status == 200, from_arrays
+    status, from_b64 = server.request("POST", "/v1/models/reid/versions/20:predict", {
+        "signature_name": "serve_encoded",
+        "instances": [{"b64": base64.b64encode(png(image)).decode()} for image in images]})
+    assert status == 200, from_b64
+    status, columnar = server.request("POST", "/v1/models/reid:predict",
+                                      {"inputs": {"images": images[:2].tolist()}})
+    assert status == 200 and len(columnar["outputs"]["embedding"]) == 2
+
+    for other in (plain[0], plain[1], [p["embedding"] for p in from_arrays["predictions"]],
+                  [p["embedding"] for p in from_b64["predictions"]],
+                  columnar["outputs"]["embedding"]):
+        np.testing.assert_allclose(np.asarray(other), keras_embedding[:len(other)], atol=1e-5)
+    assert np.abs(keras_embedding).max() > 0.01  # not a vacuous comparison
+    masks = np.asarray(from_arrays["predictions"][0]["part_masks"])
+    np.testing.assert_array_equal(masks.sum(-1), 1)  # one part per cell
+
+
+def test_search_top1_equals_the_evaluation_distance_matrix(trained, server):
+    query = trained["splits"]["query"]
+    gallery = features.load_features(trained["gallery_npz"])
+    assert len(gallery["embeddings"]) == len(trained["splits"]["gallery"])
+    np.testing.assert_array_equal(gallery["person_ids"], trained["splits"]["gallery"].person_ids)
+    export = features.Export(trained["export"])
+    query_embeddings = features.extract(export, query, progress=False)
+    expected = evaluation.pairwise_distances(query_embeddings, gallery["embeddings"]).argmin(1)
+
+    found = []
+    for start in range(0, len(query), 8):
+        status, body = server.request("POST", "/v1/models/reid:search", {
+            "k": 3, "instances": [{"b64": base64.b64encode(data).decode()}
+                                  for data in query.images[start:start + 8]]})
+        assert status == 200, body
+        found += body["results"]
+    assert [r[0]["file_name"] for r in found] == list(gallery["file_names"][expected])
+    assert all(len(r) == 3 and r[0]["distance"] <= r[1]["distance"] <= r[2]["distance"]
+               for r in found)
+    assert found[0][0]["person_id"] == int(gallery["person_ids"][expected[0]])
+
+
+@pytest.mark.parametrize("body, field", [
+    (b"{not json", "body"),
+    ({"instances": [{"b64": "@@@"}]}, "instances[0].b64"),
+    ({"instances": [{"b64": base64.b64encode(b"not an image").decode()}]}, "instances[0].b64"),
+    ({"instances": [[[1, 2], [3, 4]]]}, "instances[0]"),
+    ({"instances": [[[[0.5, 0.5, 0.5]]]]}, "instances[0]"),
+    ({"instances": [[[[300, 0, 0]]]]}, "instances[0]"),
+    ({"instances": [[[[1, 2, 3]]], [[[1, 2, 3], [4, 5, 6]]]]}, "instances[1]"),
+    ({"instances": [[[[1, 2, 3]]]] * 9}, "instances"),
+    ({"instances": []}, "instances"),
+    ({"images": []}, "instances"),
+    ({"k": 0, "instances": [[[[1, 2, 3]]]]}, "k"),
+])
+def test_bad_requests_get_400_naming_the_field(server, body, field):
+    path = "/v1/models/reid:search" if isinstance(body, dict) and "k" in body else \
+        "/v1/models/reid:predict"
+    status, answer = server.request("POST", path, body)
+    assert status == 400, answer
+    assert answer["field"] == field and answer["error"]
+
+
+def test_body_cap_unknown_model_and_metadata(server):
+    status, answer = server.request("POST", "/v1/models/reid:predict", b"x" * (2 << 20))
+    assert status == 413 and answer["field"] == "body"
+    status, answer = server.request("GET", "/v1/models/other")
+    assert status == 404
+    status, answer = server.request("GET", "/v1/models/reid/metadata")
+    assert status == 200 and answer["model_spec"]["version"] == "20"
+    inputs = answer["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"]
+    assert inputs["images"]["dtype"] == "DT_UINT8"
+    assert [d["size"] for d in inputs["images"]["tensor_shape"]["dim"]] == ["-1", "-1", "-1", "3"]
+
+
+def test_load_8_clients_x_200_requests_mixed_valid_and_malformed(trained, server):
+    images = decoded(trained["splits"]["gallery"])[:16]
+    model, _ = train_lib.load_trained_model(trained["workdir"])
+    expected = model(input_pipeline.preprocess(images, (64, 32)),
+                     training=False)["embedding"].numpy()
+    report = testing.load_test(server.host, server.port, images, clients=8, requests=200)
+    assert report["total"] == 1600
+    assert report["server_errors"] == 0 and report["unexpected"] == [], report["unexpected"][:5]
+    assert report["valid"] > 500 and report["malformed"] > 500
+    # Every valid answer is the embedding of the image that request sent (no mix-ups).
+    for index, embedding in report["embeddings"]:
+        np.testing.assert_allclose(embedding, expected[index], atol=1e-5)
+    status, _ = server.request("GET", "/v1/models/reid")
+    assert status == 200  # still up
+
+
+def test_gallery_index_ivf_finds_the_exact_neighbours_when_probing_every_list():
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(500, 32)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    names = [f"{i:04d}_c1s1_000000_00.jpg" for i in range(500)]
+    flat = serving.Gallery(embeddings, names)
+    ivf = serving.Gallery(embeddings, names, index="ivf", nlist=8, nprobe=8)
+    queries = embeddings[:20] + 0.01 * rng.normal(size=(20, 32)).astype(np.float32)
+    for exact, approximate in zip(flat.search(queries, 5), ivf.search(queries, 5)):
+        assert [m["file_name"] for m in exact] == [m["file_name"] for m in approximate]
+    assert [m["file_name"] for m in flat.search(embeddings[7:8], 1)[0]] == [names[7]]
+    assert flat.search(embeddings[7:8], 1)[0][0]["distance"] == pytest.approx(0, abs=1e-5)
+    with pytest.raises(ValueError, match="--nlist=600"):
+        serving.Gallery(embeddings, names, index="ivf", nlist=600)
+
+
+def test_extract_folder_names_an_undecodable_file_and_reads_any_folder(trained, tmp_path):
+    images = decoded(trained["splits"]["gallery"])[:3]
+    folder = tmp_path / "photos" / "sub"
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:04d}_c{i + 1}s1_000000_00.png")
+    output = tmp_path / "features.npz"
+    python("reid_tf.features", f"--export={trained['export']}",
+           f"--images={tmp_path / 'photos'}", f"--output={output}")
+    arrays = features.load_features(str(output))
+    assert list(arrays["file_names"]) == [f"sub/{i:04d}_c{i + 1}s1_000000_00.png"
+                                          for i in range(3)]
+    np.testing.assert_array_equal(arrays["camera_ids"], [1, 2, 3])
+    (folder / "holiday.jpg").write_bytes(b"not a jpeg")
+    result = python("reid_tf.features", f"--export={trained['export']}",
+                    f"--images={tmp_path / 'photos'}", f"--output={output}", check=False)
+    assert result.returncode == 1
+    assert "reid-extract: error: sub/holiday.jpg: not a decodable" in result.stderr
+    assert features.load_features(str(output))["embeddings"].shape == (3, 64)  # kept
