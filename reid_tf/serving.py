@@ -105,6 +105,10 @@ def parse_images(body, max_batch):
     """
     if not isinstance(body, dict):
         raise BadRequest("body", "expected a JSON object with 'instances' or 'inputs'.")
+    signature = body.get("signature_name")
+    if signature not in (None, "", "serving_default", "serve_encoded"):
+        raise BadRequest("signature_name", f"{signature!r}; expected serving_default or "
+                         "serve_encoded (b64 images use serve_encoded whatever is named).")
     if ("instances" in body) == ("inputs" in body):
         raise BadRequest("instances", "expected exactly one of 'instances' and 'inputs'.")
     field = "instances" if "instances" in body else "inputs"

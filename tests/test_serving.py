@@ -191,6 +191,7 @@ def test_search_top1_equals_the_evaluation_distance_matrix(trained, server):
     ({"instances": []}, "instances"),
     ({"images": []}, "instances"),
     ({"k": 0, "instances": [[[[1, 2, 3]]]]}, "k"),
+    ({"signature_name": "train", "instances": [[[[1, 2, 3]]]]}, "signature_name"),
 ])
 def test_bad_requests_get_400_naming_the_field(server, body, field):
     path = "/v1/models/reid:search" if isinstance(body, dict) and "k" in body else \
