@@ -32,6 +32,8 @@ benchmarks: install
 	REID_TF_SHARED_DIR=$${REID_TF_SHARED_DIR:-../shared} $(BIN)/python benchmarks/input_pipeline.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/evaluation.py
+	$(BIN)/python benchmarks/extract.py
+	$(BIN)/python benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
