@@ -8,7 +8,8 @@ the weights): exports the network, then times
 - `keras.applications.MobileNetV2`: the stock Keras network at the same size and batch, for
   reference.
 Images: --images (a folder), else 128x64 JPEGs written to a temporary folder. Each figure is the
-best of --repeats timed runs over --batches batches, after one warm-up batch.
+best of --repeats timed runs over --batches batches (plain forward and reid-extract
+timed in turns), after one warm-up run.
 
     python benchmarks/extract.py [--backbones=resnet50,mobilenet_v2] [--batches=5]
 """
@@ -21,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -32,21 +34,25 @@ from reid_tf import model as model_lib  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("backbones", ["mobilenet_v2", "resnet50"], "Backbones to time.")
 flags.DEFINE_integer("batches", 5, "Timed batches of 64.")
-flags.DEFINE_integer("repeats", 2, "Timed runs (best kept).")
+flags.DEFINE_integer("repeats", 3, "Timed runs (best kept).")
 flags.DEFINE_string("images", None, "A folder of images (default: generated JPEGs).")
 
 SIZE = (256, 128)
 BATCH = 64
 
 
-def best_rate(function, images_per_call):
-    function()  # warm-up (tracing)
-    times = []
+def best_rates(functions, images_per_call):
+    """Best images/s of each function, timed in turns (A, B, A, B, ...) after one warm-up call
+    each, so that a slow spell of the machine does not fall on one side only."""
+    for function in functions:
+        function()  # warm-up (tracing)
+    times = [[] for _ in functions]
     for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return images_per_call / min(times)
+        for function, timings in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            timings.append(time.perf_counter() - start)
+    return [images_per_call / min(timings) for timings in times]
 
 
 def write_jpegs(folder, count):
@@ -63,6 +69,7 @@ def write_jpegs(folder, count):
 def main(argv):
     del argv
     tf.get_logger().setLevel("ERROR")
+    logging.set_verbosity(logging.WARNING)  # SavedModel writing logs at INFO
     count = FLAGS.batches * BATCH
     print(f"machine: {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}; {SIZE[0]}x{SIZE[1]},"
           f" batch {BATCH}, {count} images per timed run", flush=True)
@@ -81,7 +88,8 @@ def main(argv):
         reference = keras.applications.MobileNetV2(input_shape=(*SIZE, 3), include_top=False,
                                                    weights=None, pooling="avg")
         forward = tf.function(lambda x: reference(x, training=False))
-        rate = best_rate(lambda: [forward(batch).numpy() for _ in range(FLAGS.batches)], count)
+        (rate,) = best_rates([lambda: [forward(batch).numpy() for _ in range(FLAGS.batches)]],
+                             count)
         print(f"keras.applications.MobileNetV2 forward       {rate:7.1f} images/s", flush=True)
 
         for backbone in FLAGS.backbones:
@@ -89,12 +97,11 @@ def main(argv):
                                         image_size=SIZE)
             net.build()
             forward = tf.function(lambda x, net=net: net(x, training=False)["embedding"])
-            plain = best_rate(lambda: [forward(batch).numpy() for _ in range(FLAGS.batches)],
-                              count)
             path = export_lib.export_model(net, os.path.join(scratch, backbone), 1)
             export = features.Export(path)
-            extract = best_rate(lambda: features.extract(export, split, BATCH, progress=False),
-                                count)
+            plain, extract = best_rates(
+                [lambda: [forward(batch).numpy() for _ in range(FLAGS.batches)],
+                 lambda: features.extract(export, split, BATCH, progress=False)], count)
             print(f"{backbone:13s} PL-Net K=4 plain forward      {plain:7.1f} images/s", flush=True)
             print(f"{backbone:13s} reid-extract (SavedModel)  {extract:7.1f} images/s "
                   f"({100 * (extract / plain - 1):+.1f}% vs plain forward; target within -15%)",

@@ -21,6 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -47,6 +48,7 @@ def percentiles(seconds):
 def main(argv):
     del argv
     tf.get_logger().setLevel("ERROR")
+    logging.set_verbosity(logging.WARNING)  # SavedModel writing logs at INFO
     with tempfile.TemporaryDirectory() as scratch:
         net = model_lib.PartLossNet(num_classes=751, num_parts=4, backbone=FLAGS.backbone,
                                     image_size=(FLAGS.height, FLAGS.width))

@@ -25,7 +25,6 @@ import concurrent.futures
 import json
 import os
 import sys
-import threading
 
 import numpy as np
 
@@ -163,7 +162,12 @@ def _uint8_image(item, field):
 
 
 class Server:
-    """The request handling of reid-serve, apart from HTTP (so tests can call it directly)."""
+    """The request handling of reid-serve, apart from HTTP.
+
+    A request is parsed and answered on `pool` (several at once), while the model runs on
+    `model_pool`, one call at a time (each call already uses every core): a malformed request is
+    answered without waiting for the model, and parsing overlaps the model's work.
+    """
 
     def __init__(self, export, gallery=None, model_name="reid", max_batch=64, threads=2):
         self.export = export
@@ -171,16 +175,13 @@ class Server:
         self.model_name = model_name
         self.max_batch = max_batch
         self.pool = concurrent.futures.ThreadPoolExecutor(threads)
-        # One model call at a time: each already uses every core; parsing and answering the
-        # other requests goes on meanwhile.
-        self.model_lock = threading.Lock()
+        self.model_pool = concurrent.futures.ThreadPoolExecutor(1)
 
     def embed(self, kind, images):
         try:
-            with self.model_lock:
-                if kind == "encoded":
-                    return self.export.embed_encoded(images)
-                return self.export.embed_images(images)
+            if kind == "encoded":
+                return self.export.embed_encoded(images)
+            return self.export.embed_images(images)
         except Exception as error:  # TF's InvalidArgumentError on an undecodable image
             import tensorflow as tf
 
@@ -195,23 +196,35 @@ class Server:
                                          "not a decodable JPEG/PNG/BMP image.") from None
             raise BadRequest("instances", f"the model refused the input: {error.message}")
 
-    def predict(self, body, columnar):
-        outputs = self.embed(*parse_images(body, self.max_batch))
+    @staticmethod
+    def predictions(outputs, columnar):
         if columnar:
             return {"outputs": {key: value.tolist() for key, value in outputs.items()}}
         keys = sorted(outputs)
         return {"predictions": [{key: outputs[key][i].tolist() for key in keys}
                                 for i in range(len(outputs[keys[0]]))]}
 
-    def search(self, body):
+    def search_k(self, body):
+        """The checks of a search request that need no parsing: a gallery, and `k`."""
         if self.gallery is None:
             raise BadRequest("gallery", "this server has no gallery; start it with --gallery or "
                              "--gallery_images.")
         k = body.get("k", 10) if isinstance(body, dict) else 10
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_RESULTS:
             raise BadRequest("k", f"expected an integer 1..{MAX_RESULTS}.")
-        embeddings = self.embed(*parse_images(body, self.max_batch))["embedding"]
-        return {"results": self.gallery.search(embeddings, k)}
+        return k
+
+    async def answer(self, method, body):
+        """The JSON answer of `:predict` or `:search` for a parsed JSON body."""
+        loop = asyncio.get_running_loop()
+        k = self.search_k(body) if method == "search" else None
+        kind, images = await loop.run_in_executor(self.pool, parse_images, body, self.max_batch)
+        outputs = await loop.run_in_executor(self.model_pool, self.embed, kind, images)
+        if method == "search":
+            return {"results": await loop.run_in_executor(
+                self.pool, self.gallery.search, outputs["embedding"], k)}
+        return await loop.run_in_executor(self.pool, self.predictions, outputs,
+                                          isinstance(body, dict) and "inputs" in body)
 
     def status(self):
         return {"model_version_status": [{
@@ -230,11 +243,6 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
 
     def error(status, message, field=None):
         return web.json_response({"error": message, "field": field}, status=status)
-
-    async def run_blocking(function, *args):
-        loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(loop.run_in_executor(server.pool, function, *args),
-                                      timeout_s)
 
     async def read_json(request):
         try:
@@ -284,11 +292,7 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
         if method not in ("predict", "search"):
             raise BadRequest("method", f":{method}; expected :predict or :search.")
         body = await read_json(request)
-        if method == "search":
-            result = await run_blocking(server.search, body)
-        else:
-            result = await run_blocking(server.predict, body,
-                                        isinstance(body, dict) and "inputs" in body)
+        result = await asyncio.wait_for(server.answer(method, body), timeout_s)
         return web.json_response(result, dumps=_dumps)
 
     app = web.Application(client_max_size=max_body_bytes, middlewares=[errors])
