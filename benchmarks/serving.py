@@ -12,10 +12,7 @@ the expected one.
 """
 
 import os
-import subprocess
-import sys
 import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -61,29 +58,12 @@ def main(argv):
         gallery_npz = os.path.join(scratch, "gallery.npz")
         features.save_features(gallery_npz, gallery,
                                [f"{i:05d}_c1s1_000000_00.jpg" for i in range(len(gallery))])
-        with testing.free_port() as port:
-            pass
-        server = subprocess.Popen(
-            [sys.executable, "-m", "reid_tf.serving", f"--export={path}", f"--port={port}",
-             f"--gallery={gallery_npz}", f"--threads={FLAGS.threads}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            client = testing.JsonClient("127.0.0.1", port)
-            for _ in range(600):
-                try:
-                    client.request("GET", "/v1/models/reid")
-                    break
-                except OSError:
-                    if server.poll() is not None:
-                        sys.exit(f"reid-serve stopped with status {server.returncode}")
-                    time.sleep(0.5)
+        with testing.serve(path, f"--gallery={gallery_npz}",
+                           f"--threads={FLAGS.threads}") as client:
             images = rng.integers(0, 256, (16, 128, 64, 3), dtype=np.uint8)
-            testing.load_test("127.0.0.1", port, images, clients=2, requests=8)  # warm-up
-            report = testing.load_test("127.0.0.1", port, images, clients=FLAGS.clients,
+            testing.load_test(client.host, client.port, images, clients=2, requests=8)  # warm-up
+            report = testing.load_test(client.host, client.port, images, clients=FLAGS.clients,
                                        requests=FLAGS.requests)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
     print(f"machine: {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}; reid-serve "
           f"{FLAGS.backbone} {FLAGS.height}x{FLAGS.width} K=4, --threads={FLAGS.threads}, "
           f"gallery {FLAGS.gallery_size} (faiss flat)")

@@ -148,32 +148,42 @@ def extract(export, split, batch_size=64, progress=True):
                 embeddings.append(signature(images=batch)["embedding"].numpy())
             except tf.errors.InvalidArgumentError:
                 start = sum(len(e) for e in embeddings)
-                raise ValueError(_undecodable(batch.numpy(), split.file_names[start:])) from None
+                index = first_undecodable(batch.numpy())
+                name = split.file_names[start + (index or 0)]
+                raise ValueError(f"{name}: not a decodable JPEG/PNG/BMP image." if index is not None
+                                 else f"{name}...: a batch failed to decode.") from None
             bar.update(len(embeddings[-1]))
     return np.concatenate(embeddings).astype(np.float32)
 
 
-def _undecodable(batch, file_names):
+def first_undecodable(images):
+    """The index of the first encoded image that does not decode, or None (after a batch
+    failed inside a signature, to name the culprit)."""
     import tensorflow as tf
 
-    for data, name in zip(batch, file_names):
+    for index, data in enumerate(images):
         try:
             tf.io.decode_image(data, channels=3, expand_animations=False)
         except tf.errors.InvalidArgumentError:
-            return f"{name}: not a decodable JPEG/PNG/BMP image."
-    return f"{file_names[0]}...: a batch failed to decode."
+            return index
+    return None
 
 
-def save_features(path, embeddings, file_names, person_ids=None, camera_ids=None):
-    """Writes features.npz atomically (a temporary file renamed when complete).
-
-    Person ids and cameras are left out when a camera is -1 (a name that did not carry them).
-    """
+def feature_arrays(embeddings, file_names, person_ids=None, camera_ids=None):
+    """The arrays of a features.npz. Person ids and cameras are left out when a camera is -1
+    (a name that did not carry them)."""
     arrays = {"embeddings": np.asarray(embeddings, np.float32),
               "file_names": np.asarray(file_names, dtype=str)}
     if person_ids is not None and camera_ids is not None and np.all(np.asarray(camera_ids) >= 0):
         arrays["person_ids"] = np.asarray(person_ids, np.int64)
         arrays["camera_ids"] = np.asarray(camera_ids, np.int64)
+    return arrays
+
+
+def save_features(path, embeddings, file_names, person_ids=None, camera_ids=None):
+    """Writes features.npz (`feature_arrays`) atomically (a temporary file renamed when
+    complete)."""
+    arrays = feature_arrays(embeddings, file_names, person_ids, camera_ids)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz.tmp", delete=False) as file:

@@ -187,13 +187,10 @@ class Server:
 
             if not isinstance(error, tf.errors.InvalidArgumentError):
                 raise
-            if kind == "encoded":
-                for i, data in enumerate(images):
-                    try:
-                        tf.io.decode_image(data, channels=3, expand_animations=False)
-                    except tf.errors.InvalidArgumentError:
-                        raise BadRequest(f"instances[{i}].b64",
-                                         "not a decodable JPEG/PNG/BMP image.") from None
+            index = features.first_undecodable(images) if kind == "encoded" else None
+            if index is not None:
+                raise BadRequest(f"instances[{index}].b64",
+                                 "not a decodable JPEG/PNG/BMP image.") from None
             raise BadRequest("instances", f"the model refused the input: {error.message}")
 
     @staticmethod
@@ -346,10 +343,9 @@ def run():
                 arrays = features.load_features(options.gallery)
             elif options.gallery_images:
                 split = features.load_split(images=options.gallery_images, split="gallery")
-                arrays = {"embeddings": features.extract(export, split),
-                          "file_names": split.file_names}
-                if np.all(split.camera_ids >= 0):
-                    arrays.update(person_ids=split.person_ids, camera_ids=split.camera_ids)
+                arrays = features.feature_arrays(features.extract(export, split),
+                                                 split.file_names, split.person_ids,
+                                                 split.camera_ids)
             if options.gallery or options.gallery_images:
                 gallery = Gallery.from_features(arrays, index=options.index,
                                                 nlist=options.nlist, nprobe=options.nprobe)

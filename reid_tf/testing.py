@@ -8,7 +8,10 @@ import base64
 import contextlib
 import http.client
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -38,6 +41,35 @@ def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         yield probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(export, *flags, log=subprocess.DEVNULL, start_timeout=180):
+    """reid-serve on a free loopback port in a subprocess; yields a `JsonClient` once the model
+    answers, and stops the server after. `log` takes its output: a file or DEVNULL, never a pipe
+    nobody reads (the access log would fill it and block the server)."""
+    with free_port() as port:
+        pass
+    process = subprocess.Popen(
+        [sys.executable, "-m", "reid_tf.serving", f"--export={export}", f"--port={port}",
+         *flags], stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    try:
+        client = JsonClient("127.0.0.1", port)
+        deadline = time.time() + start_timeout
+        while True:
+            try:
+                client.request("GET", "/v1/models/reid")
+                break
+            except OSError:
+                if process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"reid-serve did not start (exit status "
+                                       f"{process.poll()})") from None
+                time.sleep(0.5)
+        yield client
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 class JsonClient:

@@ -2,13 +2,10 @@
 
 import base64
 import io
-import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -69,34 +66,16 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(trained):
-    with testing.free_port() as port:
-        pass
-    # A file, not a pipe nobody reads: the access log of 1,600 requests would fill a pipe and
-    # block the server.
-    log = open(os.path.join(trained["workdir"], "serve.log"), "w+")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "reid_tf.serving", f"--export={trained['export']}",
-         f"--port={port}", f"--gallery={trained['gallery_npz']}", "--max_batch=8",
-         "--max_body_mb=1"],
-        stdout=log, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    client = testing.JsonClient("127.0.0.1", port)
-    deadline = time.time() + 180
-    while True:
+    with open(os.path.join(trained["workdir"], "serve.log"), "w+") as log:
         try:
-            status, body = client.request("GET", "/v1/models/reid")
-            break
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                process.kill()
-                log.seek(0)
-                pytest.fail(f"reid-serve did not start: {log.read()[-3000:]}")
-            time.sleep(0.5)
-    assert status == 200 and body["model_version_status"][0]["state"] == "AVAILABLE"
-    yield client
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+            with testing.serve(trained["export"], f"--gallery={trained['gallery_npz']}",
+                               "--max_batch=8", "--max_body_mb=1", log=log) as client:
+                status, body = client.request("GET", "/v1/models/reid")
+                assert status == 200 and body["model_version_status"][0]["state"] == "AVAILABLE"
+                yield client
+        except RuntimeError as error:
+            log.seek(0)
+            pytest.fail(f"{error}: {log.read()[-3000:]}")
 
 
 def test_export_cli_refuses_to_overwrite_a_version_and_saved_model_cli_lists_signatures(
