@@ -1,34 +1,51 @@
 #!/usr/bin/env bash
 # Every run behind experiments/RESULTS.md, one after the other, each in runs/<name>/ with its log
-# (train.log) and wall time (wall_seconds). A run whose results.json exists is skipped, so the
-# script resumes after an interruption. `touch runs/PAUSE` holds the queue between runs.
+# (train.log) and wall time (wall_seconds). A finished run (results.json) is skipped; an
+# interrupted one resumes from its last checkpoint (reid-train does that). `touch runs/PAUSE`
+# holds the queue between runs. After each run, its results and flags are copied to
+# experiments/results/<name>.json (what summarize.py reads; commit those).
 #
-#   bash experiments/run_cuhk03_pair1.sh            # all runs
-#   bash experiments/run_cuhk03_pair1.sh main       # only the main table (or: ablation, synthetic)
-#   .venv/bin/python experiments/summarize.py       # the tables of RESULTS.md from runs/
+#   bash experiments/run_cuhk03_pair1.sh validation   # choices: curves on held-out training ids
+#   bash experiments/run_cuhk03_pair1.sh main         # rows (a)-(d), 3 seeds, labeled + detected
+#   bash experiments/run_cuhk03_pair1.sh wide         # row (e): baseline with PL-Net's width
+#   bash experiments/run_cuhk03_pair1.sh short        # the 2.5-epoch appendix
+#   .venv/bin/python experiments/summarize.py         # the tables of RESULTS.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TRAIN=${TRAIN:-.venv/bin/reid-train}
-WHICH=${1:-all}
+PYTHON=${PYTHON:-.venv/bin/python}
+WHICH=${1:-main}
 RUNS=()
-if [[ $WHICH == all || $WHICH == main ]]; then
+R=cuhk03_pair1
+if [[ $WHICH == validation ]]; then
+  # Labeled boxes, 20 % of the training identities held out, evaluated every 50 steps (~1 epoch).
+  V="--validation_identities=0.2 --eval_every=50 --seed=0"
+  RUNS+=("${R}_labeled_val_baseline|${R}_labeled_mobilenetv2_128x64|--num_parts=0 $V")
+  RUNS+=("${R}_labeled_val_bands|${R}_labeled_mobilenetv2_128x64|--part_strategy=bands $V")
+  RUNS+=("${R}_labeled_val_peaks|${R}_labeled_mobilenetv2_128x64|--part_strategy=peaks $V")
+  RUNS+=("${R}_labeled_val_stripes|${R}_labeled_mobilenetv2_128x64|--part_strategy=stripes $V")
+fi
+if [[ $WHICH == main ]]; then
   for seed in 0 1 2; do
     for data in labeled detected; do
-      RUNS+=("cuhk03_pair1_${data}_baseline_s${seed}|cuhk03_pair1_${data}_plnet_mobilenetv2_128x64|--num_parts=0 --seed=${seed}")
-      RUNS+=("cuhk03_pair1_${data}_plnet_s${seed}|cuhk03_pair1_${data}_plnet_mobilenetv2_128x64|--seed=${seed}")
+      RUNS+=("${R}_${data}_baseline_s${seed}|${R}_${data}_mobilenetv2_128x64|--num_parts=0 --seed=${seed}")
+      RUNS+=("${R}_${data}_plnet_s${seed}|${R}_${data}_mobilenetv2_128x64|--seed=${seed}")
     done
   done
 fi
-if [[ $WHICH == all || $WHICH == synthetic ]]; then
-  RUNS+=("synthetic_baseline_s0|synthetic_persons_pair_tiny_128x64|--num_parts=0 --seed=0")
-  RUNS+=("synthetic_plnet_s0|synthetic_persons_pair_tiny_128x64|--seed=0")
+if [[ $WHICH == wide ]]; then
+  # (e): the baseline with a descriptor as wide as PL-Net's (K+1)*256 = 1280.
+  for seed in 0 1 2; do
+    RUNS+=("${R}_labeled_baseline1280_s${seed}|${R}_labeled_mobilenetv2_128x64|--num_parts=0 --embedding_dim=1280 --seed=${seed}")
+  done
 fi
-if [[ $WHICH == all || $WHICH == ablation ]]; then
-  L=cuhk03_pair1_labeled_plnet_mobilenetv2_128x64
-  RUNS+=("cuhk03_pair1_labeled_peaks_k2_s0|$L|--num_parts=2 --seed=0")
-  RUNS+=("cuhk03_pair1_labeled_peaks_k6_s0|$L|--num_parts=6 --seed=0")
-  RUNS+=("cuhk03_pair1_labeled_activation_k4_s0|$L|--part_strategy=activation --seed=0")
-  RUNS+=("cuhk03_pair1_labeled_stripes_k4_s0|$L|--part_strategy=stripes --seed=0")
+if [[ $WHICH == short ]]; then
+  for seed in 0 1 2; do
+    for data in labeled detected; do
+      RUNS+=("${R}_${data}_short_baseline_s${seed}|${R}_${data}_short_mobilenetv2_128x64|--num_parts=0 --seed=${seed}")
+      RUNS+=("${R}_${data}_short_plnet_s${seed}|${R}_${data}_short_mobilenetv2_128x64|--seed=${seed}")
+    done
+  done
 fi
 for run in "${RUNS[@]}"; do
   IFS='|' read -r name recipe extra <<<"$run"
@@ -39,8 +56,10 @@ for run in "${RUNS[@]}"; do
   echo "== $name: $TRAIN --flagfile=experiments/$recipe.flags --workdir=$dir $extra"
   start=$(date +%s)
   # shellcheck disable=SC2086
-  "$TRAIN" --flagfile="experiments/$recipe.flags" --workdir="$dir" $extra >"$dir/train.log" 2>&1 \
+  "$TRAIN" --flagfile="experiments/$recipe.flags" --workdir="$dir" $extra >>"$dir/train.log" 2>&1 \
     || { echo "!! $name failed, see $dir/train.log"; continue; }
-  echo $(( $(date +%s) - start )) >"$dir/wall_seconds"
+  echo $(( $(date +%s) - start + $(cat "$dir/wall_seconds" 2>/dev/null || echo 0) )) >"$dir/wall_seconds.new"
+  mv "$dir/wall_seconds.new" "$dir/wall_seconds"
   echo "   $(cat "$dir/wall_seconds") s"
+  "$PYTHON" experiments/summarize.py --collect="$dir" --recipe="$recipe" --extra="$extra"
 done

@@ -1,28 +1,52 @@
-"""The tables of experiments/RESULTS.md from the runs of run_cuhk03_pair1.sh (runs/<name>/).
+"""The tables of experiments/RESULTS.md, built from experiments/results/*.json alone.
 
-    .venv/bin/python experiments/summarize.py [--runs=runs]
+    .venv/bin/python experiments/summarize.py                  # print every table
+    .venv/bin/python experiments/summarize.py --collect=runs/X --recipe=R --extra="--seed=1"
 
-Rank-1, rank-5 and mAP (percent) from each run's results.json (what reid-train printed at the
-end), mean ± sample standard deviation over seeds, and each run's wall time.
+`--collect` (what run_cuhk03_pair1.sh calls after each run) copies a finished run's results and
+flags (results.json, config.json, wall time; never checkpoints or images) into
+experiments/results/<run name>.json. The tables pair runs by their recorded seed, never by
+position, and check that each run's num_parts, part strategy and recipe are the ones its row
+claims.
 """
 
 import argparse
+import glob
 import json
 import os
 
 import numpy as np
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")
 
-def load(runs, name):
-    path = os.path.join(runs, name, "results.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        results = json.load(f)
-    wall = os.path.join(runs, name, "wall_seconds")
-    return {"rank1": 100 * results["rank1"], "rank5": 100 * results["cmc"][4],
-            "mAP": 100 * results["mAP"], "images_per_second": results["train_images_per_second"],
-            "wall": int(open(wall).read()) if os.path.exists(wall) else None}
+
+def collect(workdir, recipe, extra, results_dir=RESULTS_DIR):
+    """Writes `<results_dir>/<basename(workdir)>.json` from a finished reid-train workdir."""
+    def read(name):
+        with open(os.path.join(workdir, name)) as f:
+            return json.load(f)
+
+    wall = os.path.join(workdir, "wall_seconds")
+    record = {"name": os.path.basename(os.path.normpath(workdir)), "recipe": recipe,
+              "extra_flags": extra.split(), "config": read("config.json"),
+              "results": read("results.json"),
+              "wall_seconds": int(open(wall).read()) if os.path.exists(wall) else None}
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, record["name"] + ".json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def load_all(results_dir=RESULTS_DIR):
+    records = {}
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        with open(path) as f:
+            record = json.load(f)
+        records[record["name"]] = record
+    return records
 
 
 def mean_std(values):
@@ -32,77 +56,135 @@ def mean_std(values):
     return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
 
 
-def per_seed(rows, metric):
-    return " / ".join(f"{row[metric]:.1f}" for row in rows)
+def _check(record, num_parts=None, recipe=None, embedding_dim=None, strategy=None):
+    """Refuses a record whose flags are not those its row claims."""
+    config = record["config"]
+    claims = {"num_parts": num_parts, "embedding_dim": embedding_dim, "part_strategy": strategy}
+    for key, wanted in claims.items():
+        if wanted is not None and config[key] != wanted:
+            raise ValueError(f"{record['name']}: {key}={config[key]!r}, but its row needs "
+                             f"{wanted!r}.")
+    if recipe is not None and record["recipe"] != recipe:
+        raise ValueError(f"{record['name']}: recipe {record['recipe']!r}, expected {recipe!r}.")
+    return record
 
 
-def main_table(runs, seeds=(0, 1, 2)):
-    lines = ["| data | method | rank-1 | rank-5 | mAP | seeds | per-seed rank-1 | per-seed mAP | "
-             "wall per run |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    differences = []
+def _metric(record, descriptor, metric):
+    results = record["results"]
+    if descriptor == "embedding" or "descriptors" not in results:
+        return 100 * results[metric]
+    return 100 * results["descriptors"][descriptor][metric]
+
+
+# Rows of the main table: (label, run name pattern, descriptor, checks).
+MAIN_ROWS = [
+    ("(a) global baseline", "{R}_{data}_baseline_s{seed}", "embedding", dict(num_parts=0)),
+    ("(b) PL-Net, global + parts", "{R}_{data}_plnet_s{seed}", "embedding", dict(num_parts=4)),
+    ("(c) PL-Net, global alone", "{R}_{data}_plnet_s{seed}", "global_embedding",
+     dict(num_parts=4)),
+    ("(d) PL-Net, parts alone", "{R}_{data}_plnet_s{seed}", "part_embeddings", dict(num_parts=4)),
+    ("(e) baseline, 1280-d", "{R}_{data}_baseline1280_s{seed}", "embedding",
+     dict(num_parts=0, embedding_dim=1280)),
+    ("PyTorch peer baseline", "peer_{data}_baseline_s{seed}", "embedding", dict(num_parts=0)),
+]
+
+
+def main_table(records, seeds=(0, 1, 2), prefix="cuhk03_pair1"):
+    """Rows (a)-(e) and the peer, per data; paired by each run's recorded seed."""
+    lines = ["| data | row | rank-1 | mAP | seeds | per-seed rank-1 | per-seed mAP | "
+             "vs (a), per seed (rank-1 / mAP) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for data in ("labeled", "detected"):
-        by_method = {}
-        for method, label in (("baseline", "global baseline (K=0)"),
-                              ("plnet", "PL-Net (K=4, peaks)")):
-            rows = [load(runs, f"cuhk03_pair1_{data}_{method}_s{seed}") for seed in seeds]
-            rows = [r for r in rows if r]
-            if not rows:
+        recipe = f"{prefix}_{data}_mobilenetv2_128x64"
+        baseline = {}
+        for label, pattern, descriptor, checks in MAIN_ROWS:
+            by_seed = {}
+            for seed in seeds:
+                record = records.get(pattern.format(R=prefix, data=data, seed=seed))
+                if record is None:
+                    continue
+                if not record["name"].startswith("peer_"):
+                    _check(record, recipe=recipe, **checks)
+                    if record["config"]["seed"] != seed:
+                        raise ValueError(f"{record['name']}: seed {record['config']['seed']}")
+                by_seed[seed] = {m: _metric(record, descriptor, m) for m in ("rank1", "mAP")}
+            if not by_seed:
                 continue
-            by_method[method] = rows
-            walls = [r["wall"] for r in rows if r["wall"]]
-            lines.append(
-                f"| {data} | {label} | {mean_std([r['rank1'] for r in rows])} | "
-                f"{mean_std([r['rank5'] for r in rows])} | {mean_std([r['mAP'] for r in rows])} | "
-                f"{len(rows)} | {per_seed(rows, 'rank1')} | {per_seed(rows, 'mAP')} | "
-                f"{np.mean(walls) / 60:.1f} min |")
-        if len(by_method) == 2:
-            n = min(len(by_method["baseline"]), len(by_method["plnet"]))
-            for metric in ("rank1", "mAP"):
-                paired = [p[metric] - b[metric] for b, p in
-                          zip(by_method["baseline"][:n], by_method["plnet"][:n])]
-                differences.append(f"- {data}, {metric}: PL-Net − baseline = "
-                                   f"{np.mean(paired):+.1f} points (per seed: "
-                                   f"{', '.join(f'{d:+.1f}' for d in paired)}; PL-Net ahead in "
-                                   f"{sum(d > 0 for d in paired)} of {n} seeds)")
-    return "\n".join(lines + [""] + differences)
-
-
-def ablation_table(runs):
-    rows = [("global baseline", "cuhk03_pair1_labeled_baseline_s0"),
-            ("peaks K=2", "cuhk03_pair1_labeled_peaks_k2_s0"),
-            ("peaks K=4 (main)", "cuhk03_pair1_labeled_plnet_s0"),
-            ("peaks K=6", "cuhk03_pair1_labeled_peaks_k6_s0"),
-            ("activation K=4", "cuhk03_pair1_labeled_activation_k4_s0"),
-            ("stripes K=4", "cuhk03_pair1_labeled_stripes_k4_s0")]
-    lines = ["| labeled, seed 0 | rank-1 | rank-5 | mAP | train images/s | wall |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for label, name in rows:
-        r = load(runs, name)
-        if r:
-            lines.append(f"| {label} | {r['rank1']:.1f} | {r['rank5']:.1f} | {r['mAP']:.1f} | "
-                         f"{r['images_per_second']:.0f} | {(r['wall'] or 0) / 60:.1f} min |")
+            if label.startswith("(a)"):
+                baseline = by_seed
+            rank1 = [v["rank1"] for v in by_seed.values()]
+            mAP = [v["mAP"] for v in by_seed.values()]
+            paired = [f"s{s}: {v['rank1'] - baseline[s]['rank1']:+.1f} / "
+                      f"{v['mAP'] - baseline[s]['mAP']:+.1f}"
+                      for s, v in by_seed.items() if s in baseline and not label.startswith("(a)")]
+            lines.append(f"| {data} | {label} | {mean_std(rank1)} | {mean_std(mAP)} | "
+                         f"{len(by_seed)} | {' / '.join(f'{v:.1f}' for v in rank1)} | "
+                         f"{' / '.join(f'{v:.1f}' for v in mAP)} | {'; '.join(paired)} |")
     return "\n".join(lines)
 
 
-def synthetic_table(runs):
-    lines = ["| synthetic_persons, seed 0 | rank-1 | rank-5 | mAP | wall |",
-             "| --- | --- | --- | --- | --- |"]
-    for label, name in (("global baseline (K=0)", "synthetic_baseline_s0"),
-                        ("PL-Net (K=4, peaks)", "synthetic_plnet_s0")):
-        r = load(runs, name)
-        if r:
-            lines.append(f"| {label} | {r['rank1']:.1f} | {r['rank5']:.1f} | {r['mAP']:.1f} | "
-                         f"{(r['wall'] or 0) / 60:.1f} min |")
+def validation_table(records, prefix="cuhk03_pair1_labeled_val_"):
+    """The validation runs: final validation figures per descriptor and part consistency."""
+    lines = ["| validation run | epochs | rank-1 | mAP | global alone mAP | parts alone mAP | "
+             "part IoU | parts ordered | best mAP (epoch) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, record in sorted(records.items()):
+        if not name.startswith(prefix):
+            continue
+        validation = record["results"]["validation"]
+        descriptors = validation["descriptors"]
+        consistency = validation.get("part_consistency") or {}
+        curve = record["results"]["validation_curve"]
+        best = max(curve, key=lambda p: p["mAP"])
+
+        def cell(key):
+            return f"{100 * descriptors[key]['mAP']:.1f}" if key in descriptors else "–"
+
+        lines.append(
+            f"| {name[len(prefix):]} | {record['results']['epochs']:.0f} | "
+            f"{100 * validation['rank1']:.1f} | {100 * validation['mAP']:.1f} | "
+            f"{cell('global_embedding')} | {cell('part_embeddings')} | "
+            f"{consistency.get('mean_iou', float('nan')):.2f} | "
+            f"{consistency.get('ordered_fraction', float('nan')):.2f} | "
+            f"{100 * best['mAP']:.1f} ({best['epoch']:.0f}) |")
     return "\n".join(lines)
+
+
+def plateau(curve, share=0.2):
+    """Largest validation-mAP gain (points) over the last `share` of training."""
+    last_epoch = curve[-1]["epoch"]
+    start = [p for p in curve if p["epoch"] <= (1 - share) * last_epoch]
+    if not start:
+        return float("nan")
+    reference = start[-1]["mAP"]
+    return 100 * (max(p["mAP"] for p in curve if p["epoch"] > start[-1]["epoch"]) - reference)
+
+
+def plateau_lines(records, prefix="cuhk03_pair1_labeled_val_"):
+    return "\n".join(
+        f"- {name[len(prefix):]}: validation mAP gain over the last 20 % of training "
+        f"{plateau(r['results']['validation_curve']):+.1f} points"
+        for name, r in sorted(records.items()) if name.startswith(prefix))
+
+
+def tables(records):
+    return "\n\n".join([
+        "## Validation (labeled, 20 % of the training identities held out)\n\n"
+        + validation_table(records) + "\n\n" + plateau_lines(records),
+        "## Main table: test identities, at convergence\n\n" + main_table(records),
+    ])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="runs")
-    runs = parser.parse_args().runs
-    print("## Main table\n\n" + main_table(runs))
-    print("\n## Ablation\n\n" + ablation_table(runs))
-    print("\n## synthetic_persons\n\n" + synthetic_table(runs))
+    parser.add_argument("--collect", help="a finished run's workdir to copy into results/")
+    parser.add_argument("--recipe", default="")
+    parser.add_argument("--extra", default="")
+    parser.add_argument("--results", default=RESULTS_DIR)
+    args = parser.parse_args()
+    if args.collect:
+        print(f"   results -> {collect(args.collect, args.recipe, args.extra, args.results)}")
+        return
+    print(tables(load_all(args.results)))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from reid_tf import layers
 from reid_tf import model as model_lib
 from reid_tf import train_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("backbone", "tiny", "Backbone: resnet50, mobilenet_v2 or tiny.")
 flags.DEFINE_integer("num_parts", 4, "K parts; 0 is the global-loss baseline.")
-flags.DEFINE_enum("part_strategy", "peaks", ["peaks", "activation", "stripes"], "Part partition.")
+flags.DEFINE_enum("part_strategy", "bands", list(layers.PART_STRATEGIES), "Part partition.")
 flags.DEFINE_integer("num_identities", 8, "Identities in the generated batch.")
 flags.DEFINE_integer("images_per_identity", 4, "Images per identity.")
 flags.DEFINE_integer("steps", 20, "Training steps.")

@@ -26,6 +26,10 @@ flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
 flags.DEFINE_string("manual_dir", None, "TFDS manual_dir.")
 flags.DEFINE_integer("image_height", 256, "Input height for --export (a workdir has its own).")
 flags.DEFINE_integer("image_width", 128, "Input width for --export (a workdir has its own).")
+flags.DEFINE_enum("descriptor", "embedding",
+                  ["embedding", "global_embedding", "part_embeddings"],
+                  "What to rank with: the test descriptor (global + parts), the global embedding "
+                  "alone, or the part embeddings alone (each L2-normalised, concatenated).")
 flags.DEFINE_enum("metric", "cosine", ["cosine", "euclidean", "sqeuclidean"], "Distance.")
 flags.DEFINE_bool("flip", False, "Test-time augmentation: mean of the image's and its mirror's "
                   "embeddings.")
@@ -46,18 +50,24 @@ def _embedder(image_size):
     """A function float32 images [B,h,w,3] 0..255 -> embeddings, and the image size."""
     import tensorflow as tf
 
+    from reid_tf import model as model_lib
+
     if FLAGS.export:
         serving = tf.saved_model.load(FLAGS.export).signatures["serving_default"]
 
         def embed(images):
-            return serving(images=tf.cast(tf.round(images), tf.uint8))["embedding"]
+            outputs = serving(images=tf.cast(tf.round(images), tf.uint8))
+            return model_lib.select_descriptor(outputs, FLAGS.descriptor)
 
         return embed, image_size
     from reid_tf import train_lib
 
     net, checkpoint = train_lib.load_trained_model(FLAGS.workdir)
+    if FLAGS.descriptor == "part_embeddings" and not net.num_parts:
+        raise ValueError("--descriptor=part_embeddings: this model has no parts (num_parts=0).")
     print(f"evaluating {checkpoint}")
-    return tf.function(lambda images: net(images, training=False)["embedding"]), net.image_size
+    return tf.function(lambda images: model_lib.select_descriptor(
+        net(images, training=False), FLAGS.descriptor)), net.image_size
 
 
 def extract(embed, split, image_size, flip, description):
@@ -132,7 +142,8 @@ def run_eval():
                                       average_precision=FLAGS.average_precision)
     cmc = metrics["cmc"]
     print(f"\n{dataset}: {len(query)} queries ({metrics['num_skipped']} skipped), "
-          f"{len(gallery)} gallery images; flip={FLAGS.flip} rerank={FLAGS.rerank}")
+          f"{len(gallery)} gallery images; descriptor={FLAGS.descriptor} flip={FLAGS.flip} "
+          f"rerank={FLAGS.rerank}")
     print("| rank-1 | rank-5 | rank-10 | rank-20 | mAP | mINP |")
     print("| --- | --- | --- | --- | --- | --- |")
     print(f"| {cmc[0]:.4f} | {cmc[4]:.4f} | {cmc[9]:.4f} | {cmc[19]:.4f} | "
@@ -140,7 +151,8 @@ def run_eval():
     output_dir = FLAGS.output_dir or (os.path.join(FLAGS.workdir, "eval") if FLAGS.workdir
                                       else "reid_eval")
     os.makedirs(output_dir, exist_ok=True)
-    results = {"dataset": dataset, "source": FLAGS.workdir or FLAGS.export, "flip": FLAGS.flip,
+    results = {"dataset": dataset, "source": FLAGS.workdir or FLAGS.export,
+               "descriptor": FLAGS.descriptor, "flip": FLAGS.flip,
                "rerank": FLAGS.rerank, "metric": FLAGS.metric, "rank1": metrics["rank1"],
                "rank5": float(cmc[4]), "rank10": float(cmc[9]), "rank20": float(cmc[19]),
                "mAP": metrics["mAP"], "mINP": metrics["mINP"], "cmc": cmc.tolist(),

@@ -61,12 +61,67 @@ class Split:
         )
 
 
-def load_splits(dataset, data_dir=None, manual_dir=None, skip_corrupt=False, log=print):
+VALIDATION_SPLITS = ("val_query", "val_gallery")
+
+
+def load_splits(dataset, data_dir=None, manual_dir=None, skip_corrupt=False, log=print,
+                validation_identities=0.0, validation_seed=0):
     """Loads `{split: Split}` for `dataset` (a TFDS name, `folder:PATH` or `identity_folders:PATH`).
 
     TFDS datasets are prepared on first use (from `manual_dir` for real datasets; generated for
-    `synthetic_persons`) into `data_dir`.
+    `synthetic_persons`) into `data_dir`. With `validation_identities > 0`, that share (< 1) or
+    number (>= 1) of the *training* identities is held out as `val_query`/`val_gallery` (see
+    `carve_validation`) and `train` keeps the rest.
     """
+    splits = _load_splits(dataset, data_dir, manual_dir, skip_corrupt, log)
+    if validation_identities:
+        if "train" not in splits:
+            raise ValueError(f"--dataset={dataset}: has no 'train' split to hold validation "
+                             "identities out of.")
+        splits.update(carve_validation(splits["train"], validation_identities, validation_seed))
+    return splits
+
+
+def _subset(split, indices):
+    return Split(images=split.images[indices], are_paths=split.are_paths,
+                 person_ids=split.person_ids[indices], camera_ids=split.camera_ids[indices],
+                 file_names=split.file_names[indices])
+
+
+def carve_validation(train, identities, seed=0):
+    """Holds training identities out as a validation query/gallery, Market-style.
+
+    `identities`: a share of the training identities (0 < x < 1, rounded, at least 1) or a
+    number of them (an integer >= 1). The held-out identities are drawn with
+    `numpy.random.default_rng(seed)`; each gives one query per camera (a random image of that
+    camera), its other images form the gallery, as in the test split.
+
+    Returns `{"train": the rest, "val_query": ..., "val_gallery": ...}`.
+    """
+    all_ids = np.unique(train.person_ids)
+    if not 0 < identities < len(all_ids):
+        raise ValueError(f"--validation_identities={identities}: expected a share in (0, 1) or "
+                         f"a number in 1..{len(all_ids) - 1} of the {len(all_ids)} training "
+                         "identities.")
+    count = identities if identities >= 1 else max(1, int(round(identities * len(all_ids))))
+    if count != int(count):
+        raise ValueError(f"--validation_identities={identities}: a number of identities (>= 1) "
+                         "must be an integer.")
+    rng = np.random.default_rng(seed)
+    held_out = np.sort(rng.choice(all_ids, int(count), replace=False))
+    is_held_out = np.isin(train.person_ids, held_out)
+    query = []
+    for person in held_out:
+        for camera in np.unique(train.camera_ids[train.person_ids == person]):
+            candidates = np.flatnonzero((train.person_ids == person) & (train.camera_ids == camera))
+            query.append(rng.choice(candidates))
+    query = np.sort(np.array(query, np.int64))
+    gallery = np.setdiff1d(np.flatnonzero(is_held_out), query)
+    return {"train": _subset(train, np.flatnonzero(~is_held_out)),
+            "val_query": _subset(train, query), "val_gallery": _subset(train, gallery)}
+
+
+def _load_splits(dataset, data_dir, manual_dir, skip_corrupt, log):
     if dataset.startswith(FOLDER_PREFIX):
         records = sources.parse_market_layout(os.path.expanduser(dataset[len(FOLDER_PREFIX):]))
     elif dataset.startswith(IDENTITY_FOLDERS_PREFIX):
@@ -111,7 +166,7 @@ def _load_tfds(dataset, data_dir, manual_dir, skip_corrupt):
     return splits
 
 
-def pk_epoch(labels, num_identities_per_batch, num_instances, rng):
+def pk_epoch(labels, identities_per_batch, images_per_identity, rng):
     """One epoch of P×K batches as a flat index array (length a multiple of P*K).
 
     Every image appears at least once; each batch holds P distinct identities with K images
@@ -121,7 +176,7 @@ def pk_epoch(labels, num_identities_per_batch, num_instances, rng):
     schedule takes, for each batch, the P identities with the most chunks left (ties at random),
     which always completes.
     """
-    P, K = num_identities_per_batch, num_instances
+    P, K = identities_per_batch, images_per_identity
     identities = np.unique(labels)
     if len(identities) < P:
         raise ValueError(f"P={P} identities per batch, but the split has only {len(identities)}.")
@@ -212,7 +267,7 @@ def augment(image, seed, image_size, augmentation):
     return image
 
 
-def train_dataset(split, image_size, num_identities_per_batch=8, num_instances=4, seed=0,
+def train_dataset(split, image_size, identities_per_batch=8, images_per_identity=4, seed=0,
                   augmentation=Augmentation(), input_context=None, start_batch=0):
     """Endless P×K training batches: {"image" [b,H,W,3] float32 0..255, "label" [b] int32}.
 
@@ -224,7 +279,7 @@ def train_dataset(split, image_size, num_identities_per_batch=8, num_instances=4
     divides evenly). `start_batch` skips that many global batches (cheaply, before any decoding),
     so a resumed run sees exactly the batches an uninterrupted run would have.
     """
-    P, K = num_identities_per_batch, num_instances
+    P, K = identities_per_batch, images_per_identity
     global_batch = P * K
     image_size = tuple(image_size)
     labels, _ = relabel(split.person_ids)

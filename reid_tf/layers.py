@@ -9,7 +9,7 @@ recipe is not available; `ActivationPartPartition` is our reconstruction (WORKSP
 import keras
 import tensorflow as tf
 
-PART_STRATEGIES = ("peaks", "activation", "stripes")
+PART_STRATEGIES = ("bands", "peaks", "activation", "stripes")
 
 
 def stripe_assignment(height, num_parts):
@@ -70,6 +70,9 @@ class ActivationPartPartition(keras.layers.Layer):
     """Splits each feature map into K parts from its own activations: hard masks, top to bottom.
 
     Strategies (a reconstruction of PL-Net's part generation; see WORKSPACE.md):
+    - `"bands"` (default): every channel votes at the row of its maximum, weighted by that
+      maximum; weighted 1-D K-means over the rows; each row joins its nearest centre. Parts are
+      adaptive horizontal bands, so part k is the same body band in every image.
     - `"peaks"`: every channel votes with the (y, x) of its maximum, weighted by that maximum;
       weighted K-means on the C votes (computed as K-means on the cells, each weighted by the
       votes it received); each grid cell joins its nearest centre.
@@ -77,8 +80,9 @@ class ActivationPartPartition(keras.layers.Layer):
       activation.
     - `"stripes"`: K equal horizontal stripes (PCB-like), ignoring activations.
 
-    Centres are sorted top to bottom, so part k is the same body band in every image. The
-    assignment carries no gradient. Every cell belongs to exactly one part; an image whose
+    Centres are sorted top to bottom. Only `"bands"` and `"stripes"` make every part a band of
+    whole rows; the 2-D strategies can place two centres on the same row, side by side (see
+    `part_consistency`). The assignment carries no gradient. Every cell belongs to exactly one part; an image whose
     clustering leaves a part empty (all-zero or single-peak maps, ties) falls back to stripes,
     so no part is ever empty.
 
@@ -95,7 +99,7 @@ class ActivationPartPartition(keras.layers.Layer):
     TensorShape([2, 8, 4, 3])
     """
 
-    def __init__(self, num_parts, strategy="peaks", num_iterations=10, **kwargs):
+    def __init__(self, num_parts, strategy="bands", num_iterations=10, **kwargs):
         kwargs.setdefault("dtype", "float32")  # clustering stays in float32 under mixed precision
         super().__init__(**kwargs)
         if not isinstance(num_parts, int) or num_parts < 1:
@@ -127,7 +131,7 @@ class ActivationPartPartition(keras.layers.Layer):
         ys, xs = _grid_points(height, width)
         cells = height * width
         flat = tf.nn.relu(tf.reshape(features, [batch, cells, features.shape[3]]))
-        if self.strategy == "peaks":
+        if self.strategy in ("bands", "peaks"):
             # Each channel votes at its maximum with that maximum's value. K-means on the C votes
             # equals K-means on the cells with the votes summed per cell, which is much cheaper.
             peak_cell = tf.argmax(flat, axis=1, output_type=tf.int32)  # [B,C]
@@ -137,12 +141,20 @@ class ActivationPartPartition(keras.layers.Layer):
             weights = tf.reshape(votes, [batch, cells])
         else:
             weights = tf.reduce_sum(flat, axis=2)  # [B,h*w]
+        if self.strategy == "bands":
+            # 1-D: the votes of a row are summed, and rows (not cells) are clustered by y.
+            weights = tf.reduce_sum(tf.reshape(weights, [batch, height, width]), axis=2)
+            ys = tf.range(height, dtype=tf.float32)
+            xs = tf.zeros([height])
         # Relative weights plus a floor: an all-zero map weighs its cells equally, never 0/0.
         weights = weights / tf.maximum(tf.reduce_max(weights, axis=1, keepdims=True), 1e-12)
         weights = weights + 1e-6
         centre_y, centre_x = weighted_kmeans(ys, xs, weights, self.num_parts, self.num_iterations)
         nearest = tf.argmin(_squared_distances(ys, xs, centre_y, centre_x), axis=-1)  # ties: lower k
-        masks = tf.reshape(tf.one_hot(nearest, self.num_parts), [batch, height, width, self.num_parts])
+        masks = tf.one_hot(nearest, self.num_parts)
+        if self.strategy == "bands":  # [B,h,K] rows -> every cell of a row
+            masks = tf.broadcast_to(masks[:, :, None, :], [batch, height, width, self.num_parts])
+        masks = tf.reshape(masks, [batch, height, width, self.num_parts])
         complete = tf.reduce_all(tf.reduce_sum(masks, axis=[1, 2]) > 0, axis=-1)  # [B]
         return tf.where(complete[:, None, None, None], masks, stripes)
 
@@ -303,3 +315,29 @@ class PartClassifierBlock(keras.layers.Layer):
             "num_classes": self.num_classes,
             "sync_batch_norm": self.sync_batch_norm,
         }
+
+
+def part_consistency(masks):
+    """How much part k means the same region across images: a dict of two numbers in [0, 1].
+
+    - `mean_iou`: mean over images and parts of the soft IoU (sum of minima over sum of maxima)
+      between an image's part-k mask and the population's mean part-k mask.
+    - `ordered_fraction`: fraction of images whose part centroids (mean row of each part's cells)
+      go down the image by at least one row from part k to part k+1, i.e. the parts are strictly
+      separated top to bottom.
+
+    Args:
+        masks: `[N,h,w,K]` hard or soft part masks (numpy or tensor), K >= 1.
+    """
+    masks = tf.convert_to_tensor(masks, tf.float32)
+    mean_mask = tf.reduce_mean(masks, axis=0, keepdims=True)
+    intersection = tf.reduce_sum(tf.minimum(masks, mean_mask), axis=[1, 2])
+    union = tf.reduce_sum(tf.maximum(masks, mean_mask), axis=[1, 2])
+    iou = tf.reduce_mean(intersection / tf.maximum(union, 1e-12))
+    rows = tf.range(masks.shape[1], dtype=tf.float32)[None, :, None]
+    row_mass = tf.reduce_sum(masks, axis=2)  # [N,h,K]
+    centroid = tf.reduce_sum(row_mass * rows, axis=1) / tf.maximum(
+        tf.reduce_sum(row_mass, axis=1), 1e-12)  # [N,K]
+    gaps = centroid[:, 1:] - centroid[:, :-1]
+    ordered = tf.reduce_mean(tf.cast(tf.reduce_all(gaps >= 1.0 - 1e-6, axis=1), tf.float32))
+    return {"mean_iou": float(iou), "ordered_fraction": float(ordered)}

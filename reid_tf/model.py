@@ -22,6 +22,29 @@ def descriptor(global_embedding, part_embeddings):
     return tf.math.l2_normalize(tf.reshape(pieces, [batch, -1]), axis=-1)
 
 
+DESCRIPTORS = ("embedding", "global_embedding", "part_embeddings")
+
+
+def select_descriptor(outputs, name="embedding"):
+    """The descriptor called `name` from a model's (or an export's) outputs, L2-normalised.
+
+    - `embedding`: the test descriptor, global + parts (see `descriptor`).
+    - `global_embedding`: the global embedding alone `[B,D]`.
+    - `part_embeddings`: the K part embeddings alone, each normalised, concatenated `[B,K*D]`.
+    """
+    if name not in DESCRIPTORS:
+        raise ValueError(f"descriptor={name!r}: expected one of {DESCRIPTORS}.")
+    if name == "embedding":
+        return tf.math.l2_normalize(tf.cast(outputs["embedding"], tf.float32), axis=-1)
+    if name == "global_embedding":
+        return tf.math.l2_normalize(tf.cast(outputs["global_embedding"], tf.float32), axis=-1)
+    parts = tf.cast(outputs["part_embeddings"], tf.float32)
+    if parts.shape[1] == 0:
+        raise ValueError("descriptor='part_embeddings': this model has no parts (num_parts=0).")
+    parts = tf.math.l2_normalize(parts, axis=-1)
+    return tf.math.l2_normalize(tf.reshape(parts, [tf.shape(parts)[0], -1]), axis=-1)
+
+
 @keras.saving.register_keras_serializable(package="reid_tf")
 class PartLossNet(keras.Model):
     """PL-Net (Yao et al., arXiv 1707.00798): identity classification from the whole image and
@@ -34,7 +57,7 @@ class PartLossNet(keras.Model):
     Args:
         num_classes: N, identities in the training set.
         num_parts: K; 0 is the paper's global-loss baseline (part outputs then have K=0).
-        part_strategy: `"peaks"`, `"activation"` or `"stripes"` (see `ActivationPartPartition`).
+        part_strategy: one of `layers.PART_STRATEGIES` (see `ActivationPartPartition`).
         embedding_dim: D, size of the global and of each part embedding.
         backbone: a name in `backbones.BACKBONES`.
         image_size: `(height, width)` of the input images.
@@ -56,7 +79,7 @@ class PartLossNet(keras.Model):
     TensorShape([2, 3, 5])
     """
 
-    def __init__(self, num_classes, num_parts=4, part_strategy="peaks", embedding_dim=256,
+    def __init__(self, num_classes, num_parts=4, part_strategy="bands", embedding_dim=256,
                  backbone="resnet50", image_size=(256, 128), backbone_weights=None,
                  last_stride=1, kmeans_iterations=10, sync_batch_norm=False, **kwargs):
         super().__init__(**kwargs)

@@ -17,6 +17,7 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
 from reid_tf import backbones  # noqa: E402
+from reid_tf import layers  # noqa: E402
 from reid_tf import train_lib  # noqa: E402
 
 _DEFAULTS = train_lib.TrainConfig()
@@ -29,13 +30,19 @@ flags.DEFINE_string("dataset", _DEFAULTS.dataset, "A TFDS name (synthetic_person
 flags.DEFINE_string("data_dir", None, "TFDS data_dir (default ~/tensorflow_datasets).")
 flags.DEFINE_string("manual_dir", None, "Folder holding the downloaded dataset (TFDS manual_dir).")
 flags.DEFINE_bool("skip_corrupt", False, "Leave out images that do not decode (else fail).")
+flags.DEFINE_float("validation_identities", _DEFAULTS.validation_identities,
+                   "Hold out this share (< 1) or number (>= 1) of the training identities as a "
+                   "validation query/gallery; --eval_every then evaluates on it, and the test "
+                   "split only once, at the end. 0: no validation.")
+flags.DEFINE_integer("validation_seed", _DEFAULTS.validation_seed,
+                     "Seed of the validation identities and queries.")
 # Model.
 flags.DEFINE_enum("backbone", _DEFAULTS.backbone, sorted(backbones.BACKBONES),
                   "Backbone (torchvision_mobilenet_v2: torchvision's layout, for --weights=*.pth).")
 flags.DEFINE_string("weights", None, "Backbone initialisation: empty (random), imagenet (Keras "
                     "download) or the path of a torchvision checkpoint (.pth; mobilenet_v2 then uses torchvision's layout).")
 flags.DEFINE_integer("num_parts", _DEFAULTS.num_parts, "K parts; 0 = global-loss baseline.")
-flags.DEFINE_enum("part_strategy", _DEFAULTS.part_strategy, ["peaks", "activation", "stripes"],
+flags.DEFINE_enum("part_strategy", _DEFAULTS.part_strategy, list(layers.PART_STRATEGIES),
                   "How parts are found.")
 flags.DEFINE_integer("embedding_dim", _DEFAULTS.embedding_dim, "Size of each embedding.")
 flags.DEFINE_integer("image_height", _DEFAULTS.image_height, "Input height.")
@@ -56,8 +63,10 @@ flags.DEFINE_list("lr_decay_steps", [], "Step schedule boundaries (default 60%, 
 flags.DEFINE_float("lr_decay_factor", _DEFAULTS.lr_decay_factor, "Step schedule factor.")
 flags.DEFINE_integer("train_steps", _DEFAULTS.train_steps, "Training steps (0: use --epochs).")
 flags.DEFINE_integer("epochs", _DEFAULTS.epochs, "Epochs, when --train_steps=0.")
-flags.DEFINE_integer("P", _DEFAULTS.num_identities_per_batch, "Identities per batch.")
-flags.DEFINE_integer("K", _DEFAULTS.num_instances, "Images per identity in a batch.")
+flags.DEFINE_integer("identities_per_batch", _DEFAULTS.identities_per_batch,
+                     "P: identities in each training batch.")
+flags.DEFINE_integer("images_per_identity", _DEFAULTS.images_per_identity,
+                     "Images of each identity in a training batch (batch = P x this).")
 flags.DEFINE_bool("flip", _DEFAULTS.flip, "Random horizontal flip.")
 flags.DEFINE_integer("pad", _DEFAULTS.pad, "Pad-and-crop pixels (0: off).")
 flags.DEFINE_float("random_erasing", _DEFAULTS.random_erasing, "Random erasing probability.")
@@ -78,7 +87,8 @@ flags.DEFINE_bool("export", True, "Export a SavedModel at the end.")
 def config_from_flags():
     return train_lib.TrainConfig(
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
-        skip_corrupt=FLAGS.skip_corrupt, backbone=FLAGS.backbone, weights=FLAGS.weights or None,
+        skip_corrupt=FLAGS.skip_corrupt, validation_identities=FLAGS.validation_identities,
+        validation_seed=FLAGS.validation_seed, backbone=FLAGS.backbone, weights=FLAGS.weights or None,
         num_parts=FLAGS.num_parts, part_strategy=FLAGS.part_strategy,
         embedding_dim=FLAGS.embedding_dim, image_height=FLAGS.image_height,
         image_width=FLAGS.image_width, last_stride=FLAGS.last_stride,
@@ -88,7 +98,8 @@ def config_from_flags():
         warmup_steps=FLAGS.warmup_steps, schedule=FLAGS.schedule,
         lr_decay_steps=tuple(int(s) for s in FLAGS.lr_decay_steps),
         lr_decay_factor=FLAGS.lr_decay_factor, train_steps=FLAGS.train_steps, epochs=FLAGS.epochs,
-        num_identities_per_batch=FLAGS.P, num_instances=FLAGS.K, flip=FLAGS.flip, pad=FLAGS.pad,
+        identities_per_batch=FLAGS.identities_per_batch,
+        images_per_identity=FLAGS.images_per_identity, flip=FLAGS.flip, pad=FLAGS.pad,
         random_erasing=FLAGS.random_erasing, strategy=FLAGS.strategy,
         cpu_replicas=FLAGS.cpu_replicas, mixed_precision=FLAGS.mixed_precision, seed=FLAGS.seed,
         log_every=FLAGS.log_every, checkpoint_every=FLAGS.checkpoint_every,

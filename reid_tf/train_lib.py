@@ -19,6 +19,7 @@ import tensorflow as tf
 from reid_tf import evaluation
 from reid_tf import export
 from reid_tf import input_pipeline
+from reid_tf import layers
 from reid_tf import losses
 from reid_tf import model as model_lib
 from reid_tf import visualize
@@ -27,8 +28,12 @@ STRATEGIES = ("default", "mirrored", "multi_worker")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step")
 # Fields that define the model and its checkpoint: a workdir only resumes with the same values.
+# The data order too: batch size, seed and the held-out identities fix which batches a resumed
+# run sees.
 MODEL_FIELDS = ("dataset", "backbone", "num_parts", "part_strategy", "embedding_dim",
-                "image_height", "image_width", "last_stride", "kmeans_iterations", "optimizer")
+                "image_height", "image_width", "last_stride", "kmeans_iterations", "optimizer",
+                "identities_per_batch", "images_per_identity", "seed", "validation_identities",
+                "validation_seed")
 
 
 @dataclasses.dataclass
@@ -40,11 +45,13 @@ class TrainConfig:
     data_dir: str = None
     manual_dir: str = None
     skip_corrupt: bool = False
+    validation_identities: float = 0.0  # share (< 1) or number (>= 1) of training identities
+    validation_seed: int = 0
     # Model.
     backbone: str = "resnet50"
     weights: str = None
     num_parts: int = 4
-    part_strategy: str = "peaks"
+    part_strategy: str = "bands"
     embedding_dim: int = 256
     image_height: int = 256
     image_width: int = 128
@@ -64,8 +71,8 @@ class TrainConfig:
     lr_decay_factor: float = 0.1
     train_steps: int = 0  # 0: use epochs
     epochs: int = 10
-    num_identities_per_batch: int = 8  # P
-    num_instances: int = 4  # K
+    identities_per_batch: int = 8  # P
+    images_per_identity: int = 4  # K
     flip: bool = True
     pad: int = 10
     random_erasing: float = 0.5
@@ -89,7 +96,7 @@ class TrainConfig:
 
     @property
     def global_batch_size(self):
-        return self.num_identities_per_batch * self.num_instances
+        return self.identities_per_batch * self.images_per_identity
 
     def validate(self):
         """Checks what needs no data or model; ValueError names the flag and the valid values."""
@@ -97,7 +104,7 @@ class TrainConfig:
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"--{name}={getattr(self, name)!r}: expected one of {valid}.")
-        positive = ["num_identities_per_batch", "num_instances", "embedding_dim", "log_every",
+        positive = ["identities_per_batch", "images_per_identity", "embedding_dim", "log_every",
                     "max_steps_per_call", "eval_batch_size", "image_height", "image_width"]
         for name in positive:
             if getattr(self, name) < 1:
@@ -325,21 +332,50 @@ def load_trained_model(workdir):
     return model, latest
 
 
+def extract_outputs(model, split, image_size, batch_size):
+    """The descriptors (`model_lib.DESCRIPTORS` that the model has) and `part_masks` of a split,
+    in its order, no augmentation: `{name: np.ndarray [N, ...]}`."""
+    names = [n for n in model_lib.DESCRIPTORS if n != "part_embeddings" or model.num_parts]
+
+    @tf.function
+    def predict(images):
+        outputs = model(images, training=False)
+        return {**{n: model_lib.select_descriptor(outputs, n) for n in names},
+                "part_masks": outputs["part_masks"]}
+
+    batches = [{k: v.numpy() for k, v in predict(batch["image"]).items()}
+               for batch in input_pipeline.eval_dataset(split, image_size, batch_size)]
+    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+
+
 def extract_features(model, split, image_size, batch_size):
     """Embeddings `[N, (K+1)·D]` of a split, in its order (no augmentation)."""
-    predict = tf.function(lambda images: model(images, training=False)["embedding"])
-    features = [predict(batch["image"]).numpy()
-                for batch in input_pipeline.eval_dataset(split, image_size, batch_size)]
-    return np.concatenate(features).astype(np.float32)
+    return extract_outputs(model, split, image_size, batch_size)["embedding"].astype(np.float32)
 
 
-def evaluate_model(model, splits, config):
-    """rank-1 / mAP / mINP / CMC of `model` on the dataset's query and gallery (cosine)."""
-    query = extract_features(model, splits["query"], config.image_size, config.eval_batch_size)
-    gallery = extract_features(model, splits["gallery"], config.image_size, config.eval_batch_size)
-    distances = evaluation.pairwise_distances(query, gallery, "cosine")
-    return evaluation.evaluate(distances, splits["query"].person_ids, splits["gallery"].person_ids,
-                               splits["query"].camera_ids, splits["gallery"].camera_ids)
+def evaluate_model(model, query_split, gallery_split, config):
+    """rank-1 / mAP / mINP / CMC of `model` (cosine, test descriptor `embedding`).
+
+    Also `descriptors`: `{name: {rank1, mAP, mINP}}` for every descriptor the model has, and
+    `part_consistency` (`layers.part_consistency` over the query and gallery masks) for PL-Net.
+    """
+    query = extract_outputs(model, query_split, config.image_size, config.eval_batch_size)
+    gallery = extract_outputs(model, gallery_split, config.image_size, config.eval_batch_size)
+    labels = (query_split.person_ids, gallery_split.person_ids, query_split.camera_ids,
+              gallery_split.camera_ids)
+    descriptors = {}
+    for name in query:
+        if name == "part_masks":
+            continue
+        distances = evaluation.pairwise_distances(query[name], gallery[name], "cosine")
+        descriptors[name] = evaluation.evaluate(distances, *labels)
+    metrics = dict(descriptors["embedding"])
+    metrics["descriptors"] = {name: {"rank1": m["rank1"], "mAP": m["mAP"], "mINP": m["mINP"]}
+                              for name, m in descriptors.items()}
+    if model.num_parts:
+        metrics["part_consistency"] = layers.part_consistency(
+            np.concatenate([query["part_masks"], gallery["part_masks"]]))
+    return metrics
 
 
 def _format_duration(seconds):
@@ -364,22 +400,23 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
     chief = is_chief(strategy)
     replicas = strategy.num_replicas_in_sync
     if config.global_batch_size % replicas:
-        raise ValueError(f"batch P*K={config.global_batch_size} (--num_identities_per_batch="
-                         f"{config.num_identities_per_batch} x --num_instances="
-                         f"{config.num_instances}) does not divide over {replicas} replicas.")
+        raise ValueError(f"batch P*K={config.global_batch_size} (--identities_per_batch="
+                         f"{config.identities_per_batch} x --images_per_identity="
+                         f"{config.images_per_identity}) does not divide over {replicas} replicas.")
     _check_workdir(workdir, config, chief, flags_text)
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     keras.utils.set_random_seed(config.seed)
 
     splits = input_pipeline.load_splits(config.dataset, config.data_dir, config.manual_dir,
-                                        config.skip_corrupt, log)
+                                        config.skip_corrupt, log, config.validation_identities,
+                                        config.validation_seed)
     for split in ("train", "query", "gallery"):
         if split not in splits:
             raise ValueError(f"--dataset={config.dataset}: has no {split!r} split.")
     train_labels, num_classes = input_pipeline.relabel(splits["train"].person_ids)
     epoch_length = len(input_pipeline.pk_epoch(
-        train_labels, config.num_identities_per_batch, config.num_instances,
+        train_labels, config.identities_per_batch, config.images_per_identity,
         np.random.default_rng([config.seed, 0])))
     steps_per_epoch = max(1, epoch_length // config.global_batch_size)
     total_steps = config.train_steps or config.epochs * steps_per_epoch
@@ -429,8 +466,8 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
 
     def dataset_fn(context):
         return input_pipeline.train_dataset(
-            splits["train"], config.image_size, config.num_identities_per_batch,
-            config.num_instances, seed=config.seed,
+            splits["train"], config.image_size, config.identities_per_batch,
+            config.images_per_identity, seed=config.seed,
             augmentation=input_pipeline.Augmentation(config.flip, config.pad,
                                                      config.random_erasing),
             input_context=context, start_batch=step)
@@ -456,13 +493,44 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
         with train_writer.as_default(step=0):
             tf.summary.text("flags", _flags_markdown(config))
 
-    def run_eval():
-        metrics = evaluate_model(model, splits, config)
+    validation = "val_query" in splits
+    curve_path = os.path.join(workdir, "validation_curve.json")
+    curve = []
+    if validation and os.path.exists(curve_path):
+        with open(curve_path) as f:  # earlier evaluations of a resumed run
+            curve = [point for point in json.load(f) if point["step"] <= step]
+    if validation:
+        log(f"validation: {len(splits['val_query'])} queries, {len(splits['val_gallery'])} "
+            f"gallery images of {len(splits['val_query'].identities)} held-out training "
+            "identities")
+
+    def run_eval(split="test"):
+        """Evaluates on `split` ("test" or "validation"); logs, summarises, returns metrics."""
+        names = ("val_query", "val_gallery") if split == "validation" else ("query", "gallery")
+        metrics = evaluate_model(model, splits[names[0]], splits[names[1]], config)
+        tag = f"{dataset_tag}/validation" if split == "validation" else dataset_tag
+        consistency = metrics.get("part_consistency")
         with eval_writer.as_default(step=step):
-            tf.summary.scalar(f"eval/{dataset_tag}/rank1", metrics["rank1"])
-            tf.summary.scalar(f"eval/{dataset_tag}/mAP", metrics["mAP"])
-        log(f"eval step {step}: rank-1 {metrics['rank1']:.4f}  mAP {metrics['mAP']:.4f}  "
-            f"(queries {metrics['num_valid']}, skipped {metrics['num_skipped']})")
+            tf.summary.scalar(f"eval/{tag}/rank1", metrics["rank1"])
+            tf.summary.scalar(f"eval/{tag}/mAP", metrics["mAP"])
+            for name, values in metrics["descriptors"].items():
+                if name != "embedding":
+                    tf.summary.scalar(f"eval/{tag}/{name}/mAP", values["mAP"])
+            for name, value in (consistency or {}).items():
+                tf.summary.scalar(f"eval/{tag}/part_consistency/{name}", value)
+        line = (f"eval ({split}) step {step}: rank-1 {metrics['rank1']:.4f}  "
+                f"mAP {metrics['mAP']:.4f}  (queries {metrics['num_valid']}, skipped "
+                f"{metrics['num_skipped']})")
+        if consistency:
+            line += (f"  parts: IoU {consistency['mean_iou']:.3f} ordered "
+                     f"{consistency['ordered_fraction']:.3f}")
+        log(line)
+        if split == "validation" and chief:
+            curve.append({"step": step, "epoch": step / steps_per_epoch,
+                          "rank1": metrics["rank1"], "mAP": metrics["mAP"],
+                          "descriptors": metrics["descriptors"],
+                          "part_consistency": consistency})
+            _write_atomically(curve_path, json.dumps(curve, indent=1))
         return metrics
 
     start_time, start_step = time.perf_counter(), step
@@ -505,15 +573,25 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
         if every(step, config.checkpoint_every) or step == total_steps:
             manager.save(checkpoint_number=step)
         if every(step, config.eval_every) and step < total_steps and chief:
-            run_eval()
+            run_eval("validation" if validation else "test")
 
-    results = {"step": step, "dataset": config.dataset, "num_parts": config.num_parts,
+    results = {"step": step, "epochs": step / steps_per_epoch, "dataset": config.dataset,
+               "num_parts": config.num_parts, "part_strategy": config.part_strategy,
                "train_images_per_second": images_per_second}
     if chief:
+        if validation:
+            if not curve or curve[-1]["step"] != step:
+                run_eval("validation")
+            results["validation"] = {key: curve[-1][key] for key in
+                                     ("rank1", "mAP", "descriptors", "part_consistency")}
+            results["validation_curve"] = [{k: p[k] for k in ("step", "epoch", "rank1", "mAP")}
+                                           for p in curve]
         metrics = run_eval()
         results.update(rank1=metrics["rank1"], mAP=metrics["mAP"], mINP=metrics["mINP"],
                        cmc=[float(v) for v in metrics["cmc"][:20]],
-                       num_queries=metrics["num_valid"], skipped_queries=metrics["num_skipped"])
+                       num_queries=metrics["num_valid"], skipped_queries=metrics["num_skipped"],
+                       descriptors=metrics["descriptors"],
+                       part_consistency=metrics.get("part_consistency"))
     if config.export:
         export_dir = os.path.join(workdir, "export")
         if not chief:  # every worker saves, as MultiWorkerMirroredStrategy expects; one keeps it

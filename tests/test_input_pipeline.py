@@ -150,3 +150,48 @@ def test_folder_and_tfds_sources_agree(tmp_path):
 def test_unknown_dataset_lists_the_valid_names():
     with pytest.raises(ValueError, match=r"dataset 'market1502'.*'cuhk03'.*folder:PATH"):
         input_pipeline.load_splits("market1502")
+
+
+def test_carve_validation_is_market_style_and_disjoint(splits):
+    train = splits["train"]
+    carved = input_pipeline.carve_validation(train, 0.3, seed=4)
+    query, gallery, rest = carved["val_query"], carved["val_gallery"], carved["train"]
+    held_out = set(query.person_ids)
+    assert len(held_out) == 3  # round(0.3 x 10 identities)
+    assert held_out == set(gallery.person_ids)
+    assert not held_out & set(rest.person_ids)
+    assert len(query) + len(gallery) + len(rest) == len(train)
+    names = [*query.file_names, *gallery.file_names, *rest.file_names]
+    assert sorted(names) == sorted(train.file_names)  # every image exactly once
+    for person in held_out:  # one query per camera of that person, the rest in the gallery
+        cameras = train.camera_ids[train.person_ids == person]
+        assert sorted(query.camera_ids[query.person_ids == person]) == sorted(set(cameras))
+    again = input_pipeline.carve_validation(train, 3, seed=4)  # a count: the same identities
+    np.testing.assert_array_equal(again["val_query"].file_names, query.file_names)
+    other = input_pipeline.carve_validation(train, 3, seed=5)
+    assert list(other["val_query"].file_names) != list(query.file_names)
+
+
+@pytest.mark.parametrize("bad", [10, 0.0, 1.0 + 1e-9 + 9, -0.2, 2.5])
+def test_carve_validation_rejects_bad_counts(splits, bad):
+    with pytest.raises(ValueError, match="--validation_identities"):
+        input_pipeline.carve_validation(splits["train"], bad)
+
+
+def test_load_splits_with_validation(tmp_path):
+    root = tmp_path / "market"
+    for split, folder in (("train", "bounding_box_train"), ("query", "query"),
+                          ("gallery", "bounding_box_test")):
+        (root / folder).mkdir(parents=True)
+    records = synthetic.generate(SMALL)
+    from PIL import Image
+    for split, folder in (("train", "bounding_box_train"), ("query", "query"),
+                          ("gallery", "bounding_box_test")):
+        for i, r in enumerate(records[split]):
+            Image.fromarray(r.image).save(
+                root / folder / f"{r.person_id:04d}_c{r.camera_id}s1_{i:06d}_00.jpg")
+    loaded = input_pipeline.load_splits(f"folder:{root}", validation_identities=2,
+                                        log=lambda line: None)
+    assert set(loaded) == {"train", "query", "gallery", "val_query", "val_gallery"}
+    assert len(set(loaded["train"].person_ids)) == 8
+    assert len(loaded["query"]) == len(records["query"])  # the test split is untouched

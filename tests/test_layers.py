@@ -38,7 +38,7 @@ def test_partition_covers_every_cell_once(strategy):
     assert_partition(masks, 4)
 
 
-@pytest.mark.parametrize("strategy", ["peaks", "activation"])
+@pytest.mark.parametrize("strategy", ["bands", "peaks", "activation"])
 def test_parts_follow_blobs_top_to_bottom(strategy):
     heights = [2, 7, 13]
     masks = np.asarray(layers.ActivationPartPartition(3, strategy)(blob_features(heights)))[0]
@@ -47,6 +47,49 @@ def test_parts_follow_blobs_top_to_bottom(strategy):
     assert centre_rows[0] < centre_rows[1] < centre_rows[2]
     for k, row in enumerate(heights):
         assert masks[row, 4, k] == 1.0, f"part {k} does not cover the blob at row {row}"
+
+
+def side_by_side_features():
+    """Two blobs on row 3 (left and right columns) and one on row 12: the case where 2-D
+    clustering puts two part centres on the same row."""
+    rng = np.random.default_rng(0)
+    features = 0.05 * rng.random((1, 16, 8, 18), dtype=np.float32)
+    for c in range(18):
+        row, column = [(3, 1), (3, 6), (12, 4)][c // 6]
+        features[0, row, column, c] = 5.0
+    return tf.constant(features)
+
+
+def test_bands_are_whole_rows_in_order_even_with_side_by_side_peaks():
+    features = side_by_side_features()
+    masks = np.asarray(layers.ActivationPartPartition(3, "bands")(features))[0]
+    part_of_cell = masks.argmax(-1)
+    # Every row belongs to one part, and parts are contiguous bands going down the image.
+    np.testing.assert_array_equal(part_of_cell, part_of_cell[:, :1] * np.ones((1, 8), int))
+    assert (np.diff(part_of_cell[:, 0]) >= 0).all() and set(part_of_cell[:, 0]) == {0, 1, 2}
+    assert part_of_cell[12, 0] == 2 and part_of_cell[3, 0] < 2
+    assert layers.part_consistency(masks[None])["ordered_fraction"] == 1.0
+    # The 2-D strategy splits row 3 into a left and a right part: the promise it broke.
+    peaks = np.asarray(layers.ActivationPartPartition(3, "peaks")(features))[0].argmax(-1)
+    assert peaks[3, 1] != peaks[3, 6]
+    assert layers.part_consistency(tf.one_hot(peaks, 3)[None])["ordered_fraction"] == 0.0
+
+
+def test_part_consistency_by_hand():
+    top_bottom = np.zeros([2, 4, 2, 2], np.float32)
+    top_bottom[:, :2, :, 0] = 1
+    top_bottom[:, 2:, :, 1] = 1
+    assert layers.part_consistency(top_bottom) == {"mean_iou": 1.0, "ordered_fraction": 1.0}
+    left_right = np.zeros([1, 4, 2, 2], np.float32)
+    left_right[:, :, 0, 0] = 1
+    left_right[:, :, 1, 1] = 1
+    mixed = np.concatenate([top_bottom[:1], left_right])
+    result = layers.part_consistency(mixed)
+    assert result["ordered_fraction"] == 0.5
+    # Mean part-0 mask: 1 at top-left, 0.5 at top-right and bottom-left, 0 at bottom-right.
+    # Image 0 part 0 (top): min sum 1*2 + 0.5*2 = 3, max sum 2 + 2 + 0.5*2 = 5 -> 0.6;
+    # image 1 part 0 (left): 3 / 5 as well; part 1 is the mirror image: every IoU is 0.6.
+    assert result["mean_iou"] == pytest.approx(0.6)
 
 
 def test_blob_order_does_not_depend_on_channel_order():

@@ -19,7 +19,7 @@ from reid_tf import testing
 from reid_tf import train_lib
 
 TRAIN_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
-               "--image_width=32", "--embedding_dim=16", "--num_parts=3", "--P=4", "--K=4",
+               "--image_width=32", "--embedding_dim=16", "--num_parts=3", "--identities_per_batch=4", "--images_per_identity=4",
                "--optimizer=adam", "--learning_rate=0.001", "--train_steps=20",
                "--log_every=10", "--checkpoint_every=10", "--image_summary_every=0", "--noexport"]
 

@@ -18,7 +18,7 @@ from reid_tf import input_pipeline
 from reid_tf import train_lib
 
 TINY_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
-              "--image_width=32", "--embedding_dim=16", "--num_parts=3", "--P=4", "--K=4",
+              "--image_width=32", "--embedding_dim=16", "--num_parts=3", "--identities_per_batch=4", "--images_per_identity=4",
               "--optimizer=adam", "--learning_rate=0.001", "--log_every=2",
               "--checkpoint_every=4", "--image_summary_every=4"]
 EXPECTED_TAGS = {"train/loss", "train/global_loss", "train/part_loss", "train/global_accuracy",
@@ -159,8 +159,8 @@ def test_two_workers_train_to_identical_weights(tmp_path, data_dir):
 @pytest.mark.parametrize("flags, message", [
     (["--dataset=market1502"], "dataset 'market1502': expected one of"),
     (["--num_parts=9"], "num_parts=9: backbone 'tiny' at image_size=(64, 32) gives a 8x4 feature"),
-    (["--P=3", "--K=3", "--strategy=mirrored", "--cpu_replicas=2"],
-     "batch P*K=9 (--num_identities_per_batch=3 x --num_instances=3) does not divide over 2"),
+    (["--identities_per_batch=3", "--images_per_identity=3", "--strategy=mirrored", "--cpu_replicas=2"],
+     "batch P*K=9 (--identities_per_batch=3 x --images_per_identity=3) does not divide over 2"),
 ])
 def test_bad_flags_fail_before_training_with_one_line(tmp_path, data_dir, flags, message):
     result = reid_train(str(tmp_path / "bad"), data_dir, "--train_steps=2", *flags, check=False)
