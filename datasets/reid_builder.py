@@ -1,9 +1,15 @@
 """What every ReID TFDS builder shares: features, manual data, image checks, splits."""
 
+import os
+
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import constants as tfds_constants
 
 from reid_tf import sources
+
+
+SKIP_CORRUPT_FOLDER = "skip_corrupt"
 
 
 class ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -11,8 +17,9 @@ class ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     Subclasses set `MANUAL_DOWNLOAD_INSTRUCTIONS` and implement `_parse(manual_dir)` returning
     `{split: [sources.Record]}`. Data is never downloaded. Pass `skip_corrupt=True` to
-    `tfds.builder(...)` to leave out images that do not decode (the count is printed); by
-    default preparation fails with the list of bad files.
+    `tfds.builder(...)` to leave out images that do not decode (the count is printed; that
+    preparation is cached apart, under `<data_dir>/skip_corrupt/`); by default preparation fails
+    with the list of bad files.
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -21,6 +28,12 @@ class ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def __init__(self, *, skip_corrupt=False, **kwargs):
         self.skip_corrupt = skip_corrupt
+        if skip_corrupt:
+            # Data prepared without the bad files is another dataset: it gets its own cache
+            # (<data_dir>/skip_corrupt/<name>/...), so the two never stand in for each other.
+            root = (kwargs.get("data_dir") or os.environ.get("TFDS_DATA_DIR")
+                    or tfds_constants.DATA_DIR)
+            kwargs["data_dir"] = os.path.join(os.path.expanduser(root), SKIP_CORRUPT_FOLDER)
         super().__init__(**kwargs)
 
     def _info(self):

@@ -17,8 +17,8 @@ import tensorflow as tf
 from PIL import Image
 
 from reid_tf import input_pipeline
-from reid_tf import train_lib
 from reid_tf import visualize
+from reid_tf import workdir as workdir_lib
 
 
 def main():
@@ -33,7 +33,7 @@ def main():
     if not dataset.startswith("synthetic_persons"):
         raise SystemExit(f"{options.workdir}: trained on {dataset}; this picture is drawn from "
                          "synthetic data only (no real person's image goes into the repository).")
-    model, _ = train_lib.load_trained_model(options.workdir)
+    model, _ = workdir_lib.load_trained_model(options.workdir)
     query = input_pipeline.load_splits(dataset, data_dir=config.get("data_dir"))["query"]
     # One image each of `count` different identities, spread over the split.
     _, first = np.unique(query.person_ids, return_index=True)

@@ -24,8 +24,10 @@ flags.DEFINE_string("export", None, "A SavedModel export folder (<export_dir>/<v
 flags.DEFINE_string("dataset", None, "Dataset (default: the workdir's).")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
 flags.DEFINE_string("manual_dir", None, "TFDS manual_dir.")
-flags.DEFINE_integer("image_height", 256, "Input height for --export (a workdir has its own).")
-flags.DEFINE_integer("image_width", 128, "Input width for --export (a workdir has its own).")
+flags.DEFINE_bool("skip_corrupt", False, "Leave out images that do not decode (else fail).")
+flags.DEFINE_integer("image_height", None, "Input height for an --export that does not record "
+                     "its training size (exports do since this flag's help says so); else unused.")
+flags.DEFINE_integer("image_width", None, "Input width, as --image_height.")
 flags.DEFINE_enum("descriptor", "embedding",
                   ["embedding", "global_embedding", "part_embeddings"],
                   "What to rank with: the test descriptor (global + parts), the global embedding "
@@ -53,16 +55,28 @@ def _embedder(image_size):
     from reid_tf import model as model_lib
 
     if FLAGS.export:
-        serving = tf.saved_model.load(FLAGS.export).signatures["serving_default"]
+        from reid_tf import features
+
+        export = features.Export(FLAGS.export)
+        serving = export.signatures["serving_default"]
+        if export.image_size is not None:  # the size it was trained at, recorded in the export
+            given = (FLAGS.image_height, FLAGS.image_width)
+            if any(given) and given != export.image_size:
+                raise ValueError(f"--image_height/--image_width={given}: the export was trained "
+                                 f"at {export.image_size}; leave them out.")
+            image_size = export.image_size
+        elif not all(image_size):
+            raise ValueError(f"{FLAGS.export} does not record its training size: give "
+                             "--image_height and --image_width.")
 
         def embed(images):
             outputs = serving(images=tf.cast(tf.round(images), tf.uint8))
             return model_lib.select_descriptor(outputs, FLAGS.descriptor)
 
         return embed, image_size
-    from reid_tf import train_lib
+    from reid_tf import workdir as workdir_lib
 
-    net, checkpoint = train_lib.load_trained_model(FLAGS.workdir)
+    net, checkpoint = workdir_lib.load_trained_model(FLAGS.workdir)
     if FLAGS.descriptor == "part_embeddings" and not net.num_parts:
         raise ValueError("--descriptor=part_embeddings: this model has no parts (num_parts=0).")
     print(f"evaluating {checkpoint}")
@@ -95,7 +109,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     try:
         results = run_eval()
-    except (ValueError, FileNotFoundError, KeyError) as error:
+    except (ValueError, OSError, KeyError) as error:  # OSError: names its path
         print(f"reid-eval: error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
     print(json.dumps({k: results[k] for k in ("rank1", "mAP", "mINP")}))
@@ -123,7 +137,8 @@ def run_eval():
     if not dataset:
         raise ValueError("--dataset is required with --export.")
     embed, image_size = _embedder((FLAGS.image_height, FLAGS.image_width))
-    splits = input_pipeline.load_splits(dataset, FLAGS.data_dir, FLAGS.manual_dir)
+    splits = input_pipeline.load_splits(dataset, FLAGS.data_dir, FLAGS.manual_dir,
+                                        FLAGS.skip_corrupt)
     query, gallery = splits["query"], splits["gallery"]
     query_features = extract(embed, query, image_size, FLAGS.flip, "query")
     gallery_features = extract(embed, gallery, image_size, FLAGS.flip, "gallery")

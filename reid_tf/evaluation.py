@@ -160,8 +160,9 @@ def evaluate(distances, query_ids, gallery_ids, query_cameras, gallery_cameras, 
     if average_precision not in AVERAGE_PRECISION:
         raise ValueError(f"average_precision={average_precision!r}: expected one of "
                          f"{AVERAGE_PRECISION}.")
-    if not hasattr(distances, "shape"):
-        query_ids, gallery_ids = np.asarray(query_ids), np.asarray(gallery_ids)
+    if not hasattr(distances, "shape"):  # a list of rows; memory-mapped arrays stay as they are
+        distances = np.asarray(distances, np.float32)
+    query_ids, gallery_ids = np.asarray(query_ids), np.asarray(gallery_ids)
     query_cameras, gallery_cameras = np.asarray(query_cameras), np.asarray(gallery_cameras)
     if len(distances.shape) != 2:
         raise ValueError(f"distances: expected a [Q, G] matrix, got shape {distances.shape}.")

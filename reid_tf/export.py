@@ -14,7 +14,6 @@ reid_tf code.
 """
 
 import os
-import re
 import shutil
 import sys
 import time
@@ -22,6 +21,7 @@ import time
 import tensorflow as tf
 
 from reid_tf import input_pipeline
+from reid_tf import workdir as workdir_lib
 
 EXPORT_KEYS = ("embedding", "global_embedding", "part_embeddings", "part_masks")
 
@@ -33,6 +33,10 @@ class ServingModule(tf.Module):
         super().__init__()
         self.model = model
         self.image_size = tuple(model.image_size)
+        # Saved with the model, so a loader knows the training size:
+        # `tf.saved_model.load(path).image_size_variable` -> [height, width].
+        self.image_size_variable = tf.Variable(self.image_size, trainable=False, dtype=tf.int32,
+                                               name="image_size")
 
     def _embed(self, images):
         outputs = {key: tf.cast(value, tf.float32)
@@ -77,23 +81,13 @@ def export_model(model, export_dir, version=None):
     return final
 
 
-def checkpoint_step(checkpoint_path):
-    """The step of a reid-train checkpoint path (`.../ckpt-<step>`)."""
-    match = re.search(r"ckpt-(\d+)$", checkpoint_path)
-    if match is None:
-        raise ValueError(f"{checkpoint_path}: not a reid-train checkpoint (ckpt-<step>).")
-    return int(match.group(1))
-
-
 def export_workdir(workdir, export_dir=None, version=None):
     """Exports a reid-train workdir's latest checkpoint; returns the export's path.
 
     `export_dir` defaults to `<workdir>/export`, `version` to the checkpoint's step.
     """
-    from reid_tf import train_lib  # train_lib imports this module
-
-    model, checkpoint = train_lib.load_trained_model(workdir)
-    version = checkpoint_step(checkpoint) if version is None else version
+    model, checkpoint = workdir_lib.load_trained_model(workdir)
+    version = workdir_lib.checkpoint_step(checkpoint) if version is None else version
     return export_model(model, export_dir or os.path.join(workdir, "export"), version), checkpoint
 
 

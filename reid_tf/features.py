@@ -44,6 +44,9 @@ class Export:
         missing = {"serving_default", "serve_encoded"} - set(self.signatures)
         if missing:
             raise ValueError(f"{path}: signatures {sorted(missing)} missing; not a reid-tf export.")
+        # The size the model was trained at (None for exports older than this attribute).
+        size = getattr(self.module, "image_size_variable", None)
+        self.image_size = tuple(int(v) for v in size.numpy()) if size is not None else None
 
     def embed_images(self, images):
         outputs = self.signatures["serving_default"](images=images)
@@ -86,7 +89,7 @@ def folder_split(folder):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: folder not found.")
     paths = sorted(
-        os.path.join(directory, name)
+        os.path.join(directory, sources.check_file_name(directory, name))
         for directory, _, names in os.walk(folder)
         for name in names if name.lower().endswith(sources.IMAGE_EXTENSIONS))
     if not paths:
@@ -102,7 +105,7 @@ def folder_split(folder):
         file_names=np.array([os.path.relpath(p, folder) for p in paths], dtype=object))
 
 
-def load_split(images=None, dataset=None, split="gallery", data_dir=None):
+def load_split(images=None, dataset=None, split="gallery", data_dir=None, skip_corrupt=False):
     """The images to extract: a folder (a Market layout root: its `split`; else every image in
     it), or a TFDS dataset's `split`."""
     from reid_tf import input_pipeline
@@ -115,7 +118,7 @@ def load_split(images=None, dataset=None, split="gallery", data_dir=None):
             dataset = input_pipeline.FOLDER_PREFIX + images
         else:
             return folder_split(images)
-    splits = input_pipeline.load_splits(dataset, data_dir=data_dir)
+    splits = input_pipeline.load_splits(dataset, data_dir=data_dir, skip_corrupt=skip_corrupt)
     if split not in splits:
         raise ValueError(f"--split={split}: {dataset} has splits {sorted(splits)}.")
     return splits[split]
@@ -184,12 +187,37 @@ def save_features(path, embeddings, file_names, person_ids=None, camera_ids=None
     """Writes features.npz (`feature_arrays`) atomically (a temporary file renamed when
     complete)."""
     arrays = feature_arrays(embeddings, file_names, person_ids, camera_ids)
+    check_output_path(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz.tmp", delete=False) as file:
-        np.savez(file, **arrays)
-    os.replace(file.name, path)
+        try:
+            np.savez(file, **arrays)
+            file.close()
+            os.replace(file.name, path)
+        except BaseException:
+            os.unlink(file.name)  # never an orphan temporary file
+            raise
     return arrays
+
+
+def check_output_path(path):
+    """Refuses, before any work, an output path that cannot become a file: ValueError."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--output={path}: is a folder; give a file name (e.g. "
+                         f"{os.path.join(path, 'features.npz')}).")
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"--output={path}: {folder} is a file, not a folder.")
+    try:  # a real write: permission bits do not stop root, a read-only file system does
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"--output={path}: {folder} is not writable "
+                         f"({error.strerror or error}).") from None
 
 
 def load_features(path):
@@ -225,6 +253,8 @@ def run():
     flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
     flags.DEFINE_string("output", "features.npz", "Where features.npz goes.")
     flags.DEFINE_integer("batch_size", 64, "Images per batch.")
+    flags.DEFINE_bool("skip_corrupt", False, "Leave out images of a Market layout or dataset "
+                      "that do not decode (else fail, naming them).")
     flags.mark_flag_as_required("export")
 
     def main(argv):
@@ -234,14 +264,16 @@ def run():
         if options.batch_size < 1:
             raise app.UsageError("--batch_size: expected a positive integer.")
         try:
+            check_output_path(options.output)  # before any work
             export = Export(options.export)
-            split = load_split(options.images, options.dataset, options.split, options.data_dir)
+            split = load_split(options.images, options.dataset, options.split, options.data_dir,
+                               options.skip_corrupt)
             embeddings = extract(export, split, options.batch_size)
-        except (ValueError, FileNotFoundError) as error:
+            arrays = save_features(options.output, embeddings, split.file_names,
+                                   split.person_ids, split.camera_ids)
+        except (ValueError, OSError) as error:  # OSError: names its path
             print(f"reid-extract: error: {error}", file=sys.stderr, flush=True)
             sys.exit(1)
-        arrays = save_features(options.output, embeddings, split.file_names, split.person_ids,
-                               split.camera_ids)
         labelled = "with" if "person_ids" in arrays else "without"
         print(f"wrote {options.output}: {len(embeddings)} embeddings of {embeddings.shape[1]}, "
               f"{labelled} person ids and cameras")

@@ -22,6 +22,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import io
 import json
 import os
 import sys
@@ -31,6 +32,8 @@ import numpy as np
 from reid_tf import features
 
 MAX_RESULTS = 1000
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 22  # 4.2 megapixels (2048 x 2048): 12 MiB decoded
+DEFAULT_MAX_CONNECTIONS = 256
 
 
 class BadRequest(Exception):
@@ -40,6 +43,10 @@ class BadRequest(Exception):
         super().__init__(message)
         self.field = field
         self.message = message
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive in time (answered 408, connection closed)."""
 
 
 class Gallery:
@@ -97,10 +104,12 @@ class Gallery:
         return results
 
 
-def parse_images(body, max_batch):
+def parse_images(body, max_batch, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     """A TF Serving request body -> ("encoded", [bytes]) or ("images", uint8 [N,H,W,3]).
 
-    Raises BadRequest naming the field for anything else.
+    Encoded images larger than `max_image_pixels` (read from the header, before any decoding:
+    a small PNG can declare 20000 x 20000) are refused. Raises BadRequest naming the field for
+    anything else.
     """
     if not isinstance(body, dict):
         raise BadRequest("body", "expected a JSON object with 'instances' or 'inputs'.")
@@ -123,7 +132,10 @@ def parse_images(body, max_batch):
     instances = [item["images"] if isinstance(item, dict) and set(item) == {"images"} else item
                  for item in instances]
     if all(isinstance(item, dict) for item in instances):
-        return "encoded", [_decode_b64(item, f"{field}[{i}]") for i, item in enumerate(instances)]
+        encoded = [_decode_b64(item, f"{field}[{i}]") for i, item in enumerate(instances)]
+        for i, data in enumerate(encoded):
+            _check_image_header(data, f"{field}[{i}].b64", max_image_pixels)
+        return "encoded", encoded
     if any(isinstance(item, dict) for item in instances):
         raise BadRequest(field, "mixes {'b64': ...} images and arrays; send one kind per request.")
     images = [_uint8_image(item, f"{field}[{i}]") for i, item in enumerate(instances)]
@@ -147,11 +159,31 @@ def _decode_b64(item, field):
     return data
 
 
+def _check_image_header(data, field, max_image_pixels):
+    """Refuses an encoded image whose header declares more than `max_image_pixels`, or that has
+    no image header at all, without decoding its pixels (Pillow reads only the header)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as error:  # Pillow's own limit, where it is still set
+        raise BadRequest(field, f"{error} At most {max_image_pixels} pixels per image "
+                         "(--max_image_pixels).") from None
+    except Exception:  # noqa: BLE001 - Pillow raises many types for what is not an image
+        raise BadRequest(field, "not a decodable JPEG/PNG/BMP/GIF image.") from None
+    if width * height > max_image_pixels:
+        raise BadRequest(field, f"{width}x{height} = {width * height} pixels; at most "
+                         f"{max_image_pixels} per image (--max_image_pixels).")
+
+
 def _uint8_image(item, field):
     try:
         array = np.asarray(item)
     except ValueError:  # ragged nesting
         raise BadRequest(field, "ragged array; expected uint8 [H][W][3].") from None
+    except RecursionError:
+        raise BadRequest(field, "nested too deeply; expected uint8 [H][W][3].") from None
     if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] < 1 or array.shape[1] < 1:
         raise BadRequest(field, f"shape {list(array.shape)}; expected [H][W][3] with H, W >= 1.")
     if array.dtype.kind not in "iu":
@@ -169,11 +201,13 @@ class Server:
     answered without waiting for the model, and parsing overlaps the model's work.
     """
 
-    def __init__(self, export, gallery=None, model_name="reid", max_batch=64, threads=2):
+    def __init__(self, export, gallery=None, model_name="reid", max_batch=64, threads=2,
+                 max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
         self.export = export
         self.gallery = gallery
         self.model_name = model_name
         self.max_batch = max_batch
+        self.max_image_pixels = max_image_pixels
         self.pool = concurrent.futures.ThreadPoolExecutor(threads)
         self.model_pool = concurrent.futures.ThreadPoolExecutor(1)
 
@@ -215,7 +249,8 @@ class Server:
         """The JSON answer of `:predict` or `:search` for a parsed JSON body."""
         loop = asyncio.get_running_loop()
         k = self.search_k(body) if method == "search" else None
-        kind, images = await loop.run_in_executor(self.pool, parse_images, body, self.max_batch)
+        kind, images = await loop.run_in_executor(self.pool, parse_images, body, self.max_batch,
+                                                  self.max_image_pixels)
         outputs = await loop.run_in_executor(self.model_pool, self.embed, kind, images)
         if method == "search":
             return {"results": await loop.run_in_executor(
@@ -241,11 +276,18 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
     def error(status, message, field=None):
         return web.json_response({"error": message, "field": field}, status=status)
 
-    async def read_json(request):
+    async def read_json(request, deadline):
+        loop = asyncio.get_running_loop()
+        try:  # a body that trickles in, or stalls, is cut off at the request's time limit
+            data = await asyncio.wait_for(request.read(), max(deadline - loop.time(), 0.001))
+        except asyncio.TimeoutError:
+            raise BodyTimeout() from None
         try:
-            return json.loads(await request.read())
+            return json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as problem:
             raise BadRequest("body", f"malformed JSON: {problem}") from None
+        except RecursionError:
+            raise BadRequest("body", "JSON nested too deeply.") from None
 
     def check_model(request):
         name = request.match_info["name"]
@@ -265,6 +307,10 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
             return await handler(request)
         except BadRequest as problem:
             return error(400, problem.message, problem.field)
+        except BodyTimeout:
+            response = error(408, f"request body not received within {timeout_s} s", "body")
+            response.force_close()
+            return response
         except web.HTTPRequestEntityTooLarge:
             return error(413, f"body over {max_body_bytes} bytes", "body")
         except asyncio.TimeoutError:
@@ -288,8 +334,10 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
         method = request.match_info["method"]
         if method not in ("predict", "search"):
             raise BadRequest("method", f":{method}; expected :predict or :search.")
-        body = await read_json(request)
-        result = await asyncio.wait_for(server.answer(method, body), timeout_s)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        body = await read_json(request, deadline)
+        result = await asyncio.wait_for(server.answer(method, body),
+                                        max(deadline - asyncio.get_running_loop().time(), 0.001))
         return web.json_response(result, dumps=_dumps)
 
     app = web.Application(client_max_size=max_body_bytes, middlewares=[errors])
@@ -298,6 +346,53 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
         app.router.add_get(prefix + "/metadata", metadata)
         app.router.add_post(prefix + ":{method}", post)
     return app
+
+
+class _Refused(asyncio.Protocol):
+    """Answers a connection over the cap with 503 and closes it."""
+
+    def connection_made(self, transport):
+        body = b'{"error": "too many connections", "field": null}'
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                        b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+                        + str(len(body)).encode() + b"\r\n\r\n" + body)
+        transport.close()
+
+
+async def serve_forever(app, host, port, timeout_s=30.0, max_connections=DEFAULT_MAX_CONNECTIONS,
+                        started=None):
+    """Serves `app` until SIGINT/SIGTERM.
+
+    A connection that has not sent a whole request head within `timeout_s` (aiohttp's keep-alive
+    timer runs from the connection's start and while it waits for a request) is closed; a body
+    that has not arrived by then gets 408 (`make_app`). Over `max_connections` open connections,
+    a new one gets 503 and is closed at once, so slow clients cannot pile up without bound.
+    """
+    import signal
+
+    from aiohttp import web
+
+    runner = web.AppRunner(app, keepalive_timeout=timeout_s)
+    await runner.setup()
+    handler = runner.server
+
+    def protocol():
+        if len(handler.connections) >= max_connections:
+            return _Refused()
+        return handler()
+
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(protocol, host, port, reuse_address=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if started is not None:
+        started()
+    try:
+        await stop.wait()
+    finally:
+        listener.close()
+        await runner.cleanup()
 
 
 def _dumps(value):
@@ -326,14 +421,24 @@ def run():
     flags.DEFINE_float("timeout_s", 30, "Per-request time limit, seconds.")
     flags.DEFINE_integer("threads", 2, "Requests parsed and answered at once (model calls run one "
                          "at a time, each on every core).")
+    flags.DEFINE_integer("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS, "Largest encoded image, "
+                         "width x height, read from its header before decoding (a small file can "
+                         "declare a huge image).")
+    flags.DEFINE_integer("max_connections", DEFAULT_MAX_CONNECTIONS, "Most open connections; "
+                         "more get 503.")
     flags.mark_flag_as_required("export")
 
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        from aiohttp import web
+        import logging
 
         options = flags.FLAGS
+        from PIL import Image
+
+        # Pillow only reads headers here (TensorFlow decodes), and --max_image_pixels is the
+        # limit: Pillow's own bomb check would refuse before the size could be reported.
+        Image.MAX_IMAGE_PIXELS = None
         try:
             export = features.Export(options.export)
             gallery = None
@@ -352,12 +457,22 @@ def run():
         except (ValueError, FileNotFoundError) as problem:
             print(f"reid-serve: error: {problem}", file=sys.stderr, flush=True)
             sys.exit(1)
-        server = Server(export, gallery, options.model_name, options.max_batch, options.threads)
-        print(f"serving {export.path} as '{options.model_name}' (version {export.version})"
-              + (f" with a gallery of {len(gallery)}" if gallery else "")
-              + f" on http://{options.host}:{options.port}", flush=True)
-        web.run_app(make_app(server, int(options.max_body_mb * (1 << 20)), options.timeout_s),
-                    host=options.host, port=options.port, print=None)
+        for name in ("max_batch", "max_image_pixels", "max_connections", "threads"):
+            if getattr(options, name) < 1:
+                raise app.UsageError(f"--{name}: expected a positive integer.")
+        server = Server(export, gallery, options.model_name, options.max_batch, options.threads,
+                        options.max_image_pixels)
+        application = make_app(server, int(options.max_body_mb * (1 << 20)), options.timeout_s)
+        access = logging.getLogger("aiohttp.access")  # one line per request, on stdout
+        access.setLevel(logging.INFO)
+        access.addHandler(logging.StreamHandler(sys.stdout))
+        access.propagate = False
+        asyncio.run(serve_forever(
+            application, options.host, options.port, options.timeout_s, options.max_connections,
+            started=lambda: print(
+                f"serving {export.path} as '{options.model_name}' (version {export.version})"
+                + (f" with a gallery of {len(gallery)}" if gallery else "")
+                + f" on http://{options.host}:{options.port}", flush=True)))
 
     app.run(main)
 

@@ -13,7 +13,6 @@ import os
 import re
 
 import numpy as np
-from PIL import Image
 
 SPLITS = ("train", "query", "gallery")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -36,8 +35,20 @@ class Record:
     file_name: str
 
 
+def check_file_name(folder, name):
+    """Returns `name`; ValueError naming the file if it is not valid UTF-8 (tf.data and JSON
+    need text names; undecodable bytes come back from os.listdir as surrogate escapes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{os.path.join(ascii(folder)[1:-1], ascii(name)[1:-1])}: the file name "
+                         f"is not valid UTF-8 (bytes {os.fsencode(name)!r}); rename it.") from None
+    return name
+
+
 def _listdir_images(folder):
-    return sorted(name for name in os.listdir(folder) if name.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(check_file_name(folder, name) for name in os.listdir(folder)
+                  if name.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def _require_folder(path, layout_help):
@@ -103,7 +114,8 @@ def parse_identity_folders(root, camera_id=0):
     Person ids are the sub-folder names when all are integers, else their sorted order.
     """
     _require_folder(root, "expected one sub-folder per identity, each holding that person's images")
-    names = sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)))
+    names = sorted(check_file_name(root, n) for n in os.listdir(root)
+                   if os.path.isdir(os.path.join(root, n)))
     numeric = all(n.lstrip("-").isdigit() for n in names)
     records = []
     for index, name in enumerate(names):
@@ -276,12 +288,19 @@ def parse_cuhk03(root, kind="labeled"):
 
 
 def _image_problem(path):
+    """None if TensorFlow's decoder (the one training and the export use) reads the file whole,
+    else `(path, reason)`. Pillow is not the judge: it reads formats (TIFF, WebP, ...) that
+    `tf.io.decode_image` refuses, and those would pass a Pillow check and fail mid-training."""
+    import tensorflow as tf
+
     try:
-        with Image.open(path) as image:
-            image.load()  # decodes fully: catches truncated files that verify() lets through
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            return path, "decodes to an empty image"
         return None
-    except Exception as error:  # PIL raises many types for bad files
-        return path, str(error)
+    except (tf.errors.OpError, OSError) as error:
+        message = getattr(error, "message", None) or str(error)
+        return path, message.strip().splitlines()[0] if message.strip() else type(error).__name__
 
 
 def check_images(split_records, skip_corrupt=False, log=print):
@@ -298,8 +317,8 @@ def check_images(split_records, skip_corrupt=False, log=print):
     if not skip_corrupt:
         listing = "\n  ".join(f"{path}: {error}" for path, error in problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise ValueError(f"{len(problems)} corrupt or unreadable image(s) (pass skip_corrupt / "
-                         f"--skip_corrupt to leave them out):\n  {listing}{more}")
+        raise ValueError(f"{len(problems)} corrupt or unreadable image(s) (--skip_corrupt "
+                         f"leaves them out):\n  {listing}{more}")
     bad = {path for path, _ in problems}
     log(f"skipped {len(bad)} corrupt image(s)")
     kept = {split: [r for r in records if not (isinstance(r.image, str) and r.image in bad)]

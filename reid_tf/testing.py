@@ -56,6 +56,7 @@ def serve(export, *flags, log=subprocess.DEVNULL, start_timeout=180):
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     try:
         client = JsonClient("127.0.0.1", port)
+        client.pid = process.pid  # for tests that read the server's memory
         deadline = time.time() + start_timeout
         while True:
             try:

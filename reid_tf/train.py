@@ -121,7 +121,7 @@ def main(argv):
         results = train_lib.train_and_evaluate(config, workdir,
                                                log=lambda line: print(line, flush=True),
                                                flags_text=FLAGS.flags_into_string())
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+    except (ValueError, OSError, FloatingPointError) as error:  # OSError: names its path
         print(f"reid-train: error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
     if "rank1" in results:

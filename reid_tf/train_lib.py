@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from reid_tf import backbones
 from reid_tf import evaluation
 from reid_tf import export
 from reid_tf import input_pipeline
@@ -23,19 +24,12 @@ from reid_tf import layers
 from reid_tf import losses
 from reid_tf import model as model_lib
 from reid_tf import visualize
+from reid_tf import workdir as workdir_lib
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step")
 # Fields that define the model and its checkpoint: a workdir only resumes with the same values.
-# The data order too: batch size, seed and the held-out identities fix which batches a resumed
-# run sees.
-MODEL_FIELDS = ("dataset", "backbone", "num_parts", "part_strategy", "embedding_dim",
-                "image_height", "image_width", "last_stride", "kmeans_iterations", "optimizer",
-                "identities_per_batch", "images_per_identity", "seed", "validation_identities",
-                "validation_seed")
-
-
 @dataclasses.dataclass
 class TrainConfig:
     """Everything a training run needs; `reid-train` builds it from flags."""
@@ -112,6 +106,18 @@ class TrainConfig:
         if self.train_steps < 0 or (self.train_steps == 0 and self.epochs < 1):
             raise ValueError("--train_steps or --epochs: expected a positive number of steps or "
                              "epochs.")
+        if self.num_parts < 0:
+            raise ValueError(f"--num_parts={self.num_parts}: expected an integer >= 0 "
+                             "(0 = global-loss baseline).")
+        if self.part_strategy not in layers.PART_STRATEGIES:
+            raise ValueError(f"--part_strategy={self.part_strategy!r}: expected one of "
+                             f"{layers.PART_STRATEGIES}.")
+        if self.backbone not in backbones.BACKBONES:
+            raise ValueError(f"--backbone={self.backbone!r}: expected one of "
+                             f"{tuple(sorted(backbones.BACKBONES))}.")
+        if self.validation_identities < 0:
+            raise ValueError(f"--validation_identities={self.validation_identities}: expected "
+                             "0 (none), a share in (0, 1) or a number of identities.")
         if self.cpu_replicas < 0:
             raise ValueError(f"--cpu_replicas={self.cpu_replicas}: expected >= 0.")
         if self.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
@@ -288,50 +294,6 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
     return train_step
 
 
-def _write_atomically(path, text):
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
-
-
-def _check_workdir(workdir, config, chief, flags_text):
-    """Refuses a workdir that holds a run with other model flags; records this run's config."""
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        changed = [f"--{name}={previous.get(name)!r} there, {getattr(config, name)!r} here"
-                   for name in MODEL_FIELDS if previous.get(name) != getattr(config, name)]
-        if changed:
-            raise ValueError(f"workdir {workdir} holds a run with different model flags ("
-                             + "; ".join(changed) + "): use another --workdir or the same flags.")
-    if chief:
-        os.makedirs(workdir, exist_ok=True)
-        _write_atomically(path, config.to_json())
-        if flags_text is not None:
-            _write_atomically(os.path.join(workdir, "flags.txt"), flags_text)
-
-
-def load_trained_model(workdir):
-    """The network of a reid-train workdir (from `model.json`) with its latest checkpoint.
-
-    Returns `(model, checkpoint_path)`. FileNotFoundError names what is missing.
-    """
-    model_json = os.path.join(workdir, "model.json")
-    if not os.path.exists(model_json):
-        raise FileNotFoundError(f"{model_json}: not found; is {workdir} a reid-train workdir?")
-    latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
-    if latest is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to restore.")
-    with open(model_json) as f:
-        # Synchronised BatchNorm only matters while training on several replicas.
-        model = model_lib.PartLossNet.from_config({**json.load(f), "sync_batch_norm": False})
-    model.build()
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-    return model, latest
-
-
 def extract_outputs(model, split, image_size, batch_size):
     """The descriptors (`model_lib.DESCRIPTORS` that the model has) and `part_masks` of a split,
     in its order, no augmentation: `{name: np.ndarray [N, ...]}`."""
@@ -395,7 +357,10 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
     `flags_text` (the command's flags) is saved as `workdir/flags.txt`. Returns the results
     dict also written to `workdir/results.json`.
     """
+    # Every check before anything is written: a refused start leaves the workdir as it was.
     config.validate()
+    workdir_lib.check_usable(workdir)
+    workdir_lib.check_config(workdir, config)
     strategy = make_strategy(config.strategy, config.cpu_replicas)
     chief = is_chief(strategy)
     replicas = strategy.num_replicas_in_sync
@@ -403,7 +368,6 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
         raise ValueError(f"batch P*K={config.global_batch_size} (--identities_per_batch="
                          f"{config.identities_per_batch} x --images_per_identity="
                          f"{config.images_per_identity}) does not divide over {replicas} replicas.")
-    _check_workdir(workdir, config, chief, flags_text)
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     keras.utils.set_random_seed(config.seed)
@@ -433,9 +397,8 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
             sync_batch_norm=replicas > 1,
         )
         model.build()
-        if chief:  # how to rebuild this network (reid-eval, export tools)
-            _write_atomically(os.path.join(workdir, "model.json"),
-                              json.dumps(model.get_config(), indent=2))
+        if chief:  # the checks passed: config.json, flags.txt, model.json (how to rebuild it)
+            workdir_lib.record(workdir, config, model.get_config(), flags_text)
         boundaries = config.lr_decay_steps or (int(0.6 * total_steps), int(0.85 * total_steps))
         schedule_args = dict(total_steps=total_steps, warmup_steps=config.warmup_steps,
                              schedule=config.schedule, boundaries=boundaries,
@@ -457,7 +420,7 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
     save_dir = checkpoint_dir if chief else os.path.join(
         checkpoint_dir, f".worker_{strategy.cluster_resolver.task_id}")
     manager = tf.train.CheckpointManager(checkpoint, save_dir, max_to_keep=3)
-    latest = tf.train.latest_checkpoint(checkpoint_dir)
+    latest = workdir_lib.newest_readable_checkpoint(checkpoint_dir, log, repair=chief)
     if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
     step = int(optimizer.iterations.numpy())
@@ -530,7 +493,7 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
                           "rank1": metrics["rank1"], "mAP": metrics["mAP"],
                           "descriptors": metrics["descriptors"],
                           "part_consistency": consistency})
-            _write_atomically(curve_path, json.dumps(curve, indent=1))
+            workdir_lib.write_atomically(curve_path, json.dumps(curve, indent=1))
         return metrics
 
     start_time, start_step = time.perf_counter(), step
@@ -609,5 +572,6 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
     for writer in (train_writer, eval_writer):
         writer.flush()
     if chief:
-        _write_atomically(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
+        workdir_lib.write_atomically(os.path.join(workdir, "results.json"),
+                                     json.dumps(results, indent=2))
     return results

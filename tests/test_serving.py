@@ -16,7 +16,7 @@ from reid_tf import features
 from reid_tf import input_pipeline
 from reid_tf import serving
 from reid_tf import testing
-from reid_tf import train_lib
+from reid_tf import workdir as workdir_lib
 
 TRAIN_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
                "--image_width=32", "--embedding_dim=16", "--num_parts=3", "--identities_per_batch=4", "--images_per_identity=4",
@@ -96,7 +96,7 @@ def test_export_cli_refuses_to_overwrite_a_version_and_saved_model_cli_lists_sig
 
 def test_keras_savedmodel_subprocess_and_http_embeddings_agree(trained, server):
     images = decoded(trained["splits"]["query"])[:6]
-    model, _ = train_lib.load_trained_model(trained["workdir"])
+    model, _ = workdir_lib.load_trained_model(trained["workdir"])
     keras_embedding = model(input_pipeline.preprocess(images, (64, 32)),
                             training=False)["embedding"].numpy()
 
@@ -194,7 +194,7 @@ def test_body_cap_unknown_model_and_metadata(server):
 
 def test_load_8_clients_x_200_requests_mixed_valid_and_malformed(trained, server):
     images = decoded(trained["splits"]["gallery"])[:16]
-    model, _ = train_lib.load_trained_model(trained["workdir"])
+    model, _ = workdir_lib.load_trained_model(trained["workdir"])
     expected = model(input_pipeline.preprocess(images, (64, 32)),
                      training=False)["embedding"].numpy()
     report = testing.load_test(server.host, server.port, images, clients=8, requests=200)

@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from reid_tf import input_pipeline
 from reid_tf import train_lib
+from reid_tf import workdir as workdir_lib
 
 TINY_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
               "--image_width=32", "--embedding_dim=16", "--num_parts=3", "--identities_per_batch=4", "--images_per_identity=4",
@@ -55,7 +56,7 @@ def scalar_tags(folder):
 def restore_model(workdir):
     if tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")) is None:
         return None, None
-    return train_lib.load_trained_model(workdir)
+    return workdir_lib.load_trained_model(workdir)
 
 
 def test_train_writes_checkpoint_summaries_export_and_resumes(tmp_path, data_dir):
@@ -175,7 +176,7 @@ def test_workdir_with_other_model_flags_is_refused(tmp_path, data_dir):
     reid_train(workdir, data_dir, "--train_steps=2", "--export=false")
     result = reid_train(workdir, data_dir, "--train_steps=4", "--embedding_dim=8", check=False)
     assert result.returncode == 1
-    assert ("holds a run with different model flags (--embedding_dim=16 there, 8 here)"
+    assert ("holds a run with different flags (--embedding_dim=16 there, 8 here)"
             in result.stderr)
     assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith("ckpt-2")
 

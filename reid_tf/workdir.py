@@ -1,0 +1,199 @@
+"""The run folder of reid-train: what it holds, how it is checked, and how a model comes back.
+
+    <workdir>/config.json      the run's TrainConfig (the flags a resume must match)
+    <workdir>/flags.txt        the command's flags
+    <workdir>/model.json       PartLossNet.get_config(): how to rebuild the network
+    <workdir>/checkpoints/     ckpt-<step>.{index,data-*} and the `checkpoint` state file
+    <workdir>/checkpoints/damaged/   checkpoints found unreadable, kept aside (never deleted)
+
+Training, reid-eval and reid-export all read a workdir through this module. Nothing is written
+until `record` is called, which training does only after every check has passed.
+"""
+
+import glob
+import json
+import os
+import re
+import shutil
+import tempfile
+
+# The flags a resume must match: the model and its checkpoint, and the data order (batch size,
+# seed and the held-out identities fix which batches a resumed run sees).
+MODEL_FIELDS = ("dataset", "backbone", "num_parts", "part_strategy", "embedding_dim",
+                "image_height", "image_width", "last_stride", "kmeans_iterations", "optimizer",
+                "identities_per_batch", "images_per_identity", "seed", "validation_identities",
+                "validation_seed")
+CHECKPOINT_PATTERN = re.compile(r"ckpt-(\d+)$")
+
+
+class DamagedCheckpointError(ValueError):
+    """No checkpoint of the workdir could be read."""
+
+
+def write_atomically(path, text):
+    """Writes `text` to `path` through a temporary file and a rename: never half a file."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
+def check_usable(workdir):
+    """Refuses, with one line, a workdir path that is a file or cannot be written."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir}: is a file, not a folder.")
+    existing = workdir
+    while not os.path.exists(existing):  # the nearest folder that exists must be writable
+        parent = os.path.dirname(os.path.abspath(existing))
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        raise ValueError(f"--workdir={workdir}: {existing} is a file, not a folder.")
+    try:  # a real write: permission bits do not stop root, a read-only file system does
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(f"--workdir={workdir}: {existing} is not writable "
+                         f"({error.strerror or error}).") from None
+
+
+def check_config(workdir, config):
+    """Refuses a workdir that holds a run with other model or data-order flags (writes nothing)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: unreadable ({error}); use another --workdir.") from None
+    changed = [f"--{name}={previous.get(name)!r} there, {getattr(config, name)!r} here"
+               for name in MODEL_FIELDS if previous.get(name) != getattr(config, name)]
+    if changed:
+        raise ValueError(f"workdir {workdir} holds a run with different flags ("
+                         + "; ".join(changed) + "): use another --workdir or the same flags.")
+
+
+def record(workdir, config, model_config=None, flags_text=None):
+    """Writes config.json, flags.txt and model.json (each atomically)."""
+    os.makedirs(workdir, exist_ok=True)
+    write_atomically(os.path.join(workdir, "config.json"), config.to_json())
+    if flags_text is not None:
+        write_atomically(os.path.join(workdir, "flags.txt"), flags_text)
+    if model_config is not None:
+        write_atomically(os.path.join(workdir, "model.json"), json.dumps(model_config, indent=2))
+
+
+def read_json(workdir, name):
+    path = os.path.join(workdir, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not found; is {workdir} a reid-train workdir?")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}).") from None
+
+
+def checkpoint_step(checkpoint_path):
+    """The step of a reid-train checkpoint path (`.../ckpt-<step>`)."""
+    match = CHECKPOINT_PATTERN.search(checkpoint_path)
+    if match is None:
+        raise ValueError(f"{checkpoint_path}: not a reid-train checkpoint (ckpt-<step>).")
+    return int(match.group(1))
+
+
+def checkpoints(directory):
+    """Checkpoint prefixes in `directory`, newest step first (from the files, not the state)."""
+    prefixes = {path[:-len(".index")] for path in glob.glob(os.path.join(directory, "ckpt-*.index"))}
+    prefixes = [p for p in prefixes if CHECKPOINT_PATTERN.search(p)]
+    return sorted(prefixes, key=checkpoint_step, reverse=True)
+
+
+def _readable(prefix):
+    """None if every tensor of the checkpoint reads back, else the error text."""
+    import tensorflow as tf
+
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except Exception as error:  # noqa: BLE001 - any failure to read means damaged
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None
+
+
+def _set_aside(prefix, log):
+    """Moves a damaged checkpoint's files to `<dir>/damaged/` (never deletes them)."""
+    directory = os.path.dirname(prefix)
+    damaged = os.path.join(directory, "damaged")
+    os.makedirs(damaged, exist_ok=True)
+    for path in glob.glob(glob.escape(prefix) + ".*"):
+        os.replace(path, os.path.join(damaged, os.path.basename(path)))
+    log(f"checkpoint {prefix} is damaged: moved to {damaged}/")
+
+
+def _clean_interrupted_saves(directory, log):
+    """Removes `ckpt-N_temp*` folders that an interrupted save leaves behind."""
+    for path in glob.glob(os.path.join(directory, "ckpt-*_temp*")):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"removed {path} (left by an interrupted save)")
+
+
+def newest_readable_checkpoint(directory, log=print, repair=True):
+    """The newest checkpoint of `directory` whose every tensor reads back, or None if none.
+
+    Damaged newer checkpoints (a truncated `.data` file, a missing shard) are moved aside to
+    `damaged/`, named in a log line, and the `checkpoint` state file is rewritten to the one
+    kept, so TensorFlow's own `latest_checkpoint` agrees. Leftover `ckpt-N_temp` folders of an
+    interrupted save are removed. With `repair=False` (a non-chief worker) nothing is moved or
+    rewritten. DamagedCheckpointError if checkpoints exist but none reads.
+    """
+    import tensorflow as tf
+
+    if not os.path.isdir(directory):
+        return None
+    if repair:
+        _clean_interrupted_saves(directory, log)
+    found = checkpoints(directory)
+    errors = []
+    for prefix in found:
+        error = _readable(prefix)
+        if error is None:
+            if errors and repair:
+                remaining = list(reversed(checkpoints(directory)))
+                tf.compat.v1.train.update_checkpoint_state(
+                    directory, prefix, all_model_checkpoint_paths=remaining)
+                log(f"falling back to {prefix}, the newest readable checkpoint")
+            return prefix
+        errors.append(f"{os.path.basename(prefix)}: {error}")
+        if repair:
+            _set_aside(prefix, log)
+    if found:
+        raise DamagedCheckpointError(
+            f"{directory}: no readable checkpoint ({'; '.join(errors)})"
+            + (f"; the damaged files are in {os.path.join(directory, 'damaged')}/." if repair
+               else "."))
+    return None
+
+
+def load_trained_model(workdir, log=print):
+    """The network of a reid-train workdir (from `model.json`) with its newest readable
+    checkpoint. Returns `(model, checkpoint_path)`. FileNotFoundError names what is missing."""
+    import tensorflow as tf
+
+    from reid_tf import model as model_lib
+
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"{workdir}: not a folder; is it a reid-train workdir?")
+    model_config = read_json(workdir, "model.json")
+    latest = newest_readable_checkpoint(os.path.join(workdir, "checkpoints"), log)
+    if latest is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to restore.")
+    # Synchronised BatchNorm only matters while training on several replicas.
+    model = model_lib.PartLossNet.from_config({**model_config, "sync_batch_norm": False})
+    model.build()
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    return model, latest

@@ -1,0 +1,443 @@
+"""The fault suite: bad inputs and faults, each met with one clear line and nothing lost.
+
+Every case runs the real command (subprocess) or server and asserts the exit code or status, one
+line naming the path, flag or field, no traceback, and that existing files are intact
+(checksums). Tiny data: one trained workdir and one export are shared by the module.
+"""
+
+import base64
+import functools
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from reid_tf import evaluation
+from reid_tf import features
+from reid_tf import input_pipeline
+from reid_tf import synthetic
+from reid_tf import testing
+
+TRAIN_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
+               "--image_width=32", "--embedding_dim=16", "--num_parts=3",
+               "--identities_per_batch=4", "--images_per_identity=4", "--optimizer=adam",
+               "--learning_rate=0.001", "--log_every=4", "--checkpoint_every=4",
+               "--image_summary_every=0"]
+
+
+def run(module, *flags, timeout=300):
+    return subprocess.run([sys.executable, "-m", module, *flags], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+def assert_one_line_error(result, tool, *needles):
+    """Exit 1, exactly one `<tool>: error:` line holding every needle, no traceback."""
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    lines = [line for line in result.stderr.splitlines() if line.startswith(f"{tool}: error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    return lines[0]
+
+
+def checksums(folder):
+    """{relative path: sha256} of every file under `folder`."""
+    sums = {}
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                sums[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return sums
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tfds"))
+    input_pipeline.load_splits("synthetic_persons/small", data_dir=path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """A workdir with checkpoints at steps 4 and 8, and its export."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    result = run("reid_tf.train", f"--workdir={workdir}", f"--data_dir={data_dir}",
+                 "--train_steps=8", *TRAIN_FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"workdir": workdir, "data_dir": data_dir,
+            "export": os.path.join(workdir, "export", "8")}
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    """A small Market-layout folder of rendered persons (JPEG)."""
+    root = tmp_path_factory.mktemp("market")
+    config = synthetic.SyntheticConfig(num_train_ids=6, num_test_ids=4, images_per_id=4,
+                                       height=64, width=32, seed=3)
+    for split, records in synthetic.generate(config).items():
+        folder = root / {"train": "bounding_box_train", "query": "query",
+                         "gallery": "bounding_box_test"}[split]
+        folder.mkdir()
+        for i, record in enumerate(records):
+            Image.fromarray(record.image).save(
+                folder / f"{record.person_id:04d}_c{record.camera_id}s1_{i:06d}_00.jpg")
+    return root
+
+
+def copy_of(market, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(market, root)
+    return root
+
+
+# ---------------------------------------------------------------- training and checkpoints
+
+def test_truncated_newest_checkpoint_falls_back_and_is_kept_aside(trained, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained["workdir"], workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    data = [n for n in os.listdir(checkpoints) if n.startswith("ckpt-8.data")][0]
+    with open(os.path.join(checkpoints, data), "r+b") as f:
+        f.truncate(os.path.getsize(f.name) // 2)
+    os.makedirs(os.path.join(checkpoints, "ckpt-12_temp", "part-00000-of-00001"))  # a dead save
+    result = run("reid_tf.eval", f"--workdir={workdir}", f"--data_dir={trained['data_dir']}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ckpt-8 is damaged" in result.stdout and "falling back to" in result.stdout
+    assert "evaluating " + os.path.join(checkpoints, "ckpt-4") in result.stdout
+    assert os.path.exists(os.path.join(checkpoints, "damaged", data))  # kept, not deleted
+    assert not os.path.exists(os.path.join(checkpoints, "ckpt-12_temp"))
+    # Training resumes from the intact checkpoint and goes on.
+    result = run("reid_tf.train", f"--workdir={workdir}", f"--data_dir={trained['data_dir']}",
+                 "--train_steps=12", "--export=false", *TRAIN_FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "at step 4" in result.stdout
+    assert "step 12/12" in result.stdout
+
+
+def test_no_readable_checkpoint_is_one_line(trained, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained["workdir"], workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    for name in os.listdir(checkpoints):
+        if ".data" in name:
+            with open(os.path.join(checkpoints, name), "r+b") as f:
+                f.truncate(10)
+    result = run("reid_tf.eval", f"--workdir={workdir}", f"--data_dir={trained['data_dir']}")
+    assert_one_line_error(result, "reid-eval", "no readable checkpoint", "ckpt-8", "ckpt-4")
+    assert len([n for n in os.listdir(os.path.join(checkpoints, "damaged"))
+                if ".data" in n]) == 2
+
+
+@pytest.mark.parametrize("flag, needle", [
+    ("--dataset=folder:/nonexistent/reid", "/nonexistent/reid"),
+    ("--num_parts=-1", "--num_parts=-1"),
+    ("--embedding_dim=0", "--embedding_dim=0"),
+    ("--validation_identities=-1", "--validation_identities"),
+])
+def test_refused_start_writes_nothing_and_the_corrected_command_runs(tmp_path, data_dir, flag,
+                                                                      needle):
+    workdir = tmp_path / "run"
+    result = run("reid_tf.train", f"--workdir={workdir}", f"--data_dir={data_dir}",
+                 "--train_steps=2", "--export=false", *TRAIN_FLAGS, flag)
+    assert_one_line_error(result, "reid-train", needle)
+    assert not workdir.exists() or not os.listdir(workdir)
+    result = run("reid_tf.train", f"--workdir={workdir}", f"--data_dir={data_dir}",
+                 "--train_steps=2", "--export=false", *TRAIN_FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_workdir_that_is_a_file_or_read_only(tmp_path, data_dir):
+    path = tmp_path / "a_file"
+    path.write_text("keep me")
+    result = run("reid_tf.train", f"--workdir={path}", f"--data_dir={data_dir}",
+                 "--train_steps=2", *TRAIN_FLAGS)
+    assert_one_line_error(result, "reid-train", str(path), "is a file")
+    assert path.read_text() == "keep me"
+    # /proc refuses new files even to root (permission bits would not).
+    result = run("reid_tf.train", "--workdir=/proc/self/reid_run", f"--data_dir={data_dir}",
+                 "--train_steps=2", *TRAIN_FLAGS)
+    assert_one_line_error(result, "reid-train", "/proc/self", "not writable")
+
+
+def tiff_named_jpg(path):
+    Image.fromarray(np.full((64, 32, 3), 120, np.uint8)).save(path, format="TIFF")
+
+
+def test_image_that_only_pillow_reads_is_caught_at_start(market, tmp_path, data_dir):
+    root = copy_of(market, tmp_path)
+    bad = root / "bounding_box_train" / "0000_c1s1_999999_00.jpg"
+    tiff_named_jpg(bad)
+    before = checksums(root)
+    workdir = tmp_path / "run"
+    flags = [f"--dataset=folder:{root}", "--backbone=tiny", "--image_height=64",
+             "--image_width=32", "--embedding_dim=16", "--num_parts=2",
+             "--identities_per_batch=2", "--images_per_identity=2", "--train_steps=4",
+             "--export=false", "--image_summary_every=0"]
+    result = run("reid_tf.train", f"--workdir={workdir}", *flags)
+    assert_one_line_error(result, "reid-train", "1 corrupt or unreadable image", "--skip_corrupt")
+    assert str(bad) in result.stderr
+    assert not workdir.exists() or not os.listdir(workdir)
+    result = run("reid_tf.train", f"--workdir={workdir}", *flags, "--skip_corrupt")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped 1 corrupt image" in result.stdout and "step 4/4" in result.stdout
+    assert checksums(root) == before
+
+
+def test_non_utf8_file_name_is_named(market, tmp_path):
+    root = copy_of(market, tmp_path)
+    folder = os.fsencode(root / "bounding_box_train")
+    bad = os.path.join(folder, b"0001_c1s1_00\xff\xfe_00.jpg")
+    shutil.copy(os.path.join(folder, sorted(os.listdir(folder))[0]), bad)
+    result = run("reid_tf.train", f"--workdir={tmp_path / 'run'}", f"--dataset=folder:{root}",
+                 "--backbone=tiny", "--train_steps=1")
+    line = assert_one_line_error(result, "reid-train", "not valid UTF-8", "bounding_box_train")
+    assert "0001_c1s1_00" in line
+
+
+# ---------------------------------------------------------------- tools
+
+def test_reid_eval_on_an_empty_export_folder(tmp_path):
+    result = run("reid_tf.eval", f"--export={tmp_path}", "--dataset=synthetic_persons/small")
+    assert_one_line_error(result, "reid-eval", str(tmp_path), "saved_model.pb")
+
+
+def test_reid_eval_export_uses_the_training_size(trained):
+    """The export records 64x32; reid-eval must not resize to its own 256x128 first."""
+    logged = json.load(open(os.path.join(trained["workdir"], "results.json")))
+    output = os.path.join(trained["workdir"], "eval_export")
+    result = run("reid_tf.eval", f"--export={trained['export']}",
+                 "--dataset=synthetic_persons/small", f"--data_dir={trained['data_dir']}",
+                 f"--output_dir={output}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.load(open(os.path.join(output, "results.json")))
+    assert evaluated["mAP"] == pytest.approx(logged["mAP"], abs=1e-4)
+    assert features.Export(trained["export"]).image_size == (64, 32)
+    result = run("reid_tf.eval", f"--export={trained['export']}",
+                 "--dataset=synthetic_persons/small", f"--data_dir={trained['data_dir']}",
+                 "--image_height=256", "--image_width=128")
+    assert_one_line_error(result, "reid-eval", "trained at (64, 32)")
+
+
+def test_reid_extract_refuses_a_folder_as_output_before_any_work(trained, tmp_path, market):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("x")
+    result = run("reid_tf.features", f"--export={trained['export']}", f"--images={market}",
+                 f"--output={folder}")
+    assert_one_line_error(result, "reid-extract", str(folder), "is a folder")
+    assert "extracting" not in result.stderr  # refused before the extraction started
+    assert os.listdir(folder) == ["keep.txt"] and not list(tmp_path.glob("*.tmp"))
+
+
+def test_reid_extract_corrupt_file_offers_a_flag_it_has(trained, tmp_path, market):
+    root = copy_of(market, tmp_path)
+    bad = root / "bounding_box_test" / "0007_c1s1_999999_00.jpg"
+    bad.write_bytes(b"not an image")
+    output = tmp_path / "features.npz"
+    output.write_bytes(b"an earlier features.npz")
+    result = run("reid_tf.features", f"--export={trained['export']}", f"--images={root}",
+                 f"--output={output}")
+    assert_one_line_error(result, "reid-extract", "--skip_corrupt")
+    assert str(bad) in result.stderr
+    assert output.read_bytes() == b"an earlier features.npz"
+    result = run("reid_tf.features", f"--export={trained['export']}", f"--images={root}",
+                 f"--output={output}", "--skip_corrupt")
+    assert result.returncode == 0, result.stderr[-3000:]
+    arrays = features.load_features(str(output))
+    assert bad.name not in set(arrays["file_names"])
+    assert len(arrays["file_names"]) == len(os.listdir(root / "bounding_box_test")) - 1
+
+
+# ---------------------------------------------------------------- evaluation and summaries
+
+def test_evaluate_takes_lists_and_refuses_no_valid_query():
+    distances = [[0.1, 0.9], [0.8, 0.2]]
+    result = evaluation.evaluate(distances, [1, 2], [1, 2], [0, 0], [1, 1])
+    assert result["rank1"] == 1.0 and result["mAP"] == 1.0
+    same_camera = (np.array([[0.1, 0.2]]), [1], [1, 3], [0], [0, 0])
+    for evaluate in (evaluation.evaluate, evaluation.evaluate_single_gallery_shot):
+        with pytest.raises(ValueError, match="no query has a true match"):
+            evaluate(*same_camera)
+    with pytest.raises(ValueError, match="no query has a true match"):
+        evaluation.evaluate_features(np.eye(2, dtype=np.float32)[:1],
+                                     np.eye(2, dtype=np.float32), [1], [1, 3], [0], [0, 0])
+
+
+def load_summarize():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "summarize.py")
+    spec = importlib.util.spec_from_file_location("summarize", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record(name, seed, num_parts, map_, data="labeled", embedding_dim=256):
+    return name, {"name": name, "recipe": f"cuhk03_pair1_{data}_mobilenetv2_128x64",
+                  "config": {"seed": seed, "num_parts": num_parts, "part_strategy": "bands",
+                             "embedding_dim": embedding_dim},
+                  "results": {"rank1": map_, "mAP": map_, "descriptors": {
+                      name: {"rank1": map_, "mAP": map_}
+                      for name in ("embedding", "global_embedding", "part_embeddings")}}}
+
+
+def test_summarize_pairs_runs_by_seed_and_checks_num_parts():
+    summarize = load_summarize()
+    records = dict([record("cuhk03_pair1_labeled_baseline_s0", 0, 0, 0.30),
+                    record("cuhk03_pair1_labeled_baseline_s2", 2, 0, 0.50),  # seed 1 failed
+                    record("cuhk03_pair1_labeled_plnet_s0", 0, 4, 0.31),
+                    record("cuhk03_pair1_labeled_plnet_s1", 1, 4, 0.90),
+                    record("cuhk03_pair1_labeled_plnet_s2", 2, 4, 0.52)])
+    table = summarize.main_table(records)
+    row = [line for line in table.splitlines() if "(b)" in line][0]
+    assert "s0: +1.0 / +1.0; s2: +2.0 / +2.0" in row  # by seed: s1 has no baseline to pair
+    records["cuhk03_pair1_labeled_plnet_s2"]["config"]["num_parts"] = 0
+    with pytest.raises(ValueError, match="num_parts=0, but its row needs 4"):
+        summarize.main_table(records)
+
+
+def test_skip_corrupt_preparation_has_its_own_cache(tmp_path):
+    import tensorflow_datasets as tfds
+    import reid_datasets
+
+    reid_datasets.register("synthetic_persons/small")
+    plain = tfds.builder("synthetic_persons/small", data_dir=str(tmp_path))
+    skipping = tfds.builder("synthetic_persons/small", data_dir=str(tmp_path), skip_corrupt=True)
+    assert plain.data_dir != skipping.data_dir
+    assert os.path.join(str(tmp_path), "skip_corrupt") in skipping.data_dir
+
+
+# ---------------------------------------------------------------- serving
+
+@functools.lru_cache(maxsize=None)
+def png_bomb(side=20000):
+    """A PNG of side x side black pixels: ~1 MB compressed, 1.2 GB decoded."""
+    import struct
+    import zlib
+
+    row = b"\x00" + b"\x00" * (side * 3)
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+
+    def chunk(kind, payload):
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
+            + chunk(b"IEND", b""))
+
+
+def small_png(seed=0):
+    image = np.random.default_rng(seed).integers(0, 255, (64, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w")
+    with testing.serve(trained["export"], "--timeout_s=3", "--max_connections=4",
+                       log=log) as client:
+        yield client
+    log.close()
+
+
+def peak_rss_gib(pid):
+    """Peak resident memory (VmHWM) of process `pid`, GiB."""
+    with open(f"/proc/{pid}/status") as f:
+        line = [line for line in f if line.startswith("VmHWM")][0]
+    return int(line.split()[1]) / (1 << 20)
+
+
+def expected_embedding(trained, data):
+    return features.Export(trained["export"]).embed_encoded([data])["embedding"][0]
+
+
+def test_decompression_bomb_is_refused_from_its_header(server, trained):
+    bomb = base64.b64encode(png_bomb()).decode()
+    status, answer = server.request("POST", "/v1/models/reid:predict",
+                                    {"instances": [{"b64": bomb}]})
+    assert status == 400 and answer["field"] == "instances[0].b64", answer
+    assert "20000x20000" in answer["error"] and "--max_image_pixels" in answer["error"]
+    assert peak_rss_gib(server.pid) < 1.5
+    data = small_png(1)
+    status, answer = server.request("POST", "/v1/models/reid:predict",
+                                    {"instances": [{"b64": base64.b64encode(data).decode()}]})
+    assert status == 200
+    np.testing.assert_allclose(answer["predictions"][0]["embedding"],
+                               expected_embedding(trained, data), atol=1e-5)
+
+
+@pytest.mark.parametrize("nesting", ["[" * 10000 + "]" * 10000,
+                                     '{"a":' * 10000 + "1" + "}" * 10000,
+                                     '{"instances": ' + "[" * 10000 + "]" * 10000 + "}"])
+def test_deeply_nested_json_is_a_400(server, nesting):
+    status, answer = server.request("POST", "/v1/models/reid:predict", nesting.encode())
+    assert status == 400, answer
+    status, _ = server.request("GET", "/v1/models/reid")
+    assert status == 200
+
+
+def raw_connection(port):
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+    return connection
+
+
+def test_stalled_body_gets_408_within_the_timeout(server):
+    connection = raw_connection(server.port)
+    start = time.monotonic()
+    connection.sendall(b"POST /v1/models/reid:predict HTTP/1.1\r\nHost: x\r\n"
+                       b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"in")
+    for _ in range(2):  # trickle, then stall
+        time.sleep(0.5)
+        connection.sendall(b"s")
+    answer = connection.recv(65536)
+    elapsed = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert elapsed < 3 + 2, elapsed
+    assert connection.recv(65536) == b""  # closed
+    connection.close()
+
+
+def test_stalled_headers_are_closed_within_the_timeout(server):
+    connection = raw_connection(server.port)
+    start = time.monotonic()
+    connection.sendall(b"POST /v1/models/reid:predict HTTP/1.1\r\nHost: x\r\n")
+    connection.settimeout(30)
+    assert connection.recv(65536) == b""  # closed by the server, no answer
+    assert time.monotonic() - start < 3 + 2
+    connection.close()
+
+
+def test_connections_over_the_cap_get_503(server, trained):
+    if server.connection is not None:  # the client's own kept-alive connection
+        server.connection.close()
+        server.connection = None
+    idle = [raw_connection(server.port) for _ in range(4)]
+    time.sleep(0.3)
+    extra = raw_connection(server.port)
+    answer = extra.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    for connection in idle + [extra]:
+        connection.close()
+    time.sleep(0.3)
+    data = small_png(2)
+    status, answer = server.request("POST", "/v1/models/reid:predict",
+                                    {"instances": [{"b64": base64.b64encode(data).decode()}]})
+    assert status == 200
+    np.testing.assert_allclose(answer["predictions"][0]["embedding"],
+                               expected_embedding(trained, data), atol=1e-5)
