@@ -122,3 +122,72 @@ def test_bad_arguments_name_the_argument_and_valid_values():
         model_lib.PartLossNet(**{**TINY, "image_size": (4, 32)})
     with pytest.raises(ValueError, match=r"input_shape=\(16, 128, 3\).*'resnet50'.*at least 32"):
         model_lib.PartLossNet(num_classes=5, backbone="resnet50", image_size=(16, 128))
+
+
+def _train_three_steps(strategy, sync_batch_norm, initial_weights):
+    with strategy.scope():
+        net = model_lib.PartLossNet(num_parts=3, sync_batch_norm=sync_batch_norm, **TINY)
+        net.build()
+        net.set_weights(initial_weights)
+        optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
+        optimizer.build(net.trainable_variables)
+    batches = [{"image": images(batch=8, seed=s),
+                "label": tf.constant([0, 0, 1, 1, 2, 2, 3, 3])} for s in range(3)]
+    dataset = tf.data.Dataset.from_tensor_slices(
+        {k: tf.stack([b[k] for b in batches]) for k in batches[0]}).unbatch().batch(8)
+    iterator = iter(strategy.experimental_distribute_dataset(dataset))
+    step = train_lib.make_train_step(net, optimizer, strategy, global_batch_size=8,
+                                     label_smoothing=0.1)
+    losses_seen = [float(step(iterator, tf.constant(1))["loss"]) for _ in range(3)]
+    return net.get_weights(), losses_seen
+
+
+def test_two_replicas_with_synchronised_batch_norm_equal_one_device():
+    """The same global batches on 1 device and on 2 replicas (4 images each, BatchNorm
+    statistics synchronised): the same losses and weights after 3 SGD steps."""
+    reference = model_lib.PartLossNet(num_parts=3, **TINY)
+    reference.build()
+    initial = reference.get_weights()
+    single_weights, single_losses = _train_three_steps(tf.distribute.get_strategy(), False,
+                                                       initial)
+    mirrored = train_lib.make_strategy("mirrored")
+    assert mirrored.num_replicas_in_sync == 2
+    weights, replica_losses = _train_three_steps(mirrored, True, initial)
+    np.testing.assert_allclose(replica_losses, single_losses, rtol=1e-4)
+    assert len(weights) == len(single_weights) > 20
+    for got, expected in zip(weights, single_weights):  # incl. BatchNorm moving statistics
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5)
+    # Moving the weights at all: the comparison is not between untouched initial weights.
+    assert max(np.abs(w - i).max() for w, i in zip(weights, initial)) > 1e-3
+
+
+@pytest.mark.parametrize("strategy", ["bands", "peaks", "activation"])
+def test_part_gradients_reach_the_backbone_only_through_pooled_features(strategy):
+    """The part loss trains the backbone through the masked pooling; the masks are constants
+    of the image: the same gradient as with the masks fed in as fixed inputs."""
+    net = model_lib.PartLossNet(num_parts=3, part_strategy=strategy, **TINY)
+    x = images(batch=4)
+    labels = tf.constant([0, 1, 2, 3])
+    features = net.backbone(x, training=False)
+
+    def part_loss(features, masks=None):
+        masks = net.partition(features) if masks is None else masks
+        pooled = net.part_pooling([features, masks])
+        _, logits = net.part_head(pooled, training=False)
+        return losses.part_loss(labels, logits)
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(features)
+        through_layer = tf.reduce_mean(part_loss(features))
+        fixed = tf.reduce_mean(part_loss(features, tf.constant(net.partition(features))))
+    gradient = tape.gradient(through_layer, features)
+    np.testing.assert_allclose(gradient, tape.gradient(fixed, features), atol=1e-7)
+    assert float(tf.reduce_max(tf.abs(gradient))) > 0
+    # ... and it reaches the backbone's weights.
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(part_loss(net.backbone(x, training=False)))
+    backbone_gradients = tape.gradient(loss, net.backbone.trainable_variables)
+    assert all(g is not None for g in backbone_gradients)
+    assert max(float(tf.reduce_max(tf.abs(g))) for g in backbone_gradients) > 0
+    # A perturbation that changes no channel's argmax nor any relative weight leaves the masks.
+    np.testing.assert_array_equal(net.partition(features), net.partition(features * 3.0))

@@ -189,3 +189,54 @@ def test_non_finite_loss_stops_training_naming_the_step(tmp_path, data_dir):
     lines = [line for line in result.stderr.splitlines() if line.startswith("reid-train: error")]
     assert len(lines) == 1 and "non-finite loss at step" in lines[0], result.stderr[-2000:]
     assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def logged_losses(workdir):
+    """{step: loss} from TensorBoard; a step logged twice (before a kill, again after the
+    resume) keeps its last value."""
+    events = scalar_tags(os.path.join(workdir, "tensorboard", "train"))
+    return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors("train/loss")}
+
+
+def test_a_killed_and_resumed_run_equals_the_straight_run(tmp_path, data_dir):
+    """SIGKILL at a random step, resume: every logged loss and every final tensor (weights,
+    BatchNorm statistics, optimizer slots) equal an uninterrupted run's."""
+    flags = ["--train_steps=14", "--log_every=1", "--checkpoint_every=3", "--export=false",
+             "--image_summary_every=0", "--random_erasing=0.5"]
+    env = {"TF_DETERMINISTIC_OPS": "1"}
+    straight = str(tmp_path / "straight")
+    reid_train(straight, data_dir, *flags, env=env)
+    killed = str(tmp_path / "killed")
+    process = reid_train(killed, data_dir, *flags, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    kill_at = random.Random().randint(4, 11)
+    output = ""
+    while f"step {kill_at}/14" not in output:
+        line = process.stdout.readline()
+        assert line, output[-2000:]
+        output += line
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    resumed = reid_train(killed, data_dir, *flags, env=env)
+    assert "resumed from" in resumed.stdout, (kill_at, resumed.stdout[-2000:])
+    expected, got = logged_losses(straight), logged_losses(killed)
+    assert sorted(got) == sorted(expected) == list(range(1, 15))
+    for step in expected:
+        assert got[step] == expected[step], (step, kill_at)
+    a = tf.train.load_checkpoint(os.path.join(straight, "checkpoints", "ckpt-14"))
+    b = tf.train.load_checkpoint(os.path.join(killed, "checkpoints", "ckpt-14"))
+    names = [n for n in a.get_variable_to_shape_map() if n != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    assert len(names) > 40
+    for name in names:
+        np.testing.assert_array_equal(a.get_tensor(name), b.get_tensor(name), err_msg=name)
+
+
+def test_resume_with_another_data_order_is_refused(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    reid_train(workdir, data_dir, "--train_steps=2", "--export=false")
+    for flag in ("--identities_per_batch=2", "--images_per_identity=2", "--seed=1"):
+        result = reid_train(workdir, data_dir, "--train_steps=4", "--export=false", flag,
+                            check=False)
+        assert result.returncode == 1
+        assert "holds a run with different flags" in result.stderr
+        assert flag.split("=")[0] in result.stderr
