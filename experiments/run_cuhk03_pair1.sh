@@ -5,7 +5,8 @@
 # holds the queue between runs. After each run, its results and flags are copied to
 # experiments/results/<name>.json (what summarize.py reads; commit those).
 #
-#   bash experiments/run_cuhk03_pair1.sh validation   # choices: curves on held-out training ids
+#   bash experiments/run_cuhk03_pair1.sh validation   # budget: curves on held-out training ids
+#   bash experiments/run_cuhk03_pair1.sh strategies   # part strategy, on the same held-out ids
 #   bash experiments/run_cuhk03_pair1.sh main         # rows (a)-(d), 3 seeds, labeled + detected
 #   bash experiments/run_cuhk03_pair1.sh wide         # row (e): baseline with PL-Net's width
 #   bash experiments/run_cuhk03_pair1.sh short        # the 2.5-epoch appendix
@@ -17,13 +18,23 @@ PYTHON=${PYTHON:-.venv/bin/python}
 WHICH=${1:-main}
 RUNS=()
 R=cuhk03_pair1
+# Validation: labeled boxes, 20 % of the training identities held out, evaluated every 50 steps
+# (~0.8 epoch). `validation`: the budget (30 and 12 epochs, baseline and PL-Net with bands);
+# `strategies`: part strategies at the recipe's budget.
+V="--validation_identities=0.2 --eval_every=50 --seed=0"
+L=${R}_labeled_mobilenetv2_128x64
 if [[ $WHICH == validation ]]; then
-  # Labeled boxes, 20 % of the training identities held out, evaluated every 50 steps (~1 epoch).
-  V="--validation_identities=0.2 --eval_every=50 --seed=0"
-  RUNS+=("${R}_labeled_val_baseline|${R}_labeled_mobilenetv2_128x64|--num_parts=0 $V")
-  RUNS+=("${R}_labeled_val_bands|${R}_labeled_mobilenetv2_128x64|--part_strategy=bands $V")
-  RUNS+=("${R}_labeled_val_peaks|${R}_labeled_mobilenetv2_128x64|--part_strategy=peaks $V")
-  RUNS+=("${R}_labeled_val_stripes|${R}_labeled_mobilenetv2_128x64|--part_strategy=stripes $V")
+  RUNS+=("${R}_labeled_val_baseline|$L|--num_parts=0 --epochs=30 $V")
+  RUNS+=("${R}_labeled_val_bands|$L|--part_strategy=bands --epochs=30 $V")
+  RUNS+=("${R}_labeled_val_baseline_e12|$L|--num_parts=0 --epochs=12 $V")
+  RUNS+=("${R}_labeled_val_bands_e12|$L|--part_strategy=bands --epochs=12 $V")
+fi
+if [[ $WHICH == strategies ]]; then
+  E=$(sed -n 's/^--epochs=//p' "experiments/$L.flags")  # the recipe's budget
+  S=$([[ $E == 30 ]] && echo "" || echo "_e$E")         # the 30-epoch runs carry no suffix
+  for strategy in bands peaks stripes; do
+    RUNS+=("${R}_labeled_val_${strategy}${S}|$L|--part_strategy=$strategy --epochs=$E $V")
+  done
 fi
 if [[ $WHICH == main ]]; then
   for seed in 0 1 2; do

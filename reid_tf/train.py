@@ -81,6 +81,10 @@ flags.DEFINE_integer("checkpoint_every", _DEFAULTS.checkpoint_every, "Steps betw
 flags.DEFINE_integer("eval_every", _DEFAULTS.eval_every, "Steps between evaluations (0: at end).")
 flags.DEFINE_integer("image_summary_every", _DEFAULTS.image_summary_every,
                      "Steps between part-mask pictures in TensorBoard.")
+flags.DEFINE_integer("max_steps_per_call", _DEFAULTS.max_steps_per_call,
+                     "Most training steps run in one tf.function call.")
+flags.DEFINE_integer("eval_batch_size", _DEFAULTS.eval_batch_size,
+                     "Images per batch when evaluating.")
 flags.DEFINE_bool("export", True, "Export a SavedModel at the end.")
 
 
@@ -104,6 +108,7 @@ def config_from_flags():
         cpu_replicas=FLAGS.cpu_replicas, mixed_precision=FLAGS.mixed_precision, seed=FLAGS.seed,
         log_every=FLAGS.log_every, checkpoint_every=FLAGS.checkpoint_every,
         eval_every=FLAGS.eval_every, image_summary_every=FLAGS.image_summary_every,
+        max_steps_per_call=FLAGS.max_steps_per_call, eval_batch_size=FLAGS.eval_batch_size,
         export=FLAGS.export,
     )
 
