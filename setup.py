@@ -38,12 +38,15 @@ setuptools.setup(
         "tqdm>=4.60",  # progress bars
         "numba>=0.60",  # the evaluation kernel (no per-query sort)
         "faiss-cpu>=1.8",  # reid-serve's gallery search
-        "aiohttp>=3.9",  # reid-serve's HTTP server
+        # reid-serve's HTTP server; 3.14: the keep-alive timer runs from a connection's start,
+        # which is what closes a connection whose request head never arrives.
+        "aiohttp>=3.14",
     ],
     extras_require={
         "cpu": ["tensorflow-cpu" + TENSORFLOW],
         "gpu": ["tensorflow[and-cuda]" + TENSORFLOW],
         "test": ["pytest>=8", "dill", "scikit-image>=0.22"],  # dill: tfds.testing; skimage: chelsea
+        "experiments": ["matplotlib>=3.8"],  # experiments/summarize.py --plot
     },
     entry_points={
         "console_scripts": [

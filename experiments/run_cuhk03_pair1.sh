@@ -10,6 +10,7 @@
 #   bash experiments/run_cuhk03_pair1.sh main         # rows (a)-(d), 3 seeds, labeled + detected
 #   bash experiments/run_cuhk03_pair1.sh wide         # row (e): baseline with PL-Net's width
 #   bash experiments/run_cuhk03_pair1.sh short        # the 2.5-epoch appendix
+#   bash experiments/run_cuhk03_pair1.sh peer         # the PyTorch peer (experiments/peers)
 #   .venv/bin/python experiments/summarize.py         # the tables of RESULTS.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,9 +26,9 @@ V="--validation_identities=0.2 --eval_every=50 --seed=0"
 L=${R}_labeled_mobilenetv2_128x64
 if [[ $WHICH == validation ]]; then
   RUNS+=("${R}_labeled_val_baseline|$L|--num_parts=0 --epochs=30 $V")
-  RUNS+=("${R}_labeled_val_bands|$L|--part_strategy=bands --epochs=30 $V")
   RUNS+=("${R}_labeled_val_baseline_e12|$L|--num_parts=0 --epochs=12 $V")
   RUNS+=("${R}_labeled_val_bands_e12|$L|--part_strategy=bands --epochs=12 $V")
+  RUNS+=("${R}_labeled_val_bands|$L|--part_strategy=bands --epochs=30 $V")
 fi
 if [[ $WHICH == strategies ]]; then
   E=$(sed -n 's/^--epochs=//p' "experiments/$L.flags")  # the recipe's budget
@@ -56,6 +57,28 @@ if [[ $WHICH == short ]]; then
       RUNS+=("${R}_${data}_short_baseline_s${seed}|${R}_${data}_short_mobilenetv2_128x64|--num_parts=0 --seed=${seed}")
       RUNS+=("${R}_${data}_short_plnet_s${seed}|${R}_${data}_short_mobilenetv2_128x64|--seed=${seed}")
     done
+  done
+fi
+if [[ $WHICH == peer ]]; then
+  # The independent PyTorch baseline (experiments/peers), at the recipe's budget in steps.
+  PEER=${PEER:-experiments/peers/.venv/bin/python}
+  for job in labeled:0 labeled:1 labeled:2 detected:0; do
+    data=${job%:*}; seed=${job#*:}
+    out=experiments/results/peer_${data}_baseline_s${seed}.json
+    [[ -f $out ]] && { echo "== peer $data s$seed: done, skipped"; continue; }
+    while [[ -f runs/PAUSE ]]; do sleep 10; done
+    flagfile=experiments/${R}_${data}_mobilenetv2_128x64.flags
+    epochs=$(sed -n 's/^--epochs=//p' "$flagfile")
+    steps=$("$PYTHON" -c "import numpy as np; from reid_tf import input_pipeline as ip
+s = ip.load_splits('folder:../shared/data/${R}_${data}', log=lambda line: None)['train']
+labels, _ = ip.relabel(s.person_ids)
+print($epochs * (len(ip.pk_epoch(labels, 16, 4, np.random.default_rng([0, 0]))) // 64))")
+    mkdir -p "runs/peer_${data}_baseline_s${seed}"
+    echo "== peer $data s$seed: $steps steps ($epochs epochs of reid-train's schedule)"
+    "$PEER" experiments/peers/torch_baseline.py --data="../shared/data/${R}_${data}" \
+      --weights=../shared/weights/mobilenet_v2-b0353104.pth --steps="$steps" --seed="$seed" \
+      --output="$out" >"runs/peer_${data}_baseline_s${seed}/train.log" 2>&1 \
+      || echo "!! peer $data s$seed failed, see runs/peer_${data}_baseline_s${seed}/train.log"
   done
 fi
 for run in "${RUNS[@]}"; do

@@ -174,17 +174,48 @@ def tables(records):
     ])
 
 
+def plot_validation(records, path, prefix="cuhk03_pair1_labeled_val_"):
+    """Validation mAP against epoch for every validation run (one line each) -> PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axis = pyplot.subplots(figsize=(7, 4.2), dpi=120)
+    for name, record in sorted(records.items()):
+        if not name.startswith(prefix):
+            continue
+        curve = record["results"]["validation_curve"]
+        style = "--" if record["config"]["num_parts"] == 0 else "-"
+        axis.plot([p["epoch"] for p in curve], [100 * p["mAP"] for p in curve], style,
+                  label=f"{name[len(prefix):]} (K={record['config']['num_parts']})")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("validation mAP (%)")
+    axis.set_title("CUHK03 pair 1, labeled: 84 held-out training identities")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--collect", help="a finished run's workdir to copy into results/")
     parser.add_argument("--recipe", default="")
     parser.add_argument("--extra", default="")
     parser.add_argument("--results", default=RESULTS_DIR)
+    parser.add_argument("--plot", action="store_true",
+                        help="also write figures/validation_map.png (needs matplotlib)")
     args = parser.parse_args()
     if args.collect:
         print(f"   results -> {collect(args.collect, args.recipe, args.extra, args.results)}")
         return
-    print(tables(load_all(args.results)))
+    records = load_all(args.results)
+    print(tables(records))
+    if args.plot:
+        print(plot_validation(records, os.path.join(HERE, "figures", "validation_map.png")))
 
 
 if __name__ == "__main__":
