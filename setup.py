@@ -41,6 +41,7 @@ setuptools.setup(
         # reid-serve's HTTP server; 3.14: the keep-alive timer runs from a connection's start,
         # which is what closes a connection whose request head never arrives.
         "aiohttp>=3.14",
+        "prometheus_client>=0.20",  # reid-serve's /metrics
     ],
     extras_require={
         "cpu": ["tensorflow-cpu" + TENSORFLOW],

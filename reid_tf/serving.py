@@ -26,10 +26,13 @@ import io
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
+from reid_tf import batching
 from reid_tf import features
+from reid_tf import gallery_store
 
 MAX_RESULTS = 1000
 DEFAULT_MAX_IMAGE_PIXELS = 1 << 22  # 4.2 megapixels (2048 x 2048): 12 MiB decoded
@@ -45,63 +48,12 @@ class BadRequest(Exception):
         self.message = message
 
 
+class Overloaded(Exception):
+    """The batching queue is full (answered 503 with Retry-After)."""
+
+
 class BodyTimeout(Exception):
     """The request body did not arrive in time (answered 408, connection closed)."""
-
-
-class Gallery:
-    """A faiss index over L2-normalised gallery embeddings with their file names and labels.
-
-    `index="flat"`: exact inner product (`IndexFlatIP`); `"ivf"`: `IndexIVFFlat` with `nlist`
-    inverted lists (trained on the gallery itself) searching `nprobe` of them.
-    """
-
-    def __init__(self, embeddings, file_names, person_ids=None, camera_ids=None, index="flat",
-                 nlist=100, nprobe=10):
-        import faiss
-
-        embeddings = np.ascontiguousarray(embeddings, np.float32)
-        if embeddings.ndim != 2 or not len(embeddings):
-            raise ValueError(f"gallery embeddings: shape {embeddings.shape}; expected [N>0, E].")
-        dimension = embeddings.shape[1]
-        if index == "flat":
-            self.index = faiss.IndexFlatIP(dimension)
-        elif index == "ivf":
-            if nlist < 1 or nlist > len(embeddings):
-                raise ValueError(f"--nlist={nlist}: expected 1..{len(embeddings)} (the gallery "
-                                 "size) for an IVF index.")
-            self.index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dimension), dimension, nlist,
-                                            faiss.METRIC_INNER_PRODUCT)
-            self.index.train(embeddings)
-            self.index.nprobe = nprobe
-        else:
-            raise ValueError(f"--index={index}: expected flat or ivf.")
-        self.index.add(embeddings)
-        self.file_names = np.asarray(file_names, dtype=str)
-        self.person_ids = None if person_ids is None else np.asarray(person_ids, np.int64)
-        self.camera_ids = None if camera_ids is None else np.asarray(camera_ids, np.int64)
-
-    @classmethod
-    def from_features(cls, arrays, **index_options):
-        return cls(arrays["embeddings"], arrays["file_names"], arrays.get("person_ids"),
-                   arrays.get("camera_ids"), **index_options)
-
-    def __len__(self):
-        return self.index.ntotal
-
-    def search(self, queries, k):
-        """Top-k matches of each query, nearest first: lists of dicts."""
-        similarities, indices = self.index.search(np.ascontiguousarray(queries, np.float32),
-                                                  min(k, len(self)))
-        results = []
-        for row_similarities, row_indices in zip(similarities, indices):
-            results.append([{
-                "file_name": str(self.file_names[i]),
-                "person_id": None if self.person_ids is None else int(self.person_ids[i]),
-                "camera_id": None if self.camera_ids is None else int(self.camera_ids[i]),
-                "distance": float(1.0 - s),
-            } for s, i in zip(row_similarities, row_indices) if i >= 0])
-        return results
 
 
 def parse_images(body, max_batch, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
@@ -115,8 +67,8 @@ def parse_images(body, max_batch, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
         raise BadRequest("body", "expected a JSON object with 'instances' or 'inputs'.")
     signature = body.get("signature_name")
     if signature not in (None, "", "serving_default", "serve_encoded"):
-        raise BadRequest("signature_name", f"{signature!r}; expected serving_default or "
-                         "serve_encoded (b64 images use serve_encoded whatever is named).")
+        raise BadRequest("signature_name", f"{signature!r}; expected serving_default (uint8 "
+                         "arrays) or serve_encoded (b64 images).")
     if ("instances" in body) == ("inputs" in body):
         raise BadRequest("instances", "expected exactly one of 'instances' and 'inputs'.")
     field = "instances" if "instances" in body else "inputs"
@@ -132,10 +84,16 @@ def parse_images(body, max_batch, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     instances = [item["images"] if isinstance(item, dict) and set(item) == {"images"} else item
                  for item in instances]
     if all(isinstance(item, dict) for item in instances):
+        if signature == "serving_default":  # as TF Serving: that signature takes uint8 arrays
+            raise BadRequest("signature_name", "serving_default takes uint8 arrays [H][W][3]; "
+                             "b64 images go to serve_encoded.")
         encoded = [_decode_b64(item, f"{field}[{i}]") for i, item in enumerate(instances)]
         for i, data in enumerate(encoded):
-            _check_image_header(data, f"{field}[{i}].b64", max_image_pixels)
+            check_encoded_image(data, f"{field}[{i}].b64", max_image_pixels)
         return "encoded", encoded
+    if signature == "serve_encoded":
+        raise BadRequest("signature_name", "serve_encoded takes {\"b64\": ...} images; uint8 "
+                         "arrays go to serving_default.")
     if any(isinstance(item, dict) for item in instances):
         raise BadRequest(field, "mixes {'b64': ...} images and arrays; send one kind per request.")
     images = [_uint8_image(item, f"{field}[{i}]") for i, item in enumerate(instances)]
@@ -157,6 +115,20 @@ def _decode_b64(item, field):
     if not data:
         raise BadRequest(f"{field}.b64", "empty image.")
     return data
+
+
+def check_encoded_image(data, field, max_image_pixels):
+    """Refuses an encoded image that is too large or does not decode, before it can reach the
+    model: the size comes from the header (Pillow reads only that), so a small file declaring a
+    huge image is refused without decoding it; then TensorFlow's decoder (the export's) must
+    read the whole image."""
+    _check_image_header(data, field, max_image_pixels)
+    import tensorflow as tf
+
+    try:
+        tf.io.decode_image(data, channels=3, expand_animations=False)
+    except tf.errors.OpError:
+        raise BadRequest(field, "not a decodable JPEG/PNG/BMP/GIF image.") from None
 
 
 def _check_image_header(data, field, max_image_pixels):
@@ -193,38 +165,76 @@ def _uint8_image(item, field):
     return array.astype(np.uint8)
 
 
+class Metrics:
+    """reid-serve's Prometheus metrics (prometheus_client, one registry per server)."""
+
+    def __init__(self, registry=None):
+        import prometheus_client as prometheus
+
+        self.registry = registry or prometheus.CollectorRegistry()
+        self.requests = prometheus.Counter(
+            "reid_requests", "Requests by route and HTTP status.", ["route", "status"],
+            registry=self.registry)
+        self.latency = prometheus.Histogram(
+            "reid_request_seconds", "Request latency by route, seconds.", ["route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry)
+        self.batch_size = prometheus.Histogram(
+            "reid_batch_size", "Images per model call.", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry)
+        self.queue_depth = prometheus.Gauge(
+            "reid_queue_depth", "Images waiting for the model.", registry=self.registry)
+        self.gallery_size = prometheus.Gauge(
+            "reid_gallery_size", "Entries in the searchable index.", registry=self.registry)
+        self.index_staleness = prometheus.Gauge(
+            "reid_index_staleness_changes",
+            "Committed gallery changes not yet in the persisted index file.",
+            registry=self.registry)
+
+    def exposition(self):
+        import prometheus_client as prometheus
+
+        return prometheus.generate_latest(self.registry), prometheus.CONTENT_TYPE_LATEST
+
+
 class Server:
     """The request handling of reid-serve, apart from HTTP.
 
-    A request is parsed and answered on `pool` (several at once), while the model runs on
-    `model_pool`, one call at a time (each call already uses every core): a malformed request is
-    answered without waiting for the model, and parsing overlaps the model's work.
+    Requests are parsed and validated on `pool` (several at once; an image that is too large or
+    does not decode is refused there, never reaching the model), then their images join the
+    dynamic batcher, which merges concurrent requests into model calls run one at a time (each
+    already uses every core). The gallery is a `gallery_store.GalleryStore`.
     """
 
     def __init__(self, export, gallery=None, model_name="reid", max_batch=64, threads=2,
-                 max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, max_batch_size=16,
+                 batch_timeout_ms=5.0, max_enqueued_batches=64):
         self.export = export
         self.gallery = gallery
         self.model_name = model_name
         self.max_batch = max_batch
         self.max_image_pixels = max_image_pixels
         self.pool = concurrent.futures.ThreadPoolExecutor(threads)
-        self.model_pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.metrics = Metrics()
+        self.batcher = batching.Batcher(self.embed, max_batch_size, batch_timeout_ms,
+                                        max_enqueued_batches,
+                                        on_batch=self.metrics.batch_size.observe)
+        self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        if gallery is not None:
+            self.metrics.gallery_size.set_function(lambda: len(self.gallery))
+            self.metrics.index_staleness.set_function(self.gallery.staleness)
 
     def embed(self, kind, images):
+        """One model call (the batcher's): embeddings of validated images."""
         try:
             if kind == "encoded":
                 return self.export.embed_encoded(images)
             return self.export.embed_images(images)
-        except Exception as error:  # TF's InvalidArgumentError on an undecodable image
+        except Exception as error:  # TF's InvalidArgumentError: the model refused the input
             import tensorflow as tf
 
             if not isinstance(error, tf.errors.InvalidArgumentError):
                 raise
-            index = features.first_undecodable(images) if kind == "encoded" else None
-            if index is not None:
-                raise BadRequest(f"instances[{index}].b64",
-                                 "not a decodable JPEG/PNG/BMP image.") from None
             raise BadRequest("instances", f"the model refused the input: {error.message}")
 
     @staticmethod
@@ -235,28 +245,128 @@ class Server:
         return {"predictions": [{key: outputs[key][i].tolist() for key in keys}
                                 for i in range(len(outputs[keys[0]]))]}
 
-    def search_k(self, body):
-        """The checks of a search request that need no parsing: a gallery, and `k`."""
+    def search_options(self, body):
+        """The checks of a search request that need no parsing: a gallery, k and filters."""
         if self.gallery is None:
-            raise BadRequest("gallery", "this server has no gallery; start it with --gallery or "
-                             "--gallery_images.")
-        k = body.get("k", 10) if isinstance(body, dict) else 10
+            raise BadRequest("gallery", "this server has no gallery; start it with --gallery, "
+                             "--gallery_images or --gallery_db.")
+        body = body if isinstance(body, dict) else {}
+        k = body.get("k", 10)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_RESULTS:
             raise BadRequest("k", f"expected an integer 1..{MAX_RESULTS}.")
-        return k
+        camera = body.get("exclude_camera")
+        if camera is not None and (isinstance(camera, bool) or not isinstance(camera, int)):
+            raise BadRequest("exclude_camera", "expected a camera id (integer).")
+        time_range = body.get("time_range")
+        if time_range is not None:
+            if (not isinstance(time_range, list) or len(time_range) != 2
+                    or not all(t is None or (isinstance(t, (int, float))
+                                             and not isinstance(t, bool)) for t in time_range)):
+                raise BadRequest("time_range", "expected [start, end] in seconds (either null).")
+            time_range = tuple(time_range)
+        return {"k": k, "exclude_camera": camera, "time_range": time_range}
+
+    async def _embed_batched(self, kind, images):
+        try:
+            return await self.batcher.submit(kind, images)
+        except batching.QueueFull:
+            raise Overloaded() from None
 
     async def answer(self, method, body):
-        """The JSON answer of `:predict` or `:search` for a parsed JSON body."""
+        """The JSON answer of `:predict`, `:search`, `:add` or `:remove` for a JSON body."""
         loop = asyncio.get_running_loop()
-        k = self.search_k(body) if method == "search" else None
-        kind, images = await loop.run_in_executor(self.pool, parse_images, body, self.max_batch,
-                                                  self.max_image_pixels)
-        outputs = await loop.run_in_executor(self.model_pool, self.embed, kind, images)
+        if method == "remove":
+            if not isinstance(body, dict) or "ids" not in body:
+                raise BadRequest("ids", "expected {\"ids\": [...]}.")
+            self._need_gallery()
+            removed = await loop.run_in_executor(self.pool, self._store_call,
+                                                 self.gallery.remove, body["ids"])
+            return {"removed": removed}
+        if method == "add":
+            self._need_gallery()
+            entries, groups = await loop.run_in_executor(self.pool, self.parse_entries, body)
+            for kind, positions, images in groups:
+                outputs = await self._embed_batched(kind, images)
+                for position, embedding in zip(positions, outputs["embedding"]):
+                    entries[position]["embedding"] = embedding
+            added = await loop.run_in_executor(self.pool, self._store_call, self.gallery.add,
+                                               entries)
+            return {"added": added}
+        options = self.search_options(body) if method == "search" else None
+        if method == "search" and isinstance(body, dict) and "embeddings" in body:
+            outputs = {"embedding": self._query_embeddings(body["embeddings"])}
+        else:
+            kind, images = await loop.run_in_executor(self.pool, parse_images, body,
+                                                      self.max_batch, self.max_image_pixels)
+            outputs = await self._embed_batched(kind, images)
         if method == "search":
-            return {"results": await loop.run_in_executor(
-                self.pool, self.gallery.search, outputs["embedding"], k)}
+            results = await loop.run_in_executor(
+                self.pool, lambda: self.gallery.search(outputs["embedding"], **options))
+            for matches in results:
+                for match in matches:
+                    match["file_name"] = match["id"]  # the name of the earlier API
+            return {"results": results}
         return await loop.run_in_executor(self.pool, self.predictions, outputs,
                                           isinstance(body, dict) and "inputs" in body)
+
+    def _query_embeddings(self, embeddings):
+        """`:search` by precomputed embeddings (e.g. from reid-extract) instead of images."""
+        try:
+            array = np.asarray(embeddings, np.float32)
+        except (ValueError, TypeError, RecursionError):
+            raise BadRequest("embeddings", "expected a list of embeddings.") from None
+        width = self.gallery.dimension
+        if array.ndim != 2 or array.shape[1] != width or not len(array) \
+                or len(array) > self.max_batch or not np.isfinite(array).all():
+            raise BadRequest("embeddings", f"expected 1..{self.max_batch} rows of {width} "
+                             "finite numbers.")
+        return array
+
+    def _need_gallery(self):
+        if self.gallery is None:
+            raise BadRequest("gallery", "this server has no gallery.")
+
+    @staticmethod
+    def _store_call(function, argument):
+        try:
+            return function(argument)
+        except gallery_store.GalleryError as error:
+            raise BadRequest(error.field, error.message) from None
+
+    def parse_entries(self, body):
+        """`{"entries": [...]}` of `:add` -> entries without image fields, and the images to
+        embed as `[(kind, positions, images)]` (b64 together; arrays by shape)."""
+        if not isinstance(body, dict) or not isinstance(body.get("entries"), list) \
+                or not body["entries"]:
+            raise BadRequest("entries", "expected {\"entries\": [{\"id\": ..., \"b64\" | "
+                             "\"image\" | \"embedding\": ...}, ...]}.")
+        if len(body["entries"]) > self.max_batch:
+            raise BadRequest("entries", f"{len(body['entries'])} entries; at most "
+                             f"{self.max_batch} per request.")
+        entries, encoded, arrays = [], [], {}
+        for i, item in enumerate(body["entries"]):
+            field = f"entries[{i}]"
+            if not isinstance(item, dict):
+                raise BadRequest(field, "expected an object.")
+            sources = [key for key in ("b64", "image", "embedding") if key in item]
+            if len(sources) != 1:
+                raise BadRequest(field, "expected exactly one of 'b64', 'image', 'embedding'.")
+            entry = {key: value for key, value in item.items()
+                     if key not in ("b64", "image")}
+            if sources == ["b64"]:
+                data = _decode_b64({"b64": item["b64"]}, field)
+                check_encoded_image(data, f"{field}.b64", self.max_image_pixels)
+                encoded.append((i, data))
+            elif sources == ["image"]:
+                image = _uint8_image(item["image"], f"{field}.image")
+                arrays.setdefault(image.shape, []).append((i, image))
+            entries.append(entry)
+        groups = []
+        if encoded:
+            groups.append(("encoded", [i for i, _ in encoded], [d for _, d in encoded]))
+        for items in arrays.values():
+            groups.append(("images", [i for i, _ in items], np.stack([a for _, a in items])))
+        return entries, groups
 
     def status(self):
         return {"model_version_status": [{
@@ -302,11 +412,32 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
                  "field": "version"}), content_type="application/json")
 
     @web.middleware
+    async def metrics(request, handler):
+        start = time.perf_counter()
+        route = request.match_info.get("method") or ROUTES.get(request.match_info.handler,
+                                                               "unknown")
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as problem:
+            status = problem.status
+            raise
+        finally:
+            server.metrics.requests.labels(route, str(status)).inc()
+            server.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+    @web.middleware
     async def errors(request, handler):
         try:
             return await handler(request)
         except BadRequest as problem:
             return error(400, problem.message, problem.field)
+        except Overloaded:
+            response = error(503, "the model's queue is full; retry shortly", None)
+            response.headers["Retry-After"] = "1"
+            return response
         except BodyTimeout:
             response = error(408, f"request body not received within {timeout_s} s", "body")
             response.force_close()
@@ -315,8 +446,11 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
             return error(413, f"body over {max_body_bytes} bytes", "body")
         except asyncio.TimeoutError:
             return error(504, f"request took over {timeout_s} s", None)
-        except web.HTTPException:
-            raise
+        except web.HTTPException as problem:
+            if problem.content_type == "application/json":
+                raise
+            return error(problem.status, f"{request.method} {request.path}: {problem.reason}",
+                         None)  # unknown routes and methods answer JSON too
         except Exception as problem:  # never let a request take the server down
             print(f"reid-serve: internal error: {problem!r}", file=sys.stderr, flush=True)
             return error(500, "internal error", None)
@@ -332,19 +466,37 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
     async def post(request):
         check_model(request)
         method = request.match_info["method"]
-        if method not in ("predict", "search"):
-            raise BadRequest("method", f":{method}; expected :predict or :search.")
+        if method not in ("predict", "search", "add", "remove"):
+            raise BadRequest("method", f":{method}; expected :predict, :search, :add or "
+                             ":remove.")
         deadline = asyncio.get_running_loop().time() + timeout_s
         body = await read_json(request, deadline)
         result = await asyncio.wait_for(server.answer(method, body),
                                         max(deadline - asyncio.get_running_loop().time(), 0.001))
         return web.json_response(result, dumps=_dumps)
 
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[errors])
+    async def exposition(request):
+        body, content_type = server.metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def start(app):
+        server.batcher.start()
+
+    async def stop(app):
+        await server.batcher.stop()
+        if server.gallery is not None:
+            server.gallery.close()  # writes the index file
+
+    ROUTES = {}  # handler -> the route label of the metrics
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[metrics, errors])
     for prefix in ("/v1/models/{name}", "/v1/models/{name}/versions/{version}"):
         app.router.add_get(prefix, status)
         app.router.add_get(prefix + "/metadata", metadata)
         app.router.add_post(prefix + ":{method}", post)
+    app.router.add_get("/metrics", exposition)
+    ROUTES.update({status: "status", metadata: "metadata", exposition: "metrics"})
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
     return app
 
 
@@ -399,6 +551,38 @@ def _dumps(value):
     return json.dumps(value, separators=(",", ":"))
 
 
+def index_spec(index, nlist):
+    """--index as a faiss index_factory string (the old names flat and ivf still work)."""
+    return {"flat": "Flat", "ivf": f"IVF{nlist},Flat"}.get(index, index)
+
+
+def open_gallery(export, gallery_db=None, npz=None, images=None, index="Flat", nprobe=16,
+                 ef_search=64, persist_every=1000, log=print):
+    """The server's GalleryStore: `gallery_db` (durable; ":memory:" when None), seeded from a
+    features.npz or a folder of images when it is empty."""
+    if npz and images:
+        raise ValueError("give one of --gallery and --gallery_images.")
+    width = export.signatures["serving_default"].structured_outputs["embedding"].shape[-1]
+    store = gallery_store.GalleryStore(gallery_db or ":memory:", dimension=width, index=index,
+                                       nprobe=nprobe, ef_search=ef_search,
+                                       persist_every=persist_every, log=log)
+    if npz or images:
+        if store.count():
+            log(f"gallery: {gallery_db} already holds {store.count()} entries; "
+                f"{npz or images} not imported again")
+        else:
+            if npz:
+                arrays = features.load_features(npz)
+            else:
+                split = features.load_split(images=images, split="gallery")
+                arrays = features.feature_arrays(features.extract(export, split),
+                                                 split.file_names, split.person_ids,
+                                                 split.camera_ids)
+            log(f"gallery: imported {store.import_features(arrays)} entries from "
+                f"{npz or images}")
+    return store
+
+
 def run():
     """reid-serve: serve an export (and a gallery) over HTTP."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -409,18 +593,31 @@ def run():
     flags.DEFINE_string("model_name", "reid", "The <name> of /v1/models/<name>.")
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
     flags.DEFINE_integer("port", 8501, "Port (TF Serving's REST port is 8501).")
-    flags.DEFINE_string("gallery", None, "A features.npz (reid-extract) to search.")
+    flags.DEFINE_string("gallery_db", None, "The live gallery's SQLite file (created if missing; "
+                        "the source of truth, survives restarts). Without it the gallery lives "
+                        "in memory only.")
+    flags.DEFINE_string("gallery", None, "A features.npz (reid-extract) that seeds an empty "
+                        "gallery.")
     flags.DEFINE_string("gallery_images", None, "Or a folder of gallery images, extracted at "
                         "start (a Market layout root: its bounding_box_test).")
-    flags.DEFINE_enum("index", "flat", ["flat", "ivf"], "faiss index: exact inner product, or "
-                      "IVF for large galleries.")
-    flags.DEFINE_integer("nlist", 100, "IVF lists.")
-    flags.DEFINE_integer("nprobe", 10, "IVF lists searched per query.")
+    flags.DEFINE_string("index", "Flat", "faiss index_factory string of the gallery index: Flat "
+                        "(exact), IVF4096,SQ8, IVF4096,PQ64, HNSW32, ... (flat and ivf: the "
+                        "earlier names).")
+    flags.DEFINE_integer("nlist", 100, "IVF lists when --index=ivf.")
+    flags.DEFINE_integer("nprobe", 16, "IVF lists searched per query.")
+    flags.DEFINE_integer("ef_search", 64, "HNSW search breadth.")
+    flags.DEFINE_integer("persist_every", 1000, "Write the index file every this many gallery "
+                         "changes (and at shutdown).")
     flags.DEFINE_integer("max_batch", 64, "Most images in one request.")
+    flags.DEFINE_integer("max_batch_size", 16, "Most images in one model call (dynamic "
+                         "batching merges concurrent requests up to this).")
+    flags.DEFINE_float("batch_timeout_ms", 5.0, "How long a request waits for others to share "
+                       "its model call.")
+    flags.DEFINE_integer("max_enqueued_batches", 64, "Queue bound, in batches; more gets 503 "
+                         "with Retry-After.")
     flags.DEFINE_float("max_body_mb", 32, "Largest request body, MiB.")
     flags.DEFINE_float("timeout_s", 30, "Per-request time limit, seconds.")
-    flags.DEFINE_integer("threads", 2, "Requests parsed and answered at once (model calls run one "
-                         "at a time, each on every core).")
+    flags.DEFINE_integer("threads", 2, "Requests parsed and validated at once.")
     flags.DEFINE_integer("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS, "Largest encoded image, "
                          "width x height, read from its header before decoding (a small file can "
                          "declare a huge image).")
@@ -433,35 +630,32 @@ def run():
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         import logging
 
-        options = flags.FLAGS
         from PIL import Image
 
+        options = flags.FLAGS
+        for name in ("max_batch", "max_image_pixels", "max_connections", "threads",
+                     "max_batch_size", "max_enqueued_batches"):
+            if getattr(options, name) < 1:
+                raise app.UsageError(f"--{name}: expected a positive integer.")
         # Pillow only reads headers here (TensorFlow decodes), and --max_image_pixels is the
         # limit: Pillow's own bomb check would refuse before the size could be reported.
         Image.MAX_IMAGE_PIXELS = None
         try:
             export = features.Export(options.export)
             gallery = None
-            if options.gallery and options.gallery_images:
-                raise ValueError("give one of --gallery and --gallery_images.")
-            if options.gallery:
-                arrays = features.load_features(options.gallery)
-            elif options.gallery_images:
-                split = features.load_split(images=options.gallery_images, split="gallery")
-                arrays = features.feature_arrays(features.extract(export, split),
-                                                 split.file_names, split.person_ids,
-                                                 split.camera_ids)
-            if options.gallery or options.gallery_images:
-                gallery = Gallery.from_features(arrays, index=options.index,
-                                                nlist=options.nlist, nprobe=options.nprobe)
-        except (ValueError, FileNotFoundError) as problem:
-            print(f"reid-serve: error: {problem}", file=sys.stderr, flush=True)
+            if options.gallery_db or options.gallery or options.gallery_images:
+                gallery = open_gallery(
+                    export, options.gallery_db, options.gallery, options.gallery_images,
+                    index_spec(options.index, options.nlist), options.nprobe,
+                    options.ef_search, options.persist_every,
+                    log=lambda line: print(line, flush=True))
+        except (ValueError, OSError, RuntimeError) as problem:  # RuntimeError: faiss's
+            print(f"reid-serve: error: {str(problem).strip().splitlines()[0]}",
+                  file=sys.stderr, flush=True)
             sys.exit(1)
-        for name in ("max_batch", "max_image_pixels", "max_connections", "threads"):
-            if getattr(options, name) < 1:
-                raise app.UsageError(f"--{name}: expected a positive integer.")
         server = Server(export, gallery, options.model_name, options.max_batch, options.threads,
-                        options.max_image_pixels)
+                        options.max_image_pixels, options.max_batch_size,
+                        options.batch_timeout_ms, options.max_enqueued_batches)
         application = make_app(server, int(options.max_body_mb * (1 << 20)), options.timeout_s)
         access = logging.getLogger("aiohttp.access")  # one line per request, on stdout
         access.setLevel(logging.INFO)

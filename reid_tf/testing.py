@@ -83,6 +83,15 @@ class JsonClient:
         self.host, self.port, self.timeout = host, port, timeout
         self.connection = None
 
+    def raw(self, path):
+        """The body of GET `path` as text (e.g. /metrics)."""
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            connection.request("GET", path)
+            return connection.getresponse().read().decode()
+        finally:
+            connection.close()
+
     def request(self, method, path, body=None):
         if body is not None and not isinstance(body, bytes):
             body = json.dumps(body).encode()

@@ -13,6 +13,7 @@ from PIL import Image
 
 from reid_tf import evaluation
 from reid_tf import features
+from reid_tf import gallery_store
 from reid_tf import input_pipeline
 from reid_tf import serving
 from reid_tf import testing
@@ -208,20 +209,25 @@ def test_load_8_clients_x_200_requests_mixed_valid_and_malformed(trained, server
     assert status == 200  # still up
 
 
-def test_gallery_index_ivf_finds_the_exact_neighbours_when_probing_every_list():
+def test_gallery_index_ivf_finds_the_exact_neighbours_when_probing_every_list(tmp_path):
     rng = np.random.default_rng(0)
     embeddings = rng.normal(size=(500, 32)).astype(np.float32)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    names = [f"{i:04d}_c1s1_000000_00.jpg" for i in range(500)]
-    flat = serving.Gallery(embeddings, names)
-    ivf = serving.Gallery(embeddings, names, index="ivf", nlist=8, nprobe=8)
+    names = np.array([f"{i:04d}_c1s1_000000_00.jpg" for i in range(500)])
+    arrays = {"embeddings": embeddings, "file_names": names}
+    flat = gallery_store.GalleryStore(":memory:", 32, log=lambda line: None)
+    flat.import_features(arrays)
+    ivf = gallery_store.GalleryStore(":memory:", 32, index=serving.index_spec("ivf", 8),
+                                     nprobe=8, log=lambda line: None)
+    ivf.import_features(arrays)
+    assert "IVF" in type(ivf._faiss.downcast_index(ivf.index.index)).__name__
     queries = embeddings[:20] + 0.01 * rng.normal(size=(20, 32)).astype(np.float32)
     for exact, approximate in zip(flat.search(queries, 5), ivf.search(queries, 5)):
-        assert [m["file_name"] for m in exact] == [m["file_name"] for m in approximate]
-    assert [m["file_name"] for m in flat.search(embeddings[7:8], 1)[0]] == [names[7]]
+        assert [m["id"] for m in exact] == [m["id"] for m in approximate]
+    assert [m["id"] for m in flat.search(embeddings[7:8], 1)[0]] == [names[7]]
     assert flat.search(embeddings[7:8], 1)[0][0]["distance"] == pytest.approx(0, abs=1e-5)
-    with pytest.raises(ValueError, match="--nlist=600"):
-        serving.Gallery(embeddings, names, index="ivf", nlist=600)
+    with pytest.raises(RuntimeError):
+        gallery_store.GalleryStore(":memory:", 32, index="IVF8,Nonsense")
 
 
 def test_extract_folder_names_an_undecodable_file_and_reads_any_folder(trained, tmp_path):
@@ -243,3 +249,184 @@ def test_extract_folder_names_an_undecodable_file_and_reads_any_folder(trained, 
     assert result.returncode == 1
     assert "reid-extract: error: sub/holiday.jpg: not a decodable" in result.stderr
     assert features.load_features(str(output))["embeddings"].shape == (3, 64)  # kept
+
+
+def b64_png(image):
+    return base64.b64encode(png(image)).decode()
+
+
+def test_live_gallery_add_search_remove_restart(trained, tmp_path):
+    """The README's flow: start with a database, add images and embeddings, search with
+    filters, remove, restart, search again."""
+    database = str(tmp_path / "gallery.sqlite")
+    images = decoded(trained["splits"]["gallery"])[:6]
+    expected = features.Export(trained["export"]).embed_images(images)["embedding"]
+    log = open(tmp_path / "serve.log", "w")
+    with testing.serve(trained["export"], f"--gallery_db={database}", log=log) as client:
+        entries = [{"id": f"img{i}", "b64": b64_png(image), "camera_id": i % 2,
+                    "timestamp": 100.0 + i, "metadata": {"frame": i}}
+                   for i, image in enumerate(images[:4])]
+        entries.append({"id": "arr4", "image": images[4].tolist(), "camera_id": 0})
+        entries.append({"id": "vec5", "embedding": expected[5].tolist(), "person_id": 7})
+        status, answer = client.request("POST", "/v1/models/reid:add", {"entries": entries})
+        assert (status, answer) == (200, {"added": 6})
+        status, answer = client.request("POST", "/v1/models/reid:search",
+                                        {"k": 6, "instances": [{"b64": b64_png(images[2])}]})
+        assert status == 200
+        top = answer["results"][0]
+        assert top[0]["id"] == "img2" and top[0]["metadata"] == {"frame": 2}
+        assert top[0]["distance"] == pytest.approx(0, abs=1e-4)
+        assert sorted(m["id"] for m in top) == ["arr4", "img0", "img1", "img2", "img3", "vec5"]
+        status, answer = client.request("POST", "/v1/models/reid:search", {
+            "k": 6, "embeddings": [expected[2].tolist()], "exclude_camera": 0,
+            "time_range": [101, None]})
+        assert [m["id"] for m in answer["results"][0]] in (["img3", "img1"], ["img1", "img3"])
+        status, answer = client.request("POST", "/v1/models/reid:remove",
+                                        {"ids": ["img2", "missing"]})
+        assert (status, answer) == (200, {"removed": 1})
+        status, answer = client.request("POST", "/v1/models/reid:add", {"entries": [
+            {"id": "bad", "embedding": [0.0] * 3}]})
+        assert status == 400 and answer["field"] == "entries[0].embedding"
+    with testing.serve(trained["export"], f"--gallery_db={database}", log=log) as client:
+        status, answer = client.request("POST", "/v1/models/reid:search",
+                                        {"k": 10, "embeddings": [expected[2].tolist()]})
+        ids = [m["id"] for m in answer["results"][0]]
+        assert sorted(ids) == ["arr4", "img0", "img1", "img3", "vec5"]
+        vec = [m for m in answer["results"][0] if m["id"] == "vec5"][0]
+        assert vec["person_id"] == 7
+    log.close()
+    assert "loaded " in open(tmp_path / "serve.log").read()  # the index file, not a rebuild
+
+
+def test_sigkill_during_a_stream_of_adds_loses_no_acknowledged_entry(trained, tmp_path):
+    import random
+    import signal
+    import sqlite3
+    import threading
+    import time
+
+    database = str(tmp_path / "gallery.sqlite")
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(1000, 64)).astype(np.float32)
+    acknowledged, attempted = [], []
+    log = open(tmp_path / "serve.log", "w")
+    with testing.serve(trained["export"], f"--gallery_db={database}", "--persist_every=100",
+                       log=log) as client:
+        chance = random.Random()
+        kill_after = chance.randint(100, 900)
+
+        def kill():  # at a random moment after a random number of acknowledgements
+            while len(acknowledged) < kill_after:
+                time.sleep(0.0005)
+            time.sleep(chance.uniform(0, 0.003))
+            os.kill(client.pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill)
+        killer.start()
+        for i in range(1000):
+            attempted.append(f"id{i}")
+            try:
+                status, _ = client.request("POST", "/v1/models/reid:add", {"entries": [
+                    {"id": f"id{i}", "embedding": embeddings[i].tolist(), "camera_id": i % 4}]})
+            except OSError:
+                break
+            assert status == 200
+            acknowledged.append(f"id{i}")
+        killer.join()
+    assert 0 < len(acknowledged) < 1000, len(acknowledged)  # killed mid-stream
+    with testing.serve(trained["export"], f"--gallery_db={database}", log=log) as client:
+        found = {}
+        for start in range(0, len(acknowledged), 64):
+            chunk = acknowledged[start:start + 64]
+            status, answer = client.request("POST", "/v1/models/reid:search", {
+                "k": 1, "embeddings": embeddings[start:start + len(chunk)].tolist()})
+            assert status == 200
+            found.update({name: matches[0]["id"] for name, matches in
+                          zip(chunk, answer["results"])})
+        assert all(found[name] == name for name in acknowledged)  # every ack is searchable
+        metrics = client.raw("/metrics")
+    log.close()
+    rows = sqlite3.connect(database).execute(
+        "SELECT id, length(embedding), camera_id FROM entries").fetchall()
+    ids = {row[0] for row in rows}
+    assert set(acknowledged) <= ids <= set(attempted)  # at most the one in flight beyond
+    assert all(length == 64 * 4 and camera is not None for _, length, camera in rows)
+    gallery_size = [line for line in metrics.splitlines() if line.startswith(
+        "reid_gallery_size ")]
+    assert float(gallery_size[0].split()[1]) == len(rows)  # the index agrees with the database
+
+
+def test_metrics_are_prometheus_text(trained, server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    before = scrape(server)
+    image = decoded(trained["splits"]["query"])[:1]
+    for _ in range(3):
+        status, _ = server.request("POST", "/v1/models/reid:predict",
+                                   {"instances": image.tolist()})
+        assert status == 200
+    status, _ = server.request("POST", "/v1/models/reid:predict", b"{not json")
+    assert status == 400
+    after = scrape(server)
+
+    def value(samples, name, **labels):
+        return sum(v for n, l, v in samples if n == name and labels.items() <= l.items())
+
+    assert value(after, "reid_requests_total", route="predict", status="200") - value(
+        before, "reid_requests_total", route="predict", status="200") == 3
+    assert value(after, "reid_requests_total", route="predict", status="400") - value(
+        before, "reid_requests_total", route="predict", status="400") == 1
+    assert value(after, "reid_batch_size_count") - value(before, "reid_batch_size_count") == 3
+    assert value(after, "reid_request_seconds_count", route="predict") >= 4
+    assert value(after, "reid_gallery_size") == len(trained["splits"]["gallery"])
+    assert ("reid_queue_depth", {}, 0.0) in after
+    families = {f.name for f in text_string_to_metric_families(server.raw("/metrics"))}
+    assert {"reid_requests", "reid_request_seconds", "reid_batch_size", "reid_queue_depth",
+            "reid_gallery_size", "reid_index_staleness_changes"} <= families
+
+
+def scrape(client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [(s.name, s.labels, s.value) for family in
+            text_string_to_metric_families(client.raw("/metrics")) for s in family.samples]
+
+
+def test_unknown_routes_and_signature_mismatches_answer_json(trained, server):
+    status, answer = server.request("GET", "/nowhere")
+    assert status == 404 and "error" in answer
+    image = decoded(trained["splits"]["query"])[:1]
+    status, answer = server.request("POST", "/v1/models/reid:predict", {
+        "signature_name": "serving_default", "instances": [{"b64": b64_png(image[0])}]})
+    assert status == 400 and answer["field"] == "signature_name"
+    status, answer = server.request("POST", "/v1/models/reid:predict", {
+        "signature_name": "serve_encoded", "instances": image.tolist()})
+    assert status == 400 and answer["field"] == "signature_name"
+    status, answer = server.request("POST", "/v1/models/reid:predict", {
+        "inputs": [{"b64": base64.b64encode(b"not an image").decode()}]})
+    assert status == 400 and answer["field"] == "inputs[0].b64"
+
+
+def test_a_full_queue_answers_503_with_retry_after(trained, tmp_path):
+    import concurrent.futures
+    import http.client
+    import json
+
+    images = decoded(trained["splits"]["query"])[:8]
+    body = json.dumps({"instances": images.tolist()}).encode()
+    log = open(tmp_path / "serve.log", "w")
+    with testing.serve(trained["export"], "--max_batch_size=8", "--max_enqueued_batches=1",
+                       "--batch_timeout_ms=200", log=log) as client:
+        def post(_):
+            connection = http.client.HTTPConnection("127.0.0.1", client.port, timeout=120)
+            connection.request("POST", "/v1/models/reid:predict", body)
+            response = connection.getresponse()
+            response.read()
+            return response.status, response.getheader("Retry-After")
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(post, range(12)))
+    log.close()
+    assert {status for status, _ in answers} <= {200, 503}
+    assert any(status == 200 for status, _ in answers)
+    assert any(status == 503 and retry == "1" for status, retry in answers), answers

@@ -1,0 +1,462 @@
+"""A live gallery: SQLite (WAL) is the source of truth, a faiss index is derived from it.
+
+    store = GalleryStore("gallery.sqlite", index="Flat")       # or "IVF1024,SQ8", "HNSW32"
+    store.add([{"id": "cam3/000123", "embedding": vector, "camera_id": 3, "timestamp": t}])
+    store.search(queries, k=10, exclude_camera=3, time_range=(t0, t1))
+    store.remove(["cam3/000123"])
+
+Every change is one SQLite transaction that writes the entries and a row of the `changes` log;
+`add`/`remove` return only after it has committed (that is the acknowledgement), then apply it
+to the in-memory index under a lock, so a search sees a change entirely or not at all, and only
+committed entries. The index is written (`faiss.write_index`) as `<db>.index-<seq>.faiss`, `seq`
+being the last change it holds, on `persist()` (every `persist_every` changes and at close); on
+open the newest such file is loaded and the changes after its `seq` are replayed, so a restart
+after a crash loses nothing that was acknowledged and rebuilds only what the file lacks.
+"""
+
+import glob
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    row INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    person_id INTEGER,
+    camera_id INTEGER,
+    timestamp REAL,
+    metadata TEXT,
+    embedding BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_camera ON entries (camera_id);
+CREATE INDEX IF NOT EXISTS entries_timestamp ON entries (timestamp);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL CHECK (op IN ('add', 'remove')),
+    row INTEGER NOT NULL
+);
+"""
+INDEX_FILE = re.compile(r"\.index-(\d+)\.faiss$")
+FIELDS = ("id", "person_id", "camera_id", "timestamp", "metadata")
+
+
+class GalleryError(ValueError):
+    """A bad entry or request: `field` names it (e.g. `entries[3].id`)."""
+
+    def __init__(self, field, message):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _normalized(embeddings):
+    embeddings = np.ascontiguousarray(embeddings, np.float32)
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return embeddings / np.maximum(norms, 1e-12)
+
+
+class GalleryStore:
+    """Entries (id, embedding, optional person id, camera, timestamp, JSON metadata) in SQLite,
+    searched through a derived faiss index (inner product of L2-normalised embeddings).
+
+    Args:
+        path: the SQLite file (":memory:" for a gallery that lives only in this process).
+        dimension: embedding width; taken from the database when it already holds one.
+        index: a faiss `index_factory` string ("Flat", "IVF4096,SQ8", "HNSW32", ...).
+        nprobe / ef_search: search parameters of IVF / HNSW indexes.
+        persist_every: write the index file after this many changes (0: only at close).
+        log: where the retraining and recovery lines go.
+    """
+
+    def __init__(self, path, dimension=None, index="Flat", nprobe=16, ef_search=64,
+                 persist_every=1000, log=print):
+        import faiss
+
+        self._faiss = faiss
+        self.path = path
+        self.index_spec = index
+        self.nprobe = nprobe
+        self.ef_search = ef_search
+        self.persist_every = persist_every
+        self.log = log
+        self._lock = threading.Lock()  # the index and the connection
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        if path != ":memory:":
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged add survives power loss
+        self._db.executescript(SCHEMA)
+        stored = self._meta("dimension")
+        if stored is not None and dimension is not None and int(stored) != dimension:
+            raise ValueError(f"{path}: holds embeddings of {stored}, not {dimension}.")
+        self.dimension = int(stored) if stored is not None else dimension
+        if self.dimension is None:
+            raise ValueError(f"{path}: an empty gallery needs its embedding dimension.")
+        if stored is None:
+            self._db.execute("INSERT INTO meta VALUES ('dimension', ?)", (str(self.dimension),))
+        self.applied_seq = 0  # the last change in the in-memory index
+        self.persisted_seq = 0  # the last change in the newest index file
+        self.trained_size = 0
+        self._open_index()
+
+    # ------------------------------------------------------------------ index upkeep
+
+    def _meta(self, key):
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _new_index(self, sample):
+        """An empty index of `index_spec`, trained on `sample` if it needs training (a Flat
+        index while the gallery is too small to train it)."""
+        faiss = self._faiss
+        inner = faiss.index_factory(self.dimension, self.index_spec, faiss.METRIC_INNER_PRODUCT)
+        if not inner.is_trained:
+            needed = self._training_size(inner)
+            if len(sample) < needed:
+                self.log(f"gallery: {len(sample)} entries, fewer than the {needed} that "
+                         f"{self.index_spec} needs to train; exact search until then")
+                inner = faiss.IndexFlatIP(self.dimension)
+                self.trained_size = 0
+            else:
+                start = time.perf_counter()
+                inner.train(sample)
+                self.trained_size = len(sample)
+                self.log(f"gallery: trained {self.index_spec} on {len(sample)} entries in "
+                         f"{time.perf_counter() - start:.1f} s")
+        self._set_search_parameters(inner)
+        return faiss.IndexIDMap2(inner)
+
+    def _training_size(self, inner):
+        ivf = self._faiss.try_extract_index_ivf(inner)
+        return 39 * ivf.nlist if ivf is not None else 256 * 39
+
+    def _set_search_parameters(self, inner):
+        ivf = self._faiss.try_extract_index_ivf(inner)
+        if ivf is not None:
+            ivf.nprobe = self.nprobe
+        if hasattr(inner, "hnsw"):
+            inner.hnsw.efSearch = self.ef_search
+
+    def _sample(self, limit=200_000):
+        rows = self._db.execute("SELECT embedding FROM entries ORDER BY random() LIMIT ?",
+                                (limit,)).fetchall()
+        if not rows:
+            return np.zeros([0, self.dimension], np.float32)
+        return np.stack([np.frombuffer(r[0], np.float32) for r in rows])
+
+    def _index_files(self):
+        if self.path == ":memory:":
+            return []
+        files = [(int(INDEX_FILE.search(p).group(1)), p)
+                 for p in glob.glob(glob.escape(self.path) + ".index-*.faiss")
+                 if INDEX_FILE.search(p)]
+        return sorted(files)
+
+    def _open_index(self):
+        last_seq = self._last_seq()
+        files = self._index_files()
+        spec = self._meta("index")
+        if files and spec == self.index_spec:
+            seq, path = files[-1]
+            try:
+                self.index = self._faiss.read_index(path)
+                self._set_search_parameters(self._faiss.downcast_index(self.index.index))
+                self.applied_seq = self.persisted_seq = seq
+                self.trained_size = int(self._meta("trained_size") or 0)
+                replayed = self._replay(seq)
+                self.log(f"gallery: loaded {path} ({self.index.ntotal} entries)"
+                         + (f", replayed {replayed} later change(s)" if replayed else ""))
+                return
+            except RuntimeError as error:  # an unreadable file: rebuild from the database
+                self.log(f"gallery: {path} unreadable ({error}); rebuilding from {self.path}")
+        self._rebuild(last_seq)
+
+    def _rebuild(self, last_seq=None):
+        """The index from every entry of the database (under the lock or at open)."""
+        last_seq = self._last_seq() if last_seq is None else last_seq
+        start = time.perf_counter()
+        self.index = self._new_index(self._sample())
+        rows, embeddings = [], []
+        for row, blob in self._db.execute("SELECT row, embedding FROM entries ORDER BY row"):
+            rows.append(row)
+            embeddings.append(np.frombuffer(blob, np.float32))
+            if len(rows) == 65536:
+                self.index.add_with_ids(np.stack(embeddings), np.array(rows, np.int64))
+                rows, embeddings = [], []
+        if rows:
+            self.index.add_with_ids(np.stack(embeddings), np.array(rows, np.int64))
+        self.applied_seq = last_seq
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('index', ?)", (self.index_spec,))
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('trained_size', ?)",
+                         (str(self.trained_size),))
+        if self.index.ntotal:
+            self.log(f"gallery: built {self.index_spec} over {self.index.ntotal} entries in "
+                     f"{time.perf_counter() - start:.1f} s")
+
+    def _last_seq(self):
+        return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+
+    def _replay(self, after_seq):
+        """Applies the logged changes after `after_seq` to the index; returns how many."""
+        changes = self._db.execute("SELECT seq, op, row FROM changes WHERE seq > ? ORDER BY seq",
+                                   (after_seq,)).fetchall()
+        self._apply(changes)
+        return len(changes)
+
+    def _apply(self, changes):
+        """Changes `[(seq, op, row)]`, in order, to the in-memory index."""
+        if not changes:
+            return
+        removed = [row for _, op, row in changes if op == "remove"]
+        if removed:
+            try:
+                self.index.remove_ids(np.array(removed, np.int64))
+            except RuntimeError:  # an index that cannot remove (HNSW): rebuild from the table
+                self._rebuild()
+                return
+        added = [row for _, op, row in changes if op == "add"]
+        if added:  # rows removed by a later change of the same batch are gone from the table
+            marks = ",".join("?" * len(added))
+            found = self._db.execute(
+                f"SELECT row, embedding FROM entries WHERE row IN ({marks})", added).fetchall()
+            if found:
+                self.index.add_with_ids(
+                    np.stack([np.frombuffer(blob, np.float32) for _, blob in found]),
+                    np.array([row for row, _ in found], np.int64))
+        self.applied_seq = changes[-1][0]
+        if self.trained_size and self.index.ntotal > 2 * self.trained_size:
+            self.log(f"gallery: {self.index.ntotal} entries, over twice the {self.trained_size} "
+                     f"{self.index_spec} was trained on; retraining")
+            self._rebuild()
+        elif not self.trained_size and self.index_spec != "Flat":
+            inner = self._faiss.index_factory(self.dimension, self.index_spec,
+                                              self._faiss.METRIC_INNER_PRODUCT)
+            if not inner.is_trained and self.index.ntotal >= self._training_size(inner):
+                self._rebuild()
+        if self.persist_every and self.applied_seq - self.persisted_seq >= self.persist_every:
+            self._persist()
+
+    def _persist(self):
+        if self.path == ":memory:" or self.applied_seq == self.persisted_seq:
+            return None
+        final = f"{self.path}.index-{self.applied_seq}.faiss"
+        temporary = final + ".tmp"
+        self._faiss.write_index(self.index, temporary)
+        os.replace(temporary, final)  # a file under its seq is always complete
+        for _, older in self._index_files()[:-1]:
+            os.remove(older)
+        self.persisted_seq = self.applied_seq
+        return final
+
+    def persist(self):
+        """Writes the index file now (also done every `persist_every` changes and at close)."""
+        with self._lock:
+            return self._persist()
+
+    def close(self):
+        with self._lock:
+            self._persist()
+            self._db.close()
+
+    # ------------------------------------------------------------------ changes
+
+    def _check_entries(self, entries, field="entries"):
+        rows, seen = [], set()
+        for i, entry in enumerate(entries):
+            where = f"{field}[{i}]"
+            if not isinstance(entry, dict):
+                raise GalleryError(where, "expected an object with 'id' and an embedding.")
+            entry_id = entry.get("id")
+            if not isinstance(entry_id, str) or not entry_id:
+                raise GalleryError(f"{where}.id", "expected a non-empty string.")
+            if entry_id in seen:
+                raise GalleryError(f"{where}.id", f"{entry_id!r} appears twice in the request.")
+            seen.add(entry_id)
+            embedding = np.asarray(entry.get("embedding"), np.float32)
+            if embedding.shape != (self.dimension,) or not np.isfinite(embedding).all():
+                raise GalleryError(f"{where}.embedding",
+                                   f"expected {self.dimension} finite numbers.")
+            values = {}
+            for name in ("person_id", "camera_id"):
+                value = entry.get(name)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                    raise GalleryError(f"{where}.{name}", "expected an integer.")
+                values[name] = value
+            timestamp = entry.get("timestamp")
+            if timestamp is not None and (isinstance(timestamp, bool)
+                                          or not isinstance(timestamp, (int, float))):
+                raise GalleryError(f"{where}.timestamp", "expected a number (seconds).")
+            metadata = entry.get("metadata")
+            if metadata is not None and not isinstance(metadata, dict):
+                raise GalleryError(f"{where}.metadata", "expected a JSON object.")
+            rows.append((entry_id, values["person_id"], values["camera_id"], timestamp,
+                         None if metadata is None else json.dumps(metadata),
+                         _normalized(embedding[None])[0].tobytes()))
+        return rows
+
+    def add(self, entries):
+        """Adds (or replaces, by id) `entries` in one transaction; returns once committed and
+        applied. GalleryError names a bad entry; nothing is written then."""
+        rows = self._check_entries(entries)
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                changes = []
+                for values in rows:
+                    old = db.execute("SELECT row FROM entries WHERE id = ?",
+                                     (values[0],)).fetchone()
+                    if old:
+                        db.execute("DELETE FROM entries WHERE row = ?", old)
+                        changes.append(("remove", old[0]))
+                    cursor = db.execute(
+                        "INSERT INTO entries (id, person_id, camera_id, timestamp, metadata, "
+                        "embedding) VALUES (?, ?, ?, ?, ?, ?)", values)
+                    changes.append(("add", cursor.lastrowid))
+                logged = []
+                for op, row in changes:
+                    cursor = db.execute("INSERT INTO changes (op, row) VALUES (?, ?)", (op, row))
+                    logged.append((cursor.lastrowid, op, row))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._apply(logged)
+        return len(rows)
+
+    def remove(self, ids):
+        """Removes the entries with these ids in one transaction; returns how many existed."""
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise GalleryError("ids", "expected a list of entry ids (strings).")
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                logged = []
+                for entry_id in ids:
+                    found = db.execute("SELECT row FROM entries WHERE id = ?",
+                                       (entry_id,)).fetchone()
+                    if found:
+                        db.execute("DELETE FROM entries WHERE row = ?", found)
+                        cursor = db.execute("INSERT INTO changes (op, row) VALUES ('remove', ?)",
+                                            found)
+                        logged.append((cursor.lastrowid, "remove", found[0]))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._apply(logged)
+        return len(logged)
+
+    def import_features(self, arrays, id_prefix=""):
+        """Seeds the gallery from a reid-extract features.npz (ids: its file names)."""
+        entries = []
+        for i, name in enumerate(arrays["file_names"]):
+            entry = {"id": id_prefix + str(name), "embedding": arrays["embeddings"][i]}
+            for key in ("person_id", "camera_id"):
+                if f"{key}s" in arrays:
+                    entry[key] = int(arrays[f"{key}s"][i])
+            entries.append(entry)
+        for start in range(0, len(entries), 10000):
+            self.add(entries[start:start + 10000])
+        return len(entries)
+
+    # ------------------------------------------------------------------ reads
+
+    def __len__(self):
+        with self._lock:
+            return int(self.index.ntotal)
+
+    def count(self):
+        """Entries in the database (the source of truth)."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+
+    def staleness(self):
+        """Changes applied in memory but not yet in the index file."""
+        return self.applied_seq - self.persisted_seq
+
+    def search(self, queries, k=10, exclude_camera=None, time_range=None):
+        """Top-k entries for each query, nearest first, among committed entries passing the
+        filters (`exclude_camera`: leave that camera out; `time_range`: (start, end) seconds,
+        either None). Each match: id, person_id, camera_id, timestamp, metadata, distance
+        (1 - cosine similarity)."""
+        queries = _normalized(np.atleast_2d(queries))
+        if queries.shape[1] != self.dimension:
+            raise GalleryError("queries", f"width {queries.shape[1]}, gallery {self.dimension}.")
+        filtered = exclude_camera is not None or time_range is not None
+        with self._lock:
+            total = int(self.index.ntotal)
+            results = [[] for _ in queries]
+            if not total:
+                return results
+            fetch = min(total, k * 4 if filtered else k)
+            pending = list(range(len(queries)))
+            while pending:
+                similarities, rows = self.index.search(queries[pending], fetch)
+                entries = self._entries({int(r) for r in rows.ravel() if r >= 0})
+                retry = []
+                for position, query in enumerate(pending):
+                    matches = []
+                    for similarity, row in zip(similarities[position], rows[position]):
+                        entry = entries.get(int(row))
+                        if entry is None or not _passes(entry, exclude_camera, time_range):
+                            continue
+                        matches.append({**entry, "distance": float(1.0 - similarity)})
+                        if len(matches) == k:
+                            break
+                    if len(matches) < k and fetch < total:
+                        retry.append(query)
+                    else:
+                        results[query] = matches
+                pending, fetch = retry, min(total, fetch * 4)
+            return results
+
+    def _entries(self, rows):
+        if not rows:
+            return {}
+        rows = list(rows)
+        found = {}
+        for start in range(0, len(rows), 900):  # SQLite's bound-parameter limit
+            chunk = rows[start:start + 900]
+            marks = ",".join("?" * len(chunk))
+            for row, *values in self._db.execute(
+                    f"SELECT row, id, person_id, camera_id, timestamp, metadata FROM entries "
+                    f"WHERE row IN ({marks})", chunk):
+                entry = dict(zip(FIELDS, values))
+                entry["metadata"] = None if entry["metadata"] is None else json.loads(
+                    entry["metadata"])
+                found[row] = entry
+        return found
+
+    def get(self, entry_id):
+        """The entry with this id (with its embedding), or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, person_id, camera_id, timestamp, metadata, embedding FROM entries "
+                "WHERE id = ?", (entry_id,)).fetchone()
+        if row is None:
+            return None
+        entry = dict(zip(FIELDS, row[:5]))
+        entry["metadata"] = None if entry["metadata"] is None else json.loads(entry["metadata"])
+        entry["embedding"] = np.frombuffer(row[5], np.float32)
+        return entry
+
+
+def _passes(entry, exclude_camera, time_range):
+    if exclude_camera is not None and entry["camera_id"] == exclude_camera:
+        return False
+    if time_range is not None:
+        start, end = time_range
+        timestamp = entry["timestamp"]
+        if timestamp is None:
+            return False
+        if (start is not None and timestamp < start) or (end is not None and timestamp > end):
+            return False
+    return True

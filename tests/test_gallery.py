@@ -1,0 +1,192 @@
+"""The live gallery (SQLite + derived faiss index) and the dynamic batcher, in process."""
+
+import asyncio
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+
+from reid_tf import batching
+from reid_tf import gallery_store
+
+
+def quiet(line):
+    del line
+
+
+def vectors(n, dim=16, seed=0):
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def entries(embeddings, start=0, **extra):
+    return [{"id": f"e{start + i}", "embedding": e, "camera_id": (start + i) % 3,
+             "timestamp": float(start + i), **extra} for i, e in enumerate(embeddings)]
+
+
+def test_add_search_filters_remove_and_replace(tmp_path):
+    store = gallery_store.GalleryStore(str(tmp_path / "g.sqlite"), 16, log=quiet)
+    data = vectors(30)
+    store.add(entries(data, metadata={"site": "north"}))
+    assert len(store) == store.count() == 30
+    top = store.search(data[4:5], k=3)[0]
+    assert top[0]["id"] == "e4" and top[0]["distance"] == pytest.approx(0, abs=1e-5)
+    assert top[0]["metadata"] == {"site": "north"} and top[0]["camera_id"] == 1
+    exact = 1 - data @ data[4]
+    np.testing.assert_allclose([m["distance"] for m in top], np.sort(exact)[:3], atol=1e-5)
+    filtered = store.search(data[4:5], k=5, exclude_camera=1)[0]
+    assert len(filtered) == 5 and all(m["camera_id"] != 1 for m in filtered)
+    window = store.search(data[4:5], k=30, time_range=[10, 19.5])[0]
+    assert sorted(m["id"] for m in window) == sorted(f"e{i}" for i in range(10, 20))
+    assert store.remove(["e4", "nope"]) == 1
+    assert "e4" not in [m["id"] for m in store.search(data[4:5], k=30)[0]]
+    store.add([{"id": "e5", "embedding": data[4]}])  # the same id again replaces the entry
+    assert store.count() == 29 and store.search(data[4:5], k=1)[0][0]["id"] == "e5"
+    assert store.get("e5")["camera_id"] is None
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"id": "", "embedding": [0.0] * 16}, "entries[1].id"),
+    ({"id": "x", "embedding": [0.0] * 15}, "entries[1].embedding"),
+    ({"id": "x", "embedding": [float("nan")] * 16}, "entries[1].embedding"),
+    ({"id": "x", "embedding": [0.0] * 16, "camera_id": "3"}, "entries[1].camera_id"),
+    ({"id": "x", "embedding": [0.0] * 16, "metadata": [1]}, "entries[1].metadata"),
+    ({"id": "e0", "embedding": [0.0] * 16}, "entries[1].id"),  # twice in one request
+])
+def test_a_bad_entry_writes_nothing_and_names_its_field(bad, field):
+    store = gallery_store.GalleryStore(":memory:", 16, log=quiet)
+    with pytest.raises(gallery_store.GalleryError) as error:
+        store.add([{"id": "e0", "embedding": vectors(1)[0]}, bad])
+    assert error.value.field == field
+    assert store.count() == 0 and len(store) == 0
+
+
+def test_restart_loads_the_index_file_and_replays_what_it_lacks(tmp_path):
+    path = str(tmp_path / "g.sqlite")
+    lines = []
+    store = gallery_store.GalleryStore(path, 16, persist_every=10, log=lines.append)
+    data = vectors(25)
+    for i in range(25):  # 25 changes: the file holds the first 20
+        store.add(entries(data[i:i + 1], start=i))
+    assert store.persisted_seq == 20 and store.staleness() == 5
+    store._db.close()  # a crash: no close(), the last 5 changes only in SQLite
+    lines.clear()
+    reopened = gallery_store.GalleryStore(path, log=lines.append)
+    assert any("index-20.faiss" in line and "replayed 5" in line for line in lines), lines
+    assert len(reopened) == reopened.count() == 25
+    assert reopened.search(data[24:25], k=1)[0][0]["id"] == "e24"
+    reopened.close()
+    assert reopened.persisted_seq == 25
+
+
+def test_ivf_index_is_trained_once_the_gallery_can_train_it_and_retrained_as_it_grows():
+    lines = []
+    store = gallery_store.GalleryStore(":memory:", 16, index="IVF4,Flat", nprobe=4,
+                                       log=lines.append)
+    store.add(entries(vectors(100)))  # fewer than 39 x 4: exact search meanwhile
+    assert any("fewer than the 156" in line for line in lines)
+    store.add(entries(vectors(100, seed=1), start=100))
+    assert any("trained IVF4,Flat on 200" in line for line in lines)
+    store.add(entries(vectors(250, seed=2), start=200))
+    assert any("retraining" in line for line in lines) and len(store) == 450
+    data = vectors(100, seed=1)
+    assert store.search(data[:1], k=1)[0][0]["id"] == "e100"
+
+
+def test_searches_during_adds_and_removes_see_only_committed_entries(tmp_path):
+    store = gallery_store.GalleryStore(str(tmp_path / "g.sqlite"), 16, persist_every=50,
+                                       log=quiet)
+    data = vectors(400, seed=3)
+    committed, removed, in_flight = set(), set(), set()
+    problems, done = [], threading.Event()
+
+    def writer():
+        for start in range(0, 400, 8):
+            batch = entries(data[start:start + 8], start=start)
+            in_flight.update(e["id"] for e in batch)
+            store.add(batch)
+            committed.update(e["id"] for e in batch)
+            if start >= 16:
+                gone = [f"e{start - 16}", f"e{start - 15}"]
+                store.remove(gone)
+                removed.update(gone)
+        done.set()
+
+    def reader():
+        rng = np.random.default_rng(0)
+        while not done.is_set():
+            removed_before = set(removed)
+            for match in store.search(data[rng.integers(0, 400, 4)], k=20)[0]:
+                if match["id"] not in committed | in_flight:
+                    problems.append(f"{match['id']} returned before its add")
+                if match["id"] in removed_before:
+                    problems.append(f"{match['id']} returned after its removal")
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader)
+                                                     for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not problems, problems[:5]
+    assert store.count() == len(store) == 400 - len(removed)
+    rows = sqlite3.connect(str(tmp_path / "g.sqlite")).execute(
+        "SELECT COUNT(*) FROM entries WHERE length(embedding) != 64").fetchone()[0]
+    assert rows == 0
+
+
+def run_async(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_batcher_merges_concurrent_requests_and_splits_the_outputs():
+    calls = []
+
+    def model(kind, items):
+        calls.append((kind, len(items)))
+        return {"embedding": np.asarray(items, np.float32)[:, :1, 0, 0] * 2}
+
+    async def scenario():
+        batcher = batching.Batcher(model, max_batch_size=16, batch_timeout_ms=50)
+        batcher.start()
+        requests = [np.full((n, 2, 2, 3), i, np.uint8) for i, n in enumerate([1, 3, 2, 1])]
+        results = await asyncio.gather(*(batcher.submit("images", r) for r in requests))
+        odd = await batcher.submit("images", np.zeros((2, 4, 4, 3), np.uint8))
+        await batcher.stop()
+        return results, odd
+
+    results, odd = run_async(scenario())
+    assert calls == [("images", 7), ("images", 2)]  # one call for the four; another shape alone
+    for i, (n, result) in enumerate(zip([1, 3, 2, 1], results)):
+        np.testing.assert_array_equal(result["embedding"], np.full((n, 1), 2 * i))
+    assert odd["embedding"].shape == (2, 1)
+
+
+def test_batcher_drops_requests_given_up_on_and_refuses_a_full_queue():
+    calls, release = [], threading.Event()
+
+    def model(kind, items):
+        calls.append(list(items))
+        release.wait(5)
+        return {"embedding": np.zeros((len(items), 1), np.float32)}
+
+    async def scenario():
+        batcher = batching.Batcher(model, max_batch_size=2, batch_timeout_ms=1,
+                                   max_enqueued_batches=2)
+        batcher.start()
+        busy = asyncio.ensure_future(batcher.submit("encoded", [b"first"]))
+        await asyncio.sleep(0.2)  # the model is now busy with "first"
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(batcher.submit("encoded", [b"gave up"]), 0.05)
+        kept = asyncio.ensure_future(batcher.submit("encoded", [b"kept"]))
+        await asyncio.sleep(0.05)
+        with pytest.raises(batching.QueueFull):  # capacity 2 x 2 images
+            await batcher.submit("encoded", [b"a", b"b", b"c", b"d"])
+        release.set()
+        await busy
+        await kept
+        await batcher.stop()
+
+    run_async(scenario())
+    assert calls == [[b"first"], [b"kept"]]  # "gave up" never reached the model
