@@ -6,7 +6,8 @@ load test of the suite (`reid_tf.testing.load_test`): --clients concurrent keep-
 --requests requests, one 128x64 image each, interleaving valid predict (b64 and uint8 arrays) and
 search (k=5) requests with malformed ones (bad JSON, bad base64, undecodable image, wrong shape,
 float values). Prints p50/p99 latency per kind and overall, requests/s, and any status that was not
-the expected one.
+the expected one. Then dynamic batching: --batch clients sending one b64 image each against the
+export's own forward pass at batch --batch in this process, and a lone client.
 
     python benchmarks/serving.py [--backbone=mobilenet_v2] [--clients=8] [--requests=200]
 """
@@ -35,11 +36,70 @@ flags.DEFINE_integer("clients", 8, "Concurrent clients.")
 flags.DEFINE_integer("requests", 200, "Requests per client.")
 flags.DEFINE_integer("gallery_size", 10000, "Gallery embeddings in the faiss index.")
 flags.DEFINE_integer("threads", 2, "reid-serve --threads.")
+flags.DEFINE_integer("batch", 16, "Clients of the throughput test, and --max_batch_size.")
+flags.DEFINE_float("batch_timeout_ms", 5.0, "reid-serve --batch_timeout_ms.")
+flags.DEFINE_integer("throughput_requests", 40, "Requests per client in the throughput test.")
 
 
 def percentiles(seconds):
     p50, p99 = np.percentile(np.asarray(seconds) * 1000, [50, 99])
     return f"p50 {p50:7.1f} ms  p99 {p99:7.1f} ms"
+
+
+def throughput(client, path, images, clients, requests):
+    """`clients` threads, each sending `requests` predict requests of one b64 image: images/s
+    and latencies."""
+    import base64
+    import io
+    import threading
+    import time
+
+    from PIL import Image
+
+    bodies = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        bodies.append({"instances": [{"b64": base64.b64encode(buffer.getvalue()).decode()}]})
+    latencies, lock = [], threading.Lock()
+
+    def run(number):
+        connection = testing.JsonClient(client.host, client.port)
+        for request in range(requests):
+            start = time.perf_counter()
+            status, _ = connection.request("POST", "/v1/models/reid:predict",
+                                           bodies[(number + request) % len(bodies)])
+            assert status == 200, status
+            with lock:
+                latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return clients * requests / (time.perf_counter() - start), latencies
+
+
+def forward_rate(path, images, batch, repeats):
+    """The export's own serve_encoded at `batch` images per call (PNG bytes), images/s."""
+    import io
+    import time
+
+    from PIL import Image
+
+    export = features.Export(path)
+    encoded = []
+    for image in images[:batch]:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    export.embed_encoded(encoded)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        export.embed_encoded(encoded)
+    return batch * repeats / (time.perf_counter() - start)
 
 
 def main(argv):
@@ -58,12 +118,20 @@ def main(argv):
         gallery_npz = os.path.join(scratch, "gallery.npz")
         features.save_features(gallery_npz, gallery,
                                [f"{i:05d}_c1s1_000000_00.jpg" for i in range(len(gallery))])
-        with testing.serve(path, f"--gallery={gallery_npz}",
-                           f"--threads={FLAGS.threads}") as client:
-            images = rng.integers(0, 256, (16, 128, 64, 3), dtype=np.uint8)
+        images = rng.integers(0, 256, (16, 128, 64, 3), dtype=np.uint8)
+        with testing.serve(path, f"--gallery={gallery_npz}", f"--threads={FLAGS.threads}",
+                           f"--max_batch_size={FLAGS.batch}",
+                           f"--batch_timeout_ms={FLAGS.batch_timeout_ms}") as client:
             testing.load_test(client.host, client.port, images, clients=2, requests=8)  # warm-up
             report = testing.load_test(client.host, client.port, images, clients=FLAGS.clients,
                                        requests=FLAGS.requests)
+            # Dynamic batching: 16 clients of one image each against the export's own forward
+            # at batch 16, measured in this run; then one lone client.
+            batched_rate, batched = throughput(client, path, images, FLAGS.batch,
+                                               FLAGS.throughput_requests)
+            lone_rate, lone = throughput(client, path, images, 1, FLAGS.throughput_requests)
+        forward = forward_rate(path, images, FLAGS.batch, FLAGS.throughput_requests // 2)
+        forward_one = forward_rate(path, images, 1, FLAGS.throughput_requests)
     print(f"machine: {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}; reid-serve "
           f"{FLAGS.backbone} {FLAGS.height}x{FLAGS.width} K=4, --threads={FLAGS.threads}, "
           f"gallery {FLAGS.gallery_size} (faiss flat)")
@@ -75,6 +143,14 @@ def main(argv):
         print(f"  {kind:15s} n={len(seconds):4d}  {percentiles(seconds)}")
     everything = [s for seconds in report["latencies"].values() for s in seconds]
     print(f"  {'all':15s} n={len(everything):4d}  {percentiles(everything)}")
+    p50, p99 = np.percentile(batched, [50, 99])
+    print(f"dynamic batching (--max_batch_size={FLAGS.batch}, --batch_timeout_ms="
+          f"{FLAGS.batch_timeout_ms}): {FLAGS.batch} clients x 1 image: {batched_rate:.1f} "
+          f"images/s ({percentiles(batched)}, p99/p50 {p99 / p50:.2f}); the export's own "
+          f"forward at batch {FLAGS.batch}: {forward:.1f} images/s; ratio "
+          f"{batched_rate / forward:.2f}")
+    print(f"one client: {lone_rate:.1f} requests/s ({percentiles(lone)}); the export's forward "
+          f"at batch 1: {1000 / forward_one:.1f} ms per image")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,116 @@
+"""A million-entry live gallery: recall@10 against exact search, search latency, RSS, start-up.
+
+--size synthetic embeddings of --dim (1280 = PL-Net K=4 x 256, the export's width), clustered as
+ReID galleries are (--identities centres, each entry a centre plus noise), are added to a
+`GalleryStore` (SQLite + faiss `--index`) in batches; the store trains the index itself. Then
+--queries held-out queries (new views of gallery identities): recall@10 of the store's search
+against exact inner-product search (faiss IndexFlatIP over the same vectors, computed in
+blocks), the per-query latency of single-query searches (p50/p99), the process's peak RSS, and
+the start-up time of a new store opening the persisted index file.
+
+    python benchmarks/gallery_scale.py [--size=1000000] [--index=IVF4096,SQ8] [--nprobe=32]
+"""
+
+import os
+import resource
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from reid_tf import gallery_store
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("size", 1_000_000, "Gallery entries.")
+flags.DEFINE_integer("dim", 1280, "Embedding width.")
+flags.DEFINE_integer("identities", 50_000, "Cluster centres (people).")
+flags.DEFINE_float("noise", 0.6, "Per-entry noise, relative to the centre's norm.")
+flags.DEFINE_string("index", "IVF4096,SQ8", "faiss index_factory string.")
+flags.DEFINE_integer("nprobe", 32, "IVF lists searched.")
+flags.DEFINE_integer("queries", 1000, "Queries for recall; 200 of them timed one by one.")
+flags.DEFINE_string("workdir", None, "Where the database goes (default: a temporary folder).")
+
+
+def rss_gib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+
+
+def embeddings(rng, centres, count):
+    owners = rng.integers(0, len(centres), count)
+    vectors = centres[owners] + FLAGS.noise * rng.normal(
+        size=(count, FLAGS.dim)).astype(np.float32) / np.sqrt(FLAGS.dim)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def exact_top(gallery_chunks, queries, k=10):
+    """Exact top-k ids (inner product) over the gallery, streamed in chunks."""
+    best_scores = np.full((len(queries), k), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), k), np.int64)
+    for offset, chunk in gallery_chunks:
+        scores = queries @ chunk.T
+        ids = np.broadcast_to(np.arange(offset, offset + len(chunk)), scores.shape)
+        scores = np.concatenate([best_scores, scores], axis=1)
+        ids = np.concatenate([best_ids, ids], axis=1)
+        order = np.argpartition(-scores, k, axis=1)[:, :k]
+        best_scores = np.take_along_axis(scores, order, 1)
+        best_ids = np.take_along_axis(ids, order, 1)
+    return best_ids
+
+
+def main(argv):
+    del argv
+    folder = FLAGS.workdir or tempfile.mkdtemp(prefix="gallery_scale_")
+    path = os.path.join(folder, "gallery.sqlite")
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(FLAGS.identities, FLAGS.dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    store = gallery_store.GalleryStore(path, FLAGS.dim, index=FLAGS.index, nprobe=FLAGS.nprobe,
+                                       persist_every=0, log=lambda line: print(line, flush=True))
+    start = time.perf_counter()
+    chunk_size = 50_000
+    seeds = []
+    for offset in range(0, FLAGS.size, chunk_size):
+        seeds.append(offset)
+        chunk = embeddings(np.random.default_rng([1, offset]), centres,
+                           min(chunk_size, FLAGS.size - offset))
+        for start_row in range(0, len(chunk), 10_000):
+            store.add([{"id": str(offset + start_row + i), "embedding": e}
+                       for i, e in enumerate(chunk[start_row:start_row + 10_000])])
+        print(f"added {offset + len(chunk)} in {time.perf_counter() - start:.0f} s "
+              f"(RSS peak {rss_gib():.2f} GiB)", flush=True)
+    build_seconds = time.perf_counter() - start
+
+    def gallery_chunks():
+        for offset in seeds:
+            yield offset, embeddings(np.random.default_rng([1, offset]), centres,
+                                     min(chunk_size, FLAGS.size - offset))
+
+    queries = embeddings(np.random.default_rng(2), centres, FLAGS.queries)
+    truth = exact_top(gallery_chunks(), queries)
+    found = store.search(queries, k=10)
+    recall = np.mean([len({int(m["id"]) for m in matches} & set(row.tolist())) / 10
+                      for matches, row in zip(found, truth)])
+    latencies = []
+    for query in queries[:200]:
+        begin = time.perf_counter()
+        store.search(query[None], k=10)
+        latencies.append(time.perf_counter() - begin)
+    p50, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 99])
+    peak = rss_gib()
+    store.close()
+    begin = time.perf_counter()
+    reopened = gallery_store.GalleryStore(path, index=FLAGS.index, nprobe=FLAGS.nprobe,
+                                          log=lambda line: print(line, flush=True))
+    startup = time.perf_counter() - begin
+    assert len(reopened) == FLAGS.size
+    print(f"machine: {os.cpu_count()} CPU cores; {FLAGS.size} x {FLAGS.dim} embeddings, "
+          f"{FLAGS.identities} clusters; index {FLAGS.index}, nprobe {FLAGS.nprobe}")
+    print(f"build (SQLite + index, training included): {build_seconds:.0f} s")
+    print(f"recall@10 vs exact: {recall:.4f}; search p50 {p50:.2f} ms, p99 {p99:.2f} ms per "
+          f"query; peak RSS {peak:.2f} GiB; start-up from the index file {startup:.1f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)
