@@ -143,10 +143,14 @@ def validation_table(records, prefix="cuhk03_pair1_labeled_val_"):
             f"| {name[len(prefix):]} | {record['results']['epochs']:.0f} | "
             f"{100 * validation['rank1']:.1f} | {100 * validation['mAP']:.1f} | "
             f"{cell('global_embedding')} | {cell('part_embeddings')} | "
-            f"{consistency.get('mean_iou', float('nan')):.2f} | "
-            f"{consistency.get('ordered_fraction', float('nan')):.2f} | "
+            f"{_number(consistency.get('mean_iou'))} | "
+            f"{_number(consistency.get('ordered_fraction'))} | "
             f"{100 * best['mAP']:.1f} ({best['epoch']:.0f}) |")
     return "\n".join(lines)
+
+
+def _number(value):
+    return "–" if value is None else f"{value:.2f}"
 
 
 def plateau(curve, share=0.2):
