@@ -82,6 +82,15 @@ def throughput(client, path, images, clients, requests):
     return clients * requests / (time.perf_counter() - start), latencies
 
 
+def batch_sizes(client):
+    """(images, model calls) so far, from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {s.name: s.value for f in text_string_to_metric_families(client.raw("/metrics"))
+              for s in f.samples}
+    return values.get("reid_batch_size_sum", 0.0), values.get("reid_batch_size_count", 0.0)
+
+
 def forward_rate(path, images, batch, repeats):
     """The export's own serve_encoded at `batch` images per call (PNG bytes), images/s."""
     import io
@@ -127,8 +136,11 @@ def main(argv):
                                        requests=FLAGS.requests)
             # Dynamic batching: 16 clients of one image each against the export's own forward
             # at batch 16, measured in this run; then one lone client.
+            before = batch_sizes(client)
             batched_rate, batched = throughput(client, path, images, FLAGS.batch,
                                                FLAGS.throughput_requests)
+            after = batch_sizes(client)
+            mean_batch = (after[0] - before[0]) / max(after[1] - before[1], 1)
             lone_rate, lone = throughput(client, path, images, 1, FLAGS.throughput_requests)
         forward = forward_rate(path, images, FLAGS.batch, FLAGS.throughput_requests // 2)
         forward_one = forward_rate(path, images, 1, FLAGS.throughput_requests)
@@ -148,7 +160,7 @@ def main(argv):
           f"{FLAGS.batch_timeout_ms}): {FLAGS.batch} clients x 1 image: {batched_rate:.1f} "
           f"images/s ({percentiles(batched)}, p99/p50 {p99 / p50:.2f}); the export's own "
           f"forward at batch {FLAGS.batch}: {forward:.1f} images/s; ratio "
-          f"{batched_rate / forward:.2f}")
+          f"{batched_rate / forward:.2f}; mean images per model call {mean_batch:.1f}")
     print(f"one client: {lone_rate:.1f} requests/s ({percentiles(lone)}); the export's forward "
           f"at batch 1: {1000 / forward_one:.1f} ms per image")
 
