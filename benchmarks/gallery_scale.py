@@ -13,6 +13,7 @@ the start-up time of a new store opening the persisted index file.
 
 import os
 import resource
+import shutil
 import tempfile
 import time
 
@@ -105,6 +106,9 @@ def main(argv):
                                           log=lambda line: print(line, flush=True))
     startup = time.perf_counter() - begin
     assert len(reopened) == FLAGS.size
+    reopened.close()
+    if not FLAGS.workdir:
+        shutil.rmtree(folder)  # the database alone is size x dim x 4 bytes
     print(f"machine: {os.cpu_count()} CPU cores; {FLAGS.size} x {FLAGS.dim} embeddings, "
           f"{FLAGS.identities} clusters; index {FLAGS.index}, nprobe {FLAGS.nprobe}")
     print(f"build (SQLite + index, training included): {build_seconds:.0f} s")

@@ -79,6 +79,15 @@ class Export:
         return {"signature_def": {"signature_def": signature_def}}
 
 
+def enable_memory_growth():
+    """GPU memory on demand (TensorFlow otherwise takes nearly all of it at start), so a server
+    or an extraction can share the GPU. Call before TensorFlow touches a GPU; no GPU: no-op."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+
+
 def folder_split(folder):
     """Every image under `folder` (recursively, sorted) as an `input_pipeline.Split`.
 
@@ -263,6 +272,7 @@ def run():
         options = flags.FLAGS
         if options.batch_size < 1:
             raise app.UsageError("--batch_size: expected a positive integer.")
+        enable_memory_growth()
         try:
             check_output_path(options.output)  # before any work
             export = Export(options.export)

@@ -640,6 +640,7 @@ def run():
         # Pillow only reads headers here (TensorFlow decodes), and --max_image_pixels is the
         # limit: Pillow's own bomb check would refuse before the size could be reported.
         Image.MAX_IMAGE_PIXELS = None
+        features.enable_memory_growth()
         try:
             export = features.Export(options.export)
             gallery = None

@@ -27,6 +27,7 @@ from reid_tf import visualize
 from reid_tf import workdir as workdir_lib
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
+PRECISIONS = ("none", "bfloat16", "float16")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step")
 # Fields that define the model and its checkpoint: a workdir only resumes with the same values.
@@ -73,7 +74,8 @@ class TrainConfig:
     # Distribution and numerics.
     strategy: str = "default"
     cpu_replicas: int = 0
-    mixed_precision: bool = False
+    mixed_precision: str = "none"  # "none", "bfloat16" or "float16" (with loss scaling)
+    jit_compile: bool = False  # XLA for the training step (off on CPU: several times slower)
     seed: int = 0
     # Cadence (in steps; 0 = off).
     log_every: int = 20
@@ -94,7 +96,8 @@ class TrainConfig:
 
     def validate(self):
         """Checks what needs no data or model; ValueError names the flag and the valid values."""
-        choices = {"strategy": STRATEGIES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES}
+        choices = {"strategy": STRATEGIES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+                   "mixed_precision": PRECISIONS}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"--{name}={getattr(self, name)!r}: expected one of {valid}.")
@@ -232,7 +235,7 @@ def make_optimizer(config, schedule):
 
 
 def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_weight=1.0,
-                    label_smoothing=0.0, backbone_optimizer=None):
+                    label_smoothing=0.0, backbone_optimizer=None, jit_compile=False):
     """Builds `train_step(iterator, num_steps)`: `num_steps` distributed steps in one tf.function.
 
     Returns the metrics averaged over those steps: `loss`, `global_loss`, `part_loss`,
@@ -241,8 +244,26 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
     `backbone_optimizer`, the backbone's variables are updated by it (e.g. a lower learning
     rate), the rest by `optimizer`. Build the optimizers' variables inside `strategy.scope()`
     before the first call.
+
+    With `keras.optimizers.LossScaleOptimizer`s (float16), the loss is multiplied by the head
+    optimizer's dynamic scale; the backbone's gradients are rescaled to the backbone optimizer's
+    own scale, so each optimizer unscales, checks for non-finite values and adapts its scale as
+    Keras does. `jit_compile` compiles the replica step with XLA.
     """
     backbone_ids = {id(v) for v in model.backbone.trainable_variables}
+    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+    def apply(which, pairs):
+        """apply_gradients; a step that loss scaling skipped (non-finite float16 gradients)
+        still counts, so `iterations` stays the number of batches trained on (resume
+        position, schedule)."""
+        if not scaled:
+            which.apply_gradients(pairs)
+            return
+        before = tf.identity(which.iterations)
+        which.apply_gradients(pairs)
+        skipped = tf.cast(tf.equal(which.iterations, before), which.iterations.dtype)
+        which.inner_optimizer.iterations.assign_add(skipped)
 
     def replica_step(batch):
         images, labels = batch["image"], batch["label"]
@@ -250,14 +271,19 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
             outputs = model(images, training=True)
             terms = losses.plnet_loss(labels, outputs, part_loss_weight, label_smoothing)
             loss = tf.nn.compute_average_loss(terms["loss"], global_batch_size=global_batch_size)
+            objective = optimizer.scale_loss(loss) if scaled else loss
         variables = model.trainable_variables
-        gradients = tape.gradient(loss, variables)
+        gradients = tape.gradient(objective, variables)
         pairs = list(zip(gradients, variables))
         if backbone_optimizer is None:
-            optimizer.apply_gradients(pairs)
+            apply(optimizer, pairs)
         else:
-            backbone_optimizer.apply_gradients([p for p in pairs if id(p[1]) in backbone_ids])
-            optimizer.apply_gradients([p for p in pairs if id(p[1]) not in backbone_ids])
+            backbone_pairs = [p for p in pairs if id(p[1]) in backbone_ids]
+            if scaled:  # from the head's loss scale to the backbone optimizer's own
+                ratio = backbone_optimizer.dynamic_scale / optimizer.dynamic_scale
+                backbone_pairs = [(g * tf.cast(ratio, g.dtype), v) for g, v in backbone_pairs]
+            apply(backbone_optimizer, backbone_pairs)
+            apply(optimizer, [p for p in pairs if id(p[1]) not in backbone_ids])
 
         def batch_mean(values):
             return tf.reduce_sum(tf.cast(values, tf.float32), axis=0) / global_batch_size
@@ -273,6 +299,9 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
             "global_accuracy": batch_mean(global_hits),
             "part_accuracies": batch_mean(part_hits),
         }
+
+    if jit_compile:
+        replica_step = tf.function(replica_step, jit_compile=True)
 
     def one_step(iterator):
         per_replica = strategy.run(replica_step, args=(next(iterator),))
@@ -368,8 +397,8 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
         raise ValueError(f"batch P*K={config.global_batch_size} (--identities_per_batch="
                          f"{config.identities_per_batch} x --images_per_identity="
                          f"{config.images_per_identity}) does not divide over {replicas} replicas.")
-    if config.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    if config.mixed_precision != "none":
+        keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
     keras.utils.set_random_seed(config.seed)
 
     splits = input_pipeline.load_splits(config.dataset, config.data_dir, config.manual_dir,
@@ -404,11 +433,16 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
                              schedule=config.schedule, boundaries=boundaries,
                              decay_factor=config.lr_decay_factor)
         optimizer = make_optimizer(config, WarmupThenDecay(config.learning_rate, **schedule_args))
-        optimizer.build(model.trainable_variables)
         backbone_optimizer = None
         if config.backbone_lr_multiplier != 1.0:
             backbone_optimizer = make_optimizer(config, WarmupThenDecay(
                 config.learning_rate * config.backbone_lr_multiplier, **schedule_args))
+        if config.mixed_precision == "float16":  # float16 gradients underflow without it
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            if backbone_optimizer is not None:
+                backbone_optimizer = keras.optimizers.LossScaleOptimizer(backbone_optimizer)
+        optimizer.build(model.trainable_variables)
+        if backbone_optimizer is not None:
             backbone_optimizer.build(model.backbone.trainable_variables)
         trackables = {"model": model, "optimizer": optimizer}
         if backbone_optimizer is not None:
@@ -438,7 +472,7 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
     train_step = make_train_step(model, optimizer, strategy, config.global_batch_size,
                                  config.part_loss_weight, config.label_smoothing,
-                                 backbone_optimizer)
+                                 backbone_optimizer, jit_compile=config.jit_compile)
     tensorboard_dir = os.path.join(workdir, "tensorboard")
     if chief:
         train_writer = tf.summary.create_file_writer(os.path.join(tensorboard_dir, "train"))
