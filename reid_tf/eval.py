@@ -36,6 +36,9 @@ flags.DEFINE_enum("metric", "cosine", ["cosine", "euclidean", "sqeuclidean"], "D
 flags.DEFINE_bool("flip", False, "Test-time augmentation: mean of the image's and its mirror's "
                   "embeddings.")
 flags.DEFINE_bool("rerank", False, "k-reciprocal re-ranking (Zhong et al. 2017).")
+flags.DEFINE_integer("rerank_dense_max_gallery", 20000, "Above this gallery size (cosine), "
+                     "--rerank works from the features chunk by chunk instead of dense "
+                     "gallery x gallery distances.")
 flags.DEFINE_integer("k1", 20, "Re-ranking k1.")
 flags.DEFINE_integer("k2", 6, "Re-ranking k2.")
 flags.DEFINE_float("lambda_value", 0.3, "Re-ranking lambda.")
@@ -142,19 +145,32 @@ def run_eval():
     query, gallery = splits["query"], splits["gallery"]
     query_features = extract(embed, query, image_size, FLAGS.flip, "query")
     gallery_features = extract(embed, gallery, image_size, FLAGS.flip, "gallery")
-    distances = evaluation.pairwise_distances(query_features, gallery_features, FLAGS.metric)
-    if FLAGS.rerank:
-        distances = reranking.re_rank(
-            distances,
-            evaluation.pairwise_distances(query_features, query_features, FLAGS.metric),
-            evaluation.pairwise_distances(gallery_features, gallery_features, FLAGS.metric),
-            FLAGS.k1, FLAGS.k2, FLAGS.lambda_value)
     labels = (query.person_ids, gallery.person_ids, query.camera_ids, gallery.camera_ids)
-    if FLAGS.single_gallery_shot:
-        metrics = evaluation.evaluate_single_gallery_shot(distances, *labels)
+    # A large gallery is re-ranked from the features, chunk by chunk: the dense path holds
+    # gallery x gallery distances (27 GB at MSMT17's 82,161).
+    streamed = (FLAGS.rerank and FLAGS.metric == "cosine" and not FLAGS.single_gallery_shot
+                and not FLAGS.plot_ranked and len(gallery) > FLAGS.rerank_dense_max_gallery)
+    distances = None
+    if streamed:
+        print(f"re-ranking {len(query)} x {len(gallery)} from the features, chunk by chunk")
+        metrics = evaluation.evaluate_chunked(
+            reranking.re_rank_features(query_features, gallery_features, FLAGS.k1, FLAGS.k2,
+                                       FLAGS.lambda_value), *labels,
+            average_precision=FLAGS.average_precision)
     else:
-        metrics = evaluation.evaluate(distances, *labels,
-                                      average_precision=FLAGS.average_precision)
+        distances = evaluation.pairwise_distances(query_features, gallery_features,
+                                                  FLAGS.metric)
+        if FLAGS.rerank:
+            distances = reranking.re_rank(
+                distances,
+                evaluation.pairwise_distances(query_features, query_features, FLAGS.metric),
+                evaluation.pairwise_distances(gallery_features, gallery_features, FLAGS.metric),
+                FLAGS.k1, FLAGS.k2, FLAGS.lambda_value)
+        if FLAGS.single_gallery_shot:
+            metrics = evaluation.evaluate_single_gallery_shot(distances, *labels)
+        else:
+            metrics = evaluation.evaluate(distances, *labels,
+                                          average_precision=FLAGS.average_precision)
     cmc = metrics["cmc"]
     print(f"\n{dataset}: {len(query)} queries ({metrics['num_skipped']} skipped), "
           f"{len(gallery)} gallery images; descriptor={FLAGS.descriptor} flip={FLAGS.flip} "

@@ -211,6 +211,19 @@ def evaluate_features(query_features, gallery_features, query_ids, gallery_ids, 
         query_ids, gallery_ids, query_cameras, gallery_cameras)), max_rank, average_precision)
 
 
+def evaluate_chunked(chunks, query_ids, gallery_ids, query_cameras, gallery_cameras,
+                     max_rank=50, average_precision="noninterpolated"):
+    """`evaluate` over distance rows that arrive in chunks: `(query rows slice, [rows, G])`,
+    e.g. from `reranking.re_rank_features`, so no [Q, G] matrix is ever held."""
+    query_ids, gallery_ids = np.asarray(query_ids), np.asarray(gallery_ids)
+    query_cameras, gallery_cameras = np.asarray(query_cameras), np.asarray(gallery_cameras)
+    if average_precision not in AVERAGE_PRECISION:
+        raise ValueError(f"average_precision={average_precision!r}: expected one of "
+                         f"{AVERAGE_PRECISION}.")
+    return _evaluate_chunks(chunks, len(query_ids), query_ids, gallery_ids, query_cameras,
+                            gallery_cameras, max_rank, average_precision)
+
+
 def _evaluate_chunks(chunks, num_query, query_ids, gallery_ids, query_cameras, gallery_cameras,
                      max_rank, average_precision):
     hits_at = np.zeros(max_rank)

@@ -68,6 +68,62 @@ def re_rank(query_gallery, query_query, gallery_gallery, k1=20, k2=6, lambda_val
                          f"gallery_gallery [{num_gallery},{num_gallery}]; got "
                          f"{np.shape(query_query)} and {np.shape(gallery_gallery)}.")
     total = num_query + num_gallery
+
+    def rows_of(rows):
+        return _blocks(query_gallery, query_query, gallery_gallery, rows)
+
+    def gather(rows, cols):
+        return _gather(query_gallery, query_query, gallery_gallery, rows, cols)
+
+    final = np.empty((num_query, num_gallery), np.float32)
+    for rows, block in _re_rank_chunks(total, num_query, rows_of, gather,
+                                       lambda rows: query_gallery[rows], k1, k2, lambda_value,
+                                       chunk_size):
+        final[rows] = block
+    return final
+
+
+def re_rank_features(query_features, gallery_features, k1=20, k2=6, lambda_value=0.3,
+                     chunk_size=1024, query_chunk=256):
+    """k-reciprocal re-ranking straight from L2-normalisable features, cosine distance; yields
+    `(query rows slice, re-ranked distances [rows, G])` chunk by chunk.
+
+    The same definition and figures as `re_rank` on `evaluation.pairwise_distances(...,
+    "cosine")` matrices, but never holds an N×N (or gallery×gallery) matrix: one pass of
+    `chunk_size` rows × N products gives each image's k1+1 nearest neighbours (an exact k-NN
+    list, ties ordered by index) and its largest distance; the few distances the encoding needs
+    are recomputed from the features; the output comes `query_chunk` queries at a time (feed it
+    to `evaluation.evaluate_chunked`). Memory: O(N·k1²) plus one chunk.
+    """
+    query = np.asarray(query_features, np.float32)
+    gallery = np.asarray(gallery_features, np.float32)
+    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"re_rank_features: features [Q,D] and [G,D]; got {query.shape} and "
+                         f"{gallery.shape}.")
+    features = np.concatenate([query, gallery])
+    features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    num_query = len(query)
+    gallery_part = features[num_query:]
+
+    def rows_of(rows):  # cosine distances of these rows to every image, as pairwise_distances
+        return 1.0 - features[rows] @ features.T
+
+    def gather(rows, cols):
+        return 1.0 - np.einsum("ij,ij->i", features[rows], features[cols])
+
+    def query_gallery(rows):
+        return 1.0 - features[rows] @ gallery_part.T
+
+    yield from _re_rank_chunks(len(features), num_query, rows_of, gather, query_gallery, k1, k2,
+                               lambda_value, chunk_size, query_chunk)
+
+
+def _re_rank_chunks(total, num_query, rows_of, gather, query_gallery, k1, k2, lambda_value,
+                    chunk_size, query_chunk=256):
+    """The re-ranking over distances given by functions: `rows_of(slice)` -> `[rows, N]`,
+    `gather(rows, cols)` -> `[n]`, `query_gallery(slice)` -> `[rows, G]`. Yields
+    `(query rows, final distances)`."""
+    num_gallery = total - num_query
     k1 = min(k1, total - 1)
     half = int(np.around(k1 / 2.0))
     # Pass 1: squared distances row by row -> row maxima and the k1+1 nearest neighbours.
@@ -77,7 +133,7 @@ def re_rank(query_gallery, query_query, gallery_gallery, k1=20, k2=6, lambda_val
     neighbours = np.empty((total, k1 + 1), np.int32)
     for start in range(0, total, chunk_size):
         rows = slice(start, min(start + chunk_size, total))
-        block = np.square(_blocks(query_gallery, query_query, gallery_gallery, rows))
+        block = np.square(rows_of(rows).astype(np.float32))
         row_max[rows] = block.max(axis=1)
         nearest = np.argpartition(block, k1, axis=1)[:, :k1 + 1]
         order = np.lexsort((nearest, np.take_along_axis(block, nearest, axis=1)), axis=1)
@@ -91,7 +147,11 @@ def re_rank(query_gallery, query_query, gallery_gallery, k1=20, k2=6, lambda_val
     own = np.where(reciprocal, neighbours, -1)  # [N, k1+1], -1 = not in the set
     candidates = np.where(reciprocal, neighbours, 0)  # candidate c = member of i's set
     candidate_sets = np.where(half_reciprocal[candidates], half_neighbours[candidates], -2)
-    shared = (candidate_sets[..., None] == own[:, None, None, :]).any(-1).sum(-1)  # [N, k1+1]
+    shared = np.zeros(candidates.shape, np.int64)
+    for start in range(0, total, 4096):  # bounded: [4096, k1+1, half+1, k1+1] booleans
+        part = slice(start, start + 4096)
+        shared[part] = (candidate_sets[part][..., None]
+                        == own[part][:, None, None, :]).any(-1).sum(-1)
     sizes = half_reciprocal[candidates].sum(-1)
     accepted = reciprocal & (shared > 2.0 / 3.0 * sizes)
     expansion = np.concatenate([own, np.where(accepted[..., None], candidate_sets, -1)
@@ -101,8 +161,7 @@ def re_rank(query_gallery, query_query, gallery_gallery, k1=20, k2=6, lambda_val
                                       expansion[:, 1:] != expansion[:, :-1]]
     rows, slots = np.nonzero(unique)
     cols = expansion[rows, slots]
-    weights = np.exp(-_gather(query_gallery, query_query, gallery_gallery, rows, cols) ** 2
-                     / row_max[rows])
+    weights = np.exp(-gather(rows, cols).astype(np.float32) ** 2 / row_max[rows])
     weights /= np.bincount(rows, weights, minlength=total)[rows]
     encoding = sparse.csr_matrix((weights, (rows, cols)), shape=(total, total), dtype=np.float32)
     if k2 != 1:  # local query expansion: mean of the encodings of the k2 nearest neighbours
@@ -116,9 +175,8 @@ def re_rank(query_gallery, query_query, gallery_gallery, k1=20, k2=6, lambda_val
     # Jaccard distance between each query and each gallery image, over shared non-zeros.
     gallery_columns = encoding[num_query:].tocsc()
     gallery_columns.sort_indices()
-    final = np.empty((num_query, num_gallery), np.float32)
-    for start in range(0, num_query, 256):
-        block = encoding[start:min(start + 256, num_query)].tocoo()
+    for start in range(0, num_query, query_chunk):
+        block = encoding[start:min(start + query_chunk, num_query)].tocoo()
         counts = np.diff(gallery_columns.indptr)[block.col]
         first = gallery_columns.indptr[block.col]
         offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -130,6 +188,5 @@ def re_rank(query_gallery, query_query, gallery_gallery, k1=20, k2=6, lambda_val
         numerator = numerator.reshape(block.shape[0], num_gallery).astype(np.float32)
         jaccard = 1.0 - numerator / (2.0 - numerator)
         rows = slice(start, start + block.shape[0])
-        original = np.square(query_gallery[rows]) / row_max[rows, None]
-        final[rows] = jaccard * (1.0 - lambda_value) + original * lambda_value
-    return final
+        original = np.square(np.asarray(query_gallery(rows), np.float32)) / row_max[rows, None]
+        yield rows, jaccard * (1.0 - lambda_value) + original * lambda_value

@@ -111,13 +111,17 @@ def test_reid_eval_flip_equals_a_hand_computed_flipped_forward(trained, tmp_path
     assert plain["mAP"] != pytest.approx(expected["mAP"], abs=1e-9)  # flip changed something
 
 
-def test_reid_eval_on_the_export_with_flip_and_rerank(trained, tmp_path):
+@pytest.mark.parametrize("streamed", [False, True])
+def test_reid_eval_on_the_export_with_flip_and_rerank(trained, tmp_path, streamed):
     workdir, data_dir = trained
     export = os.path.join(workdir, "export", "20")
+    extra = ["--rerank_dense_max_gallery=0"] if streamed else []  # from the features
     result = run("reid_tf.eval", f"--export={export}", "--dataset=synthetic_persons/small",
-                 f"--data_dir={data_dir}", "--flip", "--rerank", f"--output_dir={tmp_path}")
+                 f"--data_dir={data_dir}", "--flip", "--rerank", f"--output_dir={tmp_path}",
+                 *extra)
     evaluated = json.load(open(os.path.join(tmp_path, "results.json")))
     assert evaluated["flip"] and evaluated["rerank"] and "rerank=True" in result.stdout
+    assert ("from the features, chunk by chunk" in result.stdout) == streamed
     # The same figures from the export's signature, the flip and re-ranking done here.
     serving = tf.saved_model.load(export).signatures["serving_default"]
     splits = input_pipeline.load_splits("synthetic_persons/small", data_dir=data_dir)

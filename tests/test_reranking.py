@@ -64,3 +64,27 @@ def test_re_rank_rejects_mismatched_shapes():
     q_g, q_q, g_g = distances(0)
     with pytest.raises(ValueError, match=r"gallery_gallery \[45,45\]"):
         reranking.re_rank(q_g, q_q, g_g[:10, :10])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_re_rank_from_features_equals_re_rank_on_the_dense_matrices(seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(25, 32))
+    query = (centres[rng.integers(0, 25, 60)] + 0.7 * rng.normal(size=(60, 32))).astype(np.float32)
+    gallery = (centres[rng.integers(0, 25, 300)]
+               + 0.7 * rng.normal(size=(300, 32))).astype(np.float32)
+    query_ids, gallery_ids = rng.integers(0, 25, 60), rng.integers(0, 25, 300)
+    dense = reranking.re_rank(evaluation.pairwise_distances(query, gallery),
+                              evaluation.pairwise_distances(query, query),
+                              evaluation.pairwise_distances(gallery, gallery))
+    chunks = list(reranking.re_rank_features(query, gallery, chunk_size=50, query_chunk=16))
+    assert [c[0].start for c in chunks] == list(range(0, 60, 16))
+    np.testing.assert_allclose(np.concatenate([c[1] for c in chunks]), dense, atol=2e-6)
+    cameras_q, cameras_g = np.zeros(60, int), np.ones(300, int)
+    expected = evaluation.evaluate(dense, query_ids, gallery_ids, cameras_q, cameras_g)
+    got = evaluation.evaluate_chunked(
+        reranking.re_rank_features(query, gallery, chunk_size=64, query_chunk=7), query_ids,
+        gallery_ids, cameras_q, cameras_g)
+    np.testing.assert_allclose(got["cmc"], expected["cmc"], atol=1e-6)
+    assert got["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
+    assert got["mINP"] == pytest.approx(expected["mINP"], abs=1e-6)
