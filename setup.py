@@ -42,6 +42,7 @@ setuptools.setup(
         # which is what closes a connection whose request head never arrives.
         "aiohttp>=3.14",
         "prometheus_client>=0.20",  # reid-serve's /metrics
+        "orjson>=3.9",  # reid-serve's answers (numpy arrays straight to JSON)
     ],
     extras_require={
         "cpu": ["tensorflow-cpu" + TENSORFLOW],
