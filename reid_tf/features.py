@@ -212,21 +212,13 @@ def save_features(path, embeddings, file_names, person_ids=None, camera_ids=None
 
 def check_output_path(path):
     """Refuses, before any work, an output path that cannot become a file: ValueError."""
+    from reid_tf import workdir
+
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):
         raise ValueError(f"--output={path}: is a folder; give a file name (e.g. "
                          f"{os.path.join(path, 'features.npz')}).")
-    folder = os.path.dirname(path)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise ValueError(f"--output={path}: {folder} is a file, not a folder.")
-    try:  # a real write: permission bits do not stop root, a read-only file system does
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise ValueError(f"--output={path}: {folder} is not writable "
-                         f"({error.strerror or error}).") from None
+    workdir.check_can_create(os.path.dirname(path), "--output")
 
 
 def load_features(path):

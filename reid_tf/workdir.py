@@ -38,24 +38,28 @@ def write_atomically(path, text):
     os.replace(temporary, path)
 
 
+def check_can_create(path, flag):
+    """Refuses, with one line naming `flag`, a path under which nothing can be created: the
+    nearest existing folder above it must be a folder and take a real write (permission bits do
+    not stop root; a read-only file system does)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag}={path}: {existing} is a file, not a folder.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag}={path}: {existing} is not writable "
+                         f"({error.strerror or error}).") from None
+
+
 def check_usable(workdir):
     """Refuses, with one line, a workdir path that is a file or cannot be written."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir={workdir}: is a file, not a folder.")
-    existing = workdir
-    while not os.path.exists(existing):  # the nearest folder that exists must be writable
-        parent = os.path.dirname(os.path.abspath(existing))
-        if parent == existing:
-            break
-        existing = parent
-    if not os.path.isdir(existing):
-        raise ValueError(f"--workdir={workdir}: {existing} is a file, not a folder.")
-    try:  # a real write: permission bits do not stop root, a read-only file system does
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise ValueError(f"--workdir={workdir}: {existing} is not writable "
-                         f"({error.strerror or error}).") from None
+    check_can_create(workdir, "--workdir")
 
 
 def check_config(workdir, config):
