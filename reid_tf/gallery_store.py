@@ -100,6 +100,9 @@ class GalleryStore:
             raise ValueError(f"{path}: an empty gallery needs its embedding dimension.")
         if stored is None:
             self._db.execute("INSERT INTO meta VALUES ('dimension', ?)", (str(self.dimension),))
+        # Entries an untrained index_factory spec needs before it can be trained (0: none).
+        probe = faiss.index_factory(self.dimension, index, faiss.METRIC_INNER_PRODUCT)
+        self.needed_for_training = 0 if probe.is_trained else self._training_size(probe)
         self.applied_seq = 0  # the last change in the in-memory index
         self.persisted_seq = 0  # the last change in the newest index file
         self.trained_size = 0
@@ -117,7 +120,7 @@ class GalleryStore:
         faiss = self._faiss
         inner = faiss.index_factory(self.dimension, self.index_spec, faiss.METRIC_INNER_PRODUCT)
         if not inner.is_trained:
-            needed = self._training_size(inner)
+            needed = self.needed_for_training
             if len(sample) < needed:
                 self.log(f"gallery: {len(sample)} entries, fewer than the {needed} that "
                          f"{self.index_spec} needs to train; exact search until then")
@@ -234,11 +237,9 @@ class GalleryStore:
             self.log(f"gallery: {self.index.ntotal} entries, over twice the {self.trained_size} "
                      f"{self.index_spec} was trained on; retraining")
             self._rebuild()
-        elif not self.trained_size and self.index_spec != "Flat":
-            inner = self._faiss.index_factory(self.dimension, self.index_spec,
-                                              self._faiss.METRIC_INNER_PRODUCT)
-            if not inner.is_trained and self.index.ntotal >= self._training_size(inner):
-                self._rebuild()
+        elif (not self.trained_size and self.needed_for_training
+              and self.index.ntotal >= self.needed_for_training):
+            self._rebuild()
         if self.persist_every and self.applied_seq - self.persisted_seq >= self.persist_every:
             self._persist()
 
@@ -300,27 +301,15 @@ class GalleryStore:
                          _normalized(embedding[None])[0].tobytes()))
         return rows
 
-    def add(self, entries):
-        """Adds (or replaces, by id) `entries` in one transaction; returns once committed and
-        applied. GalleryError names a bad entry; nothing is written then."""
-        rows = self._check_entries(entries)
+    def _commit(self, write):
+        """Runs `write(db) -> [(op, row)]` in one transaction with its change-log rows; after
+        the commit (the acknowledgement) applies the changes to the index. Returns them."""
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                changes = []
-                for values in rows:
-                    old = db.execute("SELECT row FROM entries WHERE id = ?",
-                                     (values[0],)).fetchone()
-                    if old:
-                        db.execute("DELETE FROM entries WHERE row = ?", old)
-                        changes.append(("remove", old[0]))
-                    cursor = db.execute(
-                        "INSERT INTO entries (id, person_id, camera_id, timestamp, metadata, "
-                        "embedding) VALUES (?, ?, ?, ?, ?, ?)", values)
-                    changes.append(("add", cursor.lastrowid))
                 logged = []
-                for op, row in changes:
+                for op, row in write(db):
                     cursor = db.execute("INSERT INTO changes (op, row) VALUES (?, ?)", (op, row))
                     logged.append((cursor.lastrowid, op, row))
                 db.execute("COMMIT")
@@ -328,31 +317,40 @@ class GalleryStore:
                 db.execute("ROLLBACK")
                 raise
             self._apply(logged)
+        return logged
+
+    @staticmethod
+    def _delete(db, entry_id):
+        """Deletes the entry with this id; its change, or nothing if there was none."""
+        found = db.execute("SELECT row FROM entries WHERE id = ?", (entry_id,)).fetchone()
+        if not found:
+            return []
+        db.execute("DELETE FROM entries WHERE row = ?", found)
+        return [("remove", found[0])]
+
+    def add(self, entries):
+        """Adds (or replaces, by id) `entries` in one transaction; returns once committed and
+        applied. GalleryError names a bad entry; nothing is written then."""
+        rows = self._check_entries(entries)
+
+        def write(db):
+            changes = []
+            for values in rows:
+                changes += self._delete(db, values[0])
+                cursor = db.execute(
+                    "INSERT INTO entries (id, person_id, camera_id, timestamp, metadata, "
+                    "embedding) VALUES (?, ?, ?, ?, ?, ?)", values)
+                changes.append(("add", cursor.lastrowid))
+            return changes
+
+        self._commit(write)
         return len(rows)
 
     def remove(self, ids):
         """Removes the entries with these ids in one transaction; returns how many existed."""
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise GalleryError("ids", "expected a list of entry ids (strings).")
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                logged = []
-                for entry_id in ids:
-                    found = db.execute("SELECT row FROM entries WHERE id = ?",
-                                       (entry_id,)).fetchone()
-                    if found:
-                        db.execute("DELETE FROM entries WHERE row = ?", found)
-                        cursor = db.execute("INSERT INTO changes (op, row) VALUES ('remove', ?)",
-                                            found)
-                        logged.append((cursor.lastrowid, "remove", found[0]))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            self._apply(logged)
-        return len(logged)
+        return len(self._commit(lambda db: [c for i in ids for c in self._delete(db, i)]))
 
     def import_features(self, arrays, id_prefix=""):
         """Seeds the gallery from a reid-extract features.npz (ids: its file names)."""
@@ -429,10 +427,7 @@ class GalleryStore:
             for row, *values in self._db.execute(
                     f"SELECT row, id, person_id, camera_id, timestamp, metadata FROM entries "
                     f"WHERE row IN ({marks})", chunk):
-                entry = dict(zip(FIELDS, values))
-                entry["metadata"] = None if entry["metadata"] is None else json.loads(
-                    entry["metadata"])
-                found[row] = entry
+                found[row] = _entry(values)
         return found
 
     def get(self, entry_id):
@@ -443,10 +438,14 @@ class GalleryStore:
                 "WHERE id = ?", (entry_id,)).fetchone()
         if row is None:
             return None
-        entry = dict(zip(FIELDS, row[:5]))
-        entry["metadata"] = None if entry["metadata"] is None else json.loads(entry["metadata"])
-        entry["embedding"] = np.frombuffer(row[5], np.float32)
-        return entry
+        return {**_entry(row[:5]), "embedding": np.frombuffer(row[5], np.float32)}
+
+
+def _entry(values):
+    """A table row `(id, person_id, camera_id, timestamp, metadata JSON)` as a dict."""
+    entry = dict(zip(FIELDS, values))
+    entry["metadata"] = None if entry["metadata"] is None else json.loads(entry["metadata"])
+    return entry
 
 
 def _passes(entry, exclude_camera, time_range):
