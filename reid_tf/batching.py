@@ -2,8 +2,14 @@
 
 A request's images join a bounded queue; one task takes the oldest request and the ones after it
 that can share its call (same kind; arrays of the same shape), up to `max_batch_size` images or
-until `batch_timeout_ms` has passed since that oldest request arrived, runs the model once on a
-one-thread executor, and hands each request its rows. A request whose caller has given up (its
+until `batch_timeout_ms` has passed since that oldest request could first have run (its arrival,
+or the end of the model call it waited behind), runs the model once on a one-thread executor, and
+hands each request its rows. Counting the timeout from the end of the previous call matters under
+load: the requests answered by one call come back a few milliseconds later, and would otherwise
+always miss the next one, so closed-loop clients would settle into two half-full batches.
+A request waits for company only when there is concurrency (the last call served several
+requests, others queued behind it, or several are queued now): a lone client is never held back
+by the timeout, and merging starts with the first request that had to queue. A request whose caller has given up (its
 future cancelled, e.g. by a timeout) is dropped before its batch runs, not computed for nothing.
 Over `max_enqueued_batches` x `max_batch_size` queued images, `submit` raises QueueFull (503).
 """
@@ -42,7 +48,7 @@ class Batcher:
     `on_batch(size)` is called with each batch's image count (metrics).
     """
 
-    def __init__(self, run, max_batch_size=16, batch_timeout_ms=5.0, max_enqueued_batches=64,
+    def __init__(self, run, max_batch_size=16, batch_timeout_ms=20.0, max_enqueued_batches=64,
                  on_batch=None):
         self.run = run
         self.max_batch_size = max_batch_size
@@ -54,6 +60,8 @@ class Batcher:
         self.executor = concurrent.futures.ThreadPoolExecutor(1)  # one model call at a time
         self._wakeup = None
         self._task = None
+        self._model_free_since = 0.0  # monotonic time the last model call ended
+        self._concurrent = False  # the last call served several requests or had others queued
 
     def start(self):
         self._wakeup = asyncio.Event()
@@ -106,6 +114,10 @@ class Batcher:
         self.queue.extendleft(reversed(kept))
         return batch
 
+    def _call_ended(self, batch):
+        self._model_free_since = time.monotonic()
+        self._concurrent = len(batch) > 1 or bool(self.queue)
+
     async def _loop(self):
         loop = asyncio.get_running_loop()
         while True:
@@ -113,11 +125,12 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             oldest = self.queue[0]
-            # Wait for company until the batch is full or the oldest request's time is up.
-            while True:
+            # Under concurrency, wait for company until the batch is full or the time is up.
+            while self._concurrent or len(self.queue) > 1:
                 waiting = sum(j.size for j in self.queue if j.key() == oldest.key()
                               and not j.future.done())
-                remaining = oldest.arrived + self.batch_timeout - time.monotonic()
+                ready = max(oldest.arrived, self._model_free_since)
+                remaining = ready + self.batch_timeout - time.monotonic()
                 if waiting >= self.max_batch_size or remaining <= 0 or oldest.future.done():
                     break
                 self._wakeup.clear()
@@ -137,10 +150,12 @@ class Batcher:
             try:
                 outputs = await loop.run_in_executor(self.executor, self.run, batch[0].kind, items)
             except Exception as error:  # noqa: BLE001 - every waiting request learns of it
+                self._call_ended(batch)
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(error)
                 continue
+            self._call_ended(batch)
             start = 0
             for job in batch:
                 rows = {name: value[start:start + job.size] for name, value in outputs.items()}

@@ -208,7 +208,7 @@ class Server:
 
     def __init__(self, export, gallery=None, model_name="reid", max_batch=64, threads=2,
                  max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, max_batch_size=16,
-                 batch_timeout_ms=5.0, max_enqueued_batches=64):
+                 batch_timeout_ms=20.0, max_enqueued_batches=64):
         self.export = export
         self.gallery = gallery
         self.model_name = model_name
@@ -618,8 +618,8 @@ def run():
     flags.DEFINE_integer("max_batch", 64, "Most images in one request.")
     flags.DEFINE_integer("max_batch_size", 16, "Most images in one model call (dynamic "
                          "batching merges concurrent requests up to this).")
-    flags.DEFINE_float("batch_timeout_ms", 5.0, "How long a request waits for others to share "
-                       "its model call.")
+    flags.DEFINE_float("batch_timeout_ms", 20.0, "Under concurrency, how long a request waits "
+                       "for others to share its model call (a lone request never waits).")
     flags.DEFINE_integer("max_enqueued_batches", 64, "Queue bound, in batches; more gets 503 "
                          "with Retry-After.")
     flags.DEFINE_float("max_body_mb", 32, "Largest request body, MiB.")

@@ -190,3 +190,50 @@ def test_batcher_drops_requests_given_up_on_and_refuses_a_full_queue():
 
     run_async(scenario())
     assert calls == [[b"first"], [b"kept"]]  # "gave up" never reached the model
+
+
+def test_batcher_waits_for_company_after_a_long_call_not_only_after_arrival():
+    # Under load, requests that queued behind a long call must still wait up to the timeout for
+    # the clients answered by that call to come back, or closed-loop clients split into
+    # half-full batches for good.
+    calls, release = [], threading.Event()
+
+    def model(kind, items):
+        calls.append(list(items))
+        if items[0] == b"first":
+            release.wait(5)
+        return {"embedding": np.zeros((len(items), 1), np.float32)}
+
+    async def scenario():
+        batcher = batching.Batcher(model, max_batch_size=4, batch_timeout_ms=300)
+        batcher.start()
+        busy = asyncio.ensure_future(batcher.submit("encoded", [b"first"] * 4))  # full: runs now
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(batcher.submit("encoded", [b"queued"]))
+        await asyncio.sleep(0.5)  # longer than the timeout: "queued" has waited that long
+        release.set()
+        await busy  # the answered client comes back right away
+        back = asyncio.ensure_future(batcher.submit("encoded", [b"back"]))
+        await asyncio.gather(queued, back)
+        await batcher.stop()
+
+    run_async(scenario())
+    assert calls == [[b"first"] * 4, [b"queued", b"back"]]
+
+
+def test_batcher_does_not_hold_a_lone_request_for_the_timeout():
+    calls = []
+
+    def model(kind, items):
+        calls.append(len(items))
+        return {"embedding": np.zeros((len(items), 1), np.float32)}
+
+    async def scenario():
+        batcher = batching.Batcher(model, max_batch_size=16, batch_timeout_ms=600_000)
+        batcher.start()
+        for _ in range(3):  # one client, one request after another: none waits ten minutes
+            await asyncio.wait_for(batcher.submit("encoded", [b"alone"]), 30)
+        await batcher.stop()
+
+    run_async(scenario())
+    assert calls == [1, 1, 1]
