@@ -94,6 +94,22 @@ def test_ivf_index_is_trained_once_the_gallery_can_train_it_and_retrained_as_it_
     assert store.search(data[:1], k=1)[0][0]["id"] == "e100"
 
 
+def test_an_index_trained_on_a_capped_sample_retrains_when_the_gallery_doubles_not_each_add():
+    lines = []
+    store = gallery_store.GalleryStore(":memory:", 16, index="IVF4,Flat", nprobe=4,
+                                       log=lines.append, training_sample=160)
+    store.add(entries(vectors(200)))
+    assert [line for line in lines if "trained" in line] == [
+        next(line for line in lines if "trained IVF4,Flat on 160 of 200 entries" in line)]
+    for start in range(200, 1000, 50):  # 200 -> 1000 entries: retrained past 400 and 800 only
+        store.add(entries(vectors(50, seed=start), start=start))
+    retrained = [line for line in lines if "retraining" in line]
+    assert len(retrained) == 2, retrained
+    assert "450 entries, over twice the 200" in retrained[0]
+    assert "950 entries, over twice the 450" in retrained[1]
+    assert store.search(vectors(50, seed=900)[:1], k=1)[0][0]["id"] == "e900"
+
+
 def test_searches_during_adds_and_removes_see_only_committed_entries(tmp_path):
     store = gallery_store.GalleryStore(str(tmp_path / "g.sqlite"), 16, persist_every=50,
                                        log=quiet)
