@@ -1,10 +1,13 @@
 """Training input pipeline throughput against what a resnet50 training step consumes.
 
 Prints images/s for: the P×K training pipeline (decode + flip + pad/crop + random erasing to
-256x128) on the shared CUHK03 data; synthetic_persons generation; and one resnet50 PL-Net
-training step at 256x128, batch 32 (P=8, K=4). Target: pipeline >= 3x the training step.
+256x128) on the shared CUHK03 data (files read one by one), and on a TFDS dataset
+(--tfds_dataset, prepared into --data_dir) both streamed by index from its ArrayRecord files (the
+default) and held in memory (--cache_in_memory), with the peak RSS of loading each;
+synthetic_persons generation; and one resnet50 PL-Net training step at 256x128, batch 32 (P=8,
+K=4). Target: pipeline >= 3x the training step.
 
-    REID_TF_SHARED_DIR=../shared python benchmarks/input_pipeline.py
+    REID_TF_SHARED_DIR=../shared python benchmarks/input_pipeline.py [--tfds_dataset=...]
 """
 
 import os
@@ -26,6 +29,32 @@ flags.DEFINE_string("data", None, "Market-layout folder; default: "
 flags.DEFINE_integer("batches", 60, "Pipeline batches to time (after 5 warm-up batches).")
 flags.DEFINE_integer("train_steps", 3, "resnet50 training steps to time (after one warm-up).")
 flags.DEFINE_bool("train_step", True, "Also time the resnet50 training step.")
+flags.DEFINE_string("tfds_dataset", "synthetic_persons", "TFDS dataset timed streamed and in "
+                    "memory ('' to skip).")
+flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: a temporary folder).")
+
+
+def rss_gib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 2**20
+
+
+def tfds_rates():
+    """(streamed, in memory) pipeline images/s and the RSS added by loading, on --tfds_dataset."""
+    import tempfile
+
+    data_dir = FLAGS.data_dir or tempfile.mkdtemp(prefix="tfds_")
+    input_pipeline.load_splits(FLAGS.tfds_dataset, data_dir=data_dir)  # prepare
+    results = {}
+    for cache in (False, True):
+        before = rss_gib()
+        start = time.perf_counter()
+        split = input_pipeline.load_splits(FLAGS.tfds_dataset, data_dir=data_dir,
+                                           cache_in_memory=cache)["train"]
+        loading = time.perf_counter() - start
+        results[cache] = (pipeline_rate(split), rss_gib() - before, loading, len(split))
+        del split
+    return results
 
 
 def pipeline_rate(split):
@@ -69,7 +98,13 @@ def main(argv):
     split = input_pipeline.load_splits(f"folder:{folder}")["train"]
     print(f"machine: {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}")
     pipeline = pipeline_rate(split)
-    print(f"training pipeline (decode+augment to 256x128, P=8 K=4): {pipeline:8.1f} images/s")
+    print(f"training pipeline (decode+augment to 256x128, P=8 K=4): {pipeline:8.1f} images/s "
+          "(folder, files read one by one)")
+    if FLAGS.tfds_dataset:
+        for cache, (rate, rss, loading, count) in tfds_rates().items():
+            print(f"training pipeline, {FLAGS.tfds_dataset} ({count} train images) "
+                  f"{'held in memory' if cache else 'streamed by index'}: {rate:8.1f} images/s; "
+                  f"loading {loading:.1f} s, +{rss:.2f} GiB RSS")
     print(f"synthetic_persons generation (128x64):                 {synthetic_rate():8.1f} images/s")
     if FLAGS.train_step:
         consumed = train_step_rate(split)

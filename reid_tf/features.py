@@ -137,9 +137,11 @@ def encoded_batches(split, batch_size):
     """tf.data batches of encoded image bytes `[B]` (files read in parallel)."""
     import tensorflow as tf
 
-    data = tf.data.Dataset.from_tensor_slices(split.images.tolist())
-    if split.are_paths:
-        data = data.map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    from reid_tf import input_pipeline
+
+    data = tf.data.Dataset.range(len(split)).map(input_pipeline.encoded_reader(split),
+                                                 num_parallel_calls=tf.data.AUTOTUNE,
+                                                 deterministic=True)
     return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

@@ -24,11 +24,30 @@ IDENTITY_FOLDERS_PREFIX = "identity_folders:"
 ERASING_FILL = (123.675, 116.28, 103.53)  # ImageNet mean pixel, as torchreid's random erasing
 
 
+class RecordImages:
+    """Encoded images read one by one, by index, from a TFDS split prepared as ArrayRecord: the
+    streaming counterpart of an in-memory object array of bytes. Indexing with an array gives a
+    view (subsets, e.g. validation identities, cost nothing); with an integer, the bytes."""
+
+    def __init__(self, source, indices=None):
+        self.source = source  # tfds ArrayRecordDataSource, images left encoded
+        self.indices = np.arange(len(source)) if indices is None else np.asarray(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            return self.source[int(self.indices[index])]["image"]
+        return RecordImages(self.source, self.indices[index])
+
+
 @dataclasses.dataclass
 class Split:
-    """One split in memory: encoded images (or file paths) and their labels, in a stable order."""
+    """One split: its images (encoded bytes in memory, file paths, or `RecordImages` read on
+    demand) and their labels, in a stable order."""
 
-    images: np.ndarray  # object array of bytes: encoded images, or file paths if `are_paths`
+    images: object  # object array of bytes; of file paths if `are_paths`; or RecordImages
     are_paths: bool
     person_ids: np.ndarray  # int64
     camera_ids: np.ndarray  # int64
@@ -65,15 +84,19 @@ VALIDATION_SPLITS = ("val_query", "val_gallery")
 
 
 def load_splits(dataset, data_dir=None, manual_dir=None, skip_corrupt=False, log=print,
-                validation_identities=0.0, validation_seed=0):
+                validation_identities=0.0, validation_seed=0, cache_in_memory=False):
     """Loads `{split: Split}` for `dataset` (a TFDS name, `folder:PATH` or `identity_folders:PATH`).
 
     TFDS datasets are prepared on first use (from `manual_dir` for real datasets; generated for
-    `synthetic_persons`) into `data_dir`. With `validation_identities > 0`, that share (< 1) or
-    number (>= 1) of the *training* identities is held out as `val_query`/`val_gallery` (see
+    `synthetic_persons`) into `data_dir`, as ArrayRecord files, and their images are read by
+    index while training (`RecordImages`); only labels and names are held in memory. With
+    `cache_in_memory`, every encoded image is read into memory at start instead (a dataset
+    prepared by an older reid-tf as TFRecord files is always loaded that way). Folders are read
+    file by file either way. With `validation_identities > 0`, that share (< 1) or number (>= 1)
+    of the *training* identities is held out as `val_query`/`val_gallery` (see
     `carve_validation`) and `train` keeps the rest.
     """
-    splits = _load_splits(dataset, data_dir, manual_dir, skip_corrupt, log)
+    splits = _load_splits(dataset, data_dir, manual_dir, skip_corrupt, log, cache_in_memory)
     if validation_identities:
         if "train" not in splits:
             raise ValueError(f"--dataset={dataset}: has no 'train' split to hold validation "
@@ -121,7 +144,7 @@ def carve_validation(train, identities, seed=0):
             "val_query": _subset(train, query), "val_gallery": _subset(train, gallery)}
 
 
-def _load_splits(dataset, data_dir, manual_dir, skip_corrupt, log):
+def _load_splits(dataset, data_dir, manual_dir, skip_corrupt, log, cache_in_memory):
     if dataset.startswith(FOLDER_PREFIX):
         records = sources.parse_market_layout(os.path.expanduser(dataset[len(FOLDER_PREFIX):]))
     elif dataset.startswith(IDENTITY_FOLDERS_PREFIX):
@@ -133,12 +156,12 @@ def _load_splits(dataset, data_dir, manual_dir, skip_corrupt, log):
             raise FileNotFoundError(f"{root}: expected train/, query/ and/or gallery/ folders, "
                                     "each with one sub-folder per identity.")
     else:
-        return _load_tfds(dataset, data_dir, manual_dir, skip_corrupt)
+        return _load_tfds(dataset, data_dir, manual_dir, skip_corrupt, log, cache_in_memory)
     records = sources.check_images(records, skip_corrupt, log)
     return {split: Split.from_records(r) for split, r in records.items()}
 
 
-def _load_tfds(dataset, data_dir, manual_dir, skip_corrupt):
+def _load_tfds(dataset, data_dir, manual_dir, skip_corrupt, log, cache_in_memory):
     import reid_datasets
     import tensorflow_datasets as tfds
 
@@ -146,9 +169,43 @@ def _load_tfds(dataset, data_dir, manual_dir, skip_corrupt):
         reid_datasets.register(dataset)
     except KeyError as error:
         raise ValueError(f"{error.args[0]} Or use folder:PATH / identity_folders:PATH.") from None
-    builder = tfds.builder(dataset, data_dir=data_dir, skip_corrupt=skip_corrupt)
+    try:
+        builder = tfds.builder(dataset, data_dir=data_dir, skip_corrupt=skip_corrupt,
+                               file_format="array_record")
+    except ValueError as error:  # prepared before, in another format: read it as it is
+        if "File format is already set" not in str(error):
+            raise
+        builder = tfds.builder(dataset, data_dir=data_dir, skip_corrupt=skip_corrupt)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+        log(f"{dataset}: prepared as {builder.info.file_format.value} in {builder.data_dir}, "
+            "which cannot be read by index: loading every image into memory (delete that folder "
+            "to prepare it again for streaming)")
+        return _load_tfds_in_memory(builder)
+    splits = {}
+    for split in builder.info.splits:
+        source = builder.as_data_source(split=split,
+                                        decoders={"image": tfds.decode.SkipDecoding()})
+        columns = {key: [] for key in ("person_id", "camera_id", "file_name")}
+        images = []
+        for start in range(0, len(source), 4096):  # labels and names; images too if caching
+            for row in source.__getitems__(list(range(start, min(start + 4096, len(source))))):
+                for key in columns:
+                    columns[key].append(row[key])
+                if cache_in_memory:
+                    images.append(row["image"])
+        splits[split] = Split(
+            images=np.array(images, dtype=object) if cache_in_memory else RecordImages(source),
+            are_paths=False, person_ids=np.array(columns["person_id"], np.int64),
+            camera_ids=np.array(columns["camera_id"], np.int64),
+            file_names=np.array([n.decode() for n in columns["file_name"]], dtype=object))
+    return splits
+
+
+def _load_tfds_in_memory(builder):
+    import tensorflow_datasets as tfds
+
     splits = {}
     for split in builder.info.splits:
         rows = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False,
@@ -225,8 +282,26 @@ def decode(encoded, image_size):
     return preprocess(image, image_size)
 
 
-def _decode(image_or_path, are_paths, image_size):
-    return decode(tf.io.read_file(image_or_path) if are_paths else image_or_path, image_size)
+def encoded_reader(split):
+    """`index (int64 scalar tensor) -> encoded image bytes (string tensor)` for `split`, for
+    tf.data maps: files are read by TensorFlow; bytes in memory and `RecordImages` are looked
+    up in Python. Nothing is captured as a graph constant, which would hold every image twice
+    and fail past protobuf's 2 GB."""
+    if split.are_paths:
+        paths = split.images
+
+        def path(index):
+            return np.asarray(paths[index], dtype=object).astype(bytes)
+
+        return lambda index: tf.io.read_file(tf.ensure_shape(
+            tf.numpy_function(path, [index], tf.string, stateful=False), []))
+    images = split.images
+
+    def encoded(index):
+        return np.asarray(images[int(index)], dtype=object).astype(bytes)
+
+    return lambda index: tf.ensure_shape(
+        tf.numpy_function(encoded, [index], tf.string, stateful=False), [])
 
 
 def _random_erasing(image, seed, probability, image_size):
@@ -304,11 +379,11 @@ def train_dataset(split, image_size, identities_per_batch=8, images_per_identity
         ).unbatch()
         batch_size = input_context.get_per_replica_batch_size(global_batch)
 
-    images = tf.constant(split.images.tolist())
+    read = encoded_reader(split)
     label_table = tf.constant(labels)
 
     def load(position, index):
-        image = _decode(tf.gather(images, index), split.are_paths, image_size)
+        image = decode(read(index), image_size)
         image = augment(image, tf.stack([tf.cast(seed, tf.int64), position]), image_size,
                         augmentation)
         return {"image": image, "label": tf.gather(label_table, index)}
@@ -322,13 +397,14 @@ def eval_dataset(split, image_size, batch_size=64):
     """Evaluation batches in the split's stable order, no augmentation:
     {"image", "person_id", "camera_id", "file_name"}."""
     image_size = tuple(image_size)
+    read = encoded_reader(split)
     data = tf.data.Dataset.from_tensor_slices({
-        "image": split.images.tolist(), "person_id": split.person_ids,
+        "image": np.arange(len(split), dtype=np.int64), "person_id": split.person_ids,
         "camera_id": split.camera_ids, "file_name": split.file_names.tolist(),
     })
 
     def load(example):
-        return {**example, "image": _decode(example["image"], split.are_paths, image_size)}
+        return {**example, "image": decode(read(example["image"]), image_size)}
 
     return (data.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .batch(batch_size).prefetch(tf.data.AUTOTUNE))

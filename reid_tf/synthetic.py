@@ -10,8 +10,10 @@ by many identities; see datasets/synthetic_persons/README.md for the distributio
 """
 
 import dataclasses
+import io
 
 import numpy as np
+from PIL import Image
 
 from reid_tf.sources import Record
 
@@ -44,6 +46,7 @@ class SyntheticConfig:
     height: int = 128
     width: int = 64
     seed: int = 0
+    jpeg_quality: int = 92  # when encoded (the TFDS builder stores JPEG)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,16 +257,87 @@ def market_file_name(person_id, camera_id, index):
     return f"{person_id:04d}_c{camera_id}s1_{index:06d}_00.jpg"
 
 
-def _identity_images(config, cameras, person_id):
-    """Renders one identity's images over 2..num_cameras cameras: [(camera_id, image)]."""
+def _identity_plan(config, person_id):
+    """An identity's attributes and the camera (0-based) of each of its images, from the seed
+    alone (no rendering)."""
     rng = np.random.default_rng([config.seed, person_id])
     identity = sample_identity(rng)
-    seen_by = rng.choice(config.num_cameras, size=int(rng.integers(2, config.num_cameras + 1)),
-                         replace=False)
+    most = min(config.num_cameras, config.images_per_id)
+    seen_by = rng.choice(config.num_cameras, size=int(rng.integers(2, most + 1)), replace=False)
     camera_of_image = np.concatenate([seen_by, rng.choice(seen_by, config.images_per_id
                                                           - len(seen_by))])
-    return [(int(c) + 1, render_person(identity, cameras[c], rng, config.height, config.width))
-            for c in sorted(camera_of_image)]
+    return identity, sorted(int(c) for c in camera_of_image)
+
+
+def _query_positions(camera_of_image):
+    """Which of a test identity's images are queries: the first image of each of up to two
+    cameras, kept only if the gallery still shows the person in another camera (else it could
+    never be matched)."""
+    first_of_camera = {}
+    for position, camera in enumerate(camera_of_image):
+        first_of_camera.setdefault(camera, position)
+    query = sorted(first_of_camera.values())[:2]
+    for position in list(query):
+        others = [c for i, c in enumerate(camera_of_image) if i not in query]
+        if all(camera == camera_of_image[position] for camera in others):
+            query.remove(position)
+    return query
+
+
+def _cameras(config):
+    camera_rng = np.random.default_rng([config.seed, 1 << 20])
+    return [sample_camera(camera_rng) for _ in range(config.num_cameras)]
+
+
+def _split_ids(config, split):
+    if split == "train":
+        return range(1, config.num_train_ids + 1)
+    return range(config.num_train_ids + 1, config.num_train_ids + config.num_test_ids + 1)
+
+
+def _render_identity(args):
+    """[Record] of one identity's images in `split` (each image from its own seed, so any
+    subset renders alone); `encode`: JPEG bytes instead of arrays."""
+    config, cameras, person_id, split, encode = args
+    identity, camera_of_image = _identity_plan(config, person_id)
+    # Image numbers follow the identity's position, as if every image were numbered in order.
+    first = (person_id - 1) * config.images_per_id
+    positions = range(len(camera_of_image))
+    if split != "train":
+        query = _query_positions(camera_of_image)
+        positions = query if split == "query" else [i for i in positions if i not in query]
+    records = []
+    for position in positions:
+        camera = camera_of_image[position]
+        rng = np.random.default_rng([config.seed, person_id, position, 1])
+        image = render_person(identity, cameras[camera], rng, config.height, config.width)
+        if encode:
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="JPEG", quality=config.jpeg_quality)
+            image = buffer.getvalue()
+        records.append(Record(image, person_id, camera + 1,
+                              market_file_name(person_id, camera + 1, first + position + 1)))
+    return records
+
+
+def iter_records(config, split, encode=False, processes=1):
+    """The records of one split, identity after identity, rendered as they are needed (an
+    MSMT17-size set does not fit in memory as arrays); with `processes` > 1, rendered by that
+    many worker processes, in the same order."""
+    if config.num_cameras < 2 or config.images_per_id < 2:
+        raise ValueError("synthetic_persons needs num_cameras >= 2 and images_per_id >= 2 "
+                         f"(got {config.num_cameras}, {config.images_per_id}).")
+    cameras = _cameras(config)
+    jobs = ((config, cameras, person_id, split, encode) for person_id in _split_ids(config, split))
+    if processes <= 1:
+        for job in jobs:
+            yield from _render_identity(job)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        for records in pool.imap(_render_identity, jobs, chunksize=8):
+            yield from records
 
 
 def generate(config=SyntheticConfig()):
@@ -274,37 +348,7 @@ def generate(config=SyntheticConfig()):
     cameras, each with a true match in another camera of the gallery; the rest of its images form
     the gallery. Cameras are 1-based.
     """
-    if config.num_cameras < 2 or config.images_per_id < 2:
-        raise ValueError("synthetic_persons needs num_cameras >= 2 and images_per_id >= 2 "
-                         f"(got {config.num_cameras}, {config.images_per_id}).")
-    camera_rng = np.random.default_rng([config.seed, 1 << 20])
-    cameras = [sample_camera(camera_rng) for _ in range(config.num_cameras)]
-    splits = {"train": [], "query": [], "gallery": []}
-    index = 0
-    for person_id in range(1, config.num_train_ids + config.num_test_ids + 1):
-        records = []
-        for camera_id, image in _identity_images(config, cameras, person_id):
-            index += 1
-            records.append(Record(image, person_id, camera_id,
-                                  market_file_name(person_id, camera_id, index)))
-        if person_id <= config.num_train_ids:
-            splits["train"].extend(records)
-            continue
-        # The first image of each of up to two cameras is a query, kept only if the gallery
-        # still shows the person in another camera (else it could never be matched).
-        first_of_camera = {}
-        for position, record in enumerate(records):
-            first_of_camera.setdefault(record.camera_id, position)
-        query = sorted(first_of_camera.values())[:2]
-        for position in list(query):
-            others = [r.camera_id for i, r in enumerate(records) if i not in query]
-            if all(camera == records[position].camera_id for camera in others):
-                query.remove(position)
-        gallery = [r for i, r in enumerate(records) if i not in query]
-        query = [records[i] for i in query]
-        splits["query"].extend(query)
-        splits["gallery"].extend(gallery)
-    return splits
+    return {split: list(iter_records(config, split)) for split in ("train", "query", "gallery")}
 
 
 def write_market_folder(splits, root):

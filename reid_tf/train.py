@@ -30,6 +30,9 @@ flags.DEFINE_string("dataset", _DEFAULTS.dataset, "A TFDS name (synthetic_person
 flags.DEFINE_string("data_dir", None, "TFDS data_dir (default ~/tensorflow_datasets).")
 flags.DEFINE_string("manual_dir", None, "Folder holding the downloaded dataset (TFDS manual_dir).")
 flags.DEFINE_bool("skip_corrupt", False, "Leave out images that do not decode (else fail).")
+flags.DEFINE_bool("cache_in_memory", False, "TFDS data: read every encoded image into memory "
+                  "at start (default: read each by index from the prepared files as training "
+                  "needs it; folders are always read file by file).")
 flags.DEFINE_float("validation_identities", _DEFAULTS.validation_identities,
                    "Hold out this share (< 1) or number (>= 1) of the training identities as a "
                    "validation query/gallery; --eval_every then evaluates on it, and the test "
@@ -95,7 +98,8 @@ flags.DEFINE_bool("export", True, "Export a SavedModel at the end.")
 def config_from_flags():
     return train_lib.TrainConfig(
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
-        skip_corrupt=FLAGS.skip_corrupt, validation_identities=FLAGS.validation_identities,
+        skip_corrupt=FLAGS.skip_corrupt, cache_in_memory=FLAGS.cache_in_memory,
+        validation_identities=FLAGS.validation_identities,
         validation_seed=FLAGS.validation_seed, backbone=FLAGS.backbone, weights=FLAGS.weights or None,
         num_parts=FLAGS.num_parts, part_strategy=FLAGS.part_strategy,
         embedding_dim=FLAGS.embedding_dim, image_height=FLAGS.image_height,

@@ -40,6 +40,7 @@ class TrainConfig:
     data_dir: str = None
     manual_dir: str = None
     skip_corrupt: bool = False
+    cache_in_memory: bool = False  # TFDS data: read every encoded image at start, not by index
     validation_identities: float = 0.0  # share (< 1) or number (>= 1) of training identities
     validation_seed: int = 0
     # Model.
@@ -403,7 +404,7 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
 
     splits = input_pipeline.load_splits(config.dataset, config.data_dir, config.manual_dir,
                                         config.skip_corrupt, log, config.validation_identities,
-                                        config.validation_seed)
+                                        config.validation_seed, config.cache_in_memory)
     for split in ("train", "query", "gallery"):
         if split not in splits:
             raise ValueError(f"--dataset={config.dataset}: has no {split!r} split.")

@@ -147,6 +147,47 @@ def test_folder_and_tfds_sources_agree(tmp_path):
     assert batch["image"].shape == (2, 32, 16, 3)
 
 
+def test_streamed_tfds_images_give_the_same_batches_as_images_held_in_memory(tmp_path):
+    streamed = input_pipeline.load_splits("synthetic_persons/small", data_dir=str(tmp_path))
+    cached = input_pipeline.load_splits("synthetic_persons/small", data_dir=str(tmp_path),
+                                        cache_in_memory=True)
+    assert isinstance(streamed["train"].images, input_pipeline.RecordImages)
+    assert isinstance(cached["train"].images, np.ndarray)
+    for name in ("train", "query", "gallery"):
+        np.testing.assert_array_equal(streamed[name].person_ids, cached[name].person_ids)
+        np.testing.assert_array_equal(streamed[name].file_names, cached[name].file_names)
+    assert streamed["train"].images[5] == cached["train"].images[5]
+    for a, b in zip(take(input_pipeline.train_dataset(streamed["train"], (64, 32), 4, 2, seed=3,
+                                                      start_batch=2), 3),
+                    take(input_pipeline.train_dataset(cached["train"], (64, 32), 4, 2, seed=3,
+                                                      start_batch=2), 3)):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    # Subsets (validation identities) are views that read the right records.
+    held = input_pipeline.carve_validation(streamed["train"], 4, seed=1)
+    held_cached = input_pipeline.carve_validation(cached["train"], 4, seed=1)
+    first = next(iter(input_pipeline.eval_dataset(held["val_gallery"], (64, 32), 8)))
+    first_cached = next(iter(input_pipeline.eval_dataset(held_cached["val_gallery"], (64, 32), 8)))
+    np.testing.assert_array_equal(first["image"], first_cached["image"])
+    np.testing.assert_array_equal(first["file_name"], first_cached["file_name"])
+
+
+def test_a_tfds_dataset_prepared_as_tfrecord_is_loaded_into_memory(tmp_path):
+    import reid_datasets
+    import tensorflow_datasets as tfds
+
+    reid_datasets.register("synthetic_persons/small")
+    tfds.builder("synthetic_persons/small", data_dir=str(tmp_path),
+                 file_format="tfrecord").download_and_prepare()
+    lines = []
+    old = input_pipeline.load_splits("synthetic_persons/small", data_dir=str(tmp_path),
+                                     log=lines.append)
+    assert isinstance(old["train"].images, np.ndarray) and len(old["train"]) == 160
+    assert len(lines) == 1 and "prepared as tfrecord" in lines[0], lines
+    assert next(iter(input_pipeline.train_dataset(old["train"], (64, 32), 4, 2)))[
+        "image"].shape == (8, 64, 32, 3)
+
+
 def test_unknown_dataset_lists_the_valid_names():
     with pytest.raises(ValueError, match=r"dataset 'market1502'.*'cuhk03'.*folder:PATH"):
         input_pipeline.load_splits("market1502")

@@ -259,3 +259,53 @@ def test_mixed_precision_with_xla_trains_and_restores(tmp_path, data_dir, precis
     outputs = net(tf.random.uniform([2, 64, 32, 3], 0, 255), training=False)
     assert outputs["embedding"].dtype == tf.float32
     assert np.isfinite(outputs["embedding"].numpy()).all()
+
+
+def test_a_training_set_over_2_gb_encoded_starts_training(tmp_path):
+    # 34 training images of 64 MiB each (a small JPEG followed by padding that decoders ignore;
+    # hard links, so the disk holds one), prepared by TFDS: 2.1 GiB of encoded training images.
+    # Held as one graph constant (the old pipeline) this failed at protobuf's 2 GB limit; read
+    # by index from the prepared files it trains.
+    import io
+
+    from PIL import Image
+
+    root = tmp_path / "manual" / "Market-1501-v15.09.15"
+    for folder in ("bounding_box_train", "query", "bounding_box_test"):
+        (root / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def jpeg():
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 32, 3), np.uint8)).save(buffer, format="JPEG")
+        return buffer.getvalue()
+
+    big = tmp_path / "big.jpg"
+    big.write_bytes(jpeg() + bytes(64 << 20))
+    for index in range(34):
+        os.link(big, root / "bounding_box_train" / f"{index // 2 + 1:04d}_c{index % 2 + 1}s1_"
+                f"{index:06d}_00.jpg")
+    for person in (100, 101):  # a small test split: its images are ordinary
+        for camera in (1, 2):
+            (root / "query" / f"{person:04d}_c{camera}s1_000001_00.jpg").write_bytes(jpeg())
+            (root / "bounding_box_test" / f"{person:04d}_c{camera}s1_000002_00.jpg").write_bytes(
+                jpeg())
+    train = input_pipeline.load_splits("market1501", data_dir=str(tmp_path / "tfds"),
+                                       manual_dir=str(tmp_path / "manual"))["train"]
+    assert isinstance(train.images, input_pipeline.RecordImages)
+    assert sum(len(train.images[i]) for i in range(len(train))) > 2 * 1024 ** 3
+    import keras
+
+    from reid_tf import model as model_lib
+
+    _, num_classes = input_pipeline.relabel(train.person_ids)
+    net = model_lib.PartLossNet(num_classes=num_classes, num_parts=2, backbone="tiny",
+                                embedding_dim=8, image_size=(64, 32))
+    net.build()
+    optimizer = keras.optimizers.Adam(0.001)
+    optimizer.build(net.trainable_variables)
+    step = train_lib.make_train_step(net, optimizer, tf.distribute.get_strategy(),
+                                     global_batch_size=8)
+    batches = iter(input_pipeline.train_dataset(train, (64, 32), 4, 2, seed=0))
+    losses = [float(step(batches, tf.constant(1))["loss"]) for _ in range(2)]
+    assert all(np.isfinite(losses)) and losses[0] > 0, losses
