@@ -93,6 +93,8 @@ flags.DEFINE_integer("max_steps_per_call", _DEFAULTS.max_steps_per_call,
 flags.DEFINE_integer("eval_batch_size", _DEFAULTS.eval_batch_size,
                      "Images per batch when evaluating.")
 flags.DEFINE_bool("export", True, "Export a SavedModel at the end.")
+flags.DEFINE_bool("final_eval", True, "Evaluate on the test split at the end (false: a run that "
+                  "only measures training, e.g. on a large synthetic set).")
 
 
 def config_from_flags():
@@ -118,7 +120,7 @@ def config_from_flags():
         log_every=FLAGS.log_every, checkpoint_every=FLAGS.checkpoint_every,
         eval_every=FLAGS.eval_every, image_summary_every=FLAGS.image_summary_every,
         max_steps_per_call=FLAGS.max_steps_per_call, eval_batch_size=FLAGS.eval_batch_size,
-        export=FLAGS.export,
+        export=FLAGS.export, final_eval=FLAGS.final_eval,
     )
 
 

@@ -86,6 +86,7 @@ class TrainConfig:
     max_steps_per_call: int = 50
     eval_batch_size: int = 64
     export: bool = True
+    final_eval: bool = True  # evaluate on the test split at the end
 
     @property
     def image_size(self):
@@ -584,7 +585,8 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
                                      ("rank1", "mAP", "descriptors", "part_consistency")}
             results["validation_curve"] = [{k: p[k] for k in ("step", "epoch", "rank1", "mAP")}
                                            for p in curve]
-        metrics = run_eval()
+        metrics = run_eval() if config.final_eval else None
+    if chief and metrics is not None:
         results.update(rank1=metrics["rank1"], mAP=metrics["mAP"], mINP=metrics["mINP"],
                        cmc=[float(v) for v in metrics["cmc"][:20]],
                        num_queries=metrics["num_valid"], skipped_queries=metrics["num_skipped"],
