@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -238,3 +239,34 @@ def test_layers_save_and_reload_in_a_model(tmp_path):
     reloaded = keras.models.load_model(tmp_path / "layers.keras")
     for a, b in zip(expected, reloaded(inputs)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_fused_batch_norm_equals_keras_batch_norm():
+    x = tf.random.stateless_normal([6, 5, 4, 3], seed=[1, 2]) * 3.0 + 1.0
+    fused = layers.FusedBatchNormalization(epsilon=1e-5, momentum=0.9)
+    plain = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9)
+    for layer in (fused, plain):
+        layer.build(x.shape)
+        layer.gamma.assign([0.5, -1.5, 2.0])
+        layer.beta.assign([0.1, 0.2, -0.3])
+    weights = tf.reshape(tf.range(x.shape.num_elements(), dtype=tf.float32), x.shape) / 100.0
+    outputs, gradients = [], []
+    for layer in (fused, plain):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(tf.sin(y) * weights)
+        outputs.append(y)
+        gradients.append(tape.gradient(loss, [x, layer.gamma, layer.beta]))
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
+    for a, b in zip(*gradients):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    np.testing.assert_allclose(fused.moving_mean, plain.moving_mean, atol=1e-6)
+    np.testing.assert_allclose(fused.moving_variance, plain.moving_variance, atol=1e-5)
+    np.testing.assert_allclose(fused(x, training=False), plain(x, training=False), atol=1e-5)
+    assert float(tf.reduce_max(tf.abs(fused.moving_variance - [1.0, 1.0, 1.0]))) > 0.1  # moved
+    # Cross-replica statistics take Keras's own path.
+    synced = layers.FusedBatchNormalization(synchronized=True)
+    synced.build(x.shape)
+    assert not synced._fusable(x, None)
+    layer_testing.check_config_round_trip(fused)
