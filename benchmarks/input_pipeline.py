@@ -1,11 +1,11 @@
-"""Training input pipeline throughput against what a resnet50 training step consumes.
+"""Training input pipeline throughput against what a training step consumes.
 
 Prints images/s for: the P×K training pipeline (decode + flip + pad/crop + random erasing to
 256x128) on the shared CUHK03 data (files read one by one), and on a TFDS dataset
 (--tfds_dataset, prepared into --data_dir) both streamed by index from its ArrayRecord files (the
 default) and held in memory (--cache_in_memory), with the peak RSS of loading each;
-synthetic_persons generation; and one resnet50 PL-Net training step at 256x128, batch 32 (P=8,
-K=4). Target: pipeline >= 3x the training step.
+synthetic_persons generation; and one PL-Net training step (--backbone, resnet50 by default) at
+256x128, batch 32 (P=8, K=4). Target: pipeline >= 3x the training step.
 
     REID_TF_SHARED_DIR=../shared python benchmarks/input_pipeline.py [--tfds_dataset=...]
 """
@@ -27,8 +27,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("data", None, "Market-layout folder; default: "
                     "$REID_TF_SHARED_DIR/data/cuhk03_pair1_labeled.")
 flags.DEFINE_integer("batches", 60, "Pipeline batches to time (after 5 warm-up batches).")
-flags.DEFINE_integer("train_steps", 3, "resnet50 training steps to time (after one warm-up).")
-flags.DEFINE_bool("train_step", True, "Also time the resnet50 training step.")
+flags.DEFINE_string("backbone", "resnet50", "Backbone of the timed training step.")
+flags.DEFINE_integer("train_steps", 3, "Training steps to time (after one warm-up).")
+flags.DEFINE_bool("train_step", True, "Also time the training step.")
 flags.DEFINE_string("tfds_dataset", "synthetic_persons", "TFDS dataset timed streamed and in "
                     "memory ('' to skip).")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: a temporary folder).")
@@ -77,7 +78,7 @@ def synthetic_rate():
 def train_step_rate(split):
     strategy = tf.distribute.get_strategy()
     _, num_classes = input_pipeline.relabel(split.person_ids)
-    net = model_lib.PartLossNet(num_classes=num_classes, num_parts=4, backbone="resnet50",
+    net = model_lib.PartLossNet(num_classes=num_classes, num_parts=4, backbone=FLAGS.backbone,
                                 image_size=(256, 128))
     net.build()
     optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
@@ -108,7 +109,8 @@ def main(argv):
     print(f"synthetic_persons generation (128x64):                 {synthetic_rate():8.1f} images/s")
     if FLAGS.train_step:
         consumed = train_step_rate(split)
-        print(f"resnet50 PL-Net training step (256x128, batch 32):     {consumed:8.1f} images/s")
+        print(f"{FLAGS.backbone} PL-Net training step (256x128, batch 32): {consumed:8.1f} "
+              "images/s")
         print(f"pipeline / training step: {pipeline / consumed:.1f}x (target >= 3x)")
 
 
