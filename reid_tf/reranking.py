@@ -109,8 +109,12 @@ def re_rank_features(query_features, gallery_features, k1=20, k2=6, lambda_value
     def rows_of(rows):  # cosine distances of these rows to every image, as pairwise_distances
         return 1.0 - features[rows] @ features.T
 
-    def gather(rows, cols):
-        return 1.0 - np.einsum("ij,ij->i", features[rows], features[cols])
+    def gather(rows, cols):  # in pieces: millions of pairs x D floats would not fit
+        out = np.empty(len(rows), np.float32)
+        for start in range(0, len(rows), 16384):
+            part = slice(start, start + 16384)
+            out[part] = 1.0 - np.einsum("ij,ij->i", features[rows[part]], features[cols[part]])
+        return out
 
     def query_gallery(rows):
         return 1.0 - features[rows] @ gallery_part.T
