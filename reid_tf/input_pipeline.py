@@ -195,12 +195,17 @@ def _load_tfds(dataset, data_dir, manual_dir, skip_corrupt, log, cache_in_memory
                     columns[key].append(row[key])
                 if cache_in_memory:
                     images.append(row["image"])
-        splits[split] = Split(
-            images=np.array(images, dtype=object) if cache_in_memory else RecordImages(source),
-            are_paths=False, person_ids=np.array(columns["person_id"], np.int64),
-            camera_ids=np.array(columns["camera_id"], np.int64),
-            file_names=np.array([n.decode() for n in columns["file_name"]], dtype=object))
+        splits[split] = _tfds_split(
+            np.array(images, dtype=object) if cache_in_memory else RecordImages(source), columns)
     return splits
+
+
+def _tfds_split(images, columns):
+    """A Split from TFDS rows' label columns (lists) and its images."""
+    return Split(images=images, are_paths=False,
+                 person_ids=np.array(columns["person_id"], np.int64),
+                 camera_ids=np.array(columns["camera_id"], np.int64),
+                 file_names=np.array([n.decode() for n in columns["file_name"]], dtype=object))
 
 
 def _load_tfds_in_memory(builder):
@@ -214,12 +219,7 @@ def _load_tfds_in_memory(builder):
         for row in rows:
             for key in columns:
                 columns[key].append(row[key])
-        splits[split] = Split(
-            images=np.array(columns["image"], dtype=object), are_paths=False,
-            person_ids=np.array(columns["person_id"], np.int64),
-            camera_ids=np.array(columns["camera_id"], np.int64),
-            file_names=np.array([n.decode() for n in columns["file_name"]], dtype=object),
-        )
+        splits[split] = _tfds_split(np.array(columns["image"], dtype=object), columns)
     return splits
 
 
