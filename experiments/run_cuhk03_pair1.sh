@@ -77,7 +77,8 @@ print($epochs * (len(ip.pk_epoch(labels, 16, 4, np.random.default_rng([0, 0]))) 
     echo "== peer $data s$seed: $steps steps ($epochs epochs of reid-train's schedule)"
     "$PEER" experiments/peers/torch_baseline.py --data="../shared/data/${R}_${data}" \
       --weights=../shared/weights/mobilenet_v2-b0353104.pth --steps="$steps" --seed="$seed" \
-      --output="$out" >"runs/peer_${data}_baseline_s${seed}/train.log" 2>&1 \
+      --output="$out" --checkpoint="runs/peer_${data}_baseline_s${seed}/checkpoint.pt" \
+      >>"runs/peer_${data}_baseline_s${seed}/train.log" 2>&1 \
       || echo "!! peer $data s$seed failed, see runs/peer_${data}_baseline_s${seed}/train.log"
   done
 fi

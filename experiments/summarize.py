@@ -122,6 +122,80 @@ def main_table(records, seeds=(0, 1, 2), prefix="cuhk03_pair1"):
     return "\n".join(lines)
 
 
+def _by_seed(records, pattern, descriptor, data, seeds=(0, 1, 2), prefix="cuhk03_pair1"):
+    """{seed: {"rank1": points, "mAP": points}} of the runs a MAIN_ROWS pattern names."""
+    found = {}
+    for seed in seeds:
+        record = records.get(pattern.format(R=prefix, data=data, seed=seed))
+        if record is not None:
+            found[seed] = {m: _metric(record, descriptor, m) for m in ("rank1", "mAP")}
+    return found
+
+
+def comparison_lines(records, seeds=(0, 1, 2), prefix="cuhk03_pair1", target=3.0):
+    """Per data: each row's paired gain over (a) as mean ± std over seeds, the target verdict
+    for (b), and the PyTorch peer against our baseline (agreement within 2 points; speeds)."""
+    lines = []
+    rows = {label[:3]: (label, pattern, descriptor) for label, pattern, descriptor, _ in MAIN_ROWS}
+    for data in ("labeled", "detected"):
+        baseline = _by_seed(records, rows["(a)"][1], "embedding", data, seeds, prefix)
+        if not baseline:
+            continue
+        for key in ("(b)", "(c)", "(d)", "(e)"):
+            label, pattern, descriptor = rows[key]
+            runs = _by_seed(records, pattern, descriptor, data, seeds, prefix)
+            paired = sorted(set(runs) & set(baseline))
+            if not paired:
+                continue
+            parts = []
+            for metric in ("rank1", "mAP"):
+                gains = np.array([runs[s][metric] - baseline[s][metric] for s in paired])
+                spread = f" ± {gains.std(ddof=1):.1f}" if len(gains) > 1 else ""
+                parts.append(f"{'rank-1' if metric == 'rank1' else 'mAP'} "
+                             f"{gains.mean():+.1f}{spread}")
+            line = (f"- {data}, {label} − (a), paired over seeds {paired}: {'; '.join(parts)}")
+            if key == "(b)":
+                line += "; target (≥ +3 rank-1 and mAP, beyond one std): " + _verdict(
+                    runs, baseline, paired, target, len(seeds))
+            lines.append(line)
+        peer = _by_seed(records, "peer_{data}_baseline_s{seed}", "embedding", data, seeds, prefix)
+        paired = sorted(set(peer) & set(baseline))
+        if paired:
+            gaps = {m: [peer[s][m] - baseline[s][m] for s in paired] for m in ("rank1", "mAP")}
+            worst = max(abs(v) for values in gaps.values() for v in values)
+            mean_gaps = {m: float(np.mean(v)) for m, v in gaps.items()}
+            agree = max(abs(v) for v in mean_gaps.values()) <= 2.0
+            speeds = [(records[f"{prefix}_{data}_baseline_s{s}"]["results"]
+                       .get("train_images_per_second"),
+                       records[f"peer_{data}_baseline_s{s}"]["results"]
+                       .get("train_images_per_second")) for s in paired]
+            lines.append(
+                f"- {data}, PyTorch peer − reid-tf (a), seeds {paired}: rank-1 "
+                f"{mean_gaps['rank1']:+.1f}, mAP {mean_gaps['mAP']:+.1f} (largest single-seed "
+                f"gap {worst:.1f}); {'within' if agree else 'NOT within'} 2 points; training "
+                "images/s in these runs, reid-tf / peer: "
+                + ", ".join(f"{ours:.0f} / {theirs:.0f}" for ours, theirs in speeds
+                            if ours and theirs))
+    return "\n".join(lines)
+
+
+def _verdict(runs, baseline, paired, target, wanted_seeds):
+    """Met when, on both metrics, the mean paired gain is >= target and exceeds one std of the
+    paired gains; also prints mean - std, the stricter reading (>= target there too)."""
+    gains = {m: np.array([runs[s][m] - baseline[s][m] for s in paired]) for m in ("rank1", "mAP")}
+    if len(paired) < wanted_seeds:
+        return f"not decided ({len(paired)} of {wanted_seeds} seeds)"
+    met, lower = [], []
+    for metric, values in gains.items():
+        mean, spread = values.mean(), values.std(ddof=1)
+        met.append(mean >= target and mean - spread > 0)
+        lower.append(f"{mean - spread:+.1f}")
+    missed = [m for m, ok in zip(gains, met) if not ok]
+    return ((
+        "met" if all(met) else f"missed on {', '.join(missed)}")
+        + f" (mean gain − one std: rank-1 {lower[0]}, mAP {lower[1]})")
+
+
 def validation_table(records, prefix="cuhk03_pair1_labeled_val_"):
     """The validation runs: final validation figures per descriptor and part consistency."""
     lines = ["| validation run | epochs | rank-1 | mAP | global alone mAP | parts alone mAP | "
@@ -174,7 +248,8 @@ def tables(records):
     return "\n\n".join([
         "## Validation (labeled, 20 % of the training identities held out)\n\n"
         + validation_table(records) + "\n\n" + plateau_lines(records),
-        "## Main table: test identities, at convergence\n\n" + main_table(records),
+        "## Main table: test identities, at convergence\n\n" + main_table(records)
+        + "\n\n" + comparison_lines(records),
     ])
 
 

@@ -305,6 +305,32 @@ def test_summarize_pairs_runs_by_seed_and_checks_num_parts():
         summarize.main_table(records)
 
 
+def test_summarize_paired_gains_verdict_and_peer_agreement():
+    summarize = load_summarize()
+    records = dict([record(f"cuhk03_pair1_labeled_baseline_s{s}", s, 0, m)
+                    for s, m in ((0, 0.30), (1, 0.32), (2, 0.31))]
+                   + [record(f"cuhk03_pair1_labeled_plnet_s{s}", s, 4, m)
+                      for s, m in ((0, 0.34), (1, 0.37), (2, 0.35))])  # gains 4, 5, 4 points
+    lines = summarize.comparison_lines(records).splitlines()
+    plnet = [line for line in lines if "(b)" in line][0]
+    assert "rank-1 +4.3 ± 0.6" in plnet and "target" in plnet and ": met" in plnet
+    records["cuhk03_pair1_labeled_plnet_s1"]["results"]["mAP"] = 0.31
+    lines = summarize.comparison_lines(records).splitlines()
+    plnet = [line for line in lines if "(b)" in line][0]
+    assert "mAP +2.3 ± 2.9" in plnet and "missed on mAP" in plnet  # gains 4, -1, 4
+    for seed, gap in ((0, 0.01), (1, -0.03)):  # the peer 1 above, then 3 below: mean -1
+        name, peer = record(f"peer_labeled_baseline_s{seed}", seed, 0, 0.0)
+        peer["results"] = {"rank1": 0.30 + 0.02 * seed + gap, "mAP": 0.30 + 0.02 * seed + gap,
+                           "train_images_per_second": 60.0}
+        records[name] = peer
+        records[f"cuhk03_pair1_labeled_baseline_s{seed}"]["results"][
+            "train_images_per_second"] = 75.0
+    peer_line = [line for line in summarize.comparison_lines(records).splitlines()
+                 if "peer" in line][0]
+    assert "rank-1 -1.0, mAP -1.0 (largest single-seed gap 3.0); within 2 points" in peer_line
+    assert "75 / 60, 75 / 60" in peer_line
+
+
 def test_skip_corrupt_preparation_has_its_own_cache(tmp_path):
     import tensorflow_datasets as tfds
     import reid_datasets

@@ -16,6 +16,9 @@ the result are listed in WORKSPACE.md ("PyTorch peer").
         --steps=1920 --seed=0 --output=experiments/results/peer_labeled_baseline_s0.json
 
 Prints a progress line every 50 steps and writes the results JSON (results and flags) at the end.
+With `--checkpoint=PATH` it saves its whole state (weights, optimiser, both random generators, the
+rest of the epoch's batches) there every `--checkpoint_every` steps and resumes from it when
+started again, so an interrupted run loses at most that many steps.
 `--benchmark_steps=N` times N training steps after 5 warm-up steps and exits (images/s).
 """
 
@@ -111,6 +114,13 @@ class Baseline(nn.Module):
         return embedding, self.classifier(embedding)
 
 
+def save_checkpoint(path, state):
+    """Writes `state` to `path` whole or not at all (a temporary file, then a rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def schedule(step, total, warmup):
     warm = min(1.0, (step + 1) / max(warmup, 1))
     progress = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
@@ -175,6 +185,8 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--benchmark_steps", type=int, default=0)
     parser.add_argument("--output")
+    parser.add_argument("--checkpoint", help="save here every --checkpoint_every steps; resume")
+    parser.add_argument("--checkpoint_every", type=int, default=100)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -188,7 +200,21 @@ def main():
                                args.weight_decay)
     labels_t = torch.from_numpy(labels)
     batches, epoch, step, seen, start = [], 0, 0, 0, time.perf_counter()
+    earlier_seconds, last_loss = 0.0, float("nan")  # training time before a resume
     total = args.benchmark_steps + 5 if args.benchmark_steps else args.steps
+    if args.checkpoint and os.path.exists(args.checkpoint) and not args.benchmark_steps:
+        state = torch.load(args.checkpoint, weights_only=False)
+        if state["steps"] != args.steps or state["seed"] != args.seed:
+            raise SystemExit(f"{args.checkpoint} is a run of {state['steps']} steps with seed "
+                             f"{state['seed']}, not {args.steps} and {args.seed}; remove it or "
+                             "pass another --checkpoint.")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["numpy_rng"]
+        generator.set_state(state["torch_generator"])
+        batches, epoch, step = state["batches"], state["epoch"], state["step"]
+        seen, earlier_seconds, last_loss = state["seen"], state["seconds"], state["loss"]
+        print(f"resumed from {args.checkpoint} at step {step}", flush=True)
     model.train()
     while step < total:
         if not batches:
@@ -204,23 +230,35 @@ def main():
         loss.backward()
         optimizer.step()
         step += 1
+        last_loss = loss.item()
         if step == 5 and args.benchmark_steps:
             start, seen = time.perf_counter(), 0
         seen += len(index)
         if step % 50 == 0 or step == total:
-            rate = seen / (time.perf_counter() - start)
-            print(f"step {step}/{total} epoch {epoch} loss {loss.item():.4f} "
+            rate = seen / (earlier_seconds + time.perf_counter() - start)
+            print(f"step {step}/{total} epoch {epoch} loss {last_loss:.4f} "
                   f"{rate:.1f} img/s", flush=True)
-    rate = seen / (time.perf_counter() - start)
+        if args.checkpoint and not args.benchmark_steps and (
+                step % args.checkpoint_every == 0 or step == total):
+            save_checkpoint(args.checkpoint, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "numpy_rng": rng.bit_generator.state, "torch_generator": generator.get_state(),
+                "batches": batches, "epoch": epoch, "step": step, "seen": seen, "loss": last_loss,
+                "seconds": earlier_seconds + time.perf_counter() - start,
+                "steps": args.steps, "seed": args.seed})
+    training_seconds = earlier_seconds + time.perf_counter() - start
+    rate = seen / training_seconds
     if args.benchmark_steps:
         print(f"torch peer training: {rate:.1f} images/s ({args.benchmark_steps} steps of "
               f"{len(index)}, {args.threads} threads)")
         return
+    evaluation_start = time.perf_counter()
     query, q_pids, q_cams = read_folder(os.path.join(args.data, "query"))
     gallery, g_pids, g_cams = read_folder(os.path.join(args.data, "bounding_box_test"))
     results = market_eval(embed(model, query), embed(model, gallery), q_pids, g_pids, q_cams,
                           g_cams)
-    results.update(step=step, epochs=epoch, train_images_per_second=rate, final_loss=loss.item())
+    results.update(step=step, epochs=epoch, train_images_per_second=rate,
+                   train_seconds=training_seconds, final_loss=last_loss)
     print(f"final: rank-1 {results['rank1']:.4f}  mAP {results['mAP']:.4f}  "
           f"mINP {results['mINP']:.4f}  ({rate:.1f} img/s)")
     if args.output:
@@ -230,7 +268,8 @@ def main():
                   "config": {**vars(args), "num_parts": 0, "embedding_dim": 256,
                              "dataset": f"folder:{args.data}", "data": data,
                              "torch": torch.__version__, "torchvision": torchvision.__version__},
-                  "extra_flags": [], "results": results, "wall_seconds": None}
+                  "extra_flags": [], "results": results,
+                  "wall_seconds": round(training_seconds + time.perf_counter() - evaluation_start)}
         with open(args.output + ".tmp", "w") as f:
             json.dump(record, f, indent=1, sort_keys=True)
         os.replace(args.output + ".tmp", args.output)
