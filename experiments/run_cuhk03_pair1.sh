@@ -12,11 +12,13 @@
 #   bash experiments/run_cuhk03_pair1.sh short        # the 2.5-epoch appendix
 #   bash experiments/run_cuhk03_pair1.sh peer         # the PyTorch peer (experiments/peers)
 #   .venv/bin/python experiments/summarize.py         # the tables of RESULTS.md
+#   ONLY=_s0 bash experiments/run_cuhk03_pair1.sh wide # only runs whose name matches (regex)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TRAIN=${TRAIN:-.venv/bin/reid-train}
 PYTHON=${PYTHON:-.venv/bin/python}
 WHICH=${1:-main}
+ONLY=${ONLY:-}  # a regular expression: run only the runs whose names match it
 RUNS=()
 R=cuhk03_pair1
 # Validation: labeled boxes, 20 % of the training identities held out, evaluated every 50 steps
@@ -65,6 +67,7 @@ if [[ $WHICH == peer ]]; then
   for job in labeled:0 labeled:1 labeled:2 detected:0; do
     data=${job%:*}; seed=${job#*:}
     out=experiments/results/peer_${data}_baseline_s${seed}.json
+    [[ peer_${data}_baseline_s${seed} =~ $ONLY ]] || continue
     [[ -f $out ]] && { echo "== peer $data s$seed: done, skipped"; continue; }
     while [[ -f runs/PAUSE ]]; do sleep 10; done
     flagfile=experiments/${R}_${data}_mobilenetv2_128x64.flags
@@ -85,6 +88,7 @@ fi
 for run in "${RUNS[@]}"; do
   IFS='|' read -r name recipe extra <<<"$run"
   dir=runs/$name
+  [[ $name =~ $ONLY ]] || continue
   [[ -f $dir/results.json ]] && { echo "== $name: done, skipped"; continue; }
   while [[ -f runs/PAUSE ]]; do sleep 10; done
   mkdir -p "$dir"
