@@ -31,6 +31,8 @@ if [[ $WHICH == validation ]]; then
   RUNS+=("${R}_labeled_val_baseline_e12|$L|--num_parts=0 --epochs=12 $V")
   RUNS+=("${R}_labeled_val_bands_e12|$L|--part_strategy=bands --epochs=12 $V")
   RUNS+=("${R}_labeled_val_bands|$L|--part_strategy=bands --epochs=30 $V")
+  # Row (e)'s 1280-d baseline on validation: does a wider embedding need another budget?
+  RUNS+=("${R}_labeled_val_baseline1280_e12|$L|--num_parts=0 --embedding_dim=1280 --epochs=12 $V")
 fi
 if [[ $WHICH == strategies ]]; then
   E=$(sed -n 's/^--epochs=//p' "experiments/$L.flags")  # the recipe's budget
