@@ -173,7 +173,8 @@ def comparison_lines(records, seeds=(0, 1, 2), prefix="cuhk03_pair1", target=3.0
                 f"- {data}, PyTorch peer − reid-tf (a), seeds {paired}: rank-1 "
                 f"{mean_gaps['rank1']:+.1f}, mAP {mean_gaps['mAP']:+.1f} (largest single-seed "
                 f"gap {worst:.1f}); {'within' if agree else 'NOT within'} 2 points; training "
-                "images/s in these runs, reid-tf / peer: "
+                "images/s as logged by these runs (whatever else the machine ran then; "
+                "benchmarks/train_vs_torch.py compares the speeds), reid-tf / peer: "
                 + ", ".join(f"{ours:.0f} / {theirs:.0f}" for ours, theirs in speeds
                             if ours and theirs))
     return "\n".join(lines)
