@@ -197,6 +197,34 @@ def _verdict(runs, baseline, paired, target, wanted_seeds):
         + f" (mean gain − one std: rank-1 {lower[0]}, mAP {lower[1]})")
 
 
+LEVELS = ("backbone pooled", "embedding before BatchNorm", "embedding after BatchNorm")
+
+
+def feature_levels_table(results_dir=RESULTS_DIR, prefix="cuhk03_pair1"):
+    """From results/feature_levels/*.json (experiments/feature_levels.py): each model kind's
+    global branch at three depths, mean over its seeds (rank-1 / mAP)."""
+    levels = load_all(os.path.join(results_dir, "feature_levels"))
+    lines = ["| data | model | seeds | " + " | ".join(f"{level} (rank-1 / mAP)" for level in LEVELS)
+             + " |", "| --- | --- | --- |" + " --- |" * len(LEVELS)]
+    for data in ("labeled", "detected"):
+        for kind, label in (("baseline", "(a) baseline, 256-d"),
+                            ("plnet", "PL-Net (global branch)"),
+                            ("baseline1280", "(e) baseline, 1280-d")):
+            runs = [r for name, r in sorted(levels.items())
+                    if name.startswith(f"{prefix}_{data}_{kind}_s")]
+            if not runs:
+                continue
+            cells = []
+            for level in LEVELS:
+                dims = {r["levels"][level]["dim"] for r in runs}
+                rank1 = np.mean([100 * r["levels"][level]["rank1"] for r in runs])
+                mAP = np.mean([100 * r["levels"][level]["mAP"] for r in runs])
+                cells.append(f"{rank1:.1f} / {mAP:.1f} ({'/'.join(map(str, sorted(dims)))}-d)")
+            seeds = ", ".join(str(r["seed"]) for r in runs)
+            lines.append(f"| {data} | {label} | {seeds} | {' | '.join(cells)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def validation_table(records, prefix="cuhk03_pair1_labeled_val_"):
     """The validation runs: final validation figures per descriptor and part consistency."""
     lines = ["| validation run | epochs | rank-1 | mAP | global alone mAP | parts alone mAP | "
@@ -251,6 +279,8 @@ def tables(records):
         + validation_table(records) + "\n\n" + plateau_lines(records),
         "## Main table: test identities, at convergence\n\n" + main_table(records)
         + "\n\n" + comparison_lines(records),
+        "## Where the gain sits: the global branch at three depths\n\n"
+        + feature_levels_table(),
     ])
 
 

@@ -331,6 +331,19 @@ def test_summarize_paired_gains_verdict_and_peer_agreement():
     assert "75 / 60, 75 / 60" in peer_line
 
 
+def test_summarize_feature_levels_averages_over_seeds(tmp_path):
+    summarize = load_summarize()
+    os.makedirs(tmp_path / "feature_levels")
+    for seed, value in ((0, 0.20), (1, 0.30)):
+        name = f"cuhk03_pair1_labeled_plnet_s{seed}"
+        levels = {level: {"rank1": value, "mAP": value / 2, "dim": 256}
+                  for level in summarize.LEVELS}
+        with open(tmp_path / "feature_levels" / f"{name}.json", "w") as f:
+            json.dump({"name": name, "seed": seed, "levels": levels}, f)
+    row = summarize.feature_levels_table(str(tmp_path)).splitlines()[2]
+    assert row.startswith("| labeled | PL-Net (global branch) | 0, 1 | 25.0 / 12.5 (256-d) |")
+
+
 def test_skip_corrupt_preparation_has_its_own_cache(tmp_path):
     import tensorflow_datasets as tfds
     import reid_datasets
