@@ -147,16 +147,17 @@ def comparison_lines(records, seeds=(0, 1, 2), prefix="cuhk03_pair1", target=3.0
             paired = sorted(set(runs) & set(baseline))
             if not paired:
                 continue
+            gains = {m: np.array([runs[s][m] - baseline[s][m] for s in paired])
+                     for m in ("rank1", "mAP")}
             parts = []
-            for metric in ("rank1", "mAP"):
-                gains = np.array([runs[s][metric] - baseline[s][metric] for s in paired])
-                spread = f" ± {gains.std(ddof=1):.1f}" if len(gains) > 1 else ""
+            for metric, values in gains.items():
+                spread = f" ± {values.std(ddof=1):.1f}" if len(values) > 1 else ""
                 parts.append(f"{'rank-1' if metric == 'rank1' else 'mAP'} "
-                             f"{gains.mean():+.1f}{spread}")
+                             f"{values.mean():+.1f}{spread}")
             line = (f"- {data}, {label} − (a), paired over seeds {paired}: {'; '.join(parts)}")
             if key == "(b)":
                 line += "; target (≥ +3 rank-1 and mAP, beyond one std): " + _verdict(
-                    runs, baseline, paired, target, len(seeds))
+                    gains, target, len(seeds))
             lines.append(line)
         peer = _by_seed(records, "peer_{data}_baseline_s{seed}", "embedding", data, seeds, prefix)
         paired = sorted(set(peer) & set(baseline))
@@ -180,12 +181,12 @@ def comparison_lines(records, seeds=(0, 1, 2), prefix="cuhk03_pair1", target=3.0
     return "\n".join(lines)
 
 
-def _verdict(runs, baseline, paired, target, wanted_seeds):
+def _verdict(gains, target, wanted_seeds):
     """Met when, on both metrics, the mean paired gain is >= target and exceeds one std of the
     paired gains; also prints mean - std, the stricter reading (>= target there too)."""
-    gains = {m: np.array([runs[s][m] - baseline[s][m] for s in paired]) for m in ("rank1", "mAP")}
-    if len(paired) < wanted_seeds:
-        return f"not decided ({len(paired)} of {wanted_seeds} seeds)"
+    seeds = len(gains["rank1"])
+    if seeds < wanted_seeds:
+        return f"not decided ({seeds} of {wanted_seeds} seeds)"
     met, lower = [], []
     for metric, values in gains.items():
         mean, spread = values.mean(), values.std(ddof=1)
