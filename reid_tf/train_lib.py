@@ -533,7 +533,7 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
         return metrics
 
     start_time, start_step = time.perf_counter(), step
-    images_per_second = 0.0
+    train_seconds = 0.0  # in training steps only: no evaluation, checkpoints or summaries
     while step < total_steps:
         cadence = (config.log_every, config.checkpoint_every, config.eval_every,
                    config.image_summary_every, config.max_steps_per_call)
@@ -546,7 +546,9 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
                 f"non-finite loss at step {step + first_bad + 1}: training stopped; the last "
                 f"checkpoint ({manager.latest_checkpoint}) is intact.")
         step += num_steps
-        images_per_second = num_steps * config.global_batch_size / (time.perf_counter() - call_start)
+        call_seconds = time.perf_counter() - call_start
+        train_seconds += call_seconds
+        images_per_second = num_steps * config.global_batch_size / call_seconds
         if every(step, config.log_every) or step == total_steps:
             elapsed = time.perf_counter() - start_time
             remaining = elapsed / (step - start_step) * (total_steps - step)
@@ -576,7 +578,9 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
 
     results = {"step": step, "epochs": step / steps_per_epoch, "dataset": config.dataset,
                "num_parts": config.num_parts, "part_strategy": config.part_strategy,
-               "train_images_per_second": images_per_second}
+               "train_seconds": train_seconds,  # this call's steps, mean over them:
+               "train_images_per_second":
+                   (step - start_step) * config.global_batch_size / max(train_seconds, 1e-9)}
     if chief:
         if validation:
             if not curve or curve[-1]["step"] != step:

@@ -61,8 +61,10 @@ def restore_model(workdir):
 
 def test_train_writes_checkpoint_summaries_export_and_resumes(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
+    started = time.perf_counter()
     first = reid_train(workdir, data_dir, "--train_steps=6", "--strategy=mirrored",
                        "--cpu_replicas=2")
+    first_seconds = time.perf_counter() - started
     assert "on 2 replica(s)" in first.stdout and "step 6/6" in first.stdout
     assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith("ckpt-6")
     train_events = scalar_tags(os.path.join(workdir, "tensorboard", "train"))
@@ -75,6 +77,9 @@ def test_train_writes_checkpoint_summaries_export_and_resumes(tmp_path, data_dir
     assert {"eval/synthetic_persons_small/rank1", "eval/synthetic_persons_small/mAP"} <= eval_tags
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert results["step"] == 6 and 0 <= results["rank1"] <= 1 and results["num_queries"] == 40
+    # The run's mean training throughput (all 6 steps of 16 images), not the last window's.
+    assert 0 < results["train_seconds"] < first_seconds
+    assert results["train_images_per_second"] == pytest.approx(6 * 16 / results["train_seconds"])
     assert os.path.isdir(os.path.join(workdir, "export", "6"))
     assert "--num_parts=3" in open(os.path.join(workdir, "flags.txt")).read()
 
