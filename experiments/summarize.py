@@ -134,7 +134,7 @@ def _by_seed(records, pattern, descriptor, data, seeds=(0, 1, 2), prefix="cuhk03
 
 def comparison_lines(records, seeds=(0, 1, 2), prefix="cuhk03_pair1", target=3.0):
     """Per data: each row's paired gain over (a) as mean ± std over seeds, the target verdict
-    for (b), and the PyTorch peer against our baseline (agreement within 2 points; speeds)."""
+    for (b), and the PyTorch peer against our baseline (agreement within 2 points)."""
     lines = []
     rows = {label[:3]: (label, pattern, descriptor) for label, pattern, descriptor, _ in MAIN_ROWS}
     for data in ("labeled", "detected"):
@@ -166,18 +166,11 @@ def comparison_lines(records, seeds=(0, 1, 2), prefix="cuhk03_pair1", target=3.0
             worst = max(abs(v) for values in gaps.values() for v in values)
             mean_gaps = {m: float(np.mean(v)) for m, v in gaps.items()}
             agree = max(abs(v) for v in mean_gaps.values()) <= 2.0
-            speeds = [(records[f"{prefix}_{data}_baseline_s{s}"]["results"]
-                       .get("train_images_per_second"),
-                       records[f"peer_{data}_baseline_s{s}"]["results"]
-                       .get("train_images_per_second")) for s in paired]
             lines.append(
                 f"- {data}, PyTorch peer − reid-tf (a), seeds {paired}: rank-1 "
                 f"{mean_gaps['rank1']:+.1f}, mAP {mean_gaps['mAP']:+.1f} (largest single-seed "
-                f"gap {worst:.1f}); {'within' if agree else 'NOT within'} 2 points; training "
-                "images/s as logged by these runs (whatever else the machine ran then; "
-                "benchmarks/train_vs_torch.py compares the speeds), reid-tf / peer: "
-                + ", ".join(f"{ours:.0f} / {theirs:.0f}" for ours, theirs in speeds
-                            if ours and theirs))
+                f"gap {worst:.1f}); {'within' if agree else 'NOT within'} 2 points (training "
+                "speeds: benchmarks/train_vs_torch.py, one after the other on an idle machine)")
     return "\n".join(lines)
 
 

@@ -320,15 +320,13 @@ def test_summarize_paired_gains_verdict_and_peer_agreement():
     assert "mAP +2.3 ± 2.9" in plnet and "missed on mAP" in plnet  # gains 4, -1, 4
     for seed, gap in ((0, 0.01), (1, -0.03)):  # the peer 1 above, then 3 below: mean -1
         name, peer = record(f"peer_labeled_baseline_s{seed}", seed, 0, 0.0)
-        peer["results"] = {"rank1": 0.30 + 0.02 * seed + gap, "mAP": 0.30 + 0.02 * seed + gap,
-                           "train_images_per_second": 60.0}
+        peer["results"] = {"rank1": 0.30 + 0.02 * seed + gap, "mAP": 0.30 + 0.02 * seed + gap}
         records[name] = peer
-        records[f"cuhk03_pair1_labeled_baseline_s{seed}"]["results"][
-            "train_images_per_second"] = 75.0
     peer_line = [line for line in summarize.comparison_lines(records).splitlines()
                  if "peer" in line][0]
     assert "rank-1 -1.0, mAP -1.0 (largest single-seed gap 3.0); within 2 points" in peer_line
-    assert "75 / 60, 75 / 60" in peer_line
+    # No speeds from the runs' logs: they depend on whatever else shared the machine.
+    assert "img" not in peer_line and "train_vs_torch.py" in peer_line
 
 
 def test_summarize_feature_levels_averages_over_seeds(tmp_path):
