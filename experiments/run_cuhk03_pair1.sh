@@ -66,7 +66,7 @@ fi
 if [[ $WHICH == peer ]]; then
   # The independent PyTorch baseline (experiments/peers), at the recipe's budget in steps.
   PEER=${PEER:-experiments/peers/.venv/bin/python}
-  for job in labeled:0 labeled:1 labeled:2 detected:0; do
+  for job in labeled:0 labeled:1 labeled:2 detected:0 detected:1 detected:2; do
     data=${job%:*}; seed=${job#*:}
     out=experiments/results/peer_${data}_baseline_s${seed}.json
     [[ peer_${data}_baseline_s${seed} =~ $ONLY ]] || continue
