@@ -116,6 +116,8 @@ def main_table(records, seeds=(0, 1, 2), prefix="cuhk03_pair1"):
             paired = [f"s{s}: {v['rank1'] - baseline[s]['rank1']:+.1f} / "
                       f"{v['mAP'] - baseline[s]['mAP']:+.1f}"
                       for s, v in by_seed.items() if s in baseline and not label.startswith("(a)")]
+            if label.startswith("PyTorch"):  # no seed pairs across frameworks
+                paired = ["not paired: see the mean against mean below"]
             lines.append(f"| {data} | {label} | {mean_std(rank1)} | {mean_std(mAP)} | "
                          f"{len(by_seed)} | {' / '.join(f'{v:.1f}' for v in rank1)} | "
                          f"{' / '.join(f'{v:.1f}' for v in mAP)} | {'; '.join(paired)} |")
@@ -160,17 +162,23 @@ def comparison_lines(records, seeds=(0, 1, 2), prefix="cuhk03_pair1", target=3.0
                     gains, target, len(seeds))
             lines.append(line)
         peer = _by_seed(records, "peer_{data}_baseline_s{seed}", "embedding", data, seeds, prefix)
-        paired = sorted(set(peer) & set(baseline))
-        if paired:
-            gaps = {m: [peer[s][m] - baseline[s][m] for s in paired] for m in ("rank1", "mAP")}
-            worst = max(abs(v) for values in gaps.values() for v in values)
-            mean_gaps = {m: float(np.mean(v)) for m, v in gaps.items()}
-            agree = max(abs(v) for v in mean_gaps.values()) <= 2.0
+        if peer:
+            # Seed k of the peer and seed k of reid-tf share no random draw (different
+            # frameworks, initialisers and samplers), so the two are compared as samples:
+            # mean against mean over all the seeds each has.
+            gaps = {m: float(np.mean([r[m] for r in peer.values()])
+                             - np.mean([r[m] for r in baseline.values()]))
+                    for m in ("rank1", "mAP")}
+            agree = max(abs(v) for v in gaps.values()) <= 2.0
+            spread = {m: (min(r[m] for r in baseline.values()),
+                          max(r[m] for r in baseline.values())) for m in ("rank1", "mAP")}
             lines.append(
-                f"- {data}, PyTorch peer − reid-tf (a), seeds {paired}: rank-1 "
-                f"{mean_gaps['rank1']:+.1f}, mAP {mean_gaps['mAP']:+.1f} (largest single-seed "
-                f"gap {worst:.1f}); {'within' if agree else 'NOT within'} 2 points (training "
-                "speeds: benchmarks/train_vs_torch.py, one after the other on an idle machine)")
+                f"- {data}, PyTorch peer (seeds {sorted(peer)}) − reid-tf (a) (seeds "
+                f"{sorted(baseline)}), mean against mean: rank-1 {gaps['rank1']:+.1f}, mAP "
+                f"{gaps['mAP']:+.1f}; {'within' if agree else 'NOT within'} 2 points; reid-tf's "
+                f"seeds span rank-1 {spread['rank1'][0]:.1f}-{spread['rank1'][1]:.1f}, mAP "
+                f"{spread['mAP'][0]:.1f}-{spread['mAP'][1]:.1f} (training speeds: "
+                "benchmarks/train_vs_torch.py, one after the other on an idle machine)")
     return "\n".join(lines)
 
 

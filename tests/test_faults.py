@@ -324,7 +324,16 @@ def test_summarize_paired_gains_verdict_and_peer_agreement():
         records[name] = peer
     peer_line = [line for line in summarize.comparison_lines(records).splitlines()
                  if "peer" in line][0]
-    assert "rank-1 -1.0, mAP -1.0 (largest single-seed gap 3.0); within 2 points" in peer_line
+    assert "mean against mean: rank-1 -1.0, mAP -1.0; within 2 points" in peer_line
+    assert "seeds span rank-1 30.0-32.0" in peer_line
+    # Seed numbers do not pair across frameworks: one peer seed is held against all of ours.
+    del records["peer_labeled_baseline_s1"]
+    peer_line = [line for line in summarize.comparison_lines(records).splitlines()
+                 if "peer" in line][0]
+    assert "peer (seeds [0]) − reid-tf (a) (seeds [0, 1, 2])" in peer_line
+    assert "rank-1 +0.0, mAP +0.0" in peer_line  # 31 against the mean of 30, 32, 31
+    peer_row = [line for line in summarize.main_table(records).splitlines() if "PyTorch" in line]
+    assert peer_row[0].endswith("| not paired: see the mean against mean below |")
     # No speeds from the runs' logs: they depend on whatever else shared the machine.
     assert "img" not in peer_line and "train_vs_torch.py" in peer_line
 
