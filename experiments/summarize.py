@@ -113,11 +113,13 @@ def main_table(records, seeds=(0, 1, 2), prefix="cuhk03_pair1"):
                 baseline = by_seed
             rank1 = [v["rank1"] for v in by_seed.values()]
             mAP = [v["mAP"] for v in by_seed.values()]
-            paired = [f"s{s}: {v['rank1'] - baseline[s]['rank1']:+.1f} / "
-                      f"{v['mAP'] - baseline[s]['mAP']:+.1f}"
-                      for s, v in by_seed.items() if s in baseline and not label.startswith("(a)")]
             if label.startswith("PyTorch"):  # no seed pairs across frameworks
                 paired = ["not paired: see the mean against mean below"]
+            else:
+                paired = [f"s{s}: {v['rank1'] - baseline[s]['rank1']:+.1f} / "
+                          f"{v['mAP'] - baseline[s]['mAP']:+.1f}"
+                          for s, v in by_seed.items()
+                          if s in baseline and not label.startswith("(a)")]
             lines.append(f"| {data} | {label} | {mean_std(rank1)} | {mean_std(mAP)} | "
                          f"{len(by_seed)} | {' / '.join(f'{v:.1f}' for v in rank1)} | "
                          f"{' / '.join(f'{v:.1f}' for v in mAP)} | {'; '.join(paired)} |")
