@@ -8,9 +8,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from reid_tf import train_lib  # noqa: E402
+from reid_tf.train import distribute  # noqa: E402
 
-train_lib.split_cpu(2)
+distribute.split_cpu(2)
 
 
 @pytest.fixture(autouse=True)

@@ -52,12 +52,12 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "reid-demo=reid_tf.demo:run",
-            "reid-train=reid_tf.train:run",
-            "reid-eval=reid_tf.eval:run",
-            "reid-export=reid_tf.export:run",
-            "reid-extract=reid_tf.features:run",
-            "reid-serve=reid_tf.serving:run",
+            "reid-demo=reid_tf.cli.demo:run",
+            "reid-train=reid_tf.cli.train:run",
+            "reid-eval=reid_tf.cli.eval:run",
+            "reid-export=reid_tf.cli.export:run",
+            "reid-extract=reid_tf.cli.extract:run",
+            "reid-serve=reid_tf.cli.serve:run",
         ],
     },
 )

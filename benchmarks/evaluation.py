@@ -10,7 +10,7 @@ Random features (3,368 queries, 15,913 gallery, 2,048-d, 751 identities + distra
   reference (tests/test_reranking.py) is checked on a 400 x 1,600 subset, since the dense
   version needs O(N^2) Python work.
 
-    python benchmarks/evaluation.py [--rerank=false]
+    python benchmarks/metrics_lib.py [--rerank=false]
 """
 
 import os
@@ -22,8 +22,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from reid_tf import evaluation
-from reid_tf import reranking
+from reid_tf.evaluate import metrics as metrics_lib
+from reid_tf.evaluate import reranking
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -72,14 +72,14 @@ def main(argv):
     query = rng.normal(size=(FLAGS.num_query, FLAGS.dim)).astype(np.float32)
     gallery = rng.normal(size=(FLAGS.num_gallery, FLAGS.dim)).astype(np.float32)
     labels = market_like(rng)
-    distances = evaluation.pairwise_distances(query, gallery, "sqeuclidean")
+    distances = metrics_lib.pairwise_distances(query, gallery, "sqeuclidean")
     print(f"machine: {os.cpu_count()} CPU cores; {FLAGS.num_query} x {FLAGS.num_gallery}, "
           f"{FLAGS.dim}-d", flush=True)
     start = time.perf_counter()
-    evaluation.evaluate(distances[:2], labels[0][:2], labels[1], labels[2][:2], labels[3])
+    metrics_lib.evaluate(distances[:2], labels[0][:2], labels[1], labels[2][:2], labels[3])
     print(f"first call (numba kernel compiled or loaded from its cache): "
           f"{time.perf_counter() - start:.2f} s", flush=True)
-    result, seconds, peak = measured(evaluation.evaluate, distances, *labels)
+    result, seconds, peak = measured(metrics_lib.evaluate, distances, *labels)
     print(f"evaluate: {seconds:.3f} s, peak {peak:.2f} GiB; rank-1 {result['rank1']:.6f} "
           f"mAP {result['mAP']:.6f} mINP {result['mINP']:.6f} valid {result['num_valid']} "
           f"skipped {result['num_skipped']}", flush=True)
@@ -96,7 +96,7 @@ def main(argv):
         large_gallery = rng.normal(size=(100_000, FLAGS.dim)).astype(np.float32)
         large_labels = (rng.integers(0, 5000, 3000), rng.integers(0, 5000, 100_000),
                         rng.integers(1, 7, 3000), rng.integers(1, 7, 100_000))
-        result, seconds, peak = measured(evaluation.evaluate_features, large_query,
+        result, seconds, peak = measured(metrics_lib.evaluate_features, large_query,
                                          large_gallery, *large_labels)
         inputs = (large_query.nbytes + large_gallery.nbytes) / 2 ** 30
         print(f"evaluate_features 3000 x 100000 ({FLAGS.dim}-d, cosine): {seconds:.1f} s, peak "
@@ -107,13 +107,13 @@ def main(argv):
         msmt(rng)
     if not FLAGS.rerank:
         return
-    query_query = evaluation.pairwise_distances(query, query, "sqeuclidean")
-    gallery_gallery = evaluation.pairwise_distances(gallery, gallery, "sqeuclidean")
+    query_query = metrics_lib.pairwise_distances(query, query, "sqeuclidean")
+    gallery_gallery = metrics_lib.pairwise_distances(gallery, gallery, "sqeuclidean")
     for matrix in (query_query, gallery_gallery):
         np.fill_diagonal(matrix, 0)
     reranked, seconds, peak = measured(reranking.re_rank, distances, query_query,
                                        gallery_gallery)
-    after = evaluation.evaluate(reranked, *labels)
+    after = metrics_lib.evaluate(reranked, *labels)
     print(f"re_rank: {seconds:.2f} s, peak {peak:.2f} GiB (inputs not counted: "
           f"{(distances.nbytes + query_query.nbytes + gallery_gallery.nbytes) / 2**30:.2f} GiB);"
           f" mAP after {after['mAP']:.6f}", flush=True)
@@ -126,12 +126,12 @@ def main(argv):
     print(f"re_rank vs dense reference on 400 x 1600: max |difference| {difference:.2e}")
     if FLAGS.rerank_features:
         # Market scale: from the features against the dense matrices (cosine here).
-        dense = reranking.re_rank(evaluation.pairwise_distances(query, gallery),
-                                  evaluation.pairwise_distances(query, query),
-                                  evaluation.pairwise_distances(gallery, gallery))
-        expected = evaluation.evaluate(dense, *labels)
+        dense = reranking.re_rank(metrics_lib.pairwise_distances(query, gallery),
+                                  metrics_lib.pairwise_distances(query, query),
+                                  metrics_lib.pairwise_distances(gallery, gallery))
+        expected = metrics_lib.evaluate(dense, *labels)
         del dense
-        got, seconds, peak = measured(lambda: evaluation.evaluate_chunked(
+        got, seconds, peak = measured(lambda: metrics_lib.evaluate_chunked(
             reranking.re_rank_features(query, gallery), *labels))
         print(f"re_rank_features (Market scale, cosine): {seconds:.1f} s, peak {peak:.2f} GiB; "
               f"vs re_rank on dense matrices: max |CMC diff| "
@@ -146,7 +146,7 @@ def msmt(rng):
     msmt_gallery = rng.normal(size=(82_161, FLAGS.dim)).astype(np.float32)
     msmt_labels = (rng.integers(0, 3060, 11_659), rng.integers(0, 3060, 82_161),
                    rng.integers(1, 16, 11_659), rng.integers(1, 16, 82_161))
-    got, seconds, peak = measured(lambda: evaluation.evaluate_chunked(
+    got, seconds, peak = measured(lambda: metrics_lib.evaluate_chunked(
         reranking.re_rank_features(msmt_query, msmt_gallery), *msmt_labels))
     inputs = (msmt_query.nbytes + msmt_gallery.nbytes) / 2 ** 30
     with open("/proc/self/status") as status:

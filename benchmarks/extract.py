@@ -3,7 +3,7 @@
 For each backbone (256x128, batch 64, PL-Net K=4, random initialisation: speed does not depend on
 the weights): exports the network, then times
 - `plain forward`: the Keras PartLossNet in a tf.function on a float batch already in memory;
-- `reid-extract`: `features.extract` through the export's `serve_encoded` over a folder of JPEG
+- `reid-extract`: `extract_lib.extract` through the export's `serve_encoded` over a folder of JPEG
   files (reading, decoding and resizing included, as reid-extract runs);
 - `keras.applications.MobileNetV2`: the stock Keras network at the same size and batch, for
   reference.
@@ -27,9 +27,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from reid_tf import export as export_lib  # noqa: E402
-from reid_tf import features  # noqa: E402
 from reid_tf import model as model_lib  # noqa: E402
+from reid_tf.data import splits as splits_lib  # noqa: E402
+from reid_tf.deploy import export as export_lib  # noqa: E402
+from reid_tf.deploy import runtime  # noqa: E402
+from reid_tf.evaluate import extract as extract_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("backbones", ["mobilenet_v2", "resnet50"], "Backbones to time.")
@@ -80,7 +82,7 @@ def main(argv):
             folder = os.path.join(scratch, "images")
             os.makedirs(folder)
             write_jpegs(folder, count)
-        split = features.folder_split(folder)
+        split = splits_lib.folder_split(folder)
         for field in ("images", "person_ids", "camera_ids", "file_names"):
             setattr(split, field, getattr(split, field)[:count])
         batch = tf.random.uniform([BATCH, *SIZE, 3], 0, 255)
@@ -98,10 +100,10 @@ def main(argv):
             net.build()
             forward = tf.function(lambda x, net=net: net(x, training=False)["embedding"])
             path = export_lib.export_model(net, os.path.join(scratch, backbone), 1)
-            export = features.Export(path)
+            export = runtime.SavedModelRuntime(path)
             plain, extract = best_rates(
                 [lambda: [forward(batch).numpy() for _ in range(FLAGS.batches)],
-                 lambda: features.extract(export, split, BATCH, progress=False)], count)
+                 lambda: extract_lib.extract(export, split, ["embedding"], BATCH, encoded=True)], count)
             print(f"{backbone:13s} PL-Net K=4 plain forward      {plain:7.1f} images/s", flush=True)
             print(f"{backbone:13s} reid-extract (SavedModel)  {extract:7.1f} images/s "
                   f"({100 * (extract / plain - 1):+.1f}% vs plain forward; target within -15%)",

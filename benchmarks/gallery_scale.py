@@ -22,7 +22,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from reid_tf import gallery_store
+from reid_tf.deploy.gallery import store as gallery_store
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("size", 1_000_000, "Gallery entries.")

@@ -11,7 +11,9 @@ PY=${PY:-.venv/bin/python}
 import os, sys, tempfile, time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras, numpy as np, tensorflow as tf
-from reid_tf import export as export_lib, features, model as model_lib, train_lib
+from reid_tf import model as model_lib
+from reid_tf.deploy import export as export_lib, runtime
+from reid_tf.train import step as step_lib
 
 gpus = tf.config.list_physical_devices("GPU")
 if not gpus:
@@ -32,7 +34,7 @@ def train_rate(precision, jit, steps=30):
     batch = {"image": tf.random.uniform([64, 256, 128, 3], 0, 255),
              "label": tf.repeat(tf.range(16), 4)}
     iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
-    step = train_lib.make_train_step(net, optimizer, tf.distribute.get_strategy(), 64,
+    step = step_lib.make_train_step(net, optimizer, tf.distribute.get_strategy(), 64,
                                      jit_compile=jit)
     step(iterator, tf.constant(3))["loss"].numpy()
     start = time.perf_counter()
@@ -47,12 +49,12 @@ net = model_lib.PartLossNet(num_classes=751, num_parts=4, backbone="resnet50",
                             image_size=(256, 128))
 net.build()
 with tempfile.TemporaryDirectory() as scratch:
-    export = features.Export(export_lib.export_model(net, scratch, 1))
+    export = runtime.SavedModelRuntime(export_lib.export_model(net, scratch, 1))
     images = np.random.default_rng(0).integers(0, 255, (128, 256, 128, 3), dtype=np.uint8)
-    export.embed_images(images[:8])
+    export.predict_images(images[:8])
     start = time.perf_counter()
     for _ in range(5):
-        export.embed_images(images)
+        export.predict_images(images)
     print(f"extract (serving_default, batch 128): "
           f"{5 * 128 / (time.perf_counter() - start):.1f} images/s", flush=True)
 PYEOF

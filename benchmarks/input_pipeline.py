@@ -18,10 +18,11 @@ from absl import flags
 import keras
 import tensorflow as tf
 
-from reid_tf import input_pipeline
 from reid_tf import model as model_lib
-from reid_tf import synthetic
-from reid_tf import train_lib
+from reid_tf.data import pipeline
+from reid_tf.data import splits as splits_lib
+from reid_tf.data import synthetic
+from reid_tf.train import step as step_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", None, "Market-layout folder; default: "
@@ -45,12 +46,12 @@ def tfds_rates():
     import tempfile
 
     data_dir = FLAGS.data_dir or tempfile.mkdtemp(prefix="tfds_")
-    input_pipeline.load_splits(FLAGS.tfds_dataset, data_dir=data_dir)  # prepare
+    splits_lib.load_splits(FLAGS.tfds_dataset, data_dir=data_dir)  # prepare
     results = {}
     for cache in (False, True):
         before = rss_gib()
         start = time.perf_counter()
-        split = input_pipeline.load_splits(FLAGS.tfds_dataset, data_dir=data_dir,
+        split = splits_lib.load_splits(FLAGS.tfds_dataset, data_dir=data_dir,
                                            cache_in_memory=cache)["train"]
         loading = time.perf_counter() - start
         results[cache] = (pipeline_rate(split), rss_gib() - before, loading, len(split))
@@ -59,7 +60,7 @@ def tfds_rates():
 
 
 def pipeline_rate(split):
-    iterator = iter(input_pipeline.train_dataset(split, (256, 128), 8, 4, seed=0))
+    iterator = iter(pipeline.train_dataset(split, (256, 128), 8, 4, seed=0))
     for _ in range(5):
         next(iterator)
     start = time.perf_counter()
@@ -77,15 +78,15 @@ def synthetic_rate():
 
 def train_step_rate(split):
     strategy = tf.distribute.get_strategy()
-    _, num_classes = input_pipeline.relabel(split.person_ids)
+    _, num_classes = splits_lib.relabel(split.person_ids)
     net = model_lib.PartLossNet(num_classes=num_classes, num_parts=4, backbone=FLAGS.backbone,
                                 image_size=(256, 128))
     net.build()
     optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
     optimizer.build(net.trainable_variables)
-    step = train_lib.make_train_step(net, optimizer, strategy, global_batch_size=32)
+    step = step_lib.make_train_step(net, optimizer, strategy, global_batch_size=32)
     # One cached batch, repeated: times the model alone.
-    iterator = iter(input_pipeline.train_dataset(split, (256, 128), 8, 4).take(1).cache().repeat())
+    iterator = iter(pipeline.train_dataset(split, (256, 128), 8, 4).take(1).cache().repeat())
     step(iterator, tf.constant(1))
     start = time.perf_counter()
     step(iterator, tf.constant(FLAGS.train_steps))["loss"].numpy()
@@ -96,7 +97,7 @@ def main(argv):
     del argv
     folder = FLAGS.data or os.path.join(os.environ["REID_TF_SHARED_DIR"], "data",
                                         "cuhk03_pair1_labeled")
-    split = input_pipeline.load_splits(f"folder:{folder}")["train"]
+    split = splits_lib.load_splits(f"folder:{folder}")["train"]
     print(f"machine: {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}")
     pipeline = pipeline_rate(split)
     print(f"training pipeline (decode+augment to 256x128, P=8 K=4): {pipeline:8.1f} images/s "

@@ -12,8 +12,8 @@ from absl import app
 from absl import flags
 import tensorflow as tf
 
-from reid_tf import backbones
-from reid_tf import layers
+from reid_tf.model import backbones
+from reid_tf.model import parts
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("backbone", "resnet50", "Backbone name.")
@@ -43,8 +43,8 @@ def main(argv):
     features = forward(images)
     print(f"backbone {FLAGS.backbone} {FLAGS.height}x{FLAGS.width} batch {FLAGS.batch}: "
           f"{backbone_ms:.1f} ms/batch, feature map {tuple(features.shape)}")
-    for strategy in layers.PART_STRATEGIES:
-        partition = layers.ActivationPartPartition(FLAGS.num_parts, strategy)
+    for strategy in parts.PART_STRATEGIES:
+        partition = parts.ActivationPartPartition(FLAGS.num_parts, strategy)
         partition_ms = median_ms(tf.function(partition), features)
         print(f"partition {strategy:10s} K={FLAGS.num_parts}: {partition_ms:7.2f} ms/batch "
               f"= {100 * partition_ms / backbone_ms:.2f}% of the backbone forward pass")

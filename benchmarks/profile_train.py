@@ -6,7 +6,7 @@ random pixels in one cached batch, so only the model is traced) runs --warmup st
 (`pip install tensorboard-plugin-profile`, a benchmark-only tool, not a reid-tf dependency) and
 the op types with the most self time on the host are printed, with their share. With
 --keras_batch_norm the backbone's batch norm runs Keras's own unfused path, as before
-`layers.FusedBatchNormalization`. The trace stays in --logdir for TensorBoard's Profile tab.
+`normalization.FusedBatchNormalization`. The trace stays in --logdir for TensorBoard's Profile tab.
 
     python benchmarks/profile_train.py [--keras_batch_norm] [--logdir=/tmp/profile_train]
 """
@@ -26,9 +26,9 @@ from absl import flags  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from reid_tf import layers  # noqa: E402
 from reid_tf import model as model_lib  # noqa: E402
-from reid_tf import train_lib  # noqa: E402
+from reid_tf.model import normalization  # noqa: E402
+from reid_tf.train import step as step_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("keras_batch_norm", False, "Keras's unfused batch norm (the old path).")
@@ -65,13 +65,13 @@ def op_type_self_times(logdir):
 def main(argv):
     del argv
     if FLAGS.keras_batch_norm:
-        layers.FusedBatchNormalization._fusable = lambda self, inputs, mask: False
+        normalization.FusedBatchNormalization._fusable = lambda self, inputs, mask: False
     net = model_lib.PartLossNet(num_classes=600, num_parts=0, backbone="torchvision_mobilenet_v2",
                                 image_size=(128, 64), embedding_dim=256)
     net.build()
     optimizer = keras.optimizers.Adam(3e-4)
     optimizer.build(net.trainable_variables)
-    step = train_lib.make_train_step(net, optimizer, tf.distribute.get_strategy(),
+    step = step_lib.make_train_step(net, optimizer, tf.distribute.get_strategy(),
                                      global_batch_size=64)
     batch = {"image": tf.random.uniform([64, 128, 64, 3], 0, 255),
              "label": tf.random.uniform([64], 0, 600, tf.int32)}

@@ -23,10 +23,11 @@ from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from reid_tf import export as export_lib  # noqa: E402
-from reid_tf import features  # noqa: E402
 from reid_tf import model as model_lib  # noqa: E402
 from reid_tf import testing  # noqa: E402
+from reid_tf.deploy import export as export_lib  # noqa: E402
+from reid_tf.deploy import runtime  # noqa: E402
+from reid_tf.evaluate import features_npz  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("backbone", "mobilenet_v2", "Backbone of the served network.")
@@ -111,10 +112,10 @@ def forward_rate(export, images, batch, repeats):
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="PNG")
         encoded.append(buffer.getvalue())
-    export.embed_encoded(encoded)
+    export.predict_encoded(encoded)
     start = time.perf_counter()
     for _ in range(repeats):
-        export.embed_encoded(encoded)
+        export.predict_encoded(encoded)
     return batch * repeats / (time.perf_counter() - start)
 
 
@@ -132,7 +133,7 @@ def main(argv):
         gallery = rng.normal(size=(FLAGS.gallery_size, width)).astype(np.float32)
         gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
         gallery_npz = os.path.join(scratch, "gallery.npz")
-        features.save_features(gallery_npz, gallery,
+        features_npz.save_features(gallery_npz, gallery,
                                [f"{i:05d}_c1s1_000000_00.jpg" for i in range(len(gallery))])
         images = rng.integers(0, 256, (16, 128, 64, 3), dtype=np.uint8)
         with testing.serve(path, f"--gallery={gallery_npz}", f"--threads={FLAGS.threads}",
@@ -145,7 +146,7 @@ def main(argv):
             # at batch 16, measured in this run; then one lone client.
             # This machine's speed drifts by tens of % from minute to minute, so the two are
             # timed in turns, --rounds times, and the ratio is taken per round.
-            export = features.Export(path)
+            export = runtime.SavedModelRuntime(path)
             rounds = []
             for _ in range(FLAGS.rounds):
                 forward = forward_rate(export, images, FLAGS.batch, FLAGS.throughput_requests // 2)

@@ -21,7 +21,8 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from reid_tf import model as model_lib  # noqa: E402
-from reid_tf import train_lib  # noqa: E402
+from reid_tf.train import distribute  # noqa: E402
+from reid_tf.train import step as step_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("backbones", ["resnet50", "mobilenet_v2"], "Backbones to time.")
@@ -35,7 +36,7 @@ flags.DEFINE_integer("width", 128, "Image width.")
 
 
 def images_per_second(backbone, num_parts, replicas):
-    strategy = (train_lib.make_strategy("mirrored") if replicas > 1
+    strategy = (distribute.make_strategy("mirrored") if replicas > 1
                 else tf.distribute.get_strategy())  # what --strategy=default trains with
     batch = {"image": tf.random.uniform([32, FLAGS.height, FLAGS.width, 3], 0, 255),
              "label": tf.repeat(tf.range(8), 4)}
@@ -47,7 +48,7 @@ def images_per_second(backbone, num_parts, replicas):
         optimizer.build(net.trainable_variables)
     dataset = tf.data.Dataset.from_tensors(batch).unbatch().batch(32).cache().repeat()
     iterator = iter(strategy.experimental_distribute_dataset(dataset))
-    step = train_lib.make_train_step(net, optimizer, strategy, global_batch_size=32)
+    step = step_lib.make_train_step(net, optimizer, strategy, global_batch_size=32)
     step(iterator, tf.constant(1))["loss"].numpy()
     rates = []
     for _ in range(FLAGS.calls):
@@ -61,7 +62,7 @@ def measure(replicas):
     """One replica count per process: splitting the CPU into logical devices (needed for 2
     replicas) must happen before TensorFlow starts, and halves one device's threads."""
     if replicas > 1:
-        train_lib.split_cpu(replicas)
+        distribute.split_cpu(replicas)
     for backbone in FLAGS.backbones:
         rates = {}
         for num_parts in map(int, FLAGS.num_parts):

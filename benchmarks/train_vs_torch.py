@@ -23,9 +23,11 @@ from absl import flags  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from reid_tf import input_pipeline  # noqa: E402
 from reid_tf import model as model_lib  # noqa: E402
-from reid_tf import train_lib  # noqa: E402
+from reid_tf.data import pipeline  # noqa: E402
+from reid_tf.data import splits as splits_lib  # noqa: E402
+from reid_tf.train import optim  # noqa: E402
+from reid_tf.train import step as step_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 40, "Timed training steps.")
@@ -39,23 +41,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def ours(shared, num_parts):
     data = os.path.join(shared, "data", "cuhk03_pair1_labeled")
     weights = os.path.join(shared, "weights", "mobilenet_v2-b0353104.pth")
-    splits = input_pipeline.load_splits(f"folder:{data}", log=lambda line: None)
-    _, num_classes = input_pipeline.relabel(splits["train"].person_ids)
-    config = train_lib.TrainConfig(optimizer="adam", learning_rate=1e-3, weight_decay=5e-4)
+    splits = splits_lib.load_splits(f"folder:{data}", log=lambda line: None)
+    _, num_classes = splits_lib.relabel(splits["train"].person_ids)
     net = model_lib.PartLossNet(num_classes=num_classes, num_parts=num_parts,
                                 backbone="mobilenet_v2", image_size=(128, 64),
                                 backbone_weights=weights, last_stride=1)
     net.build()
-    head = train_lib.make_optimizer(config, 1e-3)
-    head.build(net.trainable_variables)
-    backbone = train_lib.make_optimizer(config, 3.5e-4)
-    backbone.build(net.backbone.trainable_variables)
-    dataset = input_pipeline.train_dataset(
+    optimizer = optim.build_optimizer("adam", 1e-3, 5e-4, optim.parameter_groups(net, 0.35))
+    optimizer.build(net.trainable_variables)
+    dataset = pipeline.train_dataset(
         splits["train"], (128, 64), 16, 4, seed=0,
-        augmentation=input_pipeline.Augmentation(flip=True, pad=10, erasing=0.0))
+        augmentation=pipeline.Augmentation(flip=True, pad=10, erasing=0.0))
     iterator = iter(dataset)
-    step = train_lib.make_train_step(net, head, tf.distribute.get_strategy(), 64,
-                                     label_smoothing=0.1, backbone_optimizer=backbone)
+    step = step_lib.make_train_step(net, optimizer, tf.distribute.get_strategy(), 64,
+                                    label_smoothing=0.1)
     step(iterator, tf.constant(5))["loss"].numpy()
     start = time.perf_counter()
     step(iterator, tf.constant(FLAGS.steps))["loss"].numpy()

@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from reid_tf import synthetic
+from reid_tf.data import synthetic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IDENTITY = synthetic.sample_identity(np.random.default_rng(7))

@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants as tfds_constants
 
-from reid_tf import sources
+from reid_tf.data import sources
 
 
 SKIP_CORRUPT_FOLDER = "skip_corrupt"

@@ -16,7 +16,10 @@ import os
 
 import tensorflow as tf
 
-from reid_tf import evaluation, input_pipeline, workdir
+from reid_tf.data import pipeline
+from reid_tf.data import splits as splits_lib
+from reid_tf.evaluate import metrics as metrics_lib
+from reid_tf.train import workdir as workdir_lib
 
 
 def levels(model):
@@ -39,13 +42,13 @@ def main():
         os.path.dirname(os.path.abspath(__file__)), "results", "feature_levels"))
     args = parser.parse_args()
     for directory in args.workdir:
-        config = workdir.read_json(directory, "config.json")
-        splits = input_pipeline.load_splits(config["dataset"], log=lambda line: None)
-        model, _ = workdir.load_trained_model(directory, log=lambda line: None)
+        config = workdir_lib.read_json(directory, "config.json")
+        splits = splits_lib.load_splits(config["dataset"], log=lambda line: None)
+        model, _ = workdir_lib.load_trained_model(directory, log=lambda line: None)
         features = levels(model)
         outputs = {}
         for name in ("query", "gallery"):
-            batches = [features(batch["image"]) for batch in input_pipeline.eval_dataset(
+            batches = [features(batch["image"]) for batch in pipeline.eval_dataset(
                 splits[name], model.image_size, args.batch_size)]
             outputs[name] = {key: tf.concat([b[key] for b in batches], 0).numpy()
                              for key in batches[0]}
@@ -54,7 +57,7 @@ def main():
                   "seed": config["seed"], "num_parts": config["num_parts"],
                   "embedding_dim": config["embedding_dim"], "levels": {}}
         for key in outputs["query"]:
-            result = evaluation.evaluate_features(
+            result = metrics_lib.evaluate_features(
                 outputs["query"][key], outputs["gallery"][key], query.person_ids,
                 gallery.person_ids, query.camera_ids, gallery.camera_ids)
             print(f"{directory}: {key} ({outputs['query'][key].shape[1]}-d): rank-1 "

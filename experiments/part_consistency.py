@@ -3,7 +3,7 @@
 Loads a reid-train workdir, computes the backbone's feature maps of its evaluation images
 (validation query + gallery when the run held validation identities out, else the test split),
 and partitions the same maps with each strategy (`bands`, `peaks`, `activation`, `stripes`) at the
-run's K: `layers.part_consistency` (mean IoU with the population's mean part mask, share of
+run's K: `parts.part_consistency` (mean IoU with the population's mean part mask, share of
 images whose parts are strictly ordered top to bottom) for each. Prints a table and writes
 experiments/results/consistency/part_consistency_<run>.json (numbers only).
 
@@ -17,9 +17,10 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from reid_tf import input_pipeline
-from reid_tf import layers
-from reid_tf import workdir as workdir_lib
+from reid_tf.data import pipeline
+from reid_tf.data import splits as splits_lib
+from reid_tf.model import parts
+from reid_tf.train import workdir as workdir_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,7 +34,7 @@ def main():
     model, checkpoint = workdir_lib.load_trained_model(args.workdir, log=lambda line: None)
     if not model.num_parts:
         raise SystemExit(f"{args.workdir}: a baseline (num_parts=0) has no parts.")
-    splits = input_pipeline.load_splits(
+    splits = splits_lib.load_splits(
         config["dataset"], config.get("data_dir"), config.get("manual_dir"),
         validation_identities=config.get("validation_identities", 0.0),
         validation_seed=config.get("validation_seed", 0), log=lambda line: None)
@@ -41,7 +42,7 @@ def main():
     backbone = tf.function(lambda images: model.backbone(images, training=False))
     maps = np.concatenate([
         backbone(batch["image"]).numpy() for name in names
-        for batch in input_pipeline.eval_dataset(splits[name], model.image_size, 64)])
+        for batch in pipeline.eval_dataset(splits[name], model.image_size, 64)])
     results = {"workdir": os.path.basename(os.path.normpath(args.workdir)),
                "checkpoint": os.path.basename(checkpoint), "images": len(maps),
                "evaluated_on": "+".join(names), "num_parts": model.num_parts,
@@ -50,12 +51,12 @@ def main():
           f"K={model.num_parts}): {len(maps)} images of {results['evaluated_on']}, grid "
           f"{maps.shape[1]}x{maps.shape[2]}")
     print("| strategy | mean part IoU | parts strictly ordered |\n| --- | --- | --- |")
-    for strategy in layers.PART_STRATEGIES:
-        partition = layers.ActivationPartPartition(model.num_parts, strategy,
+    for strategy in parts.PART_STRATEGIES:
+        partition = parts.ActivationPartPartition(model.num_parts, strategy,
                                                    model.kmeans_iterations)
         masks = np.concatenate([partition(tf.constant(maps[i:i + 256])).numpy()
                                 for i in range(0, len(maps), 256)])
-        consistency = layers.part_consistency(masks)
+        consistency = parts.part_consistency(masks)
         results["strategies"][strategy] = consistency
         print(f"| {strategy} | {consistency['mean_iou']:.3f} | "
               f"{consistency['ordered_fraction']:.3f} |")

@@ -16,9 +16,10 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from reid_tf import input_pipeline
-from reid_tf import visualize
-from reid_tf import workdir as workdir_lib
+from reid_tf.data import preprocessing
+from reid_tf.data import splits as splits_lib
+from reid_tf.evaluate import visualize
+from reid_tf.train import workdir as workdir_lib
 
 
 def main():
@@ -34,11 +35,11 @@ def main():
         raise SystemExit(f"{options.workdir}: trained on {dataset}; this picture is drawn from "
                          "synthetic data only (no real person's image goes into the repository).")
     model, _ = workdir_lib.load_trained_model(options.workdir)
-    query = input_pipeline.load_splits(dataset, data_dir=config.get("data_dir"))["query"]
+    query = splits_lib.load_splits(dataset, data_dir=config.get("data_dir"))["query"]
     # One image each of `count` different identities, spread over the split.
     _, first = np.unique(query.person_ids, return_index=True)
     chosen = np.sort(first)[np.linspace(0, len(first) - 1, options.count).astype(int)]
-    images = tf.stack([input_pipeline.decode(query.images[i], model.image_size) for i in chosen])
+    images = tf.stack([preprocessing.decode(query.images[i], model.image_size) for i in chosen])
     masks = model(images, training=False)["part_masks"]
     overlaid = visualize.overlay_part_masks(images, masks).numpy()
     rows = [np.concatenate(list(images.numpy() / 255.0), axis=1),

@@ -74,10 +74,10 @@ if [[ $WHICH == peer ]]; then
     while [[ -f runs/PAUSE ]]; do sleep 10; done
     flagfile=experiments/${R}_${data}_mobilenetv2_128x64.flags
     epochs=$(sed -n 's/^--epochs=//p' "$flagfile")
-    steps=$("$PYTHON" -c "import numpy as np; from reid_tf import input_pipeline as ip
-s = ip.load_splits('folder:../shared/data/${R}_${data}', log=lambda line: None)['train']
-labels, _ = ip.relabel(s.person_ids)
-print($epochs * (len(ip.pk_epoch(labels, 16, 4, np.random.default_rng([0, 0]))) // 64))")
+    steps=$("$PYTHON" -c "import numpy as np; from reid_tf.data import pipeline, splits
+s = splits.load_splits('folder:../shared/data/${R}_${data}', log=lambda line: None)['train']
+labels, _ = splits.relabel(s.person_ids)
+print($epochs * (len(pipeline.pk_epoch(labels, 16, 4, np.random.default_rng([0, 0]))) // 64))")
     mkdir -p "runs/peer_${data}_baseline_s${seed}"
     echo "== peer $data s$seed: $steps steps ($epochs epochs of reid-train's schedule)"
     "$PEER" experiments/peers/torch_baseline.py --data="../shared/data/${R}_${data}" \

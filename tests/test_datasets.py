@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from reid_tf import input_pipeline
+from reid_tf.data import pipeline
+from reid_tf.data import splits as splits_lib
 
 DATASETS = os.path.join(os.path.dirname(__file__), "..", "datasets")
 
@@ -25,12 +26,12 @@ EXPECTED = {
 def test_builder_counts_ranges_and_decodable_images(name, tmp_path):
     counts, (low_id, high_id), (low_cam, high_cam) = EXPECTED[name]
     manual_dir = os.path.join(DATASETS, name.split("/")[0], "dummy_data")
-    splits = input_pipeline.load_splits(name, data_dir=str(tmp_path), manual_dir=manual_dir)
+    splits = splits_lib.load_splits(name, data_dir=str(tmp_path), manual_dir=manual_dir)
     assert {s: (len(v), len(v.identities)) for s, v in splits.items()} == counts
     for split in splits.values():
         assert low_id <= split.person_ids.min() and split.person_ids.max() <= high_id
         assert low_cam <= split.camera_ids.min() and split.camera_ids.max() <= high_cam
-        batch = next(iter(input_pipeline.eval_dataset(split, (32, 16), 4)))
+        batch = next(iter(pipeline.eval_dataset(split, (32, 16), 4)))
         assert batch["image"].shape[1:] == (32, 16, 3)
     if name != "synthetic_persons/small":
         test_ids = set(splits["query"].person_ids) | set(splits["gallery"].person_ids)
@@ -38,7 +39,7 @@ def test_builder_counts_ranges_and_decodable_images(name, tmp_path):
 
 
 def test_market1501_drops_junk_and_keeps_distractors(tmp_path):
-    splits = input_pipeline.load_splits(
+    splits = splits_lib.load_splits(
         "market1501", data_dir=str(tmp_path),
         manual_dir=os.path.join(DATASETS, "market1501/dummy_data"))
     assert -1 not in np.concatenate([s.person_ids for s in splits.values()])
@@ -53,8 +54,8 @@ def test_builder_fails_on_a_corrupt_image_unless_told_to_skip(tmp_path):
     bad = manual / "Market-1501-v15.09.15" / "query" / "0005_c1s1_001351_00.jpg"
     bad.write_bytes(bad.read_bytes()[:40])
     with pytest.raises(ValueError, match=r"(?s)1 corrupt or unreadable image.*0005_c1s1_001351_00"):
-        input_pipeline.load_splits("market1501", data_dir=str(tmp_path / "a"),
+        splits_lib.load_splits("market1501", data_dir=str(tmp_path / "a"),
                                    manual_dir=str(manual))
-    splits = input_pipeline.load_splits("market1501", data_dir=str(tmp_path / "b"),
+    splits = splits_lib.load_splits("market1501", data_dir=str(tmp_path / "b"),
                                         manual_dir=str(manual), skip_corrupt=True)
     assert len(splits["query"]) == 1

@@ -10,10 +10,11 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from reid_tf import evaluation
-from reid_tf import input_pipeline
-from reid_tf import reranking
-from reid_tf import workdir as workdir_lib
+from reid_tf.data import pipeline
+from reid_tf.data import splits as splits_lib
+from reid_tf.evaluate import metrics as metrics_lib
+from reid_tf.evaluate import reranking
+from reid_tf.train import workdir as workdir_lib
 
 TRAIN_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
                "--image_width=32", "--embedding_dim=16", "--num_parts=3", "--identities_per_batch=4", "--images_per_identity=4",
@@ -32,16 +33,16 @@ def run(module, *flags, check=True):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    input_pipeline.load_splits("synthetic_persons/small", data_dir=data_dir)
+    splits_lib.load_splits("synthetic_persons/small", data_dir=data_dir)
     workdir = str(tmp_path_factory.mktemp("run"))
-    run("reid_tf.train", f"--workdir={workdir}", f"--data_dir={data_dir}", *TRAIN_FLAGS)
+    run("reid_tf.cli.train", f"--workdir={workdir}", f"--data_dir={data_dir}", *TRAIN_FLAGS)
     return workdir, data_dir
 
 
 def test_reid_eval_reproduces_the_training_evaluation(trained):
     workdir, data_dir = trained
     logged = json.load(open(os.path.join(workdir, "results.json")))
-    result = run("reid_tf.eval", f"--workdir={workdir}", f"--data_dir={data_dir}",
+    result = run("reid_tf.cli.eval", f"--workdir={workdir}", f"--data_dir={data_dir}",
                  "--plot_ranked=3")
     assert "| rank-1 | rank-5 | rank-10 | rank-20 | mAP | mINP |" in result.stdout
     evaluated = json.load(open(os.path.join(workdir, "eval", "results.json")))
@@ -59,7 +60,7 @@ def test_reid_eval_reproduces_the_training_evaluation(trained):
 def test_reid_eval_descriptor_reproduces_the_training_row(trained, tmp_path, descriptor):
     workdir, data_dir = trained
     logged = json.load(open(os.path.join(workdir, "results.json")))["descriptors"]
-    result = run("reid_tf.eval", f"--workdir={workdir}", f"--data_dir={data_dir}",
+    result = run("reid_tf.cli.eval", f"--workdir={workdir}", f"--data_dir={data_dir}",
                  f"--descriptor={descriptor}", f"--output_dir={tmp_path}")
     evaluated = json.load(open(os.path.join(tmp_path, "results.json")))
     assert evaluated["descriptor"] == descriptor and f"descriptor={descriptor}" in result.stdout
@@ -74,7 +75,7 @@ def by_hand(embed, splits, flip):
     out = []
     for name in ("query", "gallery"):
         rows = []
-        for batch in input_pipeline.eval_dataset(splits[name], (64, 32), 16):
+        for batch in pipeline.eval_dataset(splits[name], (64, 32), 16):
             features = embed(batch["image"]).numpy()
             if flip:
                 mirrored = embed(batch["image"].numpy()[:, :, ::-1, :]).numpy()
@@ -87,7 +88,7 @@ def by_hand(embed, splits, flip):
 
 def expected_metrics(distances, splits):
     q, g = splits["query"], splits["gallery"]
-    return evaluation.evaluate(distances, q.person_ids, g.person_ids, q.camera_ids, g.camera_ids)
+    return metrics_lib.evaluate(distances, q.person_ids, g.person_ids, q.camera_ids, g.camera_ids)
 
 
 def assert_same_metrics(evaluated, expected):
@@ -98,15 +99,15 @@ def assert_same_metrics(evaluated, expected):
 
 def test_reid_eval_flip_equals_a_hand_computed_flipped_forward(trained, tmp_path):
     workdir, data_dir = trained
-    run("reid_tf.eval", f"--workdir={workdir}", f"--data_dir={data_dir}", "--flip",
+    run("reid_tf.cli.eval", f"--workdir={workdir}", f"--data_dir={data_dir}", "--flip",
         f"--output_dir={tmp_path}")
     evaluated = json.load(open(os.path.join(tmp_path, "results.json")))
     model, _ = workdir_lib.load_trained_model(workdir, log=lambda line: None)
-    splits = input_pipeline.load_splits("synthetic_persons/small", data_dir=data_dir)
+    splits = splits_lib.load_splits("synthetic_persons/small", data_dir=data_dir)
     query, gallery = by_hand(lambda x: model(x, training=False)["embedding"], splits, True)
-    expected = expected_metrics(evaluation.pairwise_distances(query, gallery), splits)
+    expected = expected_metrics(metrics_lib.pairwise_distances(query, gallery), splits)
     assert_same_metrics(evaluated, expected)
-    plain = expected_metrics(evaluation.pairwise_distances(
+    plain = expected_metrics(metrics_lib.pairwise_distances(
         *by_hand(lambda x: model(x, training=False)["embedding"], splits, False)), splits)
     assert plain["mAP"] != pytest.approx(expected["mAP"], abs=1e-9)  # flip changed something
 
@@ -116,7 +117,7 @@ def test_reid_eval_on_the_export_with_flip_and_rerank(trained, tmp_path, streame
     workdir, data_dir = trained
     export = os.path.join(workdir, "export", "20")
     extra = ["--rerank_dense_max_gallery=0"] if streamed else []  # from the features
-    result = run("reid_tf.eval", f"--export={export}", "--dataset=synthetic_persons/small",
+    result = run("reid_tf.cli.eval", f"--export={export}", "--dataset=synthetic_persons/small",
                  f"--data_dir={data_dir}", "--flip", "--rerank", f"--output_dir={tmp_path}",
                  *extra)
     evaluated = json.load(open(os.path.join(tmp_path, "results.json")))
@@ -124,18 +125,18 @@ def test_reid_eval_on_the_export_with_flip_and_rerank(trained, tmp_path, streame
     assert ("from the features, chunk by chunk" in result.stdout) == streamed
     # The same figures from the export's signature, the flip and re-ranking done here.
     serving = tf.saved_model.load(export).signatures["serving_default"]
-    splits = input_pipeline.load_splits("synthetic_persons/small", data_dir=data_dir)
+    splits = splits_lib.load_splits("synthetic_persons/small", data_dir=data_dir)
     query, gallery = by_hand(
         lambda x: serving(images=tf.cast(tf.round(x), tf.uint8))["embedding"], splits, True)
-    distances = reranking.re_rank(evaluation.pairwise_distances(query, gallery),
-                                  evaluation.pairwise_distances(query, query),
-                                  evaluation.pairwise_distances(gallery, gallery), 20, 6, 0.3)
+    distances = reranking.re_rank(metrics_lib.pairwise_distances(query, gallery),
+                                  metrics_lib.pairwise_distances(query, query),
+                                  metrics_lib.pairwise_distances(gallery, gallery), 20, 6, 0.3)
     assert_same_metrics(evaluated, expected_metrics(distances, splits))
 
 
 def test_reid_eval_bad_input_is_one_line(tmp_path):
-    result = run("reid_tf.eval", f"--workdir={tmp_path}", check=False)
+    result = run("reid_tf.cli.eval", f"--workdir={tmp_path}", check=False)
     assert result.returncode == 1
     assert "reid-eval: error:" in result.stderr and "model.json: not found" in result.stderr
-    result = run("reid_tf.eval", f"--workdir={tmp_path}", f"--export={tmp_path}", check=False)
+    result = run("reid_tf.cli.eval", f"--workdir={tmp_path}", f"--export={tmp_path}", check=False)
     assert "give exactly one of --workdir or --export" in result.stderr

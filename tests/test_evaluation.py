@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from reid_tf import evaluation
+from reid_tf.evaluate import metrics as metrics_lib
 
 
 def reference_evaluate(distances, q_ids, g_ids, q_cams, g_cams, max_rank):
@@ -33,7 +33,7 @@ def test_hand_worked_case_same_camera_removal_distractor_and_skipped_query():
         [0.9, 0.1, 0.2, 0.3],  # query id2 cam2: gallery 2 removed -> no true match: skipped
         [0.5, 0.4, 0.3, 0.2],  # query id3: no such id in gallery: skipped
     ])
-    result = evaluation.evaluate(distances, q_ids, g_ids, q_cams, g_cams, max_rank=5)
+    result = metrics_lib.evaluate(distances, q_ids, g_ids, q_cams, g_cams, max_rank=5)
     # Query 1 after removal: order 3 (0.2, id 0), 2 (0.3, id 2), 1 (0.5, id 1): match at rank 3.
     np.testing.assert_allclose(result["cmc"], [0, 0, 1, 1, 1])  # gallery smaller than max_rank
     assert result["mAP"] == pytest.approx(1 / 3)
@@ -43,7 +43,7 @@ def test_hand_worked_case_same_camera_removal_distractor_and_skipped_query():
 
 def test_ties_are_broken_by_gallery_order():
     distances = np.array([[0.5, 0.5, 0.5]])
-    result = evaluation.evaluate(distances, np.array([7]), np.array([3, 7, 7]), np.array([1]),
+    result = metrics_lib.evaluate(distances, np.array([7]), np.array([3, 7, 7]), np.array([1]),
                                  np.array([2, 2, 2]), max_rank=3)
     np.testing.assert_allclose(result["cmc"], [0, 1, 1])
     assert result["mAP"] == pytest.approx((1 / 2 + 2 / 3) / 2)
@@ -56,7 +56,7 @@ def test_matches_reference_on_random_data():
     q_cams, g_cams = rng.integers(1, 4, 200), rng.integers(1, 4, 900)
     distances = rng.random((200, 900)).astype(np.float32)
     distances[:, ::7] = 0.5  # ties
-    result = evaluation.evaluate(distances, q_ids, g_ids, q_cams, g_cams, max_rank=50,
+    result = metrics_lib.evaluate(distances, q_ids, g_ids, q_cams, g_cams, max_rank=50,
                                  chunk_size=37)
     cmc, mean_ap, minp, valid = reference_evaluate(distances, q_ids, g_ids, q_cams, g_cams, 50)
     np.testing.assert_allclose(result["cmc"], cmc, rtol=1e-12)
@@ -65,13 +65,13 @@ def test_matches_reference_on_random_data():
     assert result["num_valid"] == valid and result["num_skipped"] == 200 - valid
 
 
-@pytest.mark.parametrize("metric", evaluation.METRICS)
+@pytest.mark.parametrize("metric", metrics_lib.METRICS)
 def test_distances_match_scipy(metric):
     from scipy.spatial import distance
 
     rng = np.random.default_rng(1)
     query, gallery = rng.normal(size=(13, 8)), rng.normal(size=(29, 8))
-    got = evaluation.pairwise_distances(query, gallery, metric, chunk_size=5)
+    got = metrics_lib.pairwise_distances(query, gallery, metric, chunk_size=5)
     np.testing.assert_allclose(got, distance.cdist(query, gallery, metric), atol=1e-5)
 
 
@@ -79,24 +79,24 @@ def test_bad_input_names_what_is_wrong():
     good = dict(query_ids=np.array([1]), gallery_ids=np.array([1, 2]),
                 query_cameras=np.array([1]), gallery_cameras=np.array([2, 2]))
     with pytest.raises(ValueError, match=r"gallery_ids: expected 2 entries"):
-        evaluation.evaluate(np.zeros((1, 2)), **{**good, "gallery_ids": np.array([1])})
+        metrics_lib.evaluate(np.zeros((1, 2)), **{**good, "gallery_ids": np.array([1])})
     with pytest.raises(ValueError, match=r"gallery is empty"):
-        evaluation.evaluate(np.zeros((1, 0)), **{**good, "gallery_ids": np.array([]),
+        metrics_lib.evaluate(np.zeros((1, 0)), **{**good, "gallery_ids": np.array([]),
                                                  "gallery_cameras": np.array([])})
     with pytest.raises(ValueError, match=r"distances hold NaN"):
-        evaluation.evaluate(np.array([[np.nan, 0.0]]), **good)
+        metrics_lib.evaluate(np.array([[np.nan, 0.0]]), **good)
     with pytest.raises(ValueError, match=r"metric='manhattan'"):
-        evaluation.pairwise_distances(np.zeros((1, 2)), np.zeros((1, 2)), "manhattan")
+        metrics_lib.pairwise_distances(np.zeros((1, 2)), np.zeros((1, 2)), "manhattan")
     with pytest.raises(ValueError, match=r"query features: 1 row\(s\) hold NaN"):
-        evaluation.pairwise_distances(np.array([[np.inf, 0.0]]), np.zeros((1, 2)))
+        metrics_lib.pairwise_distances(np.array([[np.inf, 0.0]]), np.zeros((1, 2)))
     with pytest.raises(ValueError, match=r"dimension 2 but gallery features 3"):
-        evaluation.pairwise_distances(np.zeros((1, 2)), np.zeros((1, 3)))
+        metrics_lib.pairwise_distances(np.zeros((1, 2)), np.zeros((1, 3)))
 
 
 def test_trapezoid_average_precision_by_hand():
     # Kept order: match, non-match, match -> precisions 1, 1/2, 2/3 at ranks 1, 2, 3.
     distances = np.array([[0.1, 0.2, 0.3]])
-    result = evaluation.evaluate(distances, np.array([1]), np.array([1, 2, 1]), np.array([1]),
+    result = metrics_lib.evaluate(distances, np.array([1]), np.array([1, 2, 1]), np.array([1]),
                                  np.array([2, 2, 2]), max_rank=3, average_precision="trapezoid")
     # Official code: 0.5 * (1 + 1) / 2 + 0.5 * (1/2 + 2/3) / 2
     assert result["mAP"] == pytest.approx(0.5 + 0.5 * (0.5 + 2 / 3) / 2)
@@ -107,8 +107,8 @@ def test_features_path_equals_matrix_path_with_bounded_chunks():
     query, gallery = rng.normal(size=(50, 16)), rng.normal(size=(300, 16))
     ids = dict(query_ids=rng.integers(0, 20, 50), gallery_ids=rng.integers(0, 20, 300),
                query_cameras=rng.integers(1, 3, 50), gallery_cameras=rng.integers(1, 3, 300))
-    from_matrix = evaluation.evaluate(evaluation.pairwise_distances(query, gallery), **ids)
-    from_features = evaluation.evaluate_features(query, gallery, **ids, chunk_size=7)
+    from_matrix = metrics_lib.evaluate(metrics_lib.pairwise_distances(query, gallery), **ids)
+    from_features = metrics_lib.evaluate_features(query, gallery, **ids, chunk_size=7)
     np.testing.assert_allclose(from_features["cmc"], from_matrix["cmc"])
     assert from_features["mAP"] == pytest.approx(from_matrix["mAP"])
 
@@ -117,10 +117,10 @@ def test_single_gallery_shot_cmc():
     # Query id 1 cam 1. Gallery: id 2 (0.1), id 1 cam 2 (0.2), id 1 cam 2 (0.05), id 3 (0.3).
     distances = np.array([[0.1, 0.2, 0.05, 0.3]])
     args = (np.array([1]), np.array([2, 1, 1, 3]), np.array([1]), np.array([2, 2, 2, 2]))
-    result = evaluation.evaluate_single_gallery_shot(distances, *args, max_rank=3, repeats=200)
+    result = metrics_lib.evaluate_single_gallery_shot(distances, *args, max_rank=3, repeats=200)
     # The sampled id-1 image is 0.05 (rank 1) or 0.2 (rank 2, behind id 2): rank-1 about 1/2.
     assert 0.4 < result["cmc"][0] < 0.6 and result["cmc"][1] == pytest.approx(1.0)
-    assert result["mAP"] == evaluation.evaluate(distances, *args, max_rank=3)["mAP"]
+    assert result["mAP"] == metrics_lib.evaluate(distances, *args, max_rank=3)["mAP"]
 
 
 def test_mean_over_splits():
@@ -128,6 +128,6 @@ def test_mean_over_splits():
                 "num_skipped": 0},
                {"cmc": np.array([1.0, 1.0]), "mAP": 0.8, "mINP": 0.6, "num_valid": 3,
                 "num_skipped": 1}]
-    mean = evaluation.mean_over_splits(results)
+    mean = metrics_lib.mean_over_splits(results)
     assert mean["rank1"] == 0.75 and mean["mAP"] == pytest.approx(0.6)
     assert mean["num_splits"] == 2 and mean["num_skipped"] == 1

@@ -21,11 +21,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from reid_tf import evaluation
-from reid_tf import features
-from reid_tf import input_pipeline
-from reid_tf import synthetic
 from reid_tf import testing
+from reid_tf.data import splits as splits_lib
+from reid_tf.data import synthetic
+from reid_tf.deploy import runtime
+from reid_tf.evaluate import features_npz
+from reid_tf.evaluate import metrics as metrics_lib
 
 TRAIN_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
                "--image_width=32", "--embedding_dim=16", "--num_parts=3",
@@ -64,7 +65,7 @@ def checksums(folder):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tfds"))
-    input_pipeline.load_splits("synthetic_persons/small", data_dir=path)
+    splits_lib.load_splits("synthetic_persons/small", data_dir=path)
     return path
 
 
@@ -72,7 +73,7 @@ def data_dir(tmp_path_factory):
 def trained(tmp_path_factory, data_dir):
     """A workdir with checkpoints at steps 4 and 8, and its export."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    result = run("reid_tf.train", f"--workdir={workdir}", f"--data_dir={data_dir}",
+    result = run("reid_tf.cli.train", f"--workdir={workdir}", f"--data_dir={data_dir}",
                  "--train_steps=8", *TRAIN_FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
     return {"workdir": workdir, "data_dir": data_dir,
@@ -111,14 +112,14 @@ def test_truncated_newest_checkpoint_falls_back_and_is_kept_aside(trained, tmp_p
     with open(os.path.join(checkpoints, data), "r+b") as f:
         f.truncate(os.path.getsize(f.name) // 2)
     os.makedirs(os.path.join(checkpoints, "ckpt-12_temp", "part-00000-of-00001"))  # a dead save
-    result = run("reid_tf.eval", f"--workdir={workdir}", f"--data_dir={trained['data_dir']}")
+    result = run("reid_tf.cli.eval", f"--workdir={workdir}", f"--data_dir={trained['data_dir']}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ckpt-8 is damaged" in result.stdout and "falling back to" in result.stdout
     assert "evaluating " + os.path.join(checkpoints, "ckpt-4") in result.stdout
     assert os.path.exists(os.path.join(checkpoints, "damaged", data))  # kept, not deleted
     assert not os.path.exists(os.path.join(checkpoints, "ckpt-12_temp"))
     # Training resumes from the intact checkpoint and goes on.
-    result = run("reid_tf.train", f"--workdir={workdir}", f"--data_dir={trained['data_dir']}",
+    result = run("reid_tf.cli.train", f"--workdir={workdir}", f"--data_dir={trained['data_dir']}",
                  "--train_steps=12", "--export=false", *TRAIN_FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout and "at step 4" in result.stdout
@@ -133,7 +134,7 @@ def test_no_readable_checkpoint_is_one_line(trained, tmp_path):
         if ".data" in name:
             with open(os.path.join(checkpoints, name), "r+b") as f:
                 f.truncate(10)
-    result = run("reid_tf.eval", f"--workdir={workdir}", f"--data_dir={trained['data_dir']}")
+    result = run("reid_tf.cli.eval", f"--workdir={workdir}", f"--data_dir={trained['data_dir']}")
     assert_one_line_error(result, "reid-eval", "no readable checkpoint", "ckpt-8", "ckpt-4")
     assert len([n for n in os.listdir(os.path.join(checkpoints, "damaged"))
                 if ".data" in n]) == 2
@@ -145,11 +146,11 @@ def test_refused_starts_write_nothing_and_the_corrected_command_then_runs(tmp_pa
                          ("--num_parts=-1", "--num_parts=-1"),
                          ("--embedding_dim=0", "--embedding_dim=0"),
                          ("--validation_identities=-1", "--validation_identities")]:
-        result = run("reid_tf.train", f"--workdir={workdir}", f"--data_dir={data_dir}",
+        result = run("reid_tf.cli.train", f"--workdir={workdir}", f"--data_dir={data_dir}",
                      "--train_steps=2", "--export=false", *TRAIN_FLAGS, flag)
         assert_one_line_error(result, "reid-train", needle)
         assert not workdir.exists() or not os.listdir(workdir), flag
-    result = run("reid_tf.train", f"--workdir={workdir}", f"--data_dir={data_dir}",
+    result = run("reid_tf.cli.train", f"--workdir={workdir}", f"--data_dir={data_dir}",
                  "--train_steps=2", "--export=false", *TRAIN_FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -157,12 +158,12 @@ def test_refused_starts_write_nothing_and_the_corrected_command_then_runs(tmp_pa
 def test_workdir_that_is_a_file_or_read_only(tmp_path, data_dir):
     path = tmp_path / "a_file"
     path.write_text("keep me")
-    result = run("reid_tf.train", f"--workdir={path}", f"--data_dir={data_dir}",
+    result = run("reid_tf.cli.train", f"--workdir={path}", f"--data_dir={data_dir}",
                  "--train_steps=2", *TRAIN_FLAGS)
     assert_one_line_error(result, "reid-train", str(path), "is a file")
     assert path.read_text() == "keep me"
     # /proc refuses new files even to root (permission bits would not).
-    result = run("reid_tf.train", "--workdir=/proc/self/reid_run", f"--data_dir={data_dir}",
+    result = run("reid_tf.cli.train", "--workdir=/proc/self/reid_run", f"--data_dir={data_dir}",
                  "--train_steps=2", *TRAIN_FLAGS)
     assert_one_line_error(result, "reid-train", "/proc/self", "not writable")
 
@@ -181,11 +182,11 @@ def test_image_that_only_pillow_reads_is_caught_at_start(market, tmp_path, data_
              "--image_width=32", "--embedding_dim=16", "--num_parts=2",
              "--identities_per_batch=2", "--images_per_identity=2", "--train_steps=4",
              "--export=false", "--image_summary_every=0"]
-    result = run("reid_tf.train", f"--workdir={workdir}", *flags)
+    result = run("reid_tf.cli.train", f"--workdir={workdir}", *flags)
     assert_one_line_error(result, "reid-train", "1 corrupt or unreadable image", "--skip_corrupt")
     assert str(bad) in result.stderr
     assert not workdir.exists() or not os.listdir(workdir)
-    result = run("reid_tf.train", f"--workdir={workdir}", *flags, "--skip_corrupt")
+    result = run("reid_tf.cli.train", f"--workdir={workdir}", *flags, "--skip_corrupt")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped 1 corrupt image" in result.stdout and "step 4/4" in result.stdout
     assert checksums(root) == before
@@ -196,7 +197,7 @@ def test_non_utf8_file_name_is_named(market, tmp_path):
     folder = os.fsencode(root / "bounding_box_train")
     bad = os.path.join(folder, b"0001_c1s1_00\xff\xfe_00.jpg")
     shutil.copy(os.path.join(folder, sorted(os.listdir(folder))[0]), bad)
-    result = run("reid_tf.train", f"--workdir={tmp_path / 'run'}", f"--dataset=folder:{root}",
+    result = run("reid_tf.cli.train", f"--workdir={tmp_path / 'run'}", f"--dataset=folder:{root}",
                  "--backbone=tiny", "--train_steps=1")
     line = assert_one_line_error(result, "reid-train", "not valid UTF-8", "bounding_box_train")
     assert "0001_c1s1_00" in line
@@ -205,7 +206,7 @@ def test_non_utf8_file_name_is_named(market, tmp_path):
 # ---------------------------------------------------------------- tools
 
 def test_reid_eval_on_an_empty_export_folder(tmp_path):
-    result = run("reid_tf.eval", f"--export={tmp_path}", "--dataset=synthetic_persons/small")
+    result = run("reid_tf.cli.eval", f"--export={tmp_path}", "--dataset=synthetic_persons/small")
     assert_one_line_error(result, "reid-eval", str(tmp_path), "saved_model.pb")
 
 
@@ -213,14 +214,14 @@ def test_reid_eval_export_uses_the_training_size(trained):
     """The export records 64x32; reid-eval must not resize to its own 256x128 first."""
     logged = json.load(open(os.path.join(trained["workdir"], "results.json")))
     output = os.path.join(trained["workdir"], "eval_export")
-    result = run("reid_tf.eval", f"--export={trained['export']}",
+    result = run("reid_tf.cli.eval", f"--export={trained['export']}",
                  "--dataset=synthetic_persons/small", f"--data_dir={trained['data_dir']}",
                  f"--output_dir={output}")
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.load(open(os.path.join(output, "results.json")))
     assert evaluated["mAP"] == pytest.approx(logged["mAP"], abs=1e-4)
-    assert features.Export(trained["export"]).image_size == (64, 32)
-    result = run("reid_tf.eval", f"--export={trained['export']}",
+    assert runtime.SavedModelRuntime(trained["export"]).image_size == (64, 32)
+    result = run("reid_tf.cli.eval", f"--export={trained['export']}",
                  "--dataset=synthetic_persons/small", f"--data_dir={trained['data_dir']}",
                  "--image_height=256", "--image_width=128")
     assert_one_line_error(result, "reid-eval", "trained at (64, 32)")
@@ -230,7 +231,7 @@ def test_reid_extract_refuses_a_folder_as_output_before_any_work(trained, tmp_pa
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / "keep.txt").write_text("x")
-    result = run("reid_tf.features", f"--export={trained['export']}", f"--images={market}",
+    result = run("reid_tf.cli.extract", f"--export={trained['export']}", f"--images={market}",
                  f"--output={folder}")
     assert_one_line_error(result, "reid-extract", str(folder), "is a folder")
     assert "extracting" not in result.stderr  # refused before the extraction started
@@ -243,15 +244,15 @@ def test_reid_extract_corrupt_file_offers_a_flag_it_has(trained, tmp_path, marke
     bad.write_bytes(b"not an image")
     output = tmp_path / "features.npz"
     output.write_bytes(b"an earlier features.npz")
-    result = run("reid_tf.features", f"--export={trained['export']}", f"--images={root}",
+    result = run("reid_tf.cli.extract", f"--export={trained['export']}", f"--images={root}",
                  f"--output={output}")
     assert_one_line_error(result, "reid-extract", "--skip_corrupt")
     assert str(bad) in result.stderr
     assert output.read_bytes() == b"an earlier features.npz"
-    result = run("reid_tf.features", f"--export={trained['export']}", f"--images={root}",
+    result = run("reid_tf.cli.extract", f"--export={trained['export']}", f"--images={root}",
                  f"--output={output}", "--skip_corrupt")
     assert result.returncode == 0, result.stderr[-3000:]
-    arrays = features.load_features(str(output))
+    arrays = features_npz.load_features(str(output))
     assert bad.name not in set(arrays["file_names"])
     assert len(arrays["file_names"]) == len(os.listdir(root / "bounding_box_test")) - 1
 
@@ -260,14 +261,14 @@ def test_reid_extract_corrupt_file_offers_a_flag_it_has(trained, tmp_path, marke
 
 def test_evaluate_takes_lists_and_refuses_no_valid_query():
     distances = [[0.1, 0.9], [0.8, 0.2]]
-    result = evaluation.evaluate(distances, [1, 2], [1, 2], [0, 0], [1, 1])
+    result = metrics_lib.evaluate(distances, [1, 2], [1, 2], [0, 0], [1, 1])
     assert result["rank1"] == 1.0 and result["mAP"] == 1.0
     same_camera = (np.array([[0.1, 0.2]]), [1], [1, 3], [0], [0, 0])
-    for evaluate in (evaluation.evaluate, evaluation.evaluate_single_gallery_shot):
+    for evaluate in (metrics_lib.evaluate, metrics_lib.evaluate_single_gallery_shot):
         with pytest.raises(ValueError, match="no query has a true match"):
             evaluate(*same_camera)
     with pytest.raises(ValueError, match="no query has a true match"):
-        evaluation.evaluate_features(np.eye(2, dtype=np.float32)[:1],
+        metrics_lib.evaluate_features(np.eye(2, dtype=np.float32)[:1],
                                      np.eye(2, dtype=np.float32), [1], [1, 3], [0], [0, 0])
 
 
@@ -411,7 +412,7 @@ def assert_still_serves(server, trained, data):
     status, answer = server.request("POST", "/v1/models/reid:predict",
                                     {"instances": [{"b64": base64.b64encode(data).decode()}]})
     assert status == 200
-    expected = features.Export(trained["export"]).embed_encoded([data])["embedding"][0]
+    expected = runtime.SavedModelRuntime(trained["export"]).predict_encoded([data])["embedding"][0]
     np.testing.assert_allclose(answer["predictions"][0]["embedding"], expected, atol=1e-5)
 
 

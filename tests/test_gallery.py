@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from reid_tf import batching
-from reid_tf import gallery_store
+from reid_tf.deploy.gallery import store as gallery_store
+from reid_tf.deploy.serving import batching
 
 
 def quiet(line):

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from reid_tf import input_pipeline
-from reid_tf import synthetic
-from reid_tf import train_lib
+from reid_tf.data import pipeline
+from reid_tf.data import splits as splits_lib
+from reid_tf.data import synthetic
+from reid_tf.train import distribute
 
 DATASETS = os.path.join(os.path.dirname(__file__), "..", "datasets")
 SMALL = synthetic.SyntheticConfig(num_train_ids=10, num_test_ids=6, images_per_id=6,
@@ -16,14 +17,14 @@ SMALL = synthetic.SyntheticConfig(num_train_ids=10, num_test_ids=6, images_per_i
 
 @pytest.fixture(scope="module")
 def splits():
-    return {s: input_pipeline.Split.from_records(r) for s, r in synthetic.generate(SMALL).items()}
+    return {s: splits_lib.Split.from_records(r) for s, r in synthetic.generate(SMALL).items()}
 
 
 @pytest.mark.parametrize("sizes", [[6] * 10, [1, 2, 3, 4, 5, 9, 13, 4, 4, 4], [20, 1, 1, 1]])
 def test_pk_epoch_batches_and_coverage(sizes):
     labels = np.repeat(np.arange(len(sizes)), sizes)
     P, K = 3, 4
-    epoch = input_pipeline.pk_epoch(labels, P, K, np.random.default_rng(0))
+    epoch = pipeline.pk_epoch(labels, P, K, np.random.default_rng(0))
     assert len(epoch) % (P * K) == 0
     assert set(epoch) == set(range(len(labels)))  # every image appears
     for batch in epoch.reshape(-1, P * K):
@@ -34,7 +35,7 @@ def test_pk_epoch_batches_and_coverage(sizes):
 
 def test_pk_epoch_needs_p_identities():
     with pytest.raises(ValueError, match="P=4 identities per batch, but the split has only 2"):
-        input_pipeline.pk_epoch(np.array([0, 0, 1, 1]), 4, 2, np.random.default_rng(0))
+        pipeline.pk_epoch(np.array([0, 0, 1, 1]), 4, 2, np.random.default_rng(0))
 
 
 def take(dataset, n):
@@ -42,7 +43,7 @@ def take(dataset, n):
 
 
 def test_train_batches_relabel_resize_and_are_deterministic(splits):
-    make = lambda seed: input_pipeline.train_dataset(splits["train"], (48, 24), 4, 3, seed=seed)
+    make = lambda seed: pipeline.train_dataset(splits["train"], (48, 24), 4, 3, seed=seed)
     first, again, other = take(make(0), 3), take(make(0), 3), take(make(1), 3)
     for batch in first:
         assert batch["image"].shape == (12, 48, 24, 3) and batch["image"].dtype == np.float32
@@ -57,13 +58,13 @@ def test_train_batches_relabel_resize_and_are_deterministic(splits):
 
 def test_an_epoch_covers_every_training_image(splits):
     split = splits["train"]
-    labels, _ = input_pipeline.relabel(split.person_ids)
-    epoch = input_pipeline.pk_epoch(labels, 4, 3, np.random.default_rng([0, 0]))
-    dataset = input_pipeline.train_dataset(split, (48, 24), 4, 3, seed=0,
-                                           augmentation=input_pipeline.Augmentation(0, 0, 0))
+    labels, _ = splits_lib.relabel(split.person_ids)
+    epoch = pipeline.pk_epoch(labels, 4, 3, np.random.default_rng([0, 0]))
+    dataset = pipeline.train_dataset(split, (48, 24), 4, 3, seed=0,
+                                           augmentation=pipeline.Augmentation(0, 0, 0))
     batches = take(dataset, len(epoch) // 12)
     seen = np.concatenate([b["image"] for b in batches])
-    reference = [b["image"][0] for b in take(input_pipeline.eval_dataset(split, (48, 24), 1),
+    reference = [b["image"][0] for b in take(pipeline.eval_dataset(split, (48, 24), 1),
                                               len(split))]
     found = {int(np.argmin([np.abs(r - image).sum() for r in reference])) for image in seen}
     assert found == set(range(len(split)))
@@ -71,29 +72,29 @@ def test_an_epoch_covers_every_training_image(splits):
 
 def test_augmentation_flips_pads_and_erases():
     image = tf.reshape(tf.range(8 * 4 * 3, dtype=tf.float32), [8, 4, 3])
-    flips = [input_pipeline.augment(image, tf.constant([0, s], tf.int64), (8, 4),
-                                    input_pipeline.Augmentation(True, 0, 0)) for s in range(20)]
+    flips = [pipeline.augment(image, tf.constant([0, s], tf.int64), (8, 4),
+                                    pipeline.Augmentation(True, 0, 0)) for s in range(20)]
     flipped = [f for f in flips if not np.array_equal(f, image)]
     assert flipped and all(np.array_equal(f, image[:, ::-1]) for f in flipped)
-    erased = [input_pipeline.augment(image, tf.constant([0, s], tf.int64), (8, 4),
-                                     input_pipeline.Augmentation(False, 0, 1.0)) for s in range(5)]
+    erased = [pipeline.augment(image, tf.constant([0, s], tf.int64), (8, 4),
+                                     pipeline.Augmentation(False, 0, 1.0)) for s in range(5)]
     for e in erased:
         changed = np.any(e.numpy() != image.numpy(), axis=-1)
         assert changed.any()
         np.testing.assert_allclose(e.numpy()[changed], np.broadcast_to(
-            input_pipeline.ERASING_FILL, (changed.sum(), 3)))
-    shifted = input_pipeline.augment(image, tf.constant([0, 3], tf.int64), (8, 4),
-                                     input_pipeline.Augmentation(False, 2, 0))
+            pipeline.ERASING_FILL, (changed.sum(), 3)))
+    shifted = pipeline.augment(image, tf.constant([0, 3], tf.int64), (8, 4),
+                                     pipeline.Augmentation(False, 2, 0))
     assert shifted.shape == (8, 4, 3) and (shifted.numpy() == 0).any()  # padding came in
 
 
 def test_two_replicas_each_get_half_of_every_batch(splits):
-    strategy = train_lib.make_strategy("mirrored")
+    strategy = distribute.make_strategy("mirrored")
     assert strategy.num_replicas_in_sync == 2
     args = (splits["train"], (48, 24), 4, 3)
-    plain = take(input_pipeline.train_dataset(*args, seed=5), 2)
+    plain = take(pipeline.train_dataset(*args, seed=5), 2)
     distributed = strategy.distribute_datasets_from_function(
-        lambda context: input_pipeline.train_dataset(*args, seed=5, input_context=context))
+        lambda context: pipeline.train_dataset(*args, seed=5, input_context=context))
     iterator = iter(distributed)
     for expected in plain:
         per_replica = strategy.experimental_local_results(next(iterator)["label"])
@@ -111,8 +112,8 @@ def test_workers_read_disjoint_slots_of_the_same_schedule(splits):
             return global_batch // 2
 
     args = (splits["train"], (48, 24), 4, 3)
-    full = take(input_pipeline.train_dataset(*args, seed=2), 4)
-    workers = [take(input_pipeline.train_dataset(*args, seed=2, input_context=Context(w)), 4)
+    full = take(pipeline.train_dataset(*args, seed=2), 4)
+    workers = [take(pipeline.train_dataset(*args, seed=2, input_context=Context(w)), 4)
                for w in (0, 1)]
     for step, batch in enumerate(full):
         halves = [workers[w][step] for w in (0, 1)]
@@ -122,7 +123,7 @@ def test_workers_read_disjoint_slots_of_the_same_schedule(splits):
 
 
 def test_eval_dataset_keeps_order_and_labels(splits):
-    batches = take(input_pipeline.eval_dataset(splits["gallery"], (64, 32), 7), 100)
+    batches = take(pipeline.eval_dataset(splits["gallery"], (64, 32), 7), 100)
     names = np.concatenate([b["file_name"] for b in batches]).astype(str)
     assert list(names) == list(splits["gallery"].file_names)
     np.testing.assert_array_equal(np.concatenate([b["person_id"] for b in batches]),
@@ -134,40 +135,40 @@ def test_folder_and_tfds_sources_agree(tmp_path):
     root = synthetic.write_market_folder(synthetic.generate(
         synthetic.SyntheticConfig(num_train_ids=3, num_test_ids=3, images_per_id=4, height=32,
                                   width=16)), str(tmp_path / "market"))
-    folder = input_pipeline.load_splits(f"folder:{root}")
+    folder = splits_lib.load_splits(f"folder:{root}")
     assert len(folder["train"]) == 12 and len(folder["query"]) + len(folder["gallery"]) == 12
     assert folder["train"].are_paths and set(folder["train"].person_ids) == {1, 2, 3}
-    market = input_pipeline.load_splits("market1501", data_dir=str(tmp_path / "tfds"),
+    market = splits_lib.load_splits("market1501", data_dir=str(tmp_path / "tfds"),
                                         manual_dir=os.path.join(DATASETS, "market1501/dummy_data"))
     assert sorted(market["train"].file_names) == sorted(
         n for n in os.listdir(os.path.join(DATASETS, "market1501/dummy_data",
                                            "Market-1501-v15.09.15", "bounding_box_train"))
         if not n.startswith("-1"))
-    batch = next(iter(input_pipeline.eval_dataset(market["query"], (32, 16), 2)))
+    batch = next(iter(pipeline.eval_dataset(market["query"], (32, 16), 2)))
     assert batch["image"].shape == (2, 32, 16, 3)
 
 
 def test_streamed_tfds_images_give_the_same_batches_as_images_held_in_memory(tmp_path):
-    streamed = input_pipeline.load_splits("synthetic_persons/small", data_dir=str(tmp_path))
-    cached = input_pipeline.load_splits("synthetic_persons/small", data_dir=str(tmp_path),
+    streamed = splits_lib.load_splits("synthetic_persons/small", data_dir=str(tmp_path))
+    cached = splits_lib.load_splits("synthetic_persons/small", data_dir=str(tmp_path),
                                         cache_in_memory=True)
-    assert isinstance(streamed["train"].images, input_pipeline.RecordImages)
+    assert isinstance(streamed["train"].images, splits_lib.RecordImages)
     assert isinstance(cached["train"].images, np.ndarray)
     for name in ("train", "query", "gallery"):
         np.testing.assert_array_equal(streamed[name].person_ids, cached[name].person_ids)
         np.testing.assert_array_equal(streamed[name].file_names, cached[name].file_names)
     assert streamed["train"].images[5] == cached["train"].images[5]
-    for a, b in zip(take(input_pipeline.train_dataset(streamed["train"], (64, 32), 4, 2, seed=3,
+    for a, b in zip(take(pipeline.train_dataset(streamed["train"], (64, 32), 4, 2, seed=3,
                                                       start_batch=2), 3),
-                    take(input_pipeline.train_dataset(cached["train"], (64, 32), 4, 2, seed=3,
+                    take(pipeline.train_dataset(cached["train"], (64, 32), 4, 2, seed=3,
                                                       start_batch=2), 3)):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
     # Subsets (validation identities) are views that read the right records.
-    held = input_pipeline.carve_validation(streamed["train"], 4, seed=1)
-    held_cached = input_pipeline.carve_validation(cached["train"], 4, seed=1)
-    first = next(iter(input_pipeline.eval_dataset(held["val_gallery"], (64, 32), 8)))
-    first_cached = next(iter(input_pipeline.eval_dataset(held_cached["val_gallery"], (64, 32), 8)))
+    held = splits_lib.carve_validation(streamed["train"], 4, seed=1)
+    held_cached = splits_lib.carve_validation(cached["train"], 4, seed=1)
+    first = next(iter(pipeline.eval_dataset(held["val_gallery"], (64, 32), 8)))
+    first_cached = next(iter(pipeline.eval_dataset(held_cached["val_gallery"], (64, 32), 8)))
     np.testing.assert_array_equal(first["image"], first_cached["image"])
     np.testing.assert_array_equal(first["file_name"], first_cached["file_name"])
 
@@ -180,22 +181,22 @@ def test_a_tfds_dataset_prepared_as_tfrecord_is_loaded_into_memory(tmp_path):
     tfds.builder("synthetic_persons/small", data_dir=str(tmp_path),
                  file_format="tfrecord").download_and_prepare()
     lines = []
-    old = input_pipeline.load_splits("synthetic_persons/small", data_dir=str(tmp_path),
+    old = splits_lib.load_splits("synthetic_persons/small", data_dir=str(tmp_path),
                                      log=lines.append)
     assert isinstance(old["train"].images, np.ndarray) and len(old["train"]) == 160
     assert len(lines) == 1 and "prepared as tfrecord" in lines[0], lines
-    assert next(iter(input_pipeline.train_dataset(old["train"], (64, 32), 4, 2)))[
+    assert next(iter(pipeline.train_dataset(old["train"], (64, 32), 4, 2)))[
         "image"].shape == (8, 64, 32, 3)
 
 
 def test_unknown_dataset_lists_the_valid_names():
     with pytest.raises(ValueError, match=r"dataset 'market1502'.*'cuhk03'.*folder:PATH"):
-        input_pipeline.load_splits("market1502")
+        splits_lib.load_splits("market1502")
 
 
 def test_carve_validation_is_market_style_and_disjoint(splits):
     train = splits["train"]
-    carved = input_pipeline.carve_validation(train, 0.3, seed=4)
+    carved = splits_lib.carve_validation(train, 0.3, seed=4)
     query, gallery, rest = carved["val_query"], carved["val_gallery"], carved["train"]
     held_out = set(query.person_ids)
     assert len(held_out) == 3  # round(0.3 x 10 identities)
@@ -207,16 +208,16 @@ def test_carve_validation_is_market_style_and_disjoint(splits):
     for person in held_out:  # one query per camera of that person, the rest in the gallery
         cameras = train.camera_ids[train.person_ids == person]
         assert sorted(query.camera_ids[query.person_ids == person]) == sorted(set(cameras))
-    again = input_pipeline.carve_validation(train, 3, seed=4)  # a count: the same identities
+    again = splits_lib.carve_validation(train, 3, seed=4)  # a count: the same identities
     np.testing.assert_array_equal(again["val_query"].file_names, query.file_names)
-    other = input_pipeline.carve_validation(train, 3, seed=5)
+    other = splits_lib.carve_validation(train, 3, seed=5)
     assert list(other["val_query"].file_names) != list(query.file_names)
 
 
 @pytest.mark.parametrize("bad", [10, 0.0, 1.0 + 1e-9 + 9, -0.2, 2.5])
 def test_carve_validation_rejects_bad_counts(splits, bad):
     with pytest.raises(ValueError, match="--validation_identities"):
-        input_pipeline.carve_validation(splits["train"], bad)
+        splits_lib.carve_validation(splits["train"], bad)
 
 
 def test_load_splits_with_validation(tmp_path):
@@ -231,7 +232,7 @@ def test_load_splits_with_validation(tmp_path):
         for i, r in enumerate(records[split]):
             Image.fromarray(r.image).save(
                 root / folder / f"{r.person_id:04d}_c{r.camera_id}s1_{i:06d}_00.jpg")
-    loaded = input_pipeline.load_splits(f"folder:{root}", validation_identities=2,
+    loaded = splits_lib.load_splits(f"folder:{root}", validation_identities=2,
                                         log=lambda line: None)
     assert set(loaded) == {"train", "query", "gallery", "val_query", "val_gallery"}
     assert len(set(loaded["train"].person_ids)) == 8

@@ -3,11 +3,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from reid_tf import layers
-from reid_tf import train_lib
-from reid_tf import testing as layer_testing
+from reid_tf import testing
+from reid_tf.model import heads
+from reid_tf.model import normalization
+from reid_tf.model import parts
+from reid_tf.train import distribute
 
-STRATEGIES = layers.PART_STRATEGIES
+STRATEGIES = parts.PART_STRATEGIES
 
 
 def assert_partition(masks, num_parts):
@@ -34,7 +36,7 @@ def blob_features(heights, grid=(16, 8), channels_per_blob=6, noise=0.05, seed=0
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_partition_covers_every_cell_once(strategy):
     features = tf.random.uniform([3, 16, 8, 32])
-    masks = layers.ActivationPartPartition(4, strategy)(features)
+    masks = parts.ActivationPartPartition(4, strategy)(features)
     assert masks.shape == (3, 16, 8, 4)
     assert_partition(masks, 4)
 
@@ -42,7 +44,7 @@ def test_partition_covers_every_cell_once(strategy):
 @pytest.mark.parametrize("strategy", ["bands", "peaks", "activation"])
 def test_parts_follow_blobs_top_to_bottom(strategy):
     heights = [2, 7, 13]
-    masks = np.asarray(layers.ActivationPartPartition(3, strategy)(blob_features(heights)))[0]
+    masks = np.asarray(parts.ActivationPartPartition(3, strategy)(blob_features(heights)))[0]
     rows = np.arange(16)[:, None]
     centre_rows = [(masks[..., k] * rows).sum() / masks[..., k].sum() for k in range(3)]
     assert centre_rows[0] < centre_rows[1] < centre_rows[2]
@@ -63,29 +65,29 @@ def side_by_side_features():
 
 def test_bands_are_whole_rows_in_order_even_with_side_by_side_peaks():
     features = side_by_side_features()
-    masks = np.asarray(layers.ActivationPartPartition(3, "bands")(features))[0]
+    masks = np.asarray(parts.ActivationPartPartition(3, "bands")(features))[0]
     part_of_cell = masks.argmax(-1)
     # Every row belongs to one part, and parts are contiguous bands going down the image.
     np.testing.assert_array_equal(part_of_cell, part_of_cell[:, :1] * np.ones((1, 8), int))
     assert (np.diff(part_of_cell[:, 0]) >= 0).all() and set(part_of_cell[:, 0]) == {0, 1, 2}
     assert part_of_cell[12, 0] == 2 and part_of_cell[3, 0] < 2
-    assert layers.part_consistency(masks[None])["ordered_fraction"] == 1.0
+    assert parts.part_consistency(masks[None])["ordered_fraction"] == 1.0
     # The 2-D strategy splits row 3 into a left and a right part: the promise it broke.
-    peaks = np.asarray(layers.ActivationPartPartition(3, "peaks")(features))[0].argmax(-1)
+    peaks = np.asarray(parts.ActivationPartPartition(3, "peaks")(features))[0].argmax(-1)
     assert peaks[3, 1] != peaks[3, 6]
-    assert layers.part_consistency(tf.one_hot(peaks, 3)[None])["ordered_fraction"] == 0.0
+    assert parts.part_consistency(tf.one_hot(peaks, 3)[None])["ordered_fraction"] == 0.0
 
 
 def test_part_consistency_by_hand():
     top_bottom = np.zeros([2, 4, 2, 2], np.float32)
     top_bottom[:, :2, :, 0] = 1
     top_bottom[:, 2:, :, 1] = 1
-    assert layers.part_consistency(top_bottom) == {"mean_iou": 1.0, "ordered_fraction": 1.0}
+    assert parts.part_consistency(top_bottom) == {"mean_iou": 1.0, "ordered_fraction": 1.0}
     left_right = np.zeros([1, 4, 2, 2], np.float32)
     left_right[:, :, 0, 0] = 1
     left_right[:, :, 1, 1] = 1
     mixed = np.concatenate([top_bottom[:1], left_right])
-    result = layers.part_consistency(mixed)
+    result = parts.part_consistency(mixed)
     assert result["ordered_fraction"] == 0.5
     # Mean part-0 mask: 1 at top-left, 0.5 at top-right and bottom-left, 0 at bottom-right.
     # Image 0 part 0 (top): min sum 1*2 + 0.5*2 = 3, max sum 2 + 2 + 0.5*2 = 5 -> 0.6;
@@ -96,12 +98,12 @@ def test_part_consistency_by_hand():
 def test_blob_order_does_not_depend_on_channel_order():
     features = blob_features([3, 12])
     shuffled = tf.gather(features, np.random.default_rng(1).permutation(12), axis=-1)
-    layer = layers.ActivationPartPartition(2, "peaks")
+    layer = parts.ActivationPartPartition(2, "peaks")
     np.testing.assert_array_equal(layer(features), layer(shuffled))
 
 
 def test_stripes_are_equal_horizontal_bands():
-    masks = np.asarray(layers.ActivationPartPartition(4, "stripes")(tf.zeros([1, 8, 3, 2])))[0]
+    masks = np.asarray(parts.ActivationPartPartition(4, "stripes")(tf.zeros([1, 8, 3, 2])))[0]
     np.testing.assert_array_equal(masks.argmax(-1), np.repeat(np.arange(4), 2)[:, None] * np.ones(3))
 
 
@@ -119,20 +121,20 @@ def test_no_empty_part_on_degenerate_input(strategy, case):
         features[:] = 1.0
     elif case == "negative":
         features[:] = -3.0
-    masks = layers.ActivationPartPartition(num_parts, strategy)(tf.constant(features))
+    masks = parts.ActivationPartPartition(num_parts, strategy)(tf.constant(features))
     assert_partition(masks, num_parts)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_partition_same_eager_graph_and_xla(strategy):
-    layer = layers.ActivationPartPartition(4, strategy)
-    masks = layer_testing.check_call_modes(layer, tf.random.uniform([4, 16, 8, 64]), atol=0)
+    layer = parts.ActivationPartPartition(4, strategy)
+    masks = testing.check_call_modes(layer, tf.random.uniform([4, 16, 8, 64]), atol=0)
     assert_partition(masks, 4)
 
 
 def test_partition_passes_no_gradient():
     features = tf.random.uniform([2, 16, 8, 32])
-    layer = layers.ActivationPartPartition(4, "peaks")
+    layer = parts.ActivationPartPartition(4, "peaks")
     with tf.GradientTape() as tape:
         tape.watch(features)
         masks = layer(features * 2.0)
@@ -142,16 +144,16 @@ def test_partition_passes_no_gradient():
 
 def test_partition_rejects_bad_arguments():
     with pytest.raises(ValueError, match="num_parts"):
-        layers.ActivationPartPartition(0)
+        parts.ActivationPartPartition(0)
     with pytest.raises(ValueError, match="part_strategy.*peaks"):
-        layers.ActivationPartPartition(2, "kmeans")
+        parts.ActivationPartPartition(2, "kmeans")
     with pytest.raises(ValueError, match="num_parts=5.*4 rows"):
-        layers.ActivationPartPartition(5, "stripes")(tf.zeros([1, 4, 2, 3]))
+        parts.ActivationPartPartition(5, "stripes")(tf.zeros([1, 4, 2, 3]))
 
 
 def test_partition_under_mirrored_strategy_matches_single_device():
-    strategy = train_lib.make_strategy("mirrored")
-    layer = layers.ActivationPartPartition(3, "peaks")
+    strategy = distribute.make_strategy("mirrored")
+    layer = parts.ActivationPartPartition(3, "peaks")
     features = tf.random.uniform([4, 12, 6, 16])
     expected = layer(features)
     dataset = tf.data.Dataset.from_tensor_slices(features).batch(4)
@@ -167,20 +169,20 @@ def test_masked_average_pooling_by_hand():
     masks = np.zeros([2, 2, 2, 2], np.float32)
     masks[:, 0, :, 0] = 1  # top row -> part 0
     masks[:, 1, :, 1] = 1
-    pooled = layers.MaskedAveragePooling()([features, masks])
+    pooled = parts.MaskedAveragePooling()([features, masks])
     np.testing.assert_allclose(pooled[..., 0], [[0.5, 2.5], [4.5, 6.5]])
     # An empty part pools to zeros, not NaN.
     masks[:, :, :, 1] = 0
     masks[:, 1, :, 0] = 1
-    assert not np.isnan(np.asarray(layers.MaskedAveragePooling()([features, masks]))).any()
+    assert not np.isnan(np.asarray(parts.MaskedAveragePooling()([features, masks]))).any()
 
 
 def test_masked_pooling_gradient_is_the_per_part_average():
     features = tf.random.uniform([2, 4, 2, 3])
-    masks = layers.ActivationPartPartition(2, "activation")(features)
+    masks = parts.ActivationPartPartition(2, "activation")(features)
     with tf.GradientTape() as tape:
         tape.watch(features)
-        total = tf.reduce_sum(layers.MaskedAveragePooling()([features, masks]))
+        total = tf.reduce_sum(parts.MaskedAveragePooling()([features, masks]))
     gradient = tape.gradient(total, features).numpy()
     counts = masks.numpy().sum(axis=(1, 2))  # [B,K]
     expected = (masks.numpy() / counts[:, None, None, :]).sum(-1)[..., None] * np.ones(3)
@@ -188,7 +190,7 @@ def test_masked_pooling_gradient_is_the_per_part_average():
 
 
 def test_part_dense_equals_independent_dense_layers():
-    layer = layers.PartDense(3, 4)
+    layer = heads.PartDense(3, 4)
     inputs = tf.random.uniform([2, 3, 5])
     outputs = layer(inputs).numpy()
     kernel, bias = layer.kernel.numpy(), layer.bias.numpy()
@@ -196,13 +198,13 @@ def test_part_dense_equals_independent_dense_layers():
         np.testing.assert_allclose(outputs[:, k], inputs[:, k].numpy() @ kernel[k] + bias[k],
                                    rtol=1e-5, atol=1e-6)
     # Each part's slice is initialised by its own fan-in (5: std ~0.45), not K * fan-in.
-    wide = layers.PartDense(2, 4000)
+    wide = heads.PartDense(2, 4000)
     wide.build((None, 2, 5))
     assert 0.35 < float(np.std(wide.kernel.numpy())) < 0.5
 
 
 def test_classifier_block_shapes_and_independent_parts():
-    block = layers.PartClassifierBlock(3, 8, 5)
+    block = heads.PartClassifierBlock(3, 8, 5)
     embeddings, logits = block(tf.random.uniform([4, 3, 16]), training=False)
     assert embeddings.shape == (4, 3, 8) and logits.shape == (4, 3, 5)
     assert logits.dtype == tf.float32
@@ -215,13 +217,13 @@ def test_classifier_block_shapes_and_independent_parts():
 
 
 @pytest.mark.parametrize("layer", [
-    layers.ActivationPartPartition(3, "activation", num_iterations=4),
-    layers.MaskedAveragePooling(),
-    layers.PartDense(3, 7, use_bias=False),
-    layers.PartClassifierBlock(3, 8, 5),
+    parts.ActivationPartPartition(3, "activation", num_iterations=4),
+    parts.MaskedAveragePooling(),
+    heads.PartDense(3, 7, use_bias=False),
+    heads.PartClassifierBlock(3, 8, 5),
 ], ids=lambda layer: type(layer).__name__)
 def test_config_round_trip(layer):
-    clone = layer_testing.check_config_round_trip(layer)
+    clone = testing.check_config_round_trip(layer)
     assert type(clone) is type(layer)
 
 
@@ -229,9 +231,9 @@ def test_layers_save_and_reload_in_a_model(tmp_path):
     import keras
 
     features = keras.Input((8, 4, 16))
-    masks = layers.ActivationPartPartition(3)(features)
-    pooled = layers.MaskedAveragePooling()([features, masks])
-    embeddings, logits = layers.PartClassifierBlock(3, 8, 5)(pooled)
+    masks = parts.ActivationPartPartition(3)(features)
+    pooled = parts.MaskedAveragePooling()([features, masks])
+    embeddings, logits = heads.PartClassifierBlock(3, 8, 5)(pooled)
     model = keras.Model(features, [masks, embeddings, logits])
     inputs = tf.random.uniform([2, 8, 4, 16])
     expected = model(inputs)
@@ -243,7 +245,7 @@ def test_layers_save_and_reload_in_a_model(tmp_path):
 
 def test_fused_batch_norm_equals_keras_batch_norm():
     x = tf.random.stateless_normal([6, 5, 4, 3], seed=[1, 2]) * 3.0 + 1.0
-    fused = layers.FusedBatchNormalization(epsilon=1e-5, momentum=0.9)
+    fused = normalization.FusedBatchNormalization(epsilon=1e-5, momentum=0.9)
     plain = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9)
     for layer in (fused, plain):
         layer.build(x.shape)
@@ -266,7 +268,7 @@ def test_fused_batch_norm_equals_keras_batch_norm():
     np.testing.assert_allclose(fused(x, training=False), plain(x, training=False), atol=1e-5)
     assert float(tf.reduce_max(tf.abs(fused.moving_variance - [1.0, 1.0, 1.0]))) > 0.1  # moved
     # Cross-replica statistics take Keras's own path.
-    synced = layers.FusedBatchNormalization(synchronized=True)
+    synced = normalization.FusedBatchNormalization(synchronized=True)
     synced.build(x.shape)
     assert not synced._fusable(x, None)
-    layer_testing.check_config_round_trip(fused)
+    testing.check_config_round_trip(fused)

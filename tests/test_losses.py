@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from reid_tf import losses
+from reid_tf.model import losses
 
 
 def numpy_cross_entropy(labels, logits, eps=0.0):

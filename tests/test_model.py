@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from reid_tf import losses
 from reid_tf import model as model_lib
-from reid_tf import train_lib
+from reid_tf.model import losses
+from reid_tf.train import distribute
+from reid_tf.train import step as step_lib
 
 TINY = dict(num_classes=5, backbone="tiny", image_size=(64, 32), embedding_dim=16)
 
@@ -88,7 +89,7 @@ def test_model_same_output_eager_and_in_tf_function():
 
 @pytest.mark.parametrize("num_parts", [0, 3])
 def test_mirrored_training_on_two_cpu_replicas_decreases_loss(num_parts):
-    strategy = train_lib.make_strategy("mirrored")
+    strategy = distribute.make_strategy("mirrored")
     assert strategy.num_replicas_in_sync == 2
     with strategy.scope():
         net = model_lib.PartLossNet(num_parts=num_parts, **TINY)
@@ -98,7 +99,7 @@ def test_mirrored_training_on_two_cpu_replicas_decreases_loss(num_parts):
     batch = {"image": images(batch=8), "label": tf.constant([0, 0, 1, 1, 2, 2, 3, 3])}
     dataset = tf.data.Dataset.from_tensors(batch).unbatch().batch(8).repeat()
     iterator = iter(strategy.experimental_distribute_dataset(dataset))
-    step = train_lib.make_train_step(net, optimizer, strategy, global_batch_size=8)
+    step = step_lib.make_train_step(net, optimizer, strategy, global_batch_size=8)
     history = [step(iterator, tf.constant(1)) for _ in range(3)]
     totals = [float(m["loss"]) for m in history]
     assert all(np.isfinite(totals))
@@ -136,7 +137,7 @@ def _train_three_steps(strategy, sync_batch_norm, initial_weights):
     dataset = tf.data.Dataset.from_tensor_slices(
         {k: tf.stack([b[k] for b in batches]) for k in batches[0]}).unbatch().batch(8)
     iterator = iter(strategy.experimental_distribute_dataset(dataset))
-    step = train_lib.make_train_step(net, optimizer, strategy, global_batch_size=8,
+    step = step_lib.make_train_step(net, optimizer, strategy, global_batch_size=8,
                                      label_smoothing=0.1)
     losses_seen = [float(step(iterator, tf.constant(1))["loss"]) for _ in range(3)]
     return net.get_weights(), losses_seen
@@ -150,7 +151,7 @@ def test_two_replicas_with_synchronised_batch_norm_equal_one_device():
     initial = reference.get_weights()
     single_weights, single_losses = _train_three_steps(tf.distribute.get_strategy(), False,
                                                        initial)
-    mirrored = train_lib.make_strategy("mirrored")
+    mirrored = distribute.make_strategy("mirrored")
     assert mirrored.num_replicas_in_sync == 2
     weights, replica_losses = _train_three_steps(mirrored, True, initial)
     np.testing.assert_allclose(replica_losses, single_losses, rtol=1e-4)

@@ -14,7 +14,7 @@ RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "experi
 def test_recipe_parses_and_its_header_names_validation_choices(path):
     from absl import flags
 
-    from reid_tf import train  # noqa: F401  (defines reid-train's flags)
+    from reid_tf.cli import train  # noqa: F401  (defines reid-train's flags)
 
     values = copy.deepcopy(flags.FLAGS)
     values(["reid-train", f"--flagfile={path}", "--workdir=unused"])  # unknown flags raise

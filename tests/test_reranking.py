@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from reid_tf import evaluation
-from reid_tf import reranking
+from reid_tf.evaluate import metrics as metrics_lib
+from reid_tf.evaluate import reranking
 
 
 def dense_reference(q_g, q_q, g_g, k1, k2, lambda_value):
@@ -43,7 +43,7 @@ def distances(seed, num_query=15, num_gallery=45, dim=6):
     centres = rng.normal(size=(8, dim))
     query = centres[rng.integers(0, 8, num_query)] + 0.5 * rng.normal(size=(num_query, dim))
     gallery = centres[rng.integers(0, 8, num_gallery)] + 0.5 * rng.normal(size=(num_gallery, dim))
-    return [evaluation.pairwise_distances(a, b, "euclidean") for a, b in
+    return [metrics_lib.pairwise_distances(a, b, "euclidean") for a, b in
             [(query, gallery), (query, query), (gallery, gallery)]]
 
 
@@ -74,15 +74,15 @@ def test_re_rank_from_features_equals_re_rank_on_the_dense_matrices(seed):
     gallery = (centres[rng.integers(0, 25, 300)]
                + 0.7 * rng.normal(size=(300, 32))).astype(np.float32)
     query_ids, gallery_ids = rng.integers(0, 25, 60), rng.integers(0, 25, 300)
-    dense = reranking.re_rank(evaluation.pairwise_distances(query, gallery),
-                              evaluation.pairwise_distances(query, query),
-                              evaluation.pairwise_distances(gallery, gallery))
+    dense = reranking.re_rank(metrics_lib.pairwise_distances(query, gallery),
+                              metrics_lib.pairwise_distances(query, query),
+                              metrics_lib.pairwise_distances(gallery, gallery))
     chunks = list(reranking.re_rank_features(query, gallery, chunk_size=50, query_chunk=16))
     assert [c[0].start for c in chunks] == list(range(0, 60, 16))
     np.testing.assert_allclose(np.concatenate([c[1] for c in chunks]), dense, atol=2e-6)
     cameras_q, cameras_g = np.zeros(60, int), np.ones(300, int)
-    expected = evaluation.evaluate(dense, query_ids, gallery_ids, cameras_q, cameras_g)
-    got = evaluation.evaluate_chunked(
+    expected = metrics_lib.evaluate(dense, query_ids, gallery_ids, cameras_q, cameras_g)
+    got = metrics_lib.evaluate_chunked(
         reranking.re_rank_features(query, gallery, chunk_size=64, query_chunk=7), query_ids,
         gallery_ids, cameras_q, cameras_g)
     np.testing.assert_allclose(got["cmc"], expected["cmc"], atol=1e-6)

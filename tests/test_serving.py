@@ -11,13 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reid_tf import evaluation
-from reid_tf import features
-from reid_tf import gallery_store
-from reid_tf import input_pipeline
-from reid_tf import serving
 from reid_tf import testing
-from reid_tf import workdir as workdir_lib
+from reid_tf.data import preprocessing
+from reid_tf.data import splits as splits_lib
+from reid_tf.deploy import runtime
+from reid_tf.deploy.gallery import seed
+from reid_tf.deploy.gallery import store as gallery_store
+from reid_tf.evaluate import extract as extract_lib
+from reid_tf.evaluate import features_npz
+from reid_tf.evaluate import metrics as metrics_lib
+from reid_tf.train import workdir as workdir_lib
 
 TRAIN_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
                "--image_width=32", "--embedding_dim=16", "--num_parts=3", "--identities_per_batch=4", "--images_per_identity=4",
@@ -52,14 +55,14 @@ def decoded(split):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    splits = input_pipeline.load_splits("synthetic_persons/small", data_dir=data_dir)
+    splits = splits_lib.load_splits("synthetic_persons/small", data_dir=data_dir)
     workdir = str(tmp_path_factory.mktemp("run"))
-    python("reid_tf.train", f"--workdir={workdir}", f"--data_dir={data_dir}", *TRAIN_FLAGS)
-    result = python("reid_tf.export", f"--workdir={workdir}")
+    python("reid_tf.cli.train", f"--workdir={workdir}", f"--data_dir={data_dir}", *TRAIN_FLAGS)
+    result = python("reid_tf.cli.export", f"--workdir={workdir}")
     export = os.path.join(workdir, "export", "20")
     assert f"-> {export}" in result.stdout
     gallery_npz = os.path.join(workdir, "gallery.npz")
-    python("reid_tf.features", f"--export={export}", "--dataset=synthetic_persons/small",
+    python("reid_tf.cli.extract", f"--export={export}", "--dataset=synthetic_persons/small",
            f"--data_dir={data_dir}", "--split=gallery", f"--output={gallery_npz}")
     return {"workdir": workdir, "data_dir": data_dir, "splits": splits, "export": export,
             "gallery_npz": gallery_npz}
@@ -81,7 +84,7 @@ def server(trained):
 
 def test_export_cli_refuses_to_overwrite_a_version_and_saved_model_cli_lists_signatures(
         trained):
-    again = python("reid_tf.export", f"--workdir={trained['workdir']}", check=False)
+    again = python("reid_tf.cli.export", f"--workdir={trained['workdir']}", check=False)
     assert again.returncode == 1
     assert "reid-export: error:" in again.stderr and "already exists" in again.stderr
     assert sorted(os.listdir(os.path.dirname(trained["export"]))) == ["20"]
@@ -98,7 +101,7 @@ def test_export_cli_refuses_to_overwrite_a_version_and_saved_model_cli_lists_sig
 def test_keras_savedmodel_subprocess_and_http_embeddings_agree(trained, server):
     images = decoded(trained["splits"]["query"])[:6]
     model, _ = workdir_lib.load_trained_model(trained["workdir"])
-    keras_embedding = model(input_pipeline.preprocess(images, (64, 32)),
+    keras_embedding = model(preprocessing.preprocess(images, (64, 32)),
                             training=False)["embedding"].numpy()
 
     # A process that never imports reid_tf: plain TensorFlow on both signatures.
@@ -139,12 +142,12 @@ def test_keras_savedmodel_subprocess_and_http_embeddings_agree(trained, server):
 
 def test_search_top1_equals_the_evaluation_distance_matrix(trained, server):
     query = trained["splits"]["query"]
-    gallery = features.load_features(trained["gallery_npz"])
+    gallery = features_npz.load_features(trained["gallery_npz"])
     assert len(gallery["embeddings"]) == len(trained["splits"]["gallery"])
     np.testing.assert_array_equal(gallery["person_ids"], trained["splits"]["gallery"].person_ids)
-    export = features.Export(trained["export"])
-    query_embeddings = features.extract(export, query, progress=False)
-    expected = evaluation.pairwise_distances(query_embeddings, gallery["embeddings"]).argmin(1)
+    export = runtime.SavedModelRuntime(trained["export"])
+    query_embeddings = extract_lib.extract(export, query, encoded=True)["embedding"]
+    expected = metrics_lib.pairwise_distances(query_embeddings, gallery["embeddings"]).argmin(1)
 
     found = []
     for start in range(0, len(query), 8):
@@ -196,7 +199,7 @@ def test_body_cap_unknown_model_and_metadata(server):
 def test_load_8_clients_x_200_requests_mixed_valid_and_malformed(trained, server):
     images = decoded(trained["splits"]["gallery"])[:16]
     model, _ = workdir_lib.load_trained_model(trained["workdir"])
-    expected = model(input_pipeline.preprocess(images, (64, 32)),
+    expected = model(preprocessing.preprocess(images, (64, 32)),
                      training=False)["embedding"].numpy()
     report = testing.load_test(server.host, server.port, images, clients=8, requests=200)
     assert report["total"] == 1600
@@ -217,7 +220,7 @@ def test_gallery_index_ivf_finds_the_exact_neighbours_when_probing_every_list(tm
     arrays = {"embeddings": embeddings, "file_names": names}
     flat = gallery_store.GalleryStore(":memory:", 32, log=lambda line: None)
     flat.import_features(arrays)
-    ivf = gallery_store.GalleryStore(":memory:", 32, index=serving.index_spec("ivf", 8),
+    ivf = gallery_store.GalleryStore(":memory:", 32, index=seed.index_spec("ivf", 8),
                                      nprobe=8, log=lambda line: None)
     ivf.import_features(arrays)
     assert "IVF" in type(ivf._faiss.downcast_index(ivf.index.index)).__name__
@@ -237,18 +240,18 @@ def test_extract_folder_names_an_undecodable_file_and_reads_any_folder(trained, 
     for i, image in enumerate(images):
         Image.fromarray(image).save(folder / f"{i:04d}_c{i + 1}s1_000000_00.png")
     output = tmp_path / "features.npz"
-    python("reid_tf.features", f"--export={trained['export']}",
+    python("reid_tf.cli.extract", f"--export={trained['export']}",
            f"--images={tmp_path / 'photos'}", f"--output={output}")
-    arrays = features.load_features(str(output))
+    arrays = features_npz.load_features(str(output))
     assert list(arrays["file_names"]) == [f"sub/{i:04d}_c{i + 1}s1_000000_00.png"
                                           for i in range(3)]
     np.testing.assert_array_equal(arrays["camera_ids"], [1, 2, 3])
     (folder / "holiday.jpg").write_bytes(b"not a jpeg")
-    result = python("reid_tf.features", f"--export={trained['export']}",
+    result = python("reid_tf.cli.extract", f"--export={trained['export']}",
                     f"--images={tmp_path / 'photos'}", f"--output={output}", check=False)
     assert result.returncode == 1
     assert "reid-extract: error: sub/holiday.jpg: not a decodable" in result.stderr
-    assert features.load_features(str(output))["embeddings"].shape == (3, 64)  # kept
+    assert features_npz.load_features(str(output))["embeddings"].shape == (3, 64)  # kept
 
 
 def b64_png(image):
@@ -260,7 +263,7 @@ def test_live_gallery_add_search_remove_restart(trained, tmp_path):
     filters, remove, restart, search again."""
     database = str(tmp_path / "gallery.sqlite")
     images = decoded(trained["splits"]["gallery"])[:6]
-    expected = features.Export(trained["export"]).embed_images(images)["embedding"]
+    expected = runtime.SavedModelRuntime(trained["export"]).predict_images(images)["embedding"]
     log = open(tmp_path / "serve.log", "w")
     with testing.serve(trained["export"], f"--gallery_db={database}", log=log) as client:
         entries = [{"id": f"img{i}", "b64": b64_png(image), "camera_id": i % 2,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reid_tf import sources
+from reid_tf.data import sources
 
 DATASETS = os.path.join(os.path.dirname(__file__), "..", "datasets")
 

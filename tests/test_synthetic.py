@@ -3,7 +3,7 @@ import collections
 import numpy as np
 import pytest
 
-from reid_tf import synthetic
+from reid_tf.data import synthetic
 
 SMALL = synthetic.SyntheticConfig(num_train_ids=12, num_test_ids=10, images_per_id=6,
                                   height=64, width=32, seed=3)

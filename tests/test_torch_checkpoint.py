@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from reid_tf import backbones
 from reid_tf import model as model_lib
-from reid_tf import torch_checkpoint
+from reid_tf.model import backbones
+from reid_tf.model import torch_import
 
 WEIGHTS = os.path.join("weights", "mobilenet_v2-b0353104.pth")
 
@@ -98,7 +98,7 @@ def save_zip(path, state, fake_torch):
 def save_legacy(path, state, fake_torch):
     tensors, storages = _tensors(state)
     with open(path, "wb") as file:
-        for header in (torch_checkpoint._LEGACY_MAGIC, 1001, {"little_endian": True}):
+        for header in (torch_import._LEGACY_MAGIC, 1001, {"little_endian": True}):
             pickle.dump(header, file, protocol=2)
         _TorchPickler(file, fake_torch, legacy=True).dump(tensors)
         pickle.dump(list(storages), file, protocol=2)
@@ -115,7 +115,7 @@ def test_both_formats_round_trip_tensors_views_and_dtypes(tmp_path, fake_torch, 
          ("fc.bias", np.linspace(-1, 1, 5).astype(np.float32))])
     path = tmp_path / "model.pth"
     save(path, state, fake_torch)
-    loaded = torch_checkpoint.load_state_dict(path)
+    loaded = torch_import.load_state_dict(path)
     assert list(loaded) == list(state)
     for name, array in state.items():
         np.testing.assert_array_equal(loaded[name], array)
@@ -137,10 +137,10 @@ def test_a_checkpoint_that_would_run_code_is_refused_before_it_runs(tmp_path, mo
         with zipfile.ZipFile(path, "w") as archive:
             archive.writestr("archive/data.pkl", payload)
     else:
-        path.write_bytes(pickle.dumps(torch_checkpoint._LEGACY_MAGIC, protocol=2) + payload)
-    with pytest.raises(torch_checkpoint.UnsafeCheckpointError,
+        path.write_bytes(pickle.dumps(torch_import._LEGACY_MAGIC, protocol=2) + payload)
+    with pytest.raises(torch_import.UnsafeCheckpointError,
                        match=r"evil.pth: refers to posix.system, which is not a tensor"):
-        torch_checkpoint.load_state_dict(path)
+        torch_import.load_state_dict(path)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -148,10 +148,10 @@ def test_damaged_or_foreign_files_get_a_clear_error(tmp_path):
     path = tmp_path / "notes.pth"
     path.write_bytes(pickle.dumps([1, 2, 3]))
     with pytest.raises(pickle.UnpicklingError, match=r"notes.pth: not a PyTorch checkpoint"):
-        torch_checkpoint.load_state_dict(path)
-    path.write_bytes(pickle.dumps(torch_checkpoint._LEGACY_MAGIC, protocol=2))
+        torch_import.load_state_dict(path)
+    path.write_bytes(pickle.dumps(torch_import._LEGACY_MAGIC, protocol=2))
     with pytest.raises(pickle.UnpicklingError, match=r"notes.pth: truncated"):
-        torch_checkpoint.load_state_dict(path)
+        torch_import.load_state_dict(path)
 
 
 def test_wrong_or_missing_tensors_and_backbones_without_a_mapping_are_refused(tmp_path,
@@ -177,7 +177,7 @@ def test_imported_mobilenet_v2_classifies_chelsea_as_a_cat(shared_dir):
     import skimage.data
 
     path = os.path.join(shared_dir, WEIGHTS)
-    state = torch_checkpoint.load_state_dict(path)
+    state = torch_import.load_state_dict(path)
     assert len(state) == 314
     net = backbones.build_backbone("mobilenet_v2", (224, 224, 3), weights=path, last_stride=2)
     assert net.name == "torchvision_mobilenet_v2_backbone"

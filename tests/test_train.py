@@ -14,9 +14,10 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from reid_tf import input_pipeline
-from reid_tf import train_lib
-from reid_tf import workdir as workdir_lib
+from reid_tf.data import pipeline
+from reid_tf.data import splits as splits_lib
+from reid_tf.train import step as step_lib
+from reid_tf.train import workdir as workdir_lib
 
 TINY_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
               "--image_width=32", "--embedding_dim=16", "--num_parts=3", "--identities_per_batch=4", "--images_per_identity=4",
@@ -30,12 +31,12 @@ EXPECTED_TAGS = {"train/loss", "train/global_loss", "train/part_loss", "train/gl
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tfds"))
-    input_pipeline.load_splits("synthetic_persons/small", data_dir=path)  # prepare once
+    splits_lib.load_splits("synthetic_persons/small", data_dir=path)  # prepare once
     return path
 
 
 def reid_train(workdir, data_dir, *extra, env=None, check=True, **popen):
-    command = [sys.executable, "-m", "reid_tf.train", f"--workdir={workdir}",
+    command = [sys.executable, "-m", "reid_tf.cli.train", f"--workdir={workdir}",
                f"--data_dir={data_dir}", *TINY_FLAGS, *extra]
     environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     if popen:
@@ -295,22 +296,86 @@ def test_a_training_set_over_2_gb_encoded_starts_training(tmp_path):
             (root / "query" / f"{person:04d}_c{camera}s1_000001_00.jpg").write_bytes(jpeg())
             (root / "bounding_box_test" / f"{person:04d}_c{camera}s1_000002_00.jpg").write_bytes(
                 jpeg())
-    train = input_pipeline.load_splits("market1501", data_dir=str(tmp_path / "tfds"),
+    train = splits_lib.load_splits("market1501", data_dir=str(tmp_path / "tfds"),
                                        manual_dir=str(tmp_path / "manual"))["train"]
-    assert isinstance(train.images, input_pipeline.RecordImages)
+    assert isinstance(train.images, splits_lib.RecordImages)
     assert sum(len(train.images[i]) for i in range(len(train))) > 2 * 1024 ** 3
     import keras
 
     from reid_tf import model as model_lib
 
-    _, num_classes = input_pipeline.relabel(train.person_ids)
+    _, num_classes = splits_lib.relabel(train.person_ids)
     net = model_lib.PartLossNet(num_classes=num_classes, num_parts=2, backbone="tiny",
                                 embedding_dim=8, image_size=(64, 32))
     net.build()
     optimizer = keras.optimizers.Adam(0.001)
     optimizer.build(net.trainable_variables)
-    step = train_lib.make_train_step(net, optimizer, tf.distribute.get_strategy(),
+    step = step_lib.make_train_step(net, optimizer, tf.distribute.get_strategy(),
                                      global_batch_size=8)
-    batches = iter(input_pipeline.train_dataset(train, (64, 32), 4, 2, seed=0))
+    batches = iter(pipeline.train_dataset(train, (64, 32), 4, 2, seed=0))
     losses = [float(step(batches, tf.constant(1))["loss"]) for _ in range(2)]
     assert all(np.isfinite(losses)) and losses[0] > 0, losses
+
+
+def test_float16_with_a_backbone_factor_has_one_loss_scale_and_trains_the_backbone(
+        tmp_path, data_dir):
+    workdir = str(tmp_path / "f16")
+    reid_train(workdir, data_dir, "--train_steps=3", "--checkpoint_every=1",
+               "--mixed_precision=float16", "--backbone_lr_multiplier=0.1", "--export=false",
+               "--final_eval=false")
+    directory = os.path.join(workdir, "checkpoints")
+    first = tf.train.load_checkpoint(os.path.join(directory, "ckpt-1"))
+    last = tf.train.load_checkpoint(os.path.join(directory, "ckpt-3"))
+    names = last.get_variable_to_shape_map()
+    assert [n for n in names if "dynamic_scale" in n] == [
+        "optimizer/dynamic_scale/.ATTRIBUTES/VARIABLE_VALUE"]  # one loss scale for everything
+    kernels = [n for n in names if n.startswith("model/backbone/") and "kernel" in n
+               and "OPTIMIZER_SLOT" not in n]
+    assert kernels
+    for name in kernels:  # the backbone trains, at its lower rate, under float16
+        assert not np.array_equal(first.get_tensor(name), last.get_tensor(name)), name
+    assert int(last.get_tensor("skipped_steps/.ATTRIBUTES/VARIABLE_VALUE")) == 0
+
+
+def test_steps_skipped_by_loss_scaling_are_counted_and_logged():
+    import keras
+
+    from reid_tf import model as model_lib
+    from reid_tf.train import optim
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        net = model_lib.PartLossNet(num_classes=4, num_parts=2, backbone="tiny",
+                                    embedding_dim=8, image_size=(64, 32))
+        net.build()
+        inner = optim.build_optimizer("adam", 1e-3, 0.0, optim.parameter_groups(net, 0.1))
+        # A loss scale far too large: float16 gradients overflow until it has halved enough.
+        optimizer = keras.optimizers.LossScaleOptimizer(inner, initial_scale=2.0 ** 40)
+        optimizer.build(net.trainable_variables)
+        step = step_lib.make_train_step(net, optimizer, tf.distribute.get_strategy(), 8)
+        batch = {"image": tf.random.uniform([8, 64, 32, 3], 0, 255, seed=1),
+                 "label": tf.repeat(tf.range(4), 2)}
+        metrics = step(iter(tf.data.Dataset.from_tensors(batch).repeat()), tf.constant(12))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    skipped = int(metrics["skipped_steps"])
+    halvings = 40 - int(np.log2(float(optimizer.dynamic_scale.numpy())))
+    assert skipped == halvings > 0  # each skip halved the scale; none was hidden
+    assert int(optimizer.iterations.numpy()) == 12  # skipped steps still consumed their batch
+
+
+def test_the_end_of_run_export_of_a_bfloat16_run_equals_reid_export(tmp_path, data_dir):
+    workdir = str(tmp_path / "bf16")
+    reid_train(workdir, data_dir, "--train_steps=2", "--mixed_precision=bfloat16",
+               "--final_eval=false")
+    command = [sys.executable, "-m", "reid_tf.cli.export", f"--workdir={workdir}",
+               f"--export_dir={tmp_path / 'again'}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (4, 70, 40, 3)), tf.uint8)
+    end_of_run = tf.saved_model.load(os.path.join(workdir, "export", "2"))
+    again = tf.saved_model.load(str(tmp_path / "again" / "2"))
+    first = end_of_run.signatures["serving_default"](images=images)
+    second = again.signatures["serving_default"](images=images)
+    for key in ("embedding", "global_embedding", "part_embeddings"):
+        np.testing.assert_array_equal(first[key].numpy(), second[key].numpy(), err_msg=key)

@@ -3,7 +3,7 @@
 import tensorflow_datasets as tfds
 
 from reid_datasets import reid_builder
-from reid_tf import sources
+from reid_tf.data import sources
 
 
 class Builder(reid_builder.ReidBuilder):

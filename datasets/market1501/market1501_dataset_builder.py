@@ -3,7 +3,7 @@
 import os
 
 from reid_datasets import reid_builder
-from reid_tf import sources
+from reid_tf.data import sources
 
 FOLDER = "Market-1501-v15.09.15"
 

@@ -1,7 +1,7 @@
 """msmt17 dataset: MSMT17 (Wei et al., CVPR 2018) from the user's own download."""
 
 from reid_datasets import reid_builder
-from reid_tf import sources
+from reid_tf.data import sources
 
 FOLDERS = ("MSMT17_V1", "MSMT17_V2", "MSMT17")
 

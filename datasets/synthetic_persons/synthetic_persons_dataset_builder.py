@@ -7,7 +7,7 @@ import os
 import tensorflow_datasets as tfds
 
 from reid_datasets import reid_builder
-from reid_tf import synthetic
+from reid_tf.data import synthetic
 
 
 class SyntheticPersonsConfig(tfds.core.BuilderConfig):

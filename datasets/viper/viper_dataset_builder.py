@@ -5,7 +5,7 @@ import os
 import tensorflow_datasets as tfds
 
 from reid_datasets import reid_builder
-from reid_tf import sources
+from reid_tf.data import sources
 
 FOLDER = "VIPeR"
 

@@ -10,6 +10,8 @@ distance ties by gallery order (a stable sort).
 import numba
 import numpy as np
 
+from reid_tf.model.descriptors import unit_rows
+
 METRICS = ("cosine", "euclidean", "sqeuclidean")
 
 
@@ -37,7 +39,7 @@ def _check_feature_pair(query, gallery, metric):
 def _prepare(features, metric):
     """Features as the distance blocks use them (unit rows for cosine) and their squared norms."""
     if metric == "cosine":
-        features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+        features = unit_rows(features)
     return features, (features ** 2).sum(axis=1)
 
 

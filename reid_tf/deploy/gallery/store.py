@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from reid_tf.model.descriptors import unit_rows
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (
@@ -54,12 +56,6 @@ class GalleryError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
-
-
-def _normalized(embeddings):
-    embeddings = np.ascontiguousarray(embeddings, np.float32)
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings / np.maximum(norms, 1e-12)
 
 
 class GalleryStore:
@@ -310,7 +306,7 @@ class GalleryStore:
                 raise GalleryError(f"{where}.metadata", "expected a JSON object.")
             rows.append((entry_id, values["person_id"], values["camera_id"], timestamp,
                          None if metadata is None else json.dumps(metadata),
-                         _normalized(embedding[None])[0].tobytes()))
+                         unit_rows(embedding[None])[0].tobytes()))
         return rows
 
     def _commit(self, write):
@@ -397,7 +393,7 @@ class GalleryStore:
         filters (`exclude_camera`: leave that camera out; `time_range`: (start, end) seconds,
         either None). Each match: id, person_id, camera_id, timestamp, metadata, distance
         (1 - cosine similarity)."""
-        queries = _normalized(np.atleast_2d(queries))
+        queries = unit_rows(np.atleast_2d(queries))
         if queries.shape[1] != self.dimension:
             raise GalleryError("queries", f"width {queries.shape[1]}, gallery {self.dimension}.")
         filtered = exclude_camera is not None or time_range is not None

@@ -15,7 +15,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from reid_tf.sources import Record
+from reid_tf.data.sources import Record
 
 PALETTE = np.array([  # clothing colours, RGB
     [200, 30, 30], [30, 60, 170], [30, 130, 50], [230, 200, 40], [240, 240, 240], [25, 25, 25],

@@ -11,8 +11,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from reid_tf import layers
-from reid_tf import torch_checkpoint
+from reid_tf.model import normalization
+from reid_tf.model import torch_import
 
 # Per-backbone facts: how inputs are normalised, the smallest input side it accepts, and the
 # layers whose stride `last_stride=1` turns to 1.
@@ -81,11 +81,11 @@ def _check_input_shape(name, input_shape):
 
 def _rebuild(net, edit_layer_config):
     """The same functional graph with edited layer configs, and the same weights; Keras's
-    BatchNormalization layers become `layers.FusedBatchNormalization` (same variables)."""
+    BatchNormalization layers become `normalization.FusedBatchNormalization` (same variables)."""
     config = net.get_config()
     for layer in config["layers"]:
         if layer["class_name"] == "BatchNormalization":
-            layer.update(module="reid_tf.layers", class_name="FusedBatchNormalization",
+            layer.update(module="reid_tf.model.normalization", class_name="FusedBatchNormalization",
                          registered_name="reid_tf>FusedBatchNormalization")
         edit_layer_config(layer["class_name"], layer["config"])
     rebuilt = keras.Model.from_config(config)
@@ -147,7 +147,7 @@ def _torch_conv_bn(x, conv_key, bn_key, filters, kernel_size, stride, activation
     else:
         x = keras.layers.Conv2D(filters, kernel_size, strides=stride, padding="valid",
                                 use_bias=False, name=conv_name)(x)
-    x = layers.FusedBatchNormalization(epsilon=1e-5, momentum=0.9, name=bn_name)(x)
+    x = normalization.FusedBatchNormalization(epsilon=1e-5, momentum=0.9, name=bn_name)(x)
     if activation:
         x = keras.layers.ReLU(6.0, name=f"{bn_name}_relu6")(x)
     return x
@@ -178,7 +178,7 @@ def _torchvision_mobilenet_v2(inputs, weights, last_stride):
     x = _torch_conv_bn(x, "features.18.0", "features.18.1", 1280, 1, 1, activation=True)
     net = keras.Model(inputs, x, name="torchvision_mobilenet_v2")
     if weights is not None:
-        load_torchvision_weights(net, torch_checkpoint.load_state_dict(weights), str(weights))
+        load_torchvision_weights(net, torch_import.load_state_dict(weights), str(weights))
     return net
 
 
@@ -232,7 +232,7 @@ def _tiny(inputs, weights, last_stride):
     for i, (filters, stride) in enumerate([(32, 2), (64, 2), (128, 2), (128, last_stride)]):
         x = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
                                 name=f"tiny_conv{i}")(x)
-        x = layers.FusedBatchNormalization(name=f"tiny_bn{i}")(x)
+        x = normalization.FusedBatchNormalization(name=f"tiny_bn{i}")(x)
         x = keras.layers.ReLU(name=f"tiny_relu{i}")(x)
     return keras.Model(inputs, x, name="tiny")
 

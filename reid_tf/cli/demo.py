@@ -18,14 +18,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from reid_tf import layers
-from reid_tf import model as model_lib
-from reid_tf import train_lib
+from reid_tf.model import PartLossNet
+from reid_tf.model import parts
+from reid_tf.train import distribute
+from reid_tf.train.step import make_train_step
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("backbone", "tiny", "Backbone: resnet50, mobilenet_v2 or tiny.")
 flags.DEFINE_integer("num_parts", 4, "K parts; 0 is the global-loss baseline.")
-flags.DEFINE_enum("part_strategy", "bands", list(layers.PART_STRATEGIES), "Part partition.")
+flags.DEFINE_enum("part_strategy", "bands", list(parts.PART_STRATEGIES), "Part partition.")
 flags.DEFINE_integer("num_identities", 8, "Identities in the generated batch.")
 flags.DEFINE_integer("images_per_identity", 4, "Images per identity.")
 flags.DEFINE_integer("steps", 20, "Training steps.")
@@ -50,12 +51,12 @@ def main(argv):
     del argv
     tf.get_logger().setLevel("ERROR")
     keras.utils.set_random_seed(FLAGS.seed)
-    strategy = train_lib.make_strategy("mirrored" if FLAGS.cpu_replicas else "default",
+    strategy = distribute.make_strategy("mirrored" if FLAGS.cpu_replicas else "default",
                                        FLAGS.cpu_replicas)
     images, labels = banded_people(FLAGS.num_identities, FLAGS.images_per_identity, FLAGS.height,
                                    FLAGS.width, FLAGS.seed)
     with strategy.scope():
-        net = model_lib.PartLossNet(
+        net = PartLossNet(
             num_classes=FLAGS.num_identities, num_parts=FLAGS.num_parts,
             part_strategy=FLAGS.part_strategy, embedding_dim=64, backbone=FLAGS.backbone,
             image_size=(FLAGS.height, FLAGS.width),
@@ -76,7 +77,7 @@ def main(argv):
     dataset = tf.data.Dataset.from_tensors(batch).repeat()
     iterator = iter(strategy.experimental_distribute_dataset(
         dataset.unbatch().batch(len(labels), drop_remainder=True)))
-    train_step = train_lib.make_train_step(net, optimizer, strategy, global_batch_size=len(labels))
+    train_step = make_train_step(net, optimizer, strategy, global_batch_size=len(labels))
     start = time.perf_counter()
     for step in range(1, FLAGS.steps + 1):
         metrics = train_step(iterator, tf.constant(1))

@@ -4,24 +4,17 @@ Signatures:
 - `serving_default`: `images` uint8 `[N,H,W,3]`, any H and W (resized inside);
 - `serve_encoded`: `images` tf.string `[N]` of JPEG/PNG bytes.
 Both return `embedding [N,(K+1)·D]` (L2-normalised), `global_embedding [N,D]`,
-`part_embeddings [N,K,D]`, `part_masks [N,h,w,K]`, with the preprocessing of evaluation
-(`input_pipeline.preprocess`). The export loads with plain `tf.saved_model.load`; it needs no
-reid_tf code.
-
-    reid-export --workdir=runs/demo                     # -> runs/demo/export/<step>/
-    reid-export --workdir=runs/demo --export_dir=/models/reid --version=3
-    saved_model_cli show --all --dir runs/demo/export/<step>
+`part_embeddings [N,K,D]`, `part_masks [N,h,w,K]`, with the model's own preprocessing
+(`PartLossNet.preprocess`/`decode`, the resize of evaluation). The export loads with plain
+`tf.saved_model.load`; it needs no reid_tf code. It computes in the model's dtype policy: the
+exports reid-train and reid-export write are of a float32 model, whatever training used.
 """
 
 import os
 import shutil
-import sys
 import time
 
 import tensorflow as tf
-
-from reid_tf import input_pipeline
-from reid_tf import workdir as workdir_lib
 
 EXPORT_KEYS = ("embedding", "global_embedding", "part_embeddings", "part_masks")
 
@@ -51,11 +44,11 @@ class ServingModule(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
     def serve(self, images):
-        return self._embed(input_pipeline.preprocess(images, self.image_size))
+        return self._embed(self.model.preprocess(images))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def serve_encoded(self, images):
-        decoded = tf.map_fn(lambda data: input_pipeline.decode(data, self.image_size), images,
+        decoded = tf.map_fn(self.model.decode, images,
                             fn_output_signature=tf.TensorSpec([*self.image_size, 3], tf.float32))
         return self._embed(decoded)
 
@@ -79,45 +72,3 @@ def export_model(model, export_dir, version=None):
         "serving_default": module.serve, "serve_encoded": module.serve_encoded})
     os.replace(temporary, final)
     return final
-
-
-def export_workdir(workdir, export_dir=None, version=None):
-    """Exports a reid-train workdir's latest checkpoint; returns the export's path.
-
-    `export_dir` defaults to `<workdir>/export`, `version` to the checkpoint's step.
-    """
-    model, checkpoint = workdir_lib.load_trained_model(workdir)
-    version = workdir_lib.checkpoint_step(checkpoint) if version is None else version
-    return export_model(model, export_dir or os.path.join(workdir, "export"), version), checkpoint
-
-
-def run():
-    """reid-export: a workdir's latest checkpoint -> `<export_dir>/<version>/`."""
-    from absl import app
-    from absl import flags
-
-    flags.DEFINE_string("workdir", None, "A reid-train workdir; its latest checkpoint is exported.")
-    flags.DEFINE_string("export_dir", None, "Where `<version>/` goes (default <workdir>/export).")
-    flags.DEFINE_integer("version", None, "Integer version (default: the checkpoint's step).")
-    flags.mark_flag_as_required("workdir")
-
-    def main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        tf.get_logger().setLevel("ERROR")
-        options = flags.FLAGS
-        if options.version is not None and options.version < 0:
-            raise app.UsageError("--version: expected a non-negative integer.")
-        try:
-            path, checkpoint = export_workdir(os.path.expanduser(options.workdir),
-                                              options.export_dir, options.version)
-        except (ValueError, FileNotFoundError, FileExistsError) as error:
-            print(f"reid-export: error: {error}", file=sys.stderr, flush=True)
-            sys.exit(1)
-        print(f"exported {checkpoint} -> {path}")
-
-    app.run(main)
-
-
-if __name__ == "__main__":
-    run()

@@ -14,6 +14,8 @@ import numba
 import numpy as np
 from scipy import sparse
 
+from reid_tf.model.descriptors import unit_rows
+
 
 def _blocks(query_gallery, query_query, gallery_gallery, rows):
     """Rows `rows` (a slice of 0..N) of the full matrix [[q_q, q_g], [q_g^T, g_g]]."""
@@ -89,12 +91,12 @@ def re_rank_features(query_features, gallery_features, k1=20, k2=6, lambda_value
     """k-reciprocal re-ranking straight from L2-normalisable features, cosine distance; yields
     `(query rows slice, re-ranked distances [rows, G])` chunk by chunk.
 
-    The same definition and figures as `re_rank` on `evaluation.pairwise_distances(...,
+    The same definition and figures as `re_rank` on `metrics.pairwise_distances(...,
     "cosine")` matrices, but never holds an N×N (or gallery×gallery) matrix: one pass of
     `chunk_size` rows × N products gives each image's k1+1 nearest neighbours (an exact k-NN
     list, ties ordered by index) and its largest distance; the few distances the encoding needs
     are recomputed from the features; the output comes `query_chunk` queries at a time (feed it
-    to `evaluation.evaluate_chunked`). Memory: O(N·k1²) plus one chunk.
+    to `metrics.evaluate_chunked`). Memory: O(N·k1²) plus one chunk.
     """
     query = np.asarray(query_features, np.float32)
     gallery = np.asarray(gallery_features, np.float32)
@@ -102,7 +104,7 @@ def re_rank_features(query_features, gallery_features, k1=20, k2=6, lambda_value
         raise ValueError(f"re_rank_features: features [Q,D] and [G,D]; got {query.shape} and "
                          f"{gallery.shape}.")
     features = np.concatenate([query, gallery])
-    features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    features = unit_rows(features)
     num_query = len(query)
     gallery_part = features[num_query:]
 

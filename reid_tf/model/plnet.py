@@ -3,46 +3,15 @@
 import keras
 import tensorflow as tf
 
-from reid_tf import backbones
-from reid_tf import layers
+from reid_tf.data import preprocessing
+from reid_tf.model import backbones
+from reid_tf.model import heads
+from reid_tf.model import parts
+from reid_tf.model.descriptors import descriptor
+
 
 OUTPUT_KEYS = ("global_logits", "part_logits", "global_embedding", "part_embeddings",
                "part_masks", "embedding")
-
-
-def descriptor(global_embedding, part_embeddings):
-    """Test descriptor: each of the K+1 embeddings L2-normalised, concatenated, renormalised.
-
-    Normalising each piece first gives the global feature and every part the same weight in a
-    cosine distance, whatever their raw scales. `[B,D]`, `[B,K,D]` -> `[B,(K+1)*D]`.
-    """
-    pieces = tf.concat([global_embedding[:, None, :], part_embeddings], axis=1)
-    pieces = tf.math.l2_normalize(tf.cast(pieces, tf.float32), axis=-1)
-    batch = tf.shape(pieces)[0]
-    return tf.math.l2_normalize(tf.reshape(pieces, [batch, -1]), axis=-1)
-
-
-DESCRIPTORS = ("embedding", "global_embedding", "part_embeddings")
-
-
-def select_descriptor(outputs, name="embedding"):
-    """The descriptor called `name` from a model's (or an export's) outputs, L2-normalised.
-
-    - `embedding`: the test descriptor, global + parts (see `descriptor`).
-    - `global_embedding`: the global embedding alone `[B,D]`.
-    - `part_embeddings`: the K part embeddings alone, each normalised, concatenated `[B,K*D]`.
-    """
-    if name not in DESCRIPTORS:
-        raise ValueError(f"descriptor={name!r}: expected one of {DESCRIPTORS}.")
-    if name == "embedding":
-        return tf.math.l2_normalize(tf.cast(outputs["embedding"], tf.float32), axis=-1)
-    if name == "global_embedding":
-        return tf.math.l2_normalize(tf.cast(outputs["global_embedding"], tf.float32), axis=-1)
-    parts = tf.cast(outputs["part_embeddings"], tf.float32)
-    if parts.shape[1] == 0:
-        raise ValueError("descriptor='part_embeddings': this model has no parts (num_parts=0).")
-    parts = tf.math.l2_normalize(parts, axis=-1)
-    return tf.math.l2_normalize(tf.reshape(parts, [tf.shape(parts)[0], -1]), axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="reid_tf")
@@ -57,7 +26,7 @@ class PartLossNet(keras.Model):
     Args:
         num_classes: N, identities in the training set.
         num_parts: K; 0 is the paper's global-loss baseline (part outputs then have K=0).
-        part_strategy: one of `layers.PART_STRATEGIES` (see `ActivationPartPartition`).
+        part_strategy: one of `parts.PART_STRATEGIES` (see `ActivationPartPartition`).
         embedding_dim: D, size of the global and of each part embedding.
         backbone: a name in `backbones.BACKBONES`.
         image_size: `(height, width)` of the input images.
@@ -85,9 +54,9 @@ class PartLossNet(keras.Model):
         super().__init__(**kwargs)
         if not isinstance(num_parts, int) or num_parts < 0:
             raise ValueError(f"num_parts={num_parts!r}: expected an integer >= 0 (0 = baseline).")
-        if part_strategy not in layers.PART_STRATEGIES:
+        if part_strategy not in parts.PART_STRATEGIES:
             raise ValueError(
-                f"part_strategy={part_strategy!r}: expected one of {layers.PART_STRATEGIES}."
+                f"part_strategy={part_strategy!r}: expected one of {parts.PART_STRATEGIES}."
             )
         self.num_classes = num_classes
         self.num_parts = num_parts
@@ -113,15 +82,24 @@ class PartLossNet(keras.Model):
                 f"gives a {grid_height}x{grid_width} feature grid, so num_parts must be in "
                 f"0..{grid_height}."
             )
-        self.global_head = layers.PartClassifierBlock(1, embedding_dim, num_classes,
+        self.global_head = heads.PartClassifierBlock(1, embedding_dim, num_classes,
                                                       sync_batch_norm, name="global_head")
         if num_parts:
-            self.partition = layers.ActivationPartPartition(
+            self.partition = parts.ActivationPartPartition(
                 num_parts, part_strategy, kmeans_iterations, name="partition"
             )
-            self.part_pooling = layers.MaskedAveragePooling(name="part_pooling")
-            self.part_head = layers.PartClassifierBlock(num_parts, embedding_dim, num_classes,
+            self.part_pooling = parts.MaskedAveragePooling(name="part_pooling")
+            self.part_head = heads.PartClassifierBlock(num_parts, embedding_dim, num_classes,
                                                         sync_batch_norm, name="part_head")
+
+    def preprocess(self, images):
+        """uint8 (or float) RGB images `[B,H,W,3]` of any size -> the model's input (float32 at
+        `image_size`, [0, 255]): the resize every caller shares (`data.preprocessing`)."""
+        return preprocessing.preprocess(images, self.image_size)
+
+    def decode(self, encoded):
+        """One encoded JPEG/PNG/BMP image (string scalar) -> the model's input `[h,w,3]`."""
+        return preprocessing.decode(encoded, self.image_size)
 
     def build(self, input_shape=None):
         # Heads are built by running the graph once on zeros; nothing is updated.

@@ -1,13 +1,15 @@
-"""Custom Keras layers of PL-Net: activation-based part partition, masked part pooling, per-part heads.
+"""PL-Net's part partition: K parts per image found from the feature map's own activations.
 
 PL-Net (Yao et al., "Deep Representation Learning with Part Loss for Person Re-Identification",
 arXiv 1707.00798, IEEE TIP 2019) splits each image's last feature map into K parts found from the
 network's own activations and classifies identity from each part. The paper's exact clustering
 recipe is not available; `ActivationPartPartition` is our reconstruction (WORKSPACE.md says why).
+`part_consistency` measures whether part k means the same region in every image.
 """
 
 import keras
 import tensorflow as tf
+
 
 PART_STRATEGIES = ("bands", "peaks", "activation", "stripes")
 
@@ -195,128 +197,6 @@ class MaskedAveragePooling(keras.layers.Layer):
         return (features_shape[0], masks_shape[-1], features_shape[-1])
 
 
-@keras.saving.register_keras_serializable(package="reid_tf")
-class PartDense(keras.layers.Layer):
-    """K independent dense layers as one kernel `[K,Din,units]` and one einsum.
-
-    Args:
-        num_parts: K.
-        units: output size of each part.
-        use_bias: whether each part has a bias.
-        kernel_initializer: initialiser of the `[K,Din,units]` kernel; the default scales each
-            part's slice by its own fan-in (LeCun normal), as K separate Dense layers would.
-
-    Shapes: `[B,K,Din] -> [B,K,units]`.
-    """
-
-    def __init__(self, num_parts, units, use_bias=True, kernel_initializer=None, **kwargs):
-        super().__init__(**kwargs)
-        self.num_parts = num_parts
-        self.units = units
-        self.use_bias = use_bias
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer
-            or keras.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal",
-                                                  input_axes=[1], output_axes=[2])
-        )
-
-    def build(self, input_shape):
-        self.kernel = self.add_weight(
-            name="kernel", shape=(self.num_parts, input_shape[-1], self.units),
-            initializer=self.kernel_initializer,
-        )
-        self.bias = None
-        if self.use_bias:
-            self.bias = self.add_weight(name="bias", shape=(self.num_parts, self.units),
-                                        initializer="zeros")
-
-    def call(self, inputs):
-        outputs = tf.einsum("bkd,kdn->bkn", inputs, self.kernel)
-        if self.bias is not None:
-            outputs = outputs + self.bias
-        return outputs
-
-    def compute_output_shape(self, input_shape):
-        return (*input_shape[:-1], self.units)
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "num_parts": self.num_parts,
-            "units": self.units,
-            "use_bias": self.use_bias,
-            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-        }
-
-
-@keras.saving.register_keras_serializable(package="reid_tf")
-class PartClassifierBlock(keras.layers.Layer):
-    """Per-part embedding and identity classifier: PartDense -> BatchNorm -> PartDense.
-
-    The global branch of PL-Net is the same block with one part.
-
-    Args:
-        num_parts: K (1 for the global branch).
-        embedding_dim: D, size of each part's embedding.
-        num_classes: N, training identities.
-        sync_batch_norm: BatchNorm statistics over all replicas' batches.
-
-    Shapes: `[B,K,C] -> ([B,K,D] embeddings, [B,K,N] logits)`; logits are float32.
-
-    Example:
-    >>> embeddings, logits = PartClassifierBlock(3, 8, 5)(tf.ones([2, 3, 16]))
-    >>> logits.shape
-    TensorShape([2, 3, 5])
-    """
-
-    def __init__(self, num_parts, embedding_dim, num_classes, sync_batch_norm=False, **kwargs):
-        super().__init__(**kwargs)
-        for name, value in [("num_parts", num_parts), ("embedding_dim", embedding_dim),
-                            ("num_classes", num_classes)]:
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected an integer >= 1.")
-        self.num_parts = num_parts
-        self.embedding_dim = embedding_dim
-        self.num_classes = num_classes
-        self.sync_batch_norm = sync_batch_norm
-
-    def build(self, input_shape):
-        self.embedding = PartDense(self.num_parts, self.embedding_dim, name="embedding",
-                                   dtype=self.dtype_policy)
-        self.embedding.build(input_shape)
-        self.batch_norm = keras.layers.BatchNormalization(
-            name="batch_norm", synchronized=self.sync_batch_norm, dtype=self.dtype_policy)
-        self.batch_norm.build((input_shape[0], self.num_parts * self.embedding_dim))
-        # Small classifier init, as in torchreid/fast-reid heads.
-        self.classifier = PartDense(
-            self.num_parts, self.num_classes, use_bias=False, name="classifier",
-            kernel_initializer=keras.initializers.RandomNormal(stddev=0.001),
-            dtype=self.dtype_policy,
-        )
-        self.classifier.build((input_shape[0], self.num_parts, self.embedding_dim))
-
-    def call(self, inputs, training=None):
-        embeddings = self.embedding(inputs)
-        flat = tf.reshape(embeddings, [-1, self.num_parts * self.embedding_dim])
-        embeddings = tf.reshape(self.batch_norm(flat, training=training),
-                                [-1, self.num_parts, self.embedding_dim])
-        logits = tf.cast(self.classifier(embeddings), tf.float32)
-        return embeddings, logits
-
-    def compute_output_shape(self, input_shape):
-        batch = input_shape[0]
-        return ((batch, self.num_parts, self.embedding_dim), (batch, self.num_parts, self.num_classes))
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "num_parts": self.num_parts,
-            "embedding_dim": self.embedding_dim,
-            "num_classes": self.num_classes,
-            "sync_batch_norm": self.sync_batch_norm,
-        }
-
-
 def part_consistency(masks):
     """How much part k means the same region across images: a dict of two numbers in [0, 1].
 
@@ -341,40 +221,3 @@ def part_consistency(masks):
     gaps = centroid[:, 1:] - centroid[:, :-1]
     ordered = tf.reduce_mean(tf.cast(tf.reduce_all(gaps >= 1.0 - 1e-6, axis=1), tf.float32))
     return {"mean_iou": float(iou), "ordered_fraction": float(ordered)}
-
-
-@keras.saving.register_keras_serializable(package="reid_tf")
-class FusedBatchNormalization(keras.layers.BatchNormalization):
-    """`keras.layers.BatchNormalization` computed by TensorFlow's fused kernel.
-
-    Keras 3 normalises in separate ops (moments, then `tf.nn.batch_normalization`, and their
-    gradients op by op); TensorFlow's `FusedBatchNormV3` does statistics, normalisation and the
-    gradient in one kernel each. Same variables, same outputs and gradients (to float rounding),
-    same moving-statistics update (Keras keeps the biased batch variance; the fused kernel
-    returns the unbiased one, which is corrected). Used where it applies: 4-D NHWC inputs,
-    centred and scaled, no mask, renorm or cross-replica statistics; elsewhere Keras's own path.
-    """
-
-    def _fusable(self, inputs, mask):
-        return (mask is None and not self.renorm and not self.synchronized and self.scale
-                and self.center and len(inputs.shape) == 4 and self.axis in (-1, 3))
-
-    def call(self, inputs, training=None, mask=None):
-        if not self._fusable(inputs, mask):
-            return super().call(inputs, training=training, mask=mask)
-        x = tf.cast(inputs, tf.float32)  # as Keras: statistics in float32 under mixed precision
-        if training and self.trainable:
-            y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-                x, self.gamma, self.beta, epsilon=self.epsilon, data_format="NHWC",
-                is_training=True)
-            count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
-            variance = variance * (count - 1.0) / tf.maximum(count, 1.0)
-            self.moving_mean.assign(self.moving_mean * self.momentum
-                                    + mean * (1.0 - self.momentum))
-            self.moving_variance.assign(self.moving_variance * self.momentum
-                                        + variance * (1.0 - self.momentum))
-        else:
-            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
-                x, self.gamma, self.beta, mean=self.moving_mean, variance=self.moving_variance,
-                epsilon=self.epsilon, data_format="NHWC", is_training=False)
-        return tf.cast(y, self.compute_dtype)

@@ -18,16 +18,21 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
+from reid_tf import options  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A reid-train workdir: evaluates its latest checkpoint.")
 flags.DEFINE_string("export", None, "A SavedModel export folder (<export_dir>/<version>).")
-flags.DEFINE_string("dataset", None, "Dataset (default: the workdir's).")
-flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
-flags.DEFINE_string("manual_dir", None, "TFDS manual_dir.")
-flags.DEFINE_bool("skip_corrupt", False, "Leave out images that do not decode (else fail).")
-flags.DEFINE_integer("image_height", None, "Input height for an --export that does not record "
-                     "its training size (exports do since this flag's help says so); else unused.")
-flags.DEFINE_integer("image_width", None, "Input width, as --image_height.")
+options.define("dataset", str, options.DATASET.replace(
+    default=None, help="Dataset (default: the workdir's)."))
+options.define("data_dir", str, options.DATA_DIR)
+options.define("manual_dir", str, options.MANUAL_DIR)
+options.define("skip_corrupt", bool, options.SKIP_CORRUPT)
+options.define("image_height", int, options.IMAGE_HEIGHT.replace(
+    default=None, help="Input height for an --export that does not record its training size "
+    "(exports do since this flag's help says so); else unused."))
+options.define("image_width", int, options.IMAGE_WIDTH.replace(
+    default=None, help="Input width, as --image_height."))
 flags.DEFINE_enum("descriptor", "embedding",
                   ["embedding", "global_embedding", "part_embeddings"],
                   "What to rank with: the test descriptor (global + parts), the global embedding "
@@ -46,64 +51,35 @@ flags.DEFINE_enum("average_precision", "noninterpolated", ["noninterpolated", "t
                   "AP definition (trapezoid: the official Market-1501 code).")
 flags.DEFINE_bool("single_gallery_shot", False, "CUHK03's classic CMC: one random gallery image "
                   "per identity, 10 repeats (mAP unchanged).")
-flags.DEFINE_integer("batch_size", 64, "Feature extraction batch size.")
+options.define("batch_size", int, options.BATCH_SIZE)
 flags.DEFINE_integer("plot_ranked", 0, "Write ranked-list pictures of this many queries.")
 flags.DEFINE_string("output_dir", None, "Where results.json and pictures go.")
 
 
-def _embedder(image_size):
-    """A function float32 images [B,h,w,3] 0..255 -> embeddings, and the image size."""
-    import tensorflow as tf
-
-    from reid_tf import model as model_lib
+def open_runtime():
+    """The runtime to evaluate (an export or the workdir's newest checkpoint) and its size."""
+    from reid_tf.deploy import runtime
 
     if FLAGS.export:
-        from reid_tf import features
-
-        export = features.Export(FLAGS.export)
-        serving = export.signatures["serving_default"]
+        export = runtime.SavedModelRuntime(FLAGS.export)
+        given = (FLAGS.image_height, FLAGS.image_width)
         if export.image_size is not None:  # the size it was trained at, recorded in the export
-            given = (FLAGS.image_height, FLAGS.image_width)
             if any(given) and given != export.image_size:
                 raise ValueError(f"--image_height/--image_width={given}: the export was trained "
                                  f"at {export.image_size}; leave them out.")
-            image_size = export.image_size
-        elif not all(image_size):
+        elif not all(given):
             raise ValueError(f"{FLAGS.export} does not record its training size: give "
                              "--image_height and --image_width.")
-
-        def embed(images):
-            outputs = serving(images=tf.cast(tf.round(images), tf.uint8))
-            return model_lib.select_descriptor(outputs, FLAGS.descriptor)
-
-        return embed, image_size
-    from reid_tf import workdir as workdir_lib
+        else:
+            export.image_size = given
+        return export
+    from reid_tf.train import workdir as workdir_lib
 
     net, checkpoint = workdir_lib.load_trained_model(FLAGS.workdir)
     if FLAGS.descriptor == "part_embeddings" and not net.num_parts:
         raise ValueError("--descriptor=part_embeddings: this model has no parts (num_parts=0).")
     print(f"evaluating {checkpoint}")
-    return tf.function(lambda images: model_lib.select_descriptor(
-        net(images, training=False), FLAGS.descriptor)), net.image_size
-
-
-def extract(embed, split, image_size, flip, description):
-    import numpy as np
-    import tensorflow as tf
-    from tqdm import tqdm
-
-    from reid_tf import input_pipeline
-
-    features = []
-    batches = input_pipeline.eval_dataset(split, image_size, FLAGS.batch_size)
-    with tqdm(total=len(split), desc=description, unit="img") as progress:
-        for batch in batches:
-            embedding = embed(batch["image"])
-            if flip:
-                embedding = tf.math.l2_normalize(embedding + embed(batch["image"][:, :, ::-1]), -1)
-            features.append(embedding.numpy())
-            progress.update(len(embedding))
-    return np.concatenate(features)
+    return runtime.KerasRuntime(net)
 
 
 def main(argv):
@@ -121,10 +97,10 @@ def main(argv):
 def run_eval():
     import tensorflow as tf
 
-    from reid_tf import evaluation
-    from reid_tf import input_pipeline
-    from reid_tf import reranking
-    from reid_tf import visualize
+    from reid_tf.data import splits as splits_lib
+    from reid_tf.evaluate import evaluator
+    from reid_tf.evaluate import visualize
+    from reid_tf.evaluate.extract import extract
 
     tf.get_logger().setLevel("ERROR")
     if bool(FLAGS.workdir) == bool(FLAGS.export):
@@ -139,38 +115,17 @@ def run_eval():
             dataset = json.load(f)["dataset"]
     if not dataset:
         raise ValueError("--dataset is required with --export.")
-    embed, image_size = _embedder((FLAGS.image_height, FLAGS.image_width))
-    splits = input_pipeline.load_splits(dataset, FLAGS.data_dir, FLAGS.manual_dir,
-                                        FLAGS.skip_corrupt)
+    runtime = open_runtime()
+    splits = splits_lib.load_splits(dataset, FLAGS.data_dir, FLAGS.manual_dir,
+                                    FLAGS.skip_corrupt)
     query, gallery = splits["query"], splits["gallery"]
-    query_features = extract(embed, query, image_size, FLAGS.flip, "query")
-    gallery_features = extract(embed, gallery, image_size, FLAGS.flip, "gallery")
-    labels = (query.person_ids, gallery.person_ids, query.camera_ids, gallery.camera_ids)
-    # A large gallery is re-ranked from the features, chunk by chunk: the dense path holds
-    # gallery x gallery distances (27 GB at MSMT17's 82,161).
-    streamed = (FLAGS.rerank and FLAGS.metric == "cosine" and not FLAGS.single_gallery_shot
-                and not FLAGS.plot_ranked and len(gallery) > FLAGS.rerank_dense_max_gallery)
-    distances = None
-    if streamed:
-        print(f"re-ranking {len(query)} x {len(gallery)} from the features, chunk by chunk")
-        metrics = evaluation.evaluate_chunked(
-            reranking.re_rank_features(query_features, gallery_features, FLAGS.k1, FLAGS.k2,
-                                       FLAGS.lambda_value), *labels,
-            average_precision=FLAGS.average_precision)
-    else:
-        distances = evaluation.pairwise_distances(query_features, gallery_features,
-                                                  FLAGS.metric)
-        if FLAGS.rerank:
-            distances = reranking.re_rank(
-                distances,
-                evaluation.pairwise_distances(query_features, query_features, FLAGS.metric),
-                evaluation.pairwise_distances(gallery_features, gallery_features, FLAGS.metric),
-                FLAGS.k1, FLAGS.k2, FLAGS.lambda_value)
-        if FLAGS.single_gallery_shot:
-            metrics = evaluation.evaluate_single_gallery_shot(distances, *labels)
-        else:
-            metrics = evaluation.evaluate(distances, *labels,
-                                          average_precision=FLAGS.average_precision)
+    features = [extract(runtime, split, [FLAGS.descriptor], FLAGS.batch_size, flip=FLAGS.flip,
+                        description=name)[FLAGS.descriptor]
+                for name, split in (("query", query), ("gallery", gallery))]
+    metrics, distances = evaluator.score(
+        *features, query, gallery, FLAGS.metric, FLAGS.rerank, FLAGS.k1, FLAGS.k2,
+        FLAGS.lambda_value, FLAGS.rerank_dense_max_gallery, FLAGS.single_gallery_shot,
+        FLAGS.average_precision, keep_distances=bool(FLAGS.plot_ranked))
     cmc = metrics["cmc"]
     print(f"\n{dataset}: {len(query)} queries ({metrics['num_skipped']} skipped), "
           f"{len(gallery)} gallery images; descriptor={FLAGS.descriptor} flip={FLAGS.flip} "

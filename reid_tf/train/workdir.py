@@ -1,6 +1,6 @@
 """The run folder of reid-train: what it holds, how it is checked, and how a model comes back.
 
-    <workdir>/config.json      the run's TrainConfig (the flags a resume must match)
+    <workdir>/config.json      the run's TrainConfig (its resume options must match to resume)
     <workdir>/flags.txt        the command's flags
     <workdir>/model.json       PartLossNet.get_config(): how to rebuild the network
     <workdir>/checkpoints/     ckpt-<step>.{index,data-*} and the `checkpoint` state file
@@ -15,44 +15,16 @@ import json
 import os
 import re
 import shutil
-import tempfile
 
-# The flags a resume must match: the model and its checkpoint, and the data order (batch size,
-# seed and the held-out identities fix which batches a resumed run sees).
-MODEL_FIELDS = ("dataset", "backbone", "num_parts", "part_strategy", "embedding_dim",
-                "image_height", "image_width", "last_stride", "kmeans_iterations", "optimizer",
-                "identities_per_batch", "images_per_identity", "seed", "validation_identities",
-                "validation_seed")
+from reid_tf import options
+from reid_tf.files import check_can_create
+from reid_tf.files import write_atomically
+
 CHECKPOINT_PATTERN = re.compile(r"ckpt-(\d+)$")
 
 
 class DamagedCheckpointError(ValueError):
     """No checkpoint of the workdir could be read."""
-
-
-def write_atomically(path, text):
-    """Writes `text` to `path` through a temporary file and a rename: never half a file."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
-
-
-def check_can_create(path, flag):
-    """Refuses, with one line naming `flag`, a path under which nothing can be created: the
-    nearest existing folder above it must be a folder and take a real write (permission bits do
-    not stop root; a read-only file system does)."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"{flag}={path}: {existing} is a file, not a folder.")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise ValueError(f"{flag}={path}: {existing} is not writable "
-                         f"({error.strerror or error}).") from None
 
 
 def check_usable(workdir):
@@ -63,7 +35,8 @@ def check_usable(workdir):
 
 
 def check_config(workdir, config):
-    """Refuses a workdir that holds a run with other model or data-order flags (writes nothing)."""
+    """Refuses, in one line naming each option, a workdir that holds a run whose options a
+    resume must keep (`options.Option(resume=True)`) differ from `config`'s. Writes nothing."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
@@ -72,8 +45,10 @@ def check_config(workdir, config):
             previous = json.load(f)
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: unreadable ({error}); use another --workdir.") from None
+    current = json.loads(config.to_json())  # as config.json holds it (tuples as lists)
     changed = [f"--{name}={previous.get(name)!r} there, {getattr(config, name)!r} here"
-               for name in MODEL_FIELDS if previous.get(name) != getattr(config, name)]
+               for name in options.resume_options(type(config))
+               if previous.get(name) != current[name]]
     if changed:
         raise ValueError(f"workdir {workdir} holds a run with different flags ("
                          + "; ".join(changed) + "): use another --workdir or the same flags.")
@@ -188,7 +163,7 @@ def load_trained_model(workdir, log=print):
     checkpoint. Returns `(model, checkpoint_path)`. FileNotFoundError names what is missing."""
     import tensorflow as tf
 
-    from reid_tf import model as model_lib
+    from reid_tf.model import PartLossNet
 
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"{workdir}: not a folder; is it a reid-train workdir?")
@@ -197,7 +172,19 @@ def load_trained_model(workdir, log=print):
     if latest is None:
         raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to restore.")
     # Synchronised BatchNorm only matters while training on several replicas.
-    model = model_lib.PartLossNet.from_config({**model_config, "sync_batch_norm": False})
+    model = PartLossNet.from_config({**model_config, "sync_batch_norm": False})
     model.build()
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     return model, latest
+
+
+def export_latest(workdir, export_dir=None, version=None, log=print):
+    """Exports a workdir's newest readable checkpoint as a float32 model; returns the export's
+    path and the checkpoint's. `export_dir` defaults to `<workdir>/export`, `version` to the
+    checkpoint's step."""
+    from reid_tf.deploy import export
+
+    model, checkpoint = load_trained_model(workdir, log)
+    version = checkpoint_step(checkpoint) if version is None else version
+    return export.export_model(model, export_dir or os.path.join(workdir, "export"),
+                               version), checkpoint

@@ -1,0 +1,126 @@
+"""reid-serve: an HTTP server for an export, with TF Serving's REST API and gallery search.
+
+    reid-serve --export=runs/demo/export/1140 --port=8501 --gallery=gallery.npz
+    reid-serve --export=runs/demo/export/1140 --gallery_images=../shared/data/x/bounding_box_test
+
+Endpoints (`<name>` is --model_name; `/versions/<v>` may follow it, as in TF Serving):
+- `GET  /v1/models/<name>`: model status; `GET /v1/models/<name>/metadata`: signatures.
+- `POST /v1/models/<name>:predict`: `{"instances": [...]}` (or `{"inputs": [...]}`), each image
+  `{"b64": "<JPEG/PNG base64>"}` or a nested uint8 array `[H][W][3]`; returns
+  `{"predictions": [{"embedding": [...], "global_embedding": ..., ...}, ...]}`
+  (`{"outputs": {...}}` for `inputs`), as TensorFlow Serving does.
+- `POST /v1/models/<name>:search`: the same images plus `"k"` (default 10); returns
+  `{"results": [[{"file_name", "person_id", "camera_id", "distance"}, ...], ...]}`, nearest first,
+  distance = 1 - cosine similarity; `:add` and `:remove` change the live gallery.
+
+Bad requests get 400 (413 for a body over --max_body_mb) with `{"error": ..., "field": ...}`;
+a request over --timeout_s gets 504. The server never stops on a bad request.
+"""
+
+import asyncio
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+from reid_tf.deploy.serving.app import DEFAULT_MAX_CONNECTIONS  # noqa: E402
+from reid_tf.deploy.serving.requests import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
+
+flags.DEFINE_string("export", None, "A SavedModel export folder (<export_dir>/<version>).")
+flags.DEFINE_string("model_name", "reid", "The <name> of /v1/models/<name>.")
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
+flags.DEFINE_integer("port", 8501, "Port (TF Serving's REST port is 8501).")
+flags.DEFINE_string("gallery_db", None, "The live gallery's SQLite file (created if missing; "
+                    "the source of truth, survives restarts). Without it the gallery lives "
+                    "in memory only.")
+flags.DEFINE_string("gallery", None, "A features.npz (reid-extract) that seeds an empty "
+                    "gallery.")
+flags.DEFINE_string("gallery_images", None, "Or a folder of gallery images, extracted at "
+                    "start (a Market layout root: its bounding_box_test).")
+flags.DEFINE_string("index", "Flat", "faiss index_factory string of the gallery index: Flat "
+                    "(exact), IVF4096,SQ8, IVF4096,PQ64, HNSW32, ... (flat and ivf: the "
+                    "earlier names).")
+flags.DEFINE_integer("nlist", 100, "IVF lists when --index=ivf.")
+flags.DEFINE_integer("nprobe", 16, "IVF lists searched per query.")
+flags.DEFINE_integer("ef_search", 64, "HNSW search breadth.")
+flags.DEFINE_integer("persist_every", 1000, "Write the index file every this many gallery "
+                     "changes (and at shutdown).")
+flags.DEFINE_integer("max_batch", 64, "Most images in one request.")
+flags.DEFINE_integer("max_batch_size", 16, "Most images in one model call (dynamic "
+                     "batching merges concurrent requests up to this).")
+flags.DEFINE_float("batch_timeout_ms", 20.0, "Under concurrency, how long a request waits "
+                   "for others to share its model call (a lone request never waits).")
+flags.DEFINE_integer("max_enqueued_batches", 64, "Queue bound, in batches; more gets 503 "
+                     "with Retry-After.")
+flags.DEFINE_float("max_body_mb", 32, "Largest request body, MiB.")
+flags.DEFINE_float("timeout_s", 30, "Per-request time limit, seconds.")
+flags.DEFINE_integer("threads", 2, "Requests parsed and validated at once.")
+flags.DEFINE_integer("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS, "Largest encoded image, "
+                     "width x height, read from its header before decoding (a small file can "
+                     "declare a huge image).")
+flags.DEFINE_integer("max_connections", DEFAULT_MAX_CONNECTIONS, "Most open connections; "
+                     "more get 503.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    import logging
+
+    from PIL import Image
+
+    from reid_tf.deploy import runtime
+    from reid_tf.deploy.gallery.seed import index_spec
+    from reid_tf.deploy.gallery.seed import open_gallery
+    from reid_tf.deploy.serving.app import make_app
+    from reid_tf.deploy.serving.app import serve_forever
+    from reid_tf.deploy.serving.server import Server
+
+    options = flags.FLAGS
+    for name in ("max_batch", "max_image_pixels", "max_connections", "threads",
+                 "max_batch_size", "max_enqueued_batches"):
+        if getattr(options, name) < 1:
+            raise app.UsageError(f"--{name}: expected a positive integer.")
+    # Pillow only reads headers here (TensorFlow decodes), and --max_image_pixels is the
+    # limit: Pillow's own bomb check would refuse before the size could be reported.
+    Image.MAX_IMAGE_PIXELS = None
+    runtime.enable_memory_growth()
+    try:
+        export = runtime.SavedModelRuntime(options.export)
+        gallery = None
+        if options.gallery_db or options.gallery or options.gallery_images:
+            gallery = open_gallery(
+                export, options.gallery_db, options.gallery, options.gallery_images,
+                index_spec(options.index, options.nlist), options.nprobe,
+                options.ef_search, options.persist_every,
+                log=lambda line: print(line, flush=True))
+    except (ValueError, OSError, RuntimeError) as problem:  # RuntimeError: faiss's
+        print(f"reid-serve: error: {str(problem).strip().splitlines()[0]}",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
+    server = Server(export, gallery, options.model_name, options.max_batch, options.threads,
+                    options.max_image_pixels, options.max_batch_size,
+                    options.batch_timeout_ms, options.max_enqueued_batches)
+    application = make_app(server, int(options.max_body_mb * (1 << 20)), options.timeout_s)
+    access = logging.getLogger("aiohttp.access")  # one line per request, on stdout
+    access.setLevel(logging.INFO)
+    access.addHandler(logging.StreamHandler(sys.stdout))
+    access.propagate = False
+    asyncio.run(serve_forever(
+        application, options.host, options.port, options.timeout_s, options.max_connections,
+        started=lambda: print(
+            f"serving {export.path} as '{options.model_name}' (version {export.version})"
+            + (f" with a gallery of {len(gallery)}" if gallery else "")
+            + f" on http://{options.host}:{options.port}", flush=True)))
+
+
+def run():
+    flags.mark_flag_as_required("export")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

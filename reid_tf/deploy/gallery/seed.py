@@ -1,0 +1,39 @@
+"""How reid-serve opens its gallery: the index spec, and seeding an empty gallery from a
+features.npz or a folder of images."""
+
+from reid_tf.data import splits
+from reid_tf.deploy.gallery.store import GalleryStore
+from reid_tf.evaluate import extract
+from reid_tf.evaluate import features_npz
+
+
+def index_spec(index, nlist):
+    """--index as a faiss index_factory string (the old names flat and ivf still work)."""
+    return {"flat": "Flat", "ivf": f"IVF{nlist},Flat"}.get(index, index)
+
+
+def open_gallery(export, gallery_db=None, npz=None, images=None, index="Flat", nprobe=16,
+                 ef_search=64, persist_every=1000, log=print):
+    """The server's GalleryStore (`export`: a `deploy.runtime.SavedModelRuntime`): `gallery_db` (durable; ":memory:" when None), seeded from a
+    features.npz or a folder of images when it is empty."""
+    if npz and images:
+        raise ValueError("give one of --gallery and --gallery_images.")
+    store = GalleryStore(gallery_db or ":memory:", dimension=export.embedding_width,
+                         index=index, nprobe=nprobe, ef_search=ef_search,
+                         persist_every=persist_every, log=log)
+    if npz or images:
+        if store.count():
+            log(f"gallery: {gallery_db} already holds {store.count()} entries; "
+                f"{npz or images} not imported again")
+        else:
+            if npz:
+                arrays = features_npz.load_features(npz)
+            else:
+                split = splits.load_split(images=images, split="gallery")
+                embeddings = extract.extract(export, split, ["embedding"], encoded=True,
+                                             description="extracting")["embedding"]
+                arrays = features_npz.feature_arrays(embeddings, split.file_names,
+                                                     split.person_ids, split.camera_ids)
+            log(f"gallery: imported {store.import_features(arrays)} entries from "
+                f"{npz or images}")
+    return store

@@ -1,0 +1,121 @@
+"""Runtimes: what turns images into a model's outputs, for the one extraction path
+(`evaluate.extract`). `KerasRuntime` runs an in-memory `PartLossNet`; `SavedModelRuntime` a
+SavedModel export loaded with plain TensorFlow (no reid_tf model code). An ONNX or TFLite
+runtime plugs in by giving the same four members.
+
+A runtime has `image_size` (the model's `(height, width)`, or None if unknown), `num_parts`,
+`embed(images, names)` (float32 `[B,h,w,3]` in [0, 255] at `image_size` -> `{name: [B,...]}`,
+descriptors from `model.descriptors.DESCRIPTORS` or `part_masks`) and `embed_encoded(encoded,
+names)` (string `[B]` of JPEG/PNG/BMP bytes, decoded and resized inside).
+"""
+
+import os
+
+import tensorflow as tf
+
+from reid_tf.model import descriptors
+
+
+def _select(outputs, names):
+    """`names` from a model's outputs: descriptors selected and L2-normalised, `part_masks` as
+    they are."""
+    return {name: outputs[name] if name == "part_masks"
+            else descriptors.select_descriptor(outputs, name) for name in names}
+
+
+class KerasRuntime:
+    """An in-memory `PartLossNet` as a runtime (training-time evaluation, reid-eval of a
+    workdir). One `tf.function` per set of names: model and descriptor selection in one graph."""
+
+    def __init__(self, model):
+        self.model = model
+        self.image_size = tuple(model.image_size)
+        self.num_parts = model.num_parts
+        self._functions = {}
+
+    def embed(self, images, names):
+        names = tuple(names)
+        if names not in self._functions:
+            self._functions[names] = tf.function(
+                lambda batch: _select(self.model(batch, training=False), names))
+        return self._functions[names](images)
+
+    def embed_encoded(self, encoded, names):
+        decoded = tf.map_fn(self.model.decode, encoded,
+                            fn_output_signature=tf.TensorSpec([*self.image_size, 3], tf.float32))
+        return self.embed(decoded, names)
+
+
+class SavedModelRuntime:
+    """A SavedModel export loaded with plain `tf.saved_model.load` (no reid_tf model code).
+
+    `embed`/`embed_encoded` serve the extraction path (`serving_default` takes uint8, so
+    decoded float images are rounded first); `predict_images(uint8 [N,H,W,3])` and
+    `predict_encoded(list of JPEG/PNG bytes)` return every output of the signature as numpy
+    arrays (reid-serve).
+    """
+
+    def __init__(self, path):
+        path = os.path.normpath(os.path.expanduser(path))
+        if not os.path.exists(os.path.join(path, "saved_model.pb")):
+            raise FileNotFoundError(f"{path}: no saved_model.pb; expected a SavedModel export "
+                                    "folder, <export_dir>/<version> as reid-train writes it.")
+        self.path = path
+        self.version = int(os.path.basename(path)) if os.path.basename(path).isdigit() else 1
+        self.module = tf.saved_model.load(path)
+        self.signatures = dict(self.module.signatures)
+        missing = {"serving_default", "serve_encoded"} - set(self.signatures)
+        if missing:
+            raise ValueError(f"{path}: signatures {sorted(missing)} missing; not a reid-tf export.")
+        # The size the model was trained at (None for exports older than this attribute).
+        size = getattr(self.module, "image_size_variable", None)
+        self.image_size = tuple(int(v) for v in size.numpy()) if size is not None else None
+
+        self.num_parts = int(
+            self.signatures["serving_default"].structured_outputs["part_embeddings"].shape[1])
+
+    @property
+    def embedding_width(self):
+        return self.signatures["serving_default"].structured_outputs["embedding"].shape[-1]
+
+    def embed(self, images, names):
+        outputs = self.signatures["serving_default"](images=tf.cast(tf.round(images), tf.uint8))
+        return _select(outputs, names)
+
+    def embed_encoded(self, encoded, names):
+        return _select(self.signatures["serve_encoded"](images=encoded), names)
+
+    def predict_images(self, images):
+        outputs = self.signatures["serving_default"](images=images)
+        return {key: value.numpy() for key, value in outputs.items()}
+
+    def predict_encoded(self, images):
+        outputs = self.signatures["serve_encoded"](images=tf.constant(images, tf.string))
+        return {key: value.numpy() for key, value in outputs.items()}
+
+    def signature_def(self):
+        """TF Serving's `signature_def` JSON of GET /v1/models/<name>/metadata."""
+        def tensor_info(spec, name):
+            dims = [{"size": str(-1 if size is None else size)} for size in spec.shape]
+            return {"dtype": "DT_" + spec.dtype.name.upper(), "tensor_shape": {"dim": dims},
+                    "name": name}
+
+        signature_def = {}
+        for key, function in self.signatures.items():
+            inputs = function.structured_input_signature[1]
+            outputs = function.structured_outputs
+            signature_def[key] = {
+                "inputs": {name: tensor_info(spec, f"{key}_{name}:0")
+                           for name, spec in inputs.items()},
+                "outputs": {name: tensor_info(tensor, f"StatefulPartitionedCall:{index}")
+                            for index, (name, tensor) in enumerate(sorted(outputs.items()))},
+                "method_name": "tensorflow/serving/predict",
+            }
+        return {"signature_def": {"signature_def": signature_def}}
+
+
+def enable_memory_growth():
+    """GPU memory on demand (TensorFlow otherwise takes nearly all of it at start), so a server
+    or an extraction can share the GPU. Call before TensorFlow touches a GPU; no GPU: no-op."""
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)

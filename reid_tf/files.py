@@ -1,0 +1,30 @@
+"""Writing files so that a failure never leaves half of one: atomic writes, and the check that a
+path can be created before any work starts."""
+
+import os
+import tempfile
+
+
+def write_atomically(path, text):
+    """Writes `text` to `path` through a temporary file and a rename: never half a file."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
+def check_can_create(path, flag):
+    """Refuses, with one line naming `flag`, a path under which nothing can be created: the
+    nearest existing folder above it must be a folder and take a real write (permission bits do
+    not stop root; a read-only file system does)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag}={path}: {existing} is a file, not a folder.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag}={path}: {existing} is not writable "
+                         f"({error.strerror or error}).") from None

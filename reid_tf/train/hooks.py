@@ -1,0 +1,165 @@
+"""What the training loop does between steps, one hook per concern (as fast-reid's
+`PeriodicCheckpointer`, `EvalHook`, `PeriodicWriter`): the progress line and its summaries, the
+part-mask pictures, checkpoints and periodic evaluation. Each hook has `every` (its period in
+steps, 0 = never; the loop stops at each boundary) and `after_steps(step, metrics)`."""
+
+import dataclasses
+import json
+import os
+import time
+
+import tensorflow as tf
+
+from reid_tf.deploy.runtime import KerasRuntime
+from reid_tf.evaluate import evaluator
+from reid_tf.evaluate import visualize
+from reid_tf.files import write_atomically
+
+
+def every(step, period):
+    """True when `step` is a positive multiple of `period` (period 0: never)."""
+    return bool(period) and step > 0 and step % period == 0
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
+        f"{seconds // 60}m{seconds % 60:02d}s")
+
+
+def flags_markdown(config):
+    rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(dataclasses.asdict(config).items()))
+    return "| flag | value |\n| --- | --- |\n" + rows
+
+
+class Progress:
+    """The progress line (losses per part, accuracy, images/s, time left, steps skipped by loss
+    scaling) and the training summaries, every `every` steps and at the end."""
+
+    def __init__(self, every, total_steps, start_step, batch_size, num_parts, optimizer, writer,
+                 log):
+        self.every, self.total_steps, self.start_step = every, total_steps, start_step
+        self.batch_size, self.num_parts = batch_size, num_parts
+        self.optimizer, self.writer, self.log = optimizer, writer, log
+        self.start_time = time.perf_counter()
+        self.skipped = 0  # steps loss scaling skipped, this invocation
+
+    def after_steps(self, step, metrics, images_per_second):
+        self.skipped += int(metrics["skipped_steps"])
+        if not (every(step, self.every) or step == self.total_steps):
+            return
+        elapsed = time.perf_counter() - self.start_time
+        remaining = elapsed / (step - self.start_step) * (self.total_steps - step)
+        parts = " ".join(f"{v:.2f}" for v in metrics["part_losses"].numpy())
+        skipped = f"  skipped {self.skipped}" if self.skipped else ""
+        self.log(f"step {step}/{self.total_steps}  loss {float(metrics['loss']):.4f}  "
+                 f"global {float(metrics['global_loss']):.4f}  part "
+                 f"{float(metrics['part_loss']):.4f} [{parts}]  acc "
+                 f"{float(metrics['global_accuracy']):.3f}  {images_per_second:.1f} img/s  ETA "
+                 f"{format_duration(remaining)}{skipped}")
+        with self.writer.as_default(step=step):
+            for name in ("loss", "global_loss", "part_loss", "global_accuracy"):
+                tf.summary.scalar(f"train/{name}", metrics[name])
+            for k in range(self.num_parts):
+                tf.summary.scalar(f"train/part_{k + 1}_loss", metrics["part_losses"][k])
+                tf.summary.scalar(f"train/part_{k + 1}_accuracy", metrics["part_accuracies"][k])
+            tf.summary.scalar("train/learning_rate", self.optimizer.learning_rate)
+            tf.summary.scalar("train/images_per_second", images_per_second)
+            tf.summary.scalar("train/skipped_steps", self.skipped)
+
+
+class PartMaskPictures:
+    """Input crops with their part masks in colour, in TensorBoard."""
+
+    def __init__(self, every, total_steps, model, preview, writer):
+        self.every, self.total_steps = every, total_steps
+        self.model, self.preview, self.writer = model, preview, writer
+
+    def after_steps(self, step, metrics, images_per_second):
+        if not (every(step, self.every) or step == self.total_steps):
+            return
+        masks = self.model(self.preview, training=False)["part_masks"]
+        with self.writer.as_default(step=step):
+            tf.summary.image("train/part_masks",
+                             visualize.overlay_part_masks(self.preview, masks), max_outputs=8)
+
+
+class Checkpoints:
+    """A checkpoint every `every` steps and at the end."""
+
+    def __init__(self, every, total_steps, manager):
+        self.every, self.total_steps, self.manager = every, total_steps, manager
+
+    def after_steps(self, step, metrics, images_per_second):
+        if every(step, self.every) or step == self.total_steps:
+            self.manager.save(checkpoint_number=step)
+
+
+class Evaluation:
+    """Evaluation on validation (when held out; else test) every `every` steps before the end,
+    and `run(split)` for the final ones. Logs, summarises, and keeps the validation curve in
+    `<workdir>/validation_curve.json` (a resumed run keeps its earlier points)."""
+
+    def __init__(self, every, total_steps, model, splits, config, steps_per_epoch, workdir,
+                 writer, chief, log):
+        self.every, self.total_steps = every, total_steps
+        self.runtime = KerasRuntime(model)
+        self.num_parts = model.num_parts
+        self.splits, self.batch_size = splits, config.eval_batch_size
+        self.steps_per_epoch, self.writer, self.chief, self.log = (steps_per_epoch, writer,
+                                                                   chief, log)
+        self.tag = config.dataset.replace("/", "_").replace(":", "_")
+        self.validation = "val_query" in splits
+        self.curve_path = os.path.join(workdir, "validation_curve.json")
+        self.curve = []
+
+    def resume(self, step):
+        if self.validation and os.path.exists(self.curve_path):
+            with open(self.curve_path) as f:
+                self.curve = [point for point in json.load(f) if point["step"] <= step]
+
+    def after_steps(self, step, metrics, images_per_second):
+        if every(step, self.every) and step < self.total_steps and self.chief:
+            self.run(step, "validation" if self.validation else "test")
+
+    def run(self, step, split="test"):
+        """Evaluates on `split` ("test" or "validation"); logs, summarises, returns metrics."""
+        names = ("val_query", "val_gallery") if split == "validation" else ("query", "gallery")
+        metrics = evaluator.evaluate_runtime(self.runtime, self.splits[names[0]],
+                                             self.splits[names[1]], self.batch_size)
+        tag = f"{self.tag}/validation" if split == "validation" else self.tag
+        consistency = metrics.get("part_consistency")
+        with self.writer.as_default(step=step):
+            tf.summary.scalar(f"eval/{tag}/rank1", metrics["rank1"])
+            tf.summary.scalar(f"eval/{tag}/mAP", metrics["mAP"])
+            for name, values in metrics["descriptors"].items():
+                if name != "embedding":
+                    tf.summary.scalar(f"eval/{tag}/{name}/mAP", values["mAP"])
+            for name, value in (consistency or {}).items():
+                tf.summary.scalar(f"eval/{tag}/part_consistency/{name}", value)
+        line = (f"eval ({split}) step {step}: rank-1 {metrics['rank1']:.4f}  "
+                f"mAP {metrics['mAP']:.4f}  (queries {metrics['num_valid']}, skipped "
+                f"{metrics['num_skipped']})")
+        if consistency:
+            line += (f"  parts: IoU {consistency['mean_iou']:.3f} ordered "
+                     f"{consistency['ordered_fraction']:.3f}")
+        self.log(line)
+        if split == "validation" and self.chief:
+            self.curve.append({"step": step, "epoch": step / self.steps_per_epoch,
+                               "rank1": metrics["rank1"], "mAP": metrics["mAP"],
+                               "descriptors": metrics["descriptors"],
+                               "part_consistency": consistency})
+            write_atomically(self.curve_path, json.dumps(self.curve, indent=1))
+        return metrics
+
+    def finish(self, step):
+        """The final evaluations' part of results.json: validation (its last point, evaluated
+        now if it is not at `step`) and its curve."""
+        if not self.validation:
+            return {}
+        if not self.curve or self.curve[-1]["step"] != step:
+            self.run(step, "validation")
+        return {"validation": {key: self.curve[-1][key] for key in
+                               ("rank1", "mAP", "descriptors", "part_consistency")},
+                "validation_curve": [{k: p[k] for k in ("step", "epoch", "rank1", "mAP")}
+                                     for p in self.curve]}

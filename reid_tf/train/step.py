@@ -1,0 +1,86 @@
+"""The training step: `make_train_step(...)(iterator, n)` runs n distributed steps in one
+`tf.function` (orbit style) and returns their metrics."""
+
+import keras
+import tensorflow as tf
+
+from reid_tf.model import losses
+
+
+def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_weight=1.0,
+                    label_smoothing=0.0, jit_compile=False):
+    """Builds `train_step(iterator, num_steps)`: `num_steps` distributed steps in one tf.function.
+
+    Returns the metrics averaged over those steps: `loss`, `global_loss`, `part_loss`,
+    `part_losses [K]`, `global_accuracy`, `part_accuracies [K]`; `skipped_steps`, how many of
+    them loss scaling skipped (a non-finite float16 gradient: no variable changed); and
+    `first_bad_step` (the 0-based offset of the first step with a non-finite loss, -1 if none).
+    `optimizer` is the run's one optimizer (`optim.build_optimizer`); build its variables inside
+    `strategy.scope()` before the first call. A skipped step still advances `iterations`, so the
+    step counter stays the number of batches consumed (the resume position and the schedule).
+    `jit_compile` compiles the replica step with XLA.
+    """
+    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+    def apply(pairs):
+        if not scaled:
+            optimizer.apply_gradients(pairs)
+            return tf.constant(0.0)
+        before = tf.identity(optimizer.iterations)
+        optimizer.apply_gradients(pairs)
+        skipped = tf.cast(tf.equal(optimizer.iterations, before), optimizer.iterations.dtype)
+        optimizer.inner_optimizer.iterations.assign_add(skipped)
+        return tf.cast(skipped, tf.float32)
+
+    def replica_step(batch):
+        images, labels = batch["image"], batch["label"]
+        with tf.GradientTape() as tape:
+            outputs = model(images, training=True)
+            terms = losses.plnet_loss(labels, outputs, part_loss_weight, label_smoothing)
+            loss = tf.nn.compute_average_loss(terms["loss"], global_batch_size=global_batch_size)
+            objective = optimizer.scale_loss(loss) if scaled else loss
+        variables = model.trainable_variables
+        gradients = tape.gradient(objective, variables)
+        skipped = apply(list(zip(gradients, variables)))
+
+        def batch_mean(values):
+            return tf.reduce_sum(tf.cast(values, tf.float32), axis=0) / global_batch_size
+
+        labels = tf.cast(labels, tf.int64)
+        global_hits = tf.equal(tf.argmax(outputs["global_logits"], -1), labels)
+        part_hits = tf.equal(tf.argmax(outputs["part_logits"], -1), labels[:, None])
+        sums = {
+            "loss": batch_mean(terms["loss"]),
+            "global_loss": batch_mean(terms["global_loss"]),
+            "part_loss": batch_mean(terms["part_loss"]),
+            "part_losses": batch_mean(terms["part_losses"]),
+            "global_accuracy": batch_mean(global_hits),
+            "part_accuracies": batch_mean(part_hits),
+        }
+        return sums, skipped
+
+    if jit_compile:
+        replica_step = tf.function(replica_step, jit_compile=True)
+
+    def one_step(iterator):
+        sums, skipped = strategy.run(replica_step, args=(next(iterator),))
+        metrics = {name: strategy.reduce("SUM", value, axis=None) for name, value in sums.items()}
+        # Every replica applies the same all-reduced gradients, so each saw the same skip.
+        metrics["skipped_steps"] = strategy.reduce("MEAN", skipped, axis=None)
+        return metrics
+
+    @tf.function
+    def train_step(iterator, num_steps):
+        totals = one_step(iterator)
+        first_bad = tf.where(tf.math.is_finite(totals["loss"]), -1, 0)
+        for offset in tf.range(1, num_steps):
+            metrics = one_step(iterator)
+            first_bad = tf.where((first_bad < 0) & ~tf.math.is_finite(metrics["loss"]),
+                                 offset, first_bad)
+            totals = {name: totals[name] + metrics[name] for name in totals}
+        means = {name: value / tf.cast(num_steps, tf.float32) for name, value in totals.items()
+                 if name != "skipped_steps"}
+        return {**means, "skipped_steps": tf.cast(tf.round(totals["skipped_steps"]), tf.int64),
+                "first_bad_step": first_bad}
+
+    return train_step
