@@ -51,7 +51,7 @@ def serve(export, *flags, log=subprocess.DEVNULL, start_timeout=180):
     with free_port() as port:
         pass
     process = subprocess.Popen(
-        [sys.executable, "-m", "reid_tf.serving", f"--export={export}", f"--port={port}",
+        [sys.executable, "-m", "reid_tf.cli.serve", f"--export={export}", f"--port={port}",
          *flags], stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     try:

@@ -2,7 +2,7 @@
 
 Each parser returns `{split: [Record, ...]}` for splits `train`, `query`, `gallery`. The TFDS
 builders in `datasets/` (package `reid_datasets`) and the direct folder reader of
-`input_pipeline` both stand on these functions, so a folder and a prepared TFDS dataset give the
+`data.splits` both stand on these functions, so a folder and a prepared TFDS dataset give the
 same records. Camera ids are as in the file names (Market's `c1` is camera 1); person ids are as in
 the files too (training relabels them to 0..N-1 later).
 """
