@@ -357,7 +357,7 @@ def write_market_folder(splits, root):
 
     from PIL import Image
 
-    from reid_tf.sources import MARKET_LAYOUT
+    from reid_tf.data.sources import MARKET_LAYOUT
 
     for split, records in splits.items():
         folder = os.path.join(root, MARKET_LAYOUT[split])
