@@ -3,6 +3,7 @@ its connection cap."""
 
 import asyncio
 import json
+import sys
 import time
 
 from reid_tf.deploy.serving.requests import BadRequest

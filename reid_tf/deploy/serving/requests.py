@@ -62,7 +62,7 @@ def parse_images(body, max_batch, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
         if signature == "serving_default":  # as TF Serving: that signature takes uint8 arrays
             raise BadRequest("signature_name", "serving_default takes uint8 arrays [H][W][3]; "
                              "b64 images go to serve_encoded.")
-        encoded = [_decode_b64(item, f"{field}[{i}]") for i, item in enumerate(instances)]
+        encoded = [decode_b64(item, f"{field}[{i}]") for i, item in enumerate(instances)]
         for i, data in enumerate(encoded):
             check_encoded_image(data, f"{field}[{i}].b64", max_image_pixels)
         return "encoded", encoded
@@ -71,7 +71,7 @@ def parse_images(body, max_batch, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
                          "arrays go to serving_default.")
     if any(isinstance(item, dict) for item in instances):
         raise BadRequest(field, "mixes {'b64': ...} images and arrays; send one kind per request.")
-    images = [_uint8_image(item, f"{field}[{i}]") for i, item in enumerate(instances)]
+    images = [uint8_image(item, f"{field}[{i}]") for i, item in enumerate(instances)]
     for i, image in enumerate(images):
         if image.shape != images[0].shape:
             raise BadRequest(f"{field}[{i}]", f"shape {list(image.shape)} differs from "
@@ -80,7 +80,7 @@ def parse_images(body, max_batch, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     return "images", np.stack(images)
 
 
-def _decode_b64(item, field):
+def decode_b64(item, field):
     if set(item) != {"b64"} or not isinstance(item["b64"], str):
         raise BadRequest(field, "expected {\"b64\": \"<base64 of a JPEG/PNG image>\"}.")
     try:
@@ -124,7 +124,7 @@ def _check_image_header(data, field, max_image_pixels):
                          f"{max_image_pixels} per image (--max_image_pixels).")
 
 
-def _uint8_image(item, field):
+def uint8_image(item, field):
     try:
         array = np.asarray(item)
     except ValueError:  # ragged nesting

@@ -3,7 +3,6 @@ metadata."""
 
 import asyncio
 import concurrent.futures
-import time
 
 import numpy as np
 
@@ -15,7 +14,9 @@ from reid_tf.deploy.serving.requests import BadRequest
 from reid_tf.deploy.serving.requests import DEFAULT_MAX_IMAGE_PIXELS
 from reid_tf.deploy.serving.requests import Overloaded
 from reid_tf.deploy.serving.requests import check_encoded_image
+from reid_tf.deploy.serving.requests import decode_b64
 from reid_tf.deploy.serving.requests import parse_images
+from reid_tf.deploy.serving.requests import uint8_image
 
 
 class Server:
@@ -177,11 +178,11 @@ class Server:
             entry = {key: value for key, value in item.items()
                      if key not in ("b64", "image")}
             if sources == ["b64"]:
-                data = _decode_b64({"b64": item["b64"]}, field)
+                data = decode_b64({"b64": item["b64"]}, field)
                 check_encoded_image(data, f"{field}.b64", self.max_image_pixels)
                 encoded.append((i, data))
             elif sources == ["image"]:
-                image = _uint8_image(item["image"], f"{field}.image")
+                image = uint8_image(item["image"], f"{field}.image")
                 arrays.setdefault(image.shape, []).append((i, image))
             entries.append(entry)
         groups = []
