@@ -4,7 +4,7 @@ A config is a dataclass whose fields are `Option(...).field()`; its command-line
 (`define_flags`), the config built from them (`from_flags`), the checks of values
 (`check`) and the resume check (`resume_options`) are all derived from those declarations, so a
 flag without a field, or a field without a flag, cannot exist. Options that several tools
-share (`DATASET`, `DATA_DIR`, `MANUAL_DIR`, `SKIP_CORRUPT`, `IMAGE_HEIGHT`, `IMAGE_WIDTH`,
+share (`EXPORT`, `DATASET`, `DATA_DIR`, `MANUAL_DIR`, `SKIP_CORRUPT`, `IMAGE_HEIGHT`, `IMAGE_WIDTH`,
 `BATCH_SIZE`) are declared here once and defined by each tool with `define`.
 """
 
@@ -114,6 +114,7 @@ def resume_options(config_class):
 
 
 # Shared by reid-train, reid-eval, reid-extract and reid-serve.
+EXPORT = Option(None, "A SavedModel export folder (<export_dir>/<version>).")
 DATASET = Option("synthetic_persons", "A TFDS name (synthetic_persons, market1501, "
                  "cuhk03/labeled, ...), folder:PATH (Market layout) or identity_folders:PATH.",
                  resume=True)

@@ -22,7 +22,7 @@ from reid_tf import options  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A reid-train workdir: evaluates its latest checkpoint.")
-flags.DEFINE_string("export", None, "A SavedModel export folder (<export_dir>/<version>).")
+options.define("export", str, options.EXPORT)
 options.define("dataset", str, options.DATASET.replace(
     default=None, help="Dataset (default: the workdir's)."))
 options.define("data_dir", str, options.DATA_DIR)

@@ -22,7 +22,7 @@ from reid_tf import options  # noqa: E402
 from reid_tf.data import sources  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("export", None, "A SavedModel export folder (<export_dir>/<version>).")
+options.define("export", str, options.EXPORT)
 flags.DEFINE_string("images", None, "A folder of images: a Market layout root (then --split "
                     "picks the sub-folder) or any folder (every image in it, recursively).")
 options.define("dataset", str, options.DATASET.replace(

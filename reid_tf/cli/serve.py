@@ -26,10 +26,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from reid_tf import options  # noqa: E402
 from reid_tf.deploy.serving.app import DEFAULT_MAX_CONNECTIONS  # noqa: E402
 from reid_tf.deploy.serving.requests import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
 
-flags.DEFINE_string("export", None, "A SavedModel export folder (<export_dir>/<version>).")
+FLAGS = flags.FLAGS
+options.define("export", str, options.EXPORT)
 flags.DEFINE_string("model_name", "reid", "The <name> of /v1/models/<name>.")
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 flags.DEFINE_integer("port", 8501, "Port (TF Serving's REST port is 8501).")
@@ -79,42 +81,41 @@ def main(argv):
     from reid_tf.deploy.serving.app import serve_forever
     from reid_tf.deploy.serving.server import Server
 
-    options = flags.FLAGS
     for name in ("max_batch", "max_image_pixels", "max_connections", "threads",
                  "max_batch_size", "max_enqueued_batches"):
-        if getattr(options, name) < 1:
+        if getattr(FLAGS, name) < 1:
             raise app.UsageError(f"--{name}: expected a positive integer.")
     # Pillow only reads headers here (TensorFlow decodes), and --max_image_pixels is the
     # limit: Pillow's own bomb check would refuse before the size could be reported.
     Image.MAX_IMAGE_PIXELS = None
     runtime.enable_memory_growth()
     try:
-        export = runtime.SavedModelRuntime(options.export)
+        export = runtime.SavedModelRuntime(FLAGS.export)
         gallery = None
-        if options.gallery_db or options.gallery or options.gallery_images:
+        if FLAGS.gallery_db or FLAGS.gallery or FLAGS.gallery_images:
             gallery = open_gallery(
-                export, options.gallery_db, options.gallery, options.gallery_images,
-                index_spec(options.index, options.nlist), options.nprobe,
-                options.ef_search, options.persist_every,
+                export, FLAGS.gallery_db, FLAGS.gallery, FLAGS.gallery_images,
+                index_spec(FLAGS.index, FLAGS.nlist), FLAGS.nprobe,
+                FLAGS.ef_search, FLAGS.persist_every,
                 log=lambda line: print(line, flush=True))
     except (ValueError, OSError, RuntimeError) as problem:  # RuntimeError: faiss's
         print(f"reid-serve: error: {str(problem).strip().splitlines()[0]}",
               file=sys.stderr, flush=True)
         sys.exit(1)
-    server = Server(export, gallery, options.model_name, options.max_batch, options.threads,
-                    options.max_image_pixels, options.max_batch_size,
-                    options.batch_timeout_ms, options.max_enqueued_batches)
-    application = make_app(server, int(options.max_body_mb * (1 << 20)), options.timeout_s)
+    server = Server(export, gallery, FLAGS.model_name, FLAGS.max_batch, FLAGS.threads,
+                    FLAGS.max_image_pixels, FLAGS.max_batch_size,
+                    FLAGS.batch_timeout_ms, FLAGS.max_enqueued_batches)
+    application = make_app(server, int(FLAGS.max_body_mb * (1 << 20)), FLAGS.timeout_s)
     access = logging.getLogger("aiohttp.access")  # one line per request, on stdout
     access.setLevel(logging.INFO)
     access.addHandler(logging.StreamHandler(sys.stdout))
     access.propagate = False
     asyncio.run(serve_forever(
-        application, options.host, options.port, options.timeout_s, options.max_connections,
+        application, FLAGS.host, FLAGS.port, FLAGS.timeout_s, FLAGS.max_connections,
         started=lambda: print(
-            f"serving {export.path} as '{options.model_name}' (version {export.version})"
+            f"serving {export.path} as '{FLAGS.model_name}' (version {export.version})"
             + (f" with a gallery of {len(gallery)}" if gallery else "")
-            + f" on http://{options.host}:{options.port}", flush=True)))
+            + f" on http://{FLAGS.host}:{FLAGS.port}", flush=True)))
 
 
 def run():
