@@ -131,7 +131,8 @@ class GroupedOptimizer:
             decay, self._distribution_strategy, variables)
 
 
-_OPTIMIZERS = {
+# Keras arguments of each optimizer: SGD with Nesterov momentum 0.9; Adam; AdamW.
+OPTIMIZER_ARGUMENTS = {
     "sgd": lambda schedule, weight_decay: dict(learning_rate=schedule, momentum=0.9,
                                                nesterov=True, weight_decay=weight_decay or None),
     "adam": lambda schedule, weight_decay: dict(learning_rate=schedule,
@@ -156,7 +157,7 @@ def build_optimizer(name, schedule, weight_decay, groups, loss_scale=False):
     the strategy's scope before the first step."""
     if name not in _CLASSES:
         raise ValueError(f"optimizer={name!r}: expected one of {tuple(_CLASSES)}.")
-    optimizer = grouped_class(name)(**_OPTIMIZERS[name](schedule, weight_decay))
+    optimizer = grouped_class(name)(**OPTIMIZER_ARGUMENTS[name](schedule, weight_decay))
     optimizer.set_groups(groups)
     if loss_scale:  # float16 gradients underflow without it
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
