@@ -36,22 +36,22 @@ class Progress:
     """The progress line (losses per part, accuracy, images/s, time left, steps skipped by loss
     scaling) and the training summaries, every `every` steps and at the end."""
 
-    def __init__(self, every, total_steps, start_step, batch_size, num_parts, optimizer, writer,
-                 log):
+    def __init__(self, every, total_steps, start_step, batch_size, num_parts, optimizer,
+                 skipped_steps, writer, log):
         self.every, self.total_steps, self.start_step = every, total_steps, start_step
         self.batch_size, self.num_parts = batch_size, num_parts
         self.optimizer, self.writer, self.log = optimizer, writer, log
+        self.skipped_steps = skipped_steps  # the run's count (checkpointed), resumes included
         self.start_time = time.perf_counter()
-        self.skipped = 0  # steps loss scaling skipped, this invocation
 
     def after_steps(self, step, metrics, images_per_second):
-        self.skipped += int(metrics["skipped_steps"])
         if not (every(step, self.every) or step == self.total_steps):
             return
         elapsed = time.perf_counter() - self.start_time
         remaining = elapsed / (step - self.start_step) * (self.total_steps - step)
         parts = " ".join(f"{v:.2f}" for v in metrics["part_losses"].numpy())
-        skipped = f"  skipped {self.skipped}" if self.skipped else ""
+        count = int(self.skipped_steps.numpy())
+        skipped = f"  skipped {count}" if count else ""
         self.log(f"step {step}/{self.total_steps}  loss {float(metrics['loss']):.4f}  "
                  f"global {float(metrics['global_loss']):.4f}  part "
                  f"{float(metrics['part_loss']):.4f} [{parts}]  acc "
@@ -65,7 +65,7 @@ class Progress:
                 tf.summary.scalar(f"train/part_{k + 1}_accuracy", metrics["part_accuracies"][k])
             tf.summary.scalar("train/learning_rate", self.optimizer.learning_rate)
             tf.summary.scalar("train/images_per_second", images_per_second)
-            tf.summary.scalar("train/skipped_steps", self.skipped)
+            tf.summary.scalar("train/skipped_steps", count)
 
 
 class PartMaskPictures:
@@ -104,7 +104,6 @@ class Evaluation:
                  writer, chief, log):
         self.every, self.total_steps = every, total_steps
         self.runtime = KerasRuntime(model)
-        self.num_parts = model.num_parts
         self.splits, self.batch_size = splits, config.eval_batch_size
         self.steps_per_epoch, self.writer, self.chief, self.log = (steps_per_epoch, writer,
                                                                    chief, log)

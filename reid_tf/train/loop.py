@@ -205,13 +205,14 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
         log(f"validation: {len(splits['val_query'])} queries, {len(splits['val_gallery'])} "
             f"gallery images of {len(splits['val_query'].identities)} held-out training "
             "identities")
+    skipped_steps = checkpoint.skipped_steps
     hooks = [hooks_lib.Progress(config.log_every, total, step, config.global_batch_size,
-                                config.num_parts, optimizer, writers["train"], log),
+                                config.num_parts, optimizer, skipped_steps, writers["train"],
+                                log),
              hooks_lib.PartMaskPictures(config.image_summary_every, total, model, preview,
                                         writers["train"]),
              hooks_lib.Checkpoints(config.checkpoint_every, total, manager),
              evaluation]
-    skipped_steps = checkpoint.skipped_steps
 
     start_step, train_seconds = step, 0.0  # in training steps only: no hooks
     while step < total:
