@@ -3,7 +3,11 @@
 # (train.log) and wall time (wall_seconds). A finished run (results.json) is skipped; an
 # interrupted one resumes from its last checkpoint (reid-train does that). `touch runs/PAUSE`
 # holds the queue between runs. After each run, its results and flags are copied to
-# experiments/results/<name>.json (what summarize.py reads; commit those).
+# experiments/results/<name>.json (what summarize.py reads; commit those). A run whose JSON is
+# already there is skipped too: a fresh checkout does not rerun the committed runs.
+# Long queues run from a pinned clone of one commit (git worktree add ../reid-tf-queue <commit>,
+# its own `make install`), so that later changes to main cannot change a table halfway; each
+# results.json records the commit it ran (summarize.py checks a row's runs share one).
 #
 #   bash experiments/run_cuhk03_pair1.sh validation   # budget: curves on held-out training ids
 #   bash experiments/run_cuhk03_pair1.sh strategies   # part strategy, on the same held-out ids
@@ -11,6 +15,8 @@
 #   bash experiments/run_cuhk03_pair1.sh wide         # row (e): baseline with PL-Net's width
 #   bash experiments/run_cuhk03_pair1.sh short        # the 2.5-epoch appendix
 #   bash experiments/run_cuhk03_pair1.sh peer         # the PyTorch peer (experiments/peers)
+#   bash experiments/run_cuhk03_pair1.sh grid         # K x lambda for PL-Net (bands), validation
+#   bash experiments/run_cuhk03_pair1.sh triplet_validation  # triplet weight 0 vs 1, validation
 #   .venv/bin/python experiments/summarize.py         # the tables of RESULTS.md
 #   ONLY=_s0 bash experiments/run_cuhk03_pair1.sh wide # only runs whose name matches (regex)
 set -euo pipefail
@@ -40,6 +46,24 @@ if [[ $WHICH == strategies ]]; then
   for strategy in bands peaks stripes; do
     RUNS+=("${R}_labeled_val_${strategy}${S}|$L|--part_strategy=$strategy --epochs=$E $V")
   done
+fi
+# K x lambda for PL-Net with bands, on validation, at the recipe's budget; evaluated every 2
+# epochs (124 steps) for a coarse curve. K=4, lambda=1 is the existing _val_bands_e12 run.
+if [[ $WHICH == grid ]]; then
+  for K in 2 3 4 6; do
+    for lambda in 0.5 1 2; do
+      [[ $K == 4 && $lambda == 1 ]] && continue
+      RUNS+=("${R}_labeled_val_k${K}_l${lambda}_e12|$L|--part_strategy=bands --num_parts=$K --part_loss_weight=$lambda --epochs=12 --validation_identities=0.2 --eval_every=124 --seed=0")
+    done
+  done
+fi
+# The triplet weight, 0 (the existing runs) vs 1, on validation with the full curve. PL-Net's
+# K and lambda come from the grid: KL="K lambda" (default the recipe's 4 1).
+if [[ $WHICH == triplet_validation ]]; then
+  read -r K lambda <<<"${KL:-4 1}"
+  T="--triplet_weight=1 --triplet_margin=0.3 --epochs=12 $V"
+  RUNS+=("${R}_labeled_val_baseline_triplet_e12|$L|--num_parts=0 $T")
+  RUNS+=("${R}_labeled_val_k${K}_l${lambda}_triplet_e12|$L|--part_strategy=bands --num_parts=$K --part_loss_weight=$lambda $T")
 fi
 if [[ $WHICH == main ]]; then
   for seed in 0 1 2; do
@@ -91,7 +115,8 @@ for run in "${RUNS[@]}"; do
   IFS='|' read -r name recipe extra <<<"$run"
   dir=runs/$name
   [[ $name =~ $ONLY ]] || continue
-  [[ -f $dir/results.json ]] && { echo "== $name: done, skipped"; continue; }
+  [[ -f $dir/results.json || -f experiments/results/$name.json ]] \
+    && { echo "== $name: done, skipped"; continue; }
   while [[ -f runs/PAUSE ]]; do sleep 10; done
   mkdir -p "$dir"
   echo "== $name: $TRAIN --flagfile=experiments/$recipe.flags --workdir=$dir $extra"

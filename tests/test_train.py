@@ -386,3 +386,16 @@ def test_the_end_of_run_export_of_a_bfloat16_run_equals_reid_export(tmp_path, da
     second = again.signatures["serving_default"](images=images)
     for key in ("embedding", "global_embedding", "part_embeddings"):
         np.testing.assert_array_equal(first[key].numpy(), second[key].numpy(), err_msg=key)
+
+
+def test_each_triplet_term_is_in_the_progress_line_and_in_tensorboard(tmp_path, data_dir):
+    workdir = str(tmp_path / "triplet")
+    result = reid_train(workdir, data_dir, "--train_steps=2", "--triplet_weight=1",
+                        "--part_triplet", "--strategy=mirrored", "--cpu_replicas=2",
+                        "--image_summary_every=0")
+    line = next(line for line in result.stdout.splitlines() if line.startswith("step 2/2"))
+    assert " triplet " in line and " part triplet " in line, line
+    events = scalar_tags(os.path.join(workdir, "tensorboard", "train"))
+    for tag in ("train/triplet_loss", "train/part_triplet_loss"):
+        values = [float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)]
+        assert values and all(v > 0 for v in values), (tag, values)

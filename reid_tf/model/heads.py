@@ -71,7 +71,9 @@ class PartClassifierBlock(keras.layers.Layer):
         num_classes: N, training identities.
         sync_batch_norm: BatchNorm statistics over all replicas' batches.
 
-    Shapes: `[B,K,C] -> ([B,K,D] embeddings, [B,K,N] logits)`; logits are float32.
+    Shapes: `[B,K,C] -> ([B,K,D] embeddings, [B,K,N] logits)`; logits are float32. With
+    `with_features=True`, also the `[B,K,D]` features before the BatchNorm (BNNeck's input, where
+    a metric loss goes): `(embeddings, logits, features)`.
 
     Example:
     >>> embeddings, logits = PartClassifierBlock(3, 8, 5)(tf.ones([2, 3, 16]))
@@ -105,12 +107,14 @@ class PartClassifierBlock(keras.layers.Layer):
         )
         self.classifier.build((input_shape[0], self.num_parts, self.embedding_dim))
 
-    def call(self, inputs, training=None):
-        embeddings = self.embedding(inputs)
-        flat = tf.reshape(embeddings, [-1, self.num_parts * self.embedding_dim])
+    def call(self, inputs, training=None, with_features=False):
+        features = self.embedding(inputs)
+        flat = tf.reshape(features, [-1, self.num_parts * self.embedding_dim])
         embeddings = tf.reshape(self.batch_norm(flat, training=training),
                                 [-1, self.num_parts, self.embedding_dim])
         logits = tf.cast(self.classifier(embeddings), tf.float32)
+        if with_features:
+            return embeddings, logits, features
         return embeddings, logits
 
     def compute_output_shape(self, input_shape):

@@ -60,6 +60,16 @@ class TrainConfig:
     # Loss.
     part_loss_weight: float = Option(1.0, "lambda of the part loss.", resume=True).field()
     label_smoothing: float = Option(0.0, "Label smoothing epsilon.", resume=True).field()
+    triplet_weight: float = Option(
+        0.0, "Weight of the batch-hard triplet loss on the embeddings before the BNNeck "
+        "BatchNorm, mined over the global P x K batch; 0 trains without it.", resume=True,
+        minimum=0.0).field()
+    triplet_margin: float = Option(
+        0.3, "Triplet hinge margin; 0 selects the soft margin log(1 + exp(d_ap - d_an)).",
+        resume=True, minimum=0.0).field()
+    part_triplet: bool = Option(
+        False, "Also a triplet loss on each part's embedding, mined per part (with "
+        "--triplet_weight).", resume=True).field()
     # Optimisation.
     optimizer: str = Option("sgd", "Optimizer.", resume=True, choices=OPTIMIZERS).field()
     learning_rate: float = Option(0.01, "Peak learning rate.", resume=True).field()

@@ -32,6 +32,9 @@ def flags_markdown(config):
     return "| flag | value |\n| --- | --- |\n" + rows
 
 
+TRIPLET_TERMS = (("triplet_loss", "triplet"), ("part_triplet_loss", "part triplet"))
+
+
 class Progress:
     """The progress line (losses per part, accuracy, images/s, time left, steps skipped by loss
     scaling) and the training summaries, every `every` steps and at the end."""
@@ -52,14 +55,18 @@ class Progress:
         parts = " ".join(f"{v:.2f}" for v in metrics["part_losses"].numpy())
         count = int(self.skipped_steps.numpy())
         skipped = f"  skipped {count}" if count else ""
+        triplets = "".join(f"  {label} {float(metrics[name]):.4f}"
+                           for name, label in TRIPLET_TERMS if name in metrics)
         self.log(f"step {step}/{self.total_steps}  loss {float(metrics['loss']):.4f}  "
                  f"global {float(metrics['global_loss']):.4f}  part "
-                 f"{float(metrics['part_loss']):.4f} [{parts}]  acc "
+                 f"{float(metrics['part_loss']):.4f} [{parts}]{triplets}  acc "
                  f"{float(metrics['global_accuracy']):.3f}  {images_per_second:.1f} img/s  ETA "
                  f"{format_duration(remaining)}{skipped}")
         with self.writer.as_default(step=step):
-            for name in ("loss", "global_loss", "part_loss", "global_accuracy"):
-                tf.summary.scalar(f"train/{name}", metrics[name])
+            for name in ("loss", "global_loss", "part_loss", "global_accuracy",
+                         *(name for name, _ in TRIPLET_TERMS)):
+                if name in metrics:
+                    tf.summary.scalar(f"train/{name}", metrics[name])
             for k in range(self.num_parts):
                 tf.summary.scalar(f"train/part_{k + 1}_loss", metrics["part_losses"][k])
                 tf.summary.scalar(f"train/part_{k + 1}_accuracy", metrics["part_accuracies"][k])

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from reid_tf import version
 from reid_tf.data import pipeline
 from reid_tf.data import splits as splits_lib
 from reid_tf.model import PartLossNet
@@ -157,6 +158,7 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
             path, _ = workdir_lib.export_latest(workdir, log=log)
             log(f"exported {path}")
         results["export"] = path
+    results["code"] = version.code()  # the commit that finished the run
     if chief:
         workdir_lib.write_atomically(os.path.join(workdir, "results.json"),
                                      json.dumps(results, indent=2))
@@ -186,7 +188,10 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
     train_step = make_train_step(model, optimizer, strategy, config.global_batch_size,
                                  config.part_loss_weight, config.label_smoothing,
-                                 jit_compile=config.jit_compile)
+                                 jit_compile=config.jit_compile,
+                                 triplet_weight=config.triplet_weight,
+                                 triplet_margin=config.triplet_margin,
+                                 part_triplet=config.part_triplet)
     writers = {name: tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", name))
                if chief else tf.summary.create_noop_writer() for name in ("train", "eval")}
     splits, total = data.splits, data.total_steps

@@ -8,7 +8,8 @@ from reid_tf.model import losses
 
 
 def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_weight=1.0,
-                    label_smoothing=0.0, jit_compile=False):
+                    label_smoothing=0.0, jit_compile=False, triplet_weight=0.0,
+                    triplet_margin=0.3, part_triplet=False):
     """Builds `train_step(iterator, num_steps)`: `num_steps` distributed steps in one tf.function.
 
     Returns the metrics averaged over those steps: `loss`, `global_loss`, `part_loss`,
@@ -19,6 +20,13 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
     `strategy.scope()` before the first call. A skipped step still advances `iterations`, so the
     step counter stays the number of batches consumed (the resume position and the schedule).
     `jit_compile` compiles the replica step with XLA.
+
+    With a `triplet_weight` (see `losses.plnet_loss`), the metrics add `triplet_loss` (and
+    `part_triplet_loss` with `part_triplet`). The hardest positives and negatives are mined over
+    the global batch, not per replica: each replica all-gathers the features and labels of every
+    replica (an all-gather whose gradient sums back to each replica's own rows), so a run on R
+    replicas computes the loss and gradients of the same run on one device. Mining per replica
+    would mine among B/R examples instead, a loss that changes with the number of devices.
     """
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
@@ -32,11 +40,17 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
         optimizer.inner_optimizer.iterations.assign_add(skipped)
         return tf.cast(skipped, tf.float32)
 
+    def gather(value):
+        if strategy.num_replicas_in_sync == 1:
+            return value
+        return tf.distribute.get_replica_context().all_gather(value, axis=0)
+
     def replica_step(batch):
         images, labels = batch["image"], batch["label"]
         with tf.GradientTape() as tape:
             outputs = model(images, training=True)
-            terms = losses.plnet_loss(labels, outputs, part_loss_weight, label_smoothing)
+            terms = losses.plnet_loss(labels, outputs, part_loss_weight, label_smoothing,
+                                      triplet_weight, triplet_margin, part_triplet, gather)
             loss = tf.nn.compute_average_loss(terms["loss"], global_batch_size=global_batch_size)
             objective = optimizer.scale_loss(loss) if scaled else loss
         variables = model.trainable_variables
@@ -57,6 +71,9 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
             "global_accuracy": batch_mean(global_hits),
             "part_accuracies": batch_mean(part_hits),
         }
+        for name in ("triplet_loss", "part_triplet_loss"):
+            if name in terms:
+                sums[name] = batch_mean(terms[name])
         return sums, skipped
 
     if jit_compile:
