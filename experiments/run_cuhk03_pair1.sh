@@ -17,6 +17,9 @@
 #   bash experiments/run_cuhk03_pair1.sh peer         # the PyTorch peer (experiments/peers)
 #   bash experiments/run_cuhk03_pair1.sh grid         # K x lambda for PL-Net (bands), validation
 #   bash experiments/run_cuhk03_pair1.sh triplet_validation  # triplet weight 0 vs 1, validation
+#   KL="K lambda" bash experiments/run_cuhk03_pair1.sh strong  # rows (f)-(h), 3 seeds, both data
+#   bash experiments/run_cuhk03_pair1.sh rerun        # (a), (b) labeled again, also on detected
+#   PEER_TRIPLET=1 bash experiments/run_cuhk03_pair1.sh peer  # the peer of (f)
 #   .venv/bin/python experiments/summarize.py         # the tables of RESULTS.md
 #   ONLY=_s0 bash experiments/run_cuhk03_pair1.sh wide # only runs whose name matches (regex)
 set -euo pipefail
@@ -73,6 +76,30 @@ if [[ $WHICH == main ]]; then
     done
   done
 fi
+# Rows (f)-(h). Labeled runs are also tested on the detected test split (the same people in
+# detector boxes): the robustness table. (g) takes K and lambda from the validation grid:
+# KL="K lambda" (required: no default, so that (g) cannot run before the choice).
+ALSO="--also_evaluate_on=folder:../shared/data/${R}_detected"
+if [[ $WHICH == strong ]]; then
+  [[ -n ${KL:-} ]] || { echo "strong: set KL=\"K lambda\" from the validation grid" >&2; exit 2; }
+  read -r K lambda <<<"$KL"
+  for seed in 0 1 2; do
+    for data in labeled detected; do
+      also=$([[ $data == labeled ]] && echo "$ALSO" || echo "")
+      RUNS+=("${R}_${data}_baseline_triplet_s${seed}|${R}_${data}_mobilenetv2_128x64|--num_parts=0 --triplet_weight=1 --seed=${seed} $also")
+      RUNS+=("${R}_${data}_plnet_triplet_s${seed}|${R}_${data}_mobilenetv2_128x64|--num_parts=$K --part_loss_weight=$lambda --triplet_weight=1 --seed=${seed} $also")
+      RUNS+=("${R}_${data}_stripes_s${seed}|${R}_${data}_mobilenetv2_128x64|--part_strategy=stripes --seed=${seed} $also")
+    done
+  done
+fi
+# (a) and (b) trained on labeled boxes once more, to test them on detector boxes (the first
+# runs' checkpoints were not kept); their labeled figures repeat (a) and (b).
+if [[ $WHICH == rerun ]]; then
+  for seed in 0 1 2; do
+    RUNS+=("${R}_labeled_baseline_rerun_s${seed}|${R}_labeled_mobilenetv2_128x64|--num_parts=0 --seed=${seed} $ALSO")
+    RUNS+=("${R}_labeled_plnet_rerun_s${seed}|${R}_labeled_mobilenetv2_128x64|--seed=${seed} $ALSO")
+  done
+fi
 if [[ $WHICH == wide ]]; then
   # (e): the baseline with a descriptor as wide as PL-Net's (K+1)*256 = 1280.
   for seed in 0 1 2; do
@@ -89,12 +116,16 @@ if [[ $WHICH == short ]]; then
 fi
 if [[ $WHICH == peer ]]; then
   # The independent PyTorch baseline (experiments/peers), at the recipe's budget in steps.
+  # PEER_TRIPLET=1: the peer of (f), with the batch-hard triplet loss (weight 1, margin 0.3).
   PEER=${PEER:-experiments/peers/.venv/bin/python}
+  suffix=$([[ -n ${PEER_TRIPLET:-} ]] && echo _triplet || echo "")
+  peer_flags=$([[ -n ${PEER_TRIPLET:-} ]] && echo "--triplet_weight=1 --triplet_margin=0.3" || echo "")
   for job in labeled:0 labeled:1 labeled:2 detected:0 detected:1 detected:2; do
     data=${job%:*}; seed=${job#*:}
-    out=experiments/results/peer_${data}_baseline_s${seed}.json
-    [[ peer_${data}_baseline_s${seed} =~ $ONLY ]] || continue
-    [[ -f $out ]] && { echo "== peer $data s$seed: done, skipped"; continue; }
+    run=peer_${data}_baseline${suffix}_s${seed}
+    out=experiments/results/$run.json
+    [[ $run =~ $ONLY ]] || continue
+    [[ -f $out ]] && { echo "== $run: done, skipped"; continue; }
     while [[ -f runs/PAUSE ]]; do sleep 10; done
     flagfile=experiments/${R}_${data}_mobilenetv2_128x64.flags
     epochs=$(sed -n 's/^--epochs=//p' "$flagfile")
@@ -102,13 +133,13 @@ if [[ $WHICH == peer ]]; then
 s = splits.load_splits('folder:../shared/data/${R}_${data}', log=lambda line: None)['train']
 labels, _ = splits.relabel(s.person_ids)
 print($epochs * (len(pipeline.pk_epoch(labels, 16, 4, np.random.default_rng([0, 0]))) // 64))")
-    mkdir -p "runs/peer_${data}_baseline_s${seed}"
-    echo "== peer $data s$seed: $steps steps ($epochs epochs of reid-train's schedule)"
+    mkdir -p "runs/$run"
+    echo "== $run: $steps steps ($epochs epochs of reid-train's schedule) $peer_flags"
+    # shellcheck disable=SC2086
     "$PEER" experiments/peers/torch_baseline.py --data="../shared/data/${R}_${data}" \
       --weights=../shared/weights/mobilenet_v2-b0353104.pth --steps="$steps" --seed="$seed" \
-      --output="$out" --checkpoint="runs/peer_${data}_baseline_s${seed}/checkpoint.pt" \
-      >>"runs/peer_${data}_baseline_s${seed}/train.log" 2>&1 \
-      || echo "!! peer $data s$seed failed, see runs/peer_${data}_baseline_s${seed}/train.log"
+      --output="$out" --checkpoint="runs/$run/checkpoint.pt" $peer_flags \
+      >>"runs/$run/train.log" 2>&1 || echo "!! $run failed, see runs/$run/train.log"
   done
 fi
 for run in "${RUNS[@]}"; do

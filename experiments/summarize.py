@@ -6,14 +6,16 @@
 `--collect` (what run_cuhk03_pair1.sh calls after each run) copies a finished run's results and
 flags (results.json, config.json, wall time; never checkpoints or images) into
 experiments/results/<run name>.json. The tables pair runs by their recorded seed, never by
-position, and check that each run's num_parts, part strategy and recipe are the ones its row
-claims.
+position, and check that each run's num_parts, part strategy, triplet weight and recipe are
+the ones its row claims, and that a row's runs ran one commit of reid-tf (results.json's
+`code.commit`; runs from before it was recorded show "not recorded").
 """
 
 import argparse
 import glob
 import json
 import os
+import re
 
 import numpy as np
 
@@ -56,14 +58,24 @@ def mean_std(values):
     return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
 
 
-def _check(record, num_parts=None, recipe=None, embedding_dim=None, strategy=None):
-    """Refuses a record whose flags are not those its row claims."""
+def _check(record, num_parts=None, recipe=None, embedding_dim=None, strategy=None,
+           triplet=False):
+    """Refuses a record whose flags are not those its row claims (`num_parts="any"`: K > 0;
+    `triplet`: a triplet weight > 0, else none)."""
     config = record["config"]
+    if num_parts == "any":
+        if not config["num_parts"]:
+            raise ValueError(f"{record['name']}: num_parts=0, but its row needs parts.")
+        num_parts = None
     claims = {"num_parts": num_parts, "embedding_dim": embedding_dim, "part_strategy": strategy}
     for key, wanted in claims.items():
         if wanted is not None and config[key] != wanted:
             raise ValueError(f"{record['name']}: {key}={config[key]!r}, but its row needs "
                              f"{wanted!r}.")
+    weight = config.get("triplet_weight", 0.0)  # runs from before the triplet loss had none
+    if bool(weight) != triplet:
+        raise ValueError(f"{record['name']}: triplet_weight={weight!r}, but its row needs "
+                         f"{'a triplet loss' if triplet else 'none'}.")
     if recipe is not None and record["recipe"] != recipe:
         raise ValueError(f"{record['name']}: recipe {record['recipe']!r}, expected {recipe!r}.")
     return record
@@ -85,19 +97,48 @@ MAIN_ROWS = [
     ("(d) PL-Net, parts alone", "{R}_{data}_plnet_s{seed}", "part_embeddings", dict(num_parts=4)),
     ("(e) baseline, 1280-d", "{R}_{data}_baseline1280_s{seed}", "embedding",
      dict(num_parts=0, embedding_dim=1280)),
+    ("(f) baseline + triplet (BoT-style)", "{R}_{data}_baseline_triplet_s{seed}", "embedding",
+     dict(num_parts=0, triplet=True)),
+    ("(g) PL-Net + triplet", "{R}_{data}_plnet_triplet_s{seed}", "embedding",
+     dict(num_parts="any", triplet=True)),
+    ("(h) PL-Net, fixed stripes", "{R}_{data}_stripes_s{seed}", "embedding",
+     dict(num_parts=4, strategy="stripes")),
     ("PyTorch peer baseline", "peer_{data}_baseline_s{seed}", "embedding", dict(num_parts=0)),
+    ("PyTorch peer + triplet", "peer_{data}_baseline_triplet_s{seed}", "embedding",
+     dict(num_parts=0)),
 ]
+# The rows each comparison line holds against one another: (row, reference, target or None).
+COMPARISONS = [("(b)", "(a)", 3.0), ("(c)", "(a)", None), ("(d)", "(a)", None),
+               ("(e)", "(a)", None), ("(f)", "(a)", None), ("(g)", "(f)", 2.0),
+               ("(g)", "(b)", None), ("(h)", "(b)", None)]
+
+
+def commit_of(record):
+    """The reid-tf commit a run recorded (None for runs from before it was recorded)."""
+    return (record["results"].get("code") or {}).get("commit")
+
+
+def row_commit(label, records):
+    """The one commit a row's runs share: ValueError when they ran different commits."""
+    commits = {commit_of(r) for r in records}
+    if len(commits) > 1:
+        names = ", ".join(f"{r['name']} {commit_of(r) or 'not recorded'}" for r in records)
+        raise ValueError(f"row {label}: its runs ran different commits of reid-tf ({names}).")
+    commit = commits.pop() if commits else None
+    return commit[:10] + ("+dirty" if commit.endswith("+dirty") else "") if commit else \
+        "not recorded"
 
 
 def main_table(records, seeds=(0, 1, 2), prefix="cuhk03_pair1"):
     """Rows (a)-(e) and the peer, per data; paired by each run's recorded seed."""
     lines = ["| data | row | rank-1 | mAP | seeds | per-seed rank-1 | per-seed mAP | "
-             "vs (a), per seed (rank-1 / mAP) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "vs (a), per seed (rank-1 / mAP) | commit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for data in ("labeled", "detected"):
         recipe = f"{prefix}_{data}_mobilenetv2_128x64"
         baseline = {}
         for label, pattern, descriptor, checks in MAIN_ROWS:
-            by_seed = {}
+            by_seed, found = {}, []
             for seed in seeds:
                 record = records.get(pattern.format(R=prefix, data=data, seed=seed))
                 if record is None:
@@ -107,13 +148,16 @@ def main_table(records, seeds=(0, 1, 2), prefix="cuhk03_pair1"):
                     if record["config"]["seed"] != seed:
                         raise ValueError(f"{record['name']}: seed {record['config']['seed']}")
                 by_seed[seed] = {m: _metric(record, descriptor, m) for m in ("rank1", "mAP")}
+                found.append(record)
             if not by_seed:
                 continue
+            commit = row_commit(label, found)
             if label.startswith("(a)"):
                 baseline = by_seed
             rank1 = [v["rank1"] for v in by_seed.values()]
             mAP = [v["mAP"] for v in by_seed.values()]
             if label.startswith("PyTorch"):  # no seed pairs across frameworks
+                commit = "–"
                 paired = ["not paired: see the mean against mean below"]
             else:
                 paired = [f"s{s}: {v['rank1'] - baseline[s]['rank1']:+.1f} / "
@@ -122,7 +166,8 @@ def main_table(records, seeds=(0, 1, 2), prefix="cuhk03_pair1"):
                           if s in baseline and not label.startswith("(a)")]
             lines.append(f"| {data} | {label} | {mean_std(rank1)} | {mean_std(mAP)} | "
                          f"{len(by_seed)} | {' / '.join(f'{v:.1f}' for v in rank1)} | "
-                         f"{' / '.join(f'{v:.1f}' for v in mAP)} | {'; '.join(paired)} |")
+                         f"{' / '.join(f'{v:.1f}' for v in mAP)} | {'; '.join(paired)} | "
+                         f"{commit} |")
     return "\n".join(lines)
 
 
@@ -138,50 +183,61 @@ def _by_seed(records, pattern, descriptor, data, seeds=(0, 1, 2), prefix="cuhk03
 
 def comparison_lines(records, seeds=(0, 1, 2), prefix="cuhk03_pair1", target=3.0):
     """Per data: each row's paired gain over (a) as mean ± std over seeds, the target verdict
-    for (b), and the PyTorch peer against our baseline (agreement within 2 points)."""
+    for (b) and for (g) over (f), and each PyTorch peer against its reid-tf row (agreement
+    within 2 points)."""
     lines = []
     rows = {label[:3]: (label, pattern, descriptor) for label, pattern, descriptor, _ in MAIN_ROWS}
     for data in ("labeled", "detected"):
-        baseline = _by_seed(records, rows["(a)"][1], "embedding", data, seeds, prefix)
-        if not baseline:
-            continue
-        for key in ("(b)", "(c)", "(d)", "(e)"):
+        for key, against, wanted in COMPARISONS:
             label, pattern, descriptor = rows[key]
             runs = _by_seed(records, pattern, descriptor, data, seeds, prefix)
-            paired = sorted(set(runs) & set(baseline))
+            reference = _by_seed(records, rows[against][1], rows[against][2], data, seeds, prefix)
+            paired = sorted(set(runs) & set(reference))
             if not paired:
                 continue
-            gains = {m: np.array([runs[s][m] - baseline[s][m] for s in paired])
+            gains = {m: np.array([runs[s][m] - reference[s][m] for s in paired])
                      for m in ("rank1", "mAP")}
             parts = []
             for metric, values in gains.items():
                 spread = f" ± {values.std(ddof=1):.1f}" if len(values) > 1 else ""
                 parts.append(f"{'rank-1' if metric == 'rank1' else 'mAP'} "
                              f"{values.mean():+.1f}{spread}")
-            line = (f"- {data}, {label} − (a), paired over seeds {paired}: {'; '.join(parts)}")
-            if key == "(b)":
-                line += "; target (≥ +3 rank-1 and mAP, beyond one std): " + _verdict(
-                    gains, target, len(seeds))
+            line = (f"- {data}, {label} − {against}, paired over seeds {paired}: "
+                    f"{'; '.join(parts)}")
+            if wanted is not None:
+                wanted = target if key == "(b)" else wanted
+                line += (f"; target (≥ +{wanted:g} rank-1 and mAP, beyond one std): "
+                         + _verdict(gains, wanted, len(seeds)))
             lines.append(line)
-        peer = _by_seed(records, "peer_{data}_baseline_s{seed}", "embedding", data, seeds, prefix)
-        if peer:
-            # Seed k of the peer and seed k of reid-tf share no random draw (different
-            # frameworks, initialisers and samplers), so the two are compared as samples:
-            # mean against mean over all the seeds each has.
-            gaps = {m: float(np.mean([r[m] for r in peer.values()])
-                             - np.mean([r[m] for r in baseline.values()]))
-                    for m in ("rank1", "mAP")}
-            agree = max(abs(v) for v in gaps.values()) <= 2.0
-            spread = {m: (min(r[m] for r in baseline.values()),
-                          max(r[m] for r in baseline.values())) for m in ("rank1", "mAP")}
-            lines.append(
-                f"- {data}, PyTorch peer (seeds {sorted(peer)}) − reid-tf (a) (seeds "
-                f"{sorted(baseline)}), mean against mean: rank-1 {gaps['rank1']:+.1f}, mAP "
-                f"{gaps['mAP']:+.1f}; {'within' if agree else 'NOT within'} 2 points; reid-tf's "
-                f"seeds span rank-1 {spread['rank1'][0]:.1f}-{spread['rank1'][1]:.1f}, mAP "
-                f"{spread['mAP'][0]:.1f}-{spread['mAP'][1]:.1f} (training speeds: "
-                "benchmarks/train_vs_torch.py, one after the other on an idle machine)")
+        for pattern, against, name in (("peer_{data}_baseline_s{seed}", "(a)", "PyTorch peer"),
+                                       ("peer_{data}_baseline_triplet_s{seed}", "(f)",
+                                        "PyTorch peer + triplet")):
+            lines += _peer_lines(records, pattern, rows[against], name, data, seeds, prefix)
     return "\n".join(lines)
+
+
+def _peer_lines(records, pattern, against, name, data, seeds, prefix):
+    """The peer against its reid-tf row, mean against mean (agreement within 2 points).
+
+    Seed k of the peer and seed k of reid-tf share no random draw (different frameworks,
+    initialisers and samplers), so the two are compared as samples: mean against mean over all
+    the seeds each has.
+    """
+    baseline = _by_seed(records, against[1], against[2], data, seeds, prefix)
+    peer = _by_seed(records, pattern, "embedding", data, seeds, prefix)
+    if not (peer and baseline):
+        return []
+    gaps = {m: float(np.mean([r[m] for r in peer.values()])
+                     - np.mean([r[m] for r in baseline.values()])) for m in ("rank1", "mAP")}
+    agree = max(abs(v) for v in gaps.values()) <= 2.0
+    spread = {m: (min(r[m] for r in baseline.values()), max(r[m] for r in baseline.values()))
+              for m in ("rank1", "mAP")}
+    return [f"- {data}, {name} (seeds {sorted(peer)}) − reid-tf {against[0][:3]} (seeds "
+            f"{sorted(baseline)}), mean against mean: rank-1 {gaps['rank1']:+.1f}, mAP "
+            f"{gaps['mAP']:+.1f}; {'within' if agree else 'NOT within'} 2 points; reid-tf's "
+            f"seeds span rank-1 {spread['rank1'][0]:.1f}-{spread['rank1'][1]:.1f}, mAP "
+            f"{spread['mAP'][0]:.1f}-{spread['mAP'][1]:.1f} (training speeds: "
+            "benchmarks/train_vs_torch.py, one after the other on an idle machine)"]
 
 
 def _verdict(gains, target, wanted_seeds):
@@ -256,6 +312,85 @@ def validation_table(records, prefix="cuhk03_pair1_labeled_val_"):
     return "\n".join(lines)
 
 
+GRID_KS = (2, 3, 4, 6)
+GRID_LAMBDAS = ("0.5", "1", "2")
+
+
+def grid_name(K, lam, prefix="cuhk03_pair1_labeled_val_"):
+    """The validation run of PL-Net (bands) with K parts and lambda; K=4, lambda=1 is the
+    earlier `bands_e12` run (the recipe's own setting)."""
+    return f"{prefix}bands_e12" if (K, lam) == (4, "1") else f"{prefix}k{K}_l{lam}_e12"
+
+
+def grid_table(records, prefix="cuhk03_pair1_labeled_val_"):
+    """K x lambda on validation: final validation mAP / rank-1 of each run, and the best."""
+    lines = ["| K \\ λ | " + " | ".join(GRID_LAMBDAS) + " |", "| --- |" + " --- |" * len(GRID_LAMBDAS)]
+    found = {}
+    for K in GRID_KS:
+        cells = []
+        for lam in GRID_LAMBDAS:
+            record = records.get(grid_name(K, lam, prefix))
+            if record is None:
+                cells.append("–")
+                continue
+            config = record["config"]
+            _check(record, num_parts=K, strategy="bands")
+            if config["part_loss_weight"] != float(lam):
+                raise ValueError(f"{record['name']}: part_loss_weight="
+                                 f"{config['part_loss_weight']}, but its cell needs {lam}.")
+            validation = record["results"]["validation"]
+            found[(K, lam)] = (100 * validation["mAP"], 100 * validation["rank1"])
+            cells.append(f"{found[(K, lam)][0]:.1f} / {found[(K, lam)][1]:.1f}")
+        lines.append(f"| {K} | " + " | ".join(cells) + " |")
+    if not found:
+        return ""
+    (K, lam), (mAP, rank1) = max(found.items(), key=lambda item: item[1])
+    lines.append(f"\nValidation mAP / rank-1 at 12 epochs, seed 0; {len(found)} of "
+                 f"{len(GRID_KS) * len(GRID_LAMBDAS)} cells run. Best validation mAP: K={K}, "
+                 f"λ={lam} ({mAP:.1f} / {rank1:.1f}).")
+    return "\n".join(lines)
+
+
+# Models trained on labeled boxes, tested on the same test people in detector boxes: the runs
+# (with --also_evaluate_on) and the row of the main table each stands for.
+ROBUSTNESS_ROWS = [("(a) global baseline", "{R}_labeled_baseline_rerun_s{seed}", "(a)"),
+                   ("(b) PL-Net", "{R}_labeled_plnet_rerun_s{seed}", "(b)"),
+                   ("(f) baseline + triplet", "{R}_labeled_baseline_triplet_s{seed}", "(f)"),
+                   ("(g) PL-Net + triplet", "{R}_labeled_plnet_triplet_s{seed}", "(g)")]
+DETECTED = "folder:../shared/data/cuhk03_pair1_detected"
+
+
+def robustness_table(records, seeds=(0, 1, 2), prefix="cuhk03_pair1"):
+    """Trained on labeled boxes: the labeled test figures, the same model on the detected test
+    split, and the model trained on detected boxes (its main-table row) for reference."""
+    lines = ["| trained on labeled | seeds | labeled test (rank-1 / mAP) | detected test "
+             "(rank-1 / mAP) | change on detected (mAP) | trained on detected, main table "
+             "(rank-1 / mAP) | commit |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = {label[:3]: (pattern, descriptor) for label, pattern, descriptor, _ in MAIN_ROWS}
+    for label, pattern, row in ROBUSTNESS_ROWS:
+        runs = [r for r in (records.get(pattern.format(R=prefix, seed=s)) for s in seeds)
+                if r is not None and DETECTED in r["results"].get("also_evaluated", {})]
+        if not runs:
+            continue
+        for run in runs:
+            _check(run, recipe=f"{prefix}_labeled_mobilenetv2_128x64",
+                   **dict(MAIN_ROWS[[r[0][:3] for r in MAIN_ROWS].index(row)][3]))
+        own = {m: [100 * r["results"][m] for r in runs] for m in ("rank1", "mAP")}
+        other = {m: [100 * r["results"]["also_evaluated"][DETECTED][m] for r in runs]
+                 for m in ("rank1", "mAP")}
+        change = np.array(other["mAP"]) - np.array(own["mAP"])
+        spread = f" ± {change.std(ddof=1):.1f}" if len(change) > 1 else ""
+        trained = _by_seed(records, rows[row][0], rows[row][1], "detected", seeds, prefix)
+        reference = (f"{mean_std([v['rank1'] for v in trained.values()])} / "
+                     f"{mean_std([v['mAP'] for v in trained.values()])}" if trained else "–")
+        lines.append(
+            f"| {label} | {', '.join(str(r['config']['seed']) for r in runs)} | "
+            f"{mean_std(own['rank1'])} / {mean_std(own['mAP'])} | "
+            f"{mean_std(other['rank1'])} / {mean_std(other['mAP'])} | "
+            f"{change.mean():+.1f}{spread} | {reference} | {row_commit(label, runs)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _number(value):
     return "–" if value is None else f"{value:.2f}"
 
@@ -281,8 +416,11 @@ def tables(records):
     return "\n\n".join([
         "## Validation (labeled, 20 % of the training identities held out)\n\n"
         + validation_table(records) + "\n\n" + plateau_lines(records),
+        "## K and λ on validation (PL-Net, bands)\n\n" + grid_table(records),
         "## Main table: test identities, at convergence\n\n" + main_table(records)
         + "\n\n" + comparison_lines(records),
+        "## Robustness: trained on labeled boxes, tested on detector boxes\n\n"
+        + robustness_table(records),
         "## Where the gain sits: the global branch at three depths\n\n"
         + feature_levels_table(),
     ])
@@ -297,8 +435,8 @@ def plot_validation(records, path, prefix="cuhk03_pair1_labeled_val_"):
 
     figure, axis = pyplot.subplots(figsize=(7, 4.2), dpi=120)
     for name, record in sorted(records.items()):
-        if not name.startswith(prefix):
-            continue
+        if not name.startswith(prefix) or re.search(r"_k\d+_l[\d.]+_e12$", name):
+            continue  # the K x lambda grid (a table; its curves are coarse) is left out
         curve = record["results"]["validation_curve"]
         style = "--" if record["config"]["num_parts"] == 0 else "-"
         axis.plot([p["epoch"] for p in curve], [100 * p["mAP"] for p in curve], style,

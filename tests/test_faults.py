@@ -334,7 +334,7 @@ def test_summarize_paired_gains_verdict_and_peer_agreement():
     assert "peer (seeds [0]) − reid-tf (a) (seeds [0, 1, 2])" in peer_line
     assert "rank-1 +0.0, mAP +0.0" in peer_line  # 31 against the mean of 30, 32, 31
     peer_row = [line for line in summarize.main_table(records).splitlines() if "PyTorch" in line]
-    assert peer_row[0].endswith("| not paired: see the mean against mean below |")
+    assert peer_row[0].endswith("| not paired: see the mean against mean below | – |")
     # No speeds from the runs' logs: they depend on whatever else shared the machine.
     assert "img" not in peer_line and "train_vs_torch.py" in peer_line
 
@@ -480,3 +480,54 @@ def test_connections_over_the_cap_get_503(server, trained):
         connection.close()
     time.sleep(0.3)
     assert_still_serves(server, trained, small_png(2))
+
+
+def test_summarize_strong_baseline_rows_commits_grid_and_robustness():
+    summarize = load_summarize()
+
+    def run(name, seed, num_parts, map_, commit="a" * 40, triplet=0.0, strategy="bands",
+            detected=None, **config):
+        name, rec = record(name, seed, num_parts, map_)
+        rec["config"].update(triplet_weight=triplet, part_strategy=strategy, **config)
+        rec["results"]["code"] = {"version": "0.1.0", "commit": commit}
+        if detected is not None:
+            rec["results"]["also_evaluated"] = {summarize.DETECTED: {"rank1": detected,
+                                                                     "mAP": detected}}
+        return name, rec
+
+    R = "cuhk03_pair1_labeled"
+    records = dict(
+        [run(f"{R}_baseline_triplet_s{s}", s, 0, 0.40 + 0.01 * s, triplet=1.0) for s in range(3)]
+        + [run(f"{R}_plnet_triplet_s{s}", s, 6, m, triplet=1.0, detected=m - 0.1)
+           for s, m in enumerate((0.43, 0.44, 0.46))]  # gains over (f) 3, 3, 4
+        + [run(f"{R}_stripes_s{s}", s, 4, 0.30, strategy="stripes") for s in range(3)])
+    table = summarize.main_table(records)
+    assert "| (g) PL-Net + triplet | 44.3 ± 1.5 |" in table and "| aaaaaaaaaa |" in table
+    lines = summarize.comparison_lines(records).splitlines()
+    g_f = [line for line in lines if "(g) PL-Net + triplet − (f)" in line][0]
+    assert "rank-1 +3.3 ± 0.6" in g_f and "target (≥ +2 rank-1 and mAP" in g_f and ": met" in g_f
+    # A row whose runs ran different commits is refused, naming them.
+    records[f"{R}_stripes_s1"]["results"]["code"]["commit"] = "b" * 40
+    with pytest.raises(ValueError, match=r"row \(h\).*different commits.*stripes_s1 b{40}"):
+        summarize.main_table(records)
+    records[f"{R}_stripes_s1"]["results"]["code"]["commit"] = "a" * 40
+    # A row claiming a triplet loss refuses a run without one.
+    records[f"{R}_baseline_triplet_s2"]["config"]["triplet_weight"] = 0.0
+    with pytest.raises(ValueError, match="triplet_weight=0.0, but its row needs a triplet"):
+        summarize.main_table(records)
+    records[f"{R}_baseline_triplet_s2"]["config"]["triplet_weight"] = 1.0
+    # Robustness: labeled-trained (g) on detected test boxes, 10 points lower on each seed.
+    robustness = summarize.robustness_table(records)
+    row = [line for line in robustness.splitlines() if line.startswith("| (g)")][0]
+    assert "| 0, 1, 2 | 44.3 ± 1.5 / 44.3 ± 1.5 | 34.3 ± 1.5 / 34.3 ± 1.5 | -10.0 ± 0.0 |" in row
+    # The K x lambda grid: each cell from its run (K=4, lambda=1 from bands_e12), the best named.
+    grid = {}
+    for K, lam, m in ((2, "0.5", 0.50), (4, "1", 0.56), (6, "2", 0.58)):
+        name, rec = run(summarize.grid_name(K, lam), 0, K, 0.0, part_loss_weight=float(lam))
+        rec["results"]["validation"] = {"mAP": m, "rank1": m + 0.01}
+        grid[name] = rec
+    text = summarize.grid_table(grid)
+    assert "| 4 | – | 56.0 / 57.0 | – |" in text and "Best validation mAP: K=6, λ=2 (58.0" in text
+    grid[summarize.grid_name(6, "2")]["config"]["part_loss_weight"] = 1.0
+    with pytest.raises(ValueError, match="part_loss_weight=1.0, but its cell needs 2"):
+        summarize.grid_table(grid)

@@ -15,7 +15,9 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from reid_tf.data import pipeline
+from reid_tf import version
 from reid_tf.data import splits as splits_lib
+from reid_tf.data import synthetic
 from reid_tf.train import step as step_lib
 from reid_tf.train import workdir as workdir_lib
 
@@ -399,3 +401,26 @@ def test_each_triplet_term_is_in_the_progress_line_and_in_tensorboard(tmp_path, 
     for tag in ("train/triplet_loss", "train/part_triplet_loss"):
         values = [float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)]
         assert values and all(v > 0 for v in values), (tag, values)
+
+
+def test_also_evaluate_on_scores_another_test_split_and_refuses_training_identities(
+        tmp_path, data_dir):
+    workdir = str(tmp_path / "also")
+    reid_train(workdir, data_dir, "--train_steps=2", "--image_summary_every=0",
+               "--also_evaluate_on=synthetic_persons/small")
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    other = results["also_evaluated"]["synthetic_persons/small"]
+    # The same test split through the second path: the same figures to the last digit.
+    assert other["mAP"] == results["mAP"] and other["rank1"] == results["rank1"]
+    assert other["descriptors"] == results["descriptors"] and other["num_queries"] > 0
+    assert results["code"] == version.code()  # the commit the run used
+    # A "test" split whose query people the model trained on is refused before training.
+    leaked = synthetic.write_market_folder(synthetic.generate(synthetic.SyntheticConfig(
+        num_train_ids=2, num_test_ids=2, images_per_id=4, height=64, width=32)),
+        str(tmp_path / "leaked"))
+    result = reid_train(str(tmp_path / "refused"), data_dir, "--train_steps=2",
+                        f"--also_evaluate_on=folder:{leaked}", check=False)
+    assert result.returncode == 1
+    assert "query identities are training identities" in result.stderr, result.stderr[-1500:]
+    assert not os.path.exists(os.path.join(tmp_path, "refused", "checkpoints"))

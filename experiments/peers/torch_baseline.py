@@ -7,7 +7,10 @@ cosine to 0), embedding head (GAP -> Linear 1280->256 -> BatchNorm1d -> bias-fre
 normal std 0.001) and evaluation protocol (cosine on the L2-normalised post-BN embedding; Market:
 gallery images of the query's own identity and camera left out; non-interpolated AP) as
 experiments/cuhk03_pair1_<data>_mobilenetv2_128x64.flags with --num_parts=0. Details that decide
-the result are listed in WORKSPACE.md ("PyTorch peer").
+the result are listed in WORKSPACE.md ("PyTorch peer"). `--triplet_weight=1` adds the batch-hard
+triplet loss (Hermans et al. 2017; hardest positive, itself included, and hardest negative in the
+P x K batch, Euclidean on the embedding before the BatchNorm, hinge `--triplet_margin`, 0 = soft
+margin), the peer of reid-tf's `--triplet_weight`.
 
     python3.11 -m venv experiments/peers/.venv
     experiments/peers/.venv/bin/pip install -r experiments/peers/requirements.txt
@@ -109,9 +112,23 @@ class Baseline(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.001)
 
     def forward(self, images):
-        features = self.backbone((images - MEAN) / STD).mean(dim=(2, 3))
-        embedding = self.bn(self.embedding(features))
-        return embedding, self.classifier(embedding)
+        features = self.embedding(self.backbone((images - MEAN) / STD).mean(dim=(2, 3)))
+        embedding = self.bn(features)
+        return embedding, self.classifier(embedding), features
+
+
+def batch_hard_triplet(features, labels, margin):
+    """Mean over anchors of max(0, d(a, hardest p) - d(a, hardest n) + margin), or the soft
+    margin softplus(d_ap - d_an) when margin is 0."""
+    squares = (features * features).sum(dim=1)
+    distances = (squares[:, None] + squares[None, :] - 2 * features @ features.t()).clamp(
+        min=1e-12).sqrt()
+    same = labels[:, None] == labels[None, :]
+    hardest_positive = torch.where(same, distances, torch.zeros_like(distances)).amax(dim=1)
+    hardest_negative = torch.where(same, torch.full_like(distances, float("inf")),
+                                   distances).amin(dim=1)
+    gap = hardest_positive - hardest_negative
+    return (F.softplus(gap) if margin == 0 else F.relu(gap + margin)).mean()
 
 
 def save_checkpoint(path, state):
@@ -182,6 +199,8 @@ def main():
     parser.add_argument("--weight_decay", type=float, default=5e-4)
     parser.add_argument("--warmup_steps", type=int, default=100)
     parser.add_argument("--label_smoothing", type=float, default=0.1)
+    parser.add_argument("--triplet_weight", type=float, default=0.0)
+    parser.add_argument("--triplet_margin", type=float, default=0.3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--benchmark_steps", type=int, default=0)
     parser.add_argument("--output")
@@ -224,8 +243,11 @@ def main():
         images = augment(train_images[index], generator)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * schedule(step, args.steps, args.warmup_steps)
-        _, logits = model(images)
+        _, logits, features = model(images)
         loss = F.cross_entropy(logits, labels_t[index], label_smoothing=args.label_smoothing)
+        if args.triplet_weight:
+            loss = loss + args.triplet_weight * batch_hard_triplet(
+                features, labels_t[index], args.triplet_margin)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

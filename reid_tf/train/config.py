@@ -116,6 +116,10 @@ class TrainConfig:
     export: bool = Option(True, "Export a SavedModel at the end.").field()
     final_eval: bool = Option(True, "Evaluate on the test split at the end (false: a run that "
                               "only measures training, e.g. on a large synthetic set).").field()
+    also_evaluate_on: tuple = Option(
+        (), "Datasets whose test split the final model is also evaluated on, comma-separated "
+        "(e.g. the same people in detector boxes: a robustness figure with no new training); "
+        "results.json's `also_evaluated`.", item=str).field()
 
     @property
     def image_size(self):

@@ -128,12 +128,15 @@ class Evaluation:
         if every(step, self.every) and step < self.total_steps and self.chief:
             self.run(step, "validation" if self.validation else "test")
 
-    def run(self, step, split="test"):
-        """Evaluates on `split` ("test" or "validation"); logs, summarises, returns metrics."""
+    def run(self, step, split="test", splits=None, tag=None):
+        """Evaluates on `split` ("test" or "validation") of the run's splits (or of `splits`,
+        another dataset's, tagged `tag`); logs, summarises, returns metrics."""
+        splits = splits or self.splits
         names = ("val_query", "val_gallery") if split == "validation" else ("query", "gallery")
-        metrics = evaluator.evaluate_runtime(self.runtime, self.splits[names[0]],
-                                             self.splits[names[1]], self.batch_size)
-        tag = f"{self.tag}/validation" if split == "validation" else self.tag
+        metrics = evaluator.evaluate_runtime(self.runtime, splits[names[0]],
+                                             splits[names[1]], self.batch_size)
+        tag = tag or self.tag
+        tag = f"{tag}/validation" if split == "validation" else tag
         consistency = metrics.get("part_consistency")
         with self.writer.as_default(step=step):
             tf.summary.scalar(f"eval/{tag}/rank1", metrics["rank1"])
@@ -143,7 +146,8 @@ class Evaluation:
                     tf.summary.scalar(f"eval/{tag}/{name}/mAP", values["mAP"])
             for name, value in (consistency or {}).items():
                 tf.summary.scalar(f"eval/{tag}/part_consistency/{name}", value)
-        line = (f"eval ({split}) step {step}: rank-1 {metrics['rank1']:.4f}  "
+        where = split if tag == self.tag else f"{split} of {tag}"
+        line = (f"eval ({where}) step {step}: rank-1 {metrics['rank1']:.4f}  "
                 f"mAP {metrics['mAP']:.4f}  (queries {metrics['num_valid']}, skipped "
                 f"{metrics['num_skipped']})")
         if consistency:
@@ -157,6 +161,13 @@ class Evaluation:
                                "part_consistency": consistency})
             write_atomically(self.curve_path, json.dumps(self.curve, indent=1))
         return metrics
+
+    def run_other(self, step, dataset, splits):
+        """The final model on another dataset's test split: results.json's figures for it."""
+        metrics = self.run(step, "test", splits, dataset.replace("/", "_").replace(":", "_"))
+        return {"rank1": metrics["rank1"], "mAP": metrics["mAP"], "mINP": metrics["mINP"],
+                "num_queries": metrics["num_valid"], "skipped_queries": metrics["num_skipped"],
+                "descriptors": metrics["descriptors"]}
 
     def finish(self, step):
         """The final evaluations' part of results.json: validation (its last point, evaluated

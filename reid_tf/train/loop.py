@@ -73,6 +73,26 @@ def build_data(config, log=print):
                 config.train_steps or config.epochs * steps_per_epoch)
 
 
+def load_other(config, dataset, train_split, log=print):
+    """The query and gallery splits of another dataset, for `--also_evaluate_on`.
+
+    ValueError when one is missing, or when its query identities include a training identity
+    (person ids compared as numbers, as in datasets that share one numbering: a figure on
+    people the model was trained on is no test).
+    """
+    splits = splits_lib.load_splits(dataset, config.data_dir, config.manual_dir,
+                                    config.skip_corrupt, log)
+    missing = [name for name in ("query", "gallery") if name not in splits]
+    if missing:
+        raise ValueError(f"--also_evaluate_on={dataset}: has no {' or '.join(missing)} split.")
+    seen = set(np.asarray(train_split.person_ids).tolist())
+    shared = sorted(seen & set(np.asarray(splits["query"].person_ids).tolist()))
+    if shared:
+        raise ValueError(f"--also_evaluate_on={dataset}: {len(shared)} of its query identities "
+                         f"are training identities (e.g. {shared[:5]}).")
+    return splits
+
+
 def build_model(config, num_classes, replicas=1):
     """The run's `PartLossNet` (under the current dtype policy), built."""
     model = PartLossNet(
@@ -195,6 +215,8 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
     writers = {name: tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", name))
                if chief else tf.summary.create_noop_writer() for name in ("train", "eval")}
     splits, total = data.splits, data.total_steps
+    others = {dataset: load_other(config, dataset, splits["train"], log)  # refused before training
+              for dataset in config.also_evaluate_on} if chief and config.final_eval else {}
     preview = next(iter(pipeline.eval_dataset(splits["train"], config.image_size, 8)))["image"]
     log(f"training {config.backbone} PL-Net K={config.num_parts} ({config.part_strategy}) on "
         f"{config.dataset}: {len(splits['train'])} images, {data.num_classes} identities; "
@@ -253,6 +275,9 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
                            skipped_queries=metrics["num_skipped"],
                            descriptors=metrics["descriptors"],
                            part_consistency=metrics.get("part_consistency"))
+        if others:
+            results["also_evaluated"] = {dataset: evaluation.run_other(step, dataset, other)
+                                         for dataset, other in others.items()}
     for writer in writers.values():
         writer.flush()
     return results
