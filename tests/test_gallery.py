@@ -50,9 +50,19 @@ def test_add_search_filters_remove_and_replace(tmp_path):
     ({"id": "", "embedding": [0.0] * 16}, "entries[1].id"),
     ({"id": "x", "embedding": [0.0] * 15}, "entries[1].embedding"),
     ({"id": "x", "embedding": [float("nan")] * 16}, "entries[1].embedding"),
-    ({"id": "x", "embedding": [0.0] * 16, "camera_id": "3"}, "entries[1].camera_id"),
-    ({"id": "x", "embedding": [0.0] * 16, "metadata": [1]}, "entries[1].metadata"),
-    ({"id": "e0", "embedding": [0.0] * 16}, "entries[1].id"),  # twice in one request
+    ({"id": "x", "embedding": [1.0] * 16, "camera_id": "3"}, "entries[1].camera_id"),
+    ({"id": "x", "embedding": [1.0] * 16, "metadata": [1]}, "entries[1].metadata"),
+    ({"id": "e0", "embedding": [1.0] * 16}, "entries[1].id"),  # twice in one request
+    # What a JSON body can carry that numpy or SQLite cannot hold: 400s, never 500s.
+    ({"id": "x", "embedding": [10 ** 400] + [1.0] * 15}, "entries[1].embedding"),
+    ({"id": "x", "embedding": [1.0] * 16, "camera_id": 2 ** 70}, "entries[1].camera_id"),
+    ({"id": "x", "embedding": [1.0] * 16, "person_id": 2 ** 63}, "entries[1].person_id"),
+    ({"id": "x", "embedding": [1.0] * 16, "timestamp": 10 ** 400}, "entries[1].timestamp"),
+    ({"id": "x", "embedding": [1.0] * 16, "timestamp": float("nan")}, "entries[1].timestamp"),
+    ({"id": "x", "embedding": [1.0] * 16, "timestamp": float("inf")}, "entries[1].timestamp"),
+    ({"id": "x", "embedding": [1.0] * 16, "timestamp": "12"}, "entries[1].timestamp"),
+    ({"id": "x\ud800", "embedding": [1.0] * 16}, "entries[1].id"),
+    ({"id": "x", "embedding": [0.0] * 16}, "entries[1].embedding"),  # no direction
 ])
 def test_a_bad_entry_writes_nothing_and_names_its_field(bad, field):
     store = gallery_store.GalleryStore(":memory:", 16, log=quiet)

@@ -223,7 +223,7 @@ def test_gallery_index_ivf_finds_the_exact_neighbours_when_probing_every_list(tm
     ivf = gallery_store.GalleryStore(":memory:", 32, index=seed.index_spec("ivf", 8),
                                      nprobe=8, log=lambda line: None)
     ivf.import_features(arrays)
-    assert "IVF" in type(ivf._faiss.downcast_index(ivf.index.index)).__name__
+    assert "IVF" in type(ivf._inner()).__name__
     queries = embeddings[:20] + 0.01 * rng.normal(size=(20, 32)).astype(np.float32)
     for exact, approximate in zip(flat.search(queries, 5), ivf.search(queries, 5)):
         assert [m["id"] for m in exact] == [m["id"] for m in approximate]
@@ -433,3 +433,30 @@ def test_a_full_queue_answers_503_with_retry_after(trained, tmp_path):
     assert {status for status, _ in answers} <= {200, 503}
     assert any(status == 200 for status, _ in answers)
     assert any(status == 503 and retry == "1" for status, retry in answers), answers
+
+
+def test_made_up_verbs_share_one_metrics_label(server):
+    for i in range(30):
+        status, answer = server.request("POST", f"/v1/models/reid:x{i}", {})
+        assert status == 400 and answer["field"] == "method"
+    routes = {labels.get("route") for name, labels, _ in scrape(server)
+              if name == "reid_requests_total"}
+    assert not any(route and route.startswith("x") for route in routes), routes
+    assert "unknown" in routes
+
+
+def test_search_rough_edges_answer_one_clear_line(trained, server):
+    embedding = server.request("POST", "/v1/models/reid:predict", {
+        "instances": decoded(trained["splits"]["query"])[:1].tolist()})[1]["predictions"][0]
+    vector = embedding["embedding"] if isinstance(embedding, dict) else embedding
+    status, answer = server.request("GET", "/v1/models/reid:predict")
+    assert status == 405 and "error" in answer
+    status, answer = server.request("POST", "/v1/models/reid:search", {
+        "embeddings": [vector], "instances": [[[[0, 0, 0]]]]})
+    assert status == 400 and answer["field"] == "instances"
+    # [null, null] filters nothing: the same hits as no time range at all.
+    plain = server.request("POST", "/v1/models/reid:search", {"embeddings": [vector], "k": 5})
+    open_range = server.request("POST", "/v1/models/reid:search", {
+        "embeddings": [vector], "k": 5, "time_range": [None, None]})
+    assert plain[0] == open_range[0] == 200 and plain[1]["results"]
+    assert open_range[1]["results"] == plain[1]["results"]

@@ -21,19 +21,31 @@ def open_gallery(export, gallery_db=None, npz=None, images=None, index="Flat", n
     store = GalleryStore(gallery_db or ":memory:", dimension=export.embedding_width,
                          index=index, nprobe=nprobe, ef_search=ef_search,
                          persist_every=persist_every, log=log)
-    if npz or images:
-        if store.count():
+    source = npz or images
+    if source:
+        progress = store.import_progress()
+        resume = (progress is not None and progress["source"] == source
+                  and progress["done"] < progress["total"])
+        if store.count() and not resume:
             log(f"gallery: {gallery_db} already holds {store.count()} entries; "
-                f"{npz or images} not imported again")
-        else:
-            if npz:
-                arrays = features_npz.load_features(npz)
-            else:
-                split = splits.load_split(images=images, split="gallery")
-                embeddings = extract.extract(export, split, ["embedding"], encoded=True,
-                                             description="extracting")["embedding"]
-                arrays = features_npz.feature_arrays(embeddings, split.file_names,
-                                                     split.person_ids, split.camera_ids)
-            log(f"gallery: imported {store.import_features(arrays)} entries from "
-                f"{npz or images}")
+                f"{source} not imported again")
+            return store
+        arrays = _read_seed(export, npz, images)
+        start = progress["done"] if resume else 0
+        if resume:
+            log(f"gallery: resuming the interrupted import of {source}: {start} of "
+                f"{progress['total']} entries were in; importing the other "
+                f"{progress['total'] - start}")
+        imported = store.import_features(arrays, source=source, start=start)
+        log(f"gallery: imported {imported} entries from {source}")
     return store
+
+
+def _read_seed(export, npz, images):
+    if npz:
+        return features_npz.load_features(npz)
+    split = splits.load_split(images=images, split="gallery")
+    embeddings = extract.extract(export, split, ["embedding"], encoded=True,
+                                 description="extracting")["embedding"]
+    return features_npz.feature_arrays(embeddings, split.file_names, split.person_ids,
+                                       split.camera_ids)

@@ -11,11 +11,25 @@ to the in-memory index under a lock, so a search sees a change entirely or not a
 committed entries. The index is written (`faiss.write_index`) as `<db>.index-<seq>.faiss`, `seq`
 being the last change it holds, on `persist()` (every `persist_every` changes and at close); on
 open the newest such file is loaded and the changes after its `seq` are replayed, so a restart
-after a crash loses nothing that was acknowledged and rebuilds only what the file lacks.
+after a crash loses nothing that was acknowledged and rebuilds only what the file lacks. A
+persisted index makes the change-log rows it holds redundant: they are trimmed.
+
+The index only claims what it holds:
+- an update of the index that fails after the commit (the change is durable: the caller is
+  told so) marks it stale and it is rebuilt from the database, at once or before the next
+  search; a stale index is never written to a file;
+- on open, an index file whose `seq` is beyond the database's (a restored backup) is ignored,
+  and a loaded index that does not hold exactly the database's entries is rebuilt.
+
+IVF indexes take the entries' row ids natively (an `IndexIDMap` around one would shift ids on
+removal); Flat and HNSW are wrapped in an `IndexIDMap2`. HNSW cannot remove: a removed row is
+marked deleted and filtered out at search, and the index is rebuilt once the marked rows pass
+a tenth of it (amortised O(1) per removal).
 """
 
 import glob
 import json
+import math
 import os
 import re
 import sqlite3
@@ -56,6 +70,10 @@ class GalleryError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class GalleryUnavailable(RuntimeError):
+    """The index could not be rebuilt after a failure: searching would hide entries."""
 
 
 class GalleryStore:
@@ -103,6 +121,9 @@ class GalleryStore:
         self.applied_seq = 0  # the last change in the in-memory index
         self.persisted_seq = 0  # the last change in the newest index file
         self.trained_size = 0  # the gallery's size when the index was trained (0: untrained)
+        self.stale = False  # an index update failed and the rebuild is still owed
+        self._deleted = set()  # rows removed from the database but still in an HNSW graph
+        self.size = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
         self._open_index()
 
     # ------------------------------------------------------------------ index upkeep
@@ -132,7 +153,25 @@ class GalleryStore:
                 self.log(f"gallery: trained {self.index_spec} on {len(sample)} of {size} "
                          f"entries in {time.perf_counter() - start:.1f} s")
         self._set_search_parameters(inner)
+        if faiss.try_extract_index_ivf(inner) is not None:
+            return inner  # IVF lists hold the ids themselves
         return faiss.IndexIDMap2(inner)
+
+    def _inner(self):
+        """The index under the id map (the index itself for IVF)."""
+        index = self._faiss.downcast_index(self.index)
+        if isinstance(index, (self._faiss.IndexIDMap, self._faiss.IndexIDMap2)):
+            return self._faiss.downcast_index(index.index)
+        return index
+
+    def _can_remove(self):
+        return not hasattr(self._inner(), "hnsw")
+
+    def _index_add(self, embeddings, rows):
+        self.index.add_with_ids(embeddings, rows)
+
+    def _index_remove(self, rows):
+        self.index.remove_ids(rows)
 
     def _training_size(self, inner):
         ivf = self._faiss.try_extract_index_ivf(inner)
@@ -172,27 +211,49 @@ class GalleryStore:
     def _open_index(self):
         last_seq = self._last_seq()
         files = self._index_files()
+        for seq, path in [f for f in files if f[0] > last_seq]:
+            self.log(f"gallery: {path} is newer than {self.path} (its last change is {last_seq}:"
+                     f" a restored backup?); ignored, the index is rebuilt from the database")
+            os.remove(path)
+        files = [f for f in files if f[0] <= last_seq]
         spec = self._meta("index")
         if files and spec == self.index_spec:
             seq, path = files[-1]
             try:
                 self.index = self._faiss.read_index(path)
-                self._set_search_parameters(self._faiss.downcast_index(self.index.index))
+                self._set_search_parameters(self._inner())
                 self.applied_seq = self.persisted_seq = seq
                 self.trained_size = int(self._meta("trained_size") or 0)
+                self._deleted = self._stale_rows()
                 replayed = self._replay(seq)
-                self.log(f"gallery: loaded {path} ({self.index.ntotal} entries)"
-                         + (f", replayed {replayed} later change(s)" if replayed else ""))
-                return
+                held = int(self.index.ntotal) - len(self._deleted)
+                if held == self.size:
+                    self.log(f"gallery: loaded {path} ({held} entries)"
+                             + (f", replayed {replayed} later change(s)" if replayed else ""))
+                    return
+                self.log(f"gallery: {path} holds {held} entries after replaying, the database "
+                         f"{self.size}; rebuilding from {self.path}")
             except RuntimeError as error:  # an unreadable file: rebuild from the database
                 self.log(f"gallery: {path} unreadable ({error}); rebuilding from {self.path}")
         self._rebuild(last_seq)
+
+    def _stale_rows(self):
+        """Rows an HNSW index file holds that the database no longer does (removed after it
+        was marked deleted, then persisted)."""
+        if self._can_remove():
+            return set()
+        held = set(self._faiss.vector_to_array(self._faiss.downcast_index(self.index).id_map)
+                   .tolist())
+        live = {row for (row,) in self._db.execute("SELECT row FROM entries")}
+        return held - live
 
     def _rebuild(self, last_seq=None):
         """The index from every entry of the database (under the lock or at open)."""
         last_seq = self._last_seq() if last_seq is None else last_seq
         start = time.perf_counter()
+        self.stale = True  # until the new index holds every entry
         self.index = self._new_index()
+        self._deleted = set()
         rows, embeddings = [], []
         for row, blob in self._db.execute("SELECT row, embedding FROM entries ORDER BY row"):
             rows.append(row)
@@ -203,6 +264,7 @@ class GalleryStore:
         if rows:
             self.index.add_with_ids(np.stack(embeddings), np.array(rows, np.int64))
         self.applied_seq = last_seq
+        self.stale = False
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('index', ?)", (self.index_spec,))
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('trained_size', ?)",
                          (str(self.trained_size),))
@@ -211,7 +273,9 @@ class GalleryStore:
                      f"{time.perf_counter() - start:.1f} s")
 
     def _last_seq(self):
-        return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+        """The last change ever logged (the log is trimmed; its AUTOINCREMENT counter is not)."""
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        return row[0] if row else 0
 
     def _replay(self, after_seq):
         """Applies the logged changes after `after_seq` to the index; returns how many."""
@@ -225,23 +289,27 @@ class GalleryStore:
         if not changes:
             return
         removed = [row for _, op, row in changes if op == "remove"]
-        if removed:
-            try:
-                self.index.remove_ids(np.array(removed, np.int64))
-            except RuntimeError:  # an index that cannot remove (HNSW): rebuild from the table
-                self._rebuild()
-                return
+        if removed and self._can_remove():
+            self._index_remove(np.array(removed, np.int64))
+        elif removed:  # HNSW: marked deleted, filtered at search
+            self._deleted.update(removed)
         added = [row for _, op, row in changes if op == "add"]
         if added:  # rows removed by a later change of the same batch are gone from the table
-            marks = ",".join("?" * len(added))
-            found = self._db.execute(
-                f"SELECT row, embedding FROM entries WHERE row IN ({marks})", added).fetchall()
+            found = []
+            for start in range(0, len(added), 900):  # SQLite's bound-parameter limit
+                chunk = added[start:start + 900]
+                marks = ",".join("?" * len(chunk))
+                found += self._db.execute(
+                    f"SELECT row, embedding FROM entries WHERE row IN ({marks})",
+                    chunk).fetchall()
             if found:
-                self.index.add_with_ids(
+                self._index_add(
                     np.stack([np.frombuffer(blob, np.float32) for _, blob in found]),
                     np.array([row for row, _ in found], np.int64))
         self.applied_seq = changes[-1][0]
-        if self.trained_size and self.index.ntotal > 2 * self.trained_size:
+        if self._deleted and len(self._deleted) > max(64, self.index.ntotal // 10):
+            self._rebuild()
+        elif self.trained_size and self.index.ntotal > 2 * self.trained_size:
             self.log(f"gallery: {self.index.ntotal} entries, over twice the {self.trained_size} "
                      f"there were when {self.index_spec} was trained; retraining")
             self._rebuild()
@@ -252,15 +320,19 @@ class GalleryStore:
             self._persist()
 
     def _persist(self):
-        if self.path == ":memory:" or self.applied_seq == self.persisted_seq:
+        if self.path == ":memory:" or self.applied_seq == self.persisted_seq or self.stale:
             return None
         final = f"{self.path}.index-{self.applied_seq}.faiss"
         temporary = final + ".tmp"
         self._faiss.write_index(self.index, temporary)
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(temporary, final)  # a file under its seq is always complete
         for _, older in self._index_files()[:-1]:
             os.remove(older)
         self.persisted_seq = self.applied_seq
+        # The file holds every change up to its seq: their log rows are not needed to restart.
+        self._db.execute("DELETE FROM changes WHERE seq <= ?", (self.persisted_seq,))
         return final
 
     def persist(self):
@@ -284,23 +356,43 @@ class GalleryStore:
             entry_id = entry.get("id")
             if not isinstance(entry_id, str) or not entry_id:
                 raise GalleryError(f"{where}.id", "expected a non-empty string.")
+            try:
+                entry_id.encode("utf-8")
+            except UnicodeEncodeError:
+                raise GalleryError(f"{where}.id", "not valid Unicode (a lone surrogate?).") \
+                    from None
             if entry_id in seen:
                 raise GalleryError(f"{where}.id", f"{entry_id!r} appears twice in the request.")
             seen.add(entry_id)
-            embedding = np.asarray(entry.get("embedding"), np.float32)
-            if embedding.shape != (self.dimension,) or not np.isfinite(embedding).all():
+            try:
+                with np.errstate(over="ignore"):
+                    embedding = np.asarray(entry.get("embedding"), np.float32)
+            except (OverflowError, ValueError, TypeError):
+                embedding = None
+            if embedding is None or embedding.shape != (self.dimension,) \
+                    or not np.isfinite(embedding).all():
                 raise GalleryError(f"{where}.embedding",
                                    f"expected {self.dimension} finite numbers.")
+            if not np.any(embedding):
+                raise GalleryError(f"{where}.embedding", "all zeros: it has no direction.")
             values = {}
             for name in ("person_id", "camera_id"):
                 value = entry.get(name)
-                if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                    raise GalleryError(f"{where}.{name}", "expected an integer.")
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                          or not -2 ** 63 <= value < 2 ** 63):
+                    raise GalleryError(f"{where}.{name}", "expected an integer (64-bit).")
                 values[name] = value
             timestamp = entry.get("timestamp")
-            if timestamp is not None and (isinstance(timestamp, bool)
-                                          or not isinstance(timestamp, (int, float))):
-                raise GalleryError(f"{where}.timestamp", "expected a number (seconds).")
+            if timestamp is not None:
+                try:
+                    valid = (isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool)
+                             and math.isfinite(float(timestamp)))
+                except (OverflowError, TypeError, ValueError):
+                    valid = False
+                if not valid:
+                    raise GalleryError(f"{where}.timestamp", "expected a finite number "
+                                       "(seconds).")
+                timestamp = float(timestamp)
             metadata = entry.get("metadata")
             if metadata is not None and not isinstance(metadata, dict):
                 raise GalleryError(f"{where}.metadata", "expected a JSON object.")
@@ -324,8 +416,27 @@ class GalleryStore:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            self._apply(logged)
+            self.size += sum(1 if op == "add" else -1 for _, op, _ in logged)
+            try:
+                self._apply(logged)
+            except Exception as error:  # committed all the same: the index is rebuilt
+                self.stale = True
+                self.log(f"gallery: updating the index after change {logged[-1][0]} failed "
+                         f"({type(error).__name__}: {error}); the change is committed; "
+                         f"rebuilding the index from {self.path}")
+                self._recover()
         return logged
+
+    def _recover(self):
+        """Rebuilds a stale index (under the lock); False when that fails too (the next search
+        tries again)."""
+        try:
+            self._rebuild()
+            return True
+        except Exception as error:
+            self.log(f"gallery: rebuilding the index failed ({type(error).__name__}: {error}); "
+                     "searches are refused until it succeeds")
+            return False
 
     @staticmethod
     def _delete(db, entry_id):
@@ -336,12 +447,15 @@ class GalleryStore:
         db.execute("DELETE FROM entries WHERE row = ?", found)
         return [("remove", found[0])]
 
-    def add(self, entries):
+    def add(self, entries, meta=None):
         """Adds (or replaces, by id) `entries` in one transaction; returns once committed and
-        applied. GalleryError names a bad entry; nothing is written then."""
+        applied. GalleryError names a bad entry; nothing is written then. `meta`: `{key: value}`
+        written to the meta table in the same transaction."""
         rows = self._check_entries(entries)
 
         def write(db):
+            for key, value in (meta or {}).items():
+                db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
             changes = []
             for values in rows:
                 changes += self._delete(db, values[0])
@@ -360,27 +474,40 @@ class GalleryStore:
             raise GalleryError("ids", "expected a list of entry ids (strings).")
         return len(self._commit(lambda db: [c for i in ids for c in self._delete(db, i)]))
 
-    def import_features(self, arrays, id_prefix=""):
-        """Seeds the gallery from a reid-extract features.npz (ids: its file names)."""
-        entries = []
-        for i, name in enumerate(arrays["file_names"]):
-            entry = {"id": id_prefix + str(name), "embedding": arrays["embeddings"][i]}
-            for key in ("person_id", "camera_id"):
-                if f"{key}s" in arrays:
-                    entry[key] = int(arrays[f"{key}s"][i])
-            entries.append(entry)
-        for start in range(0, len(entries), 10000):
-            self.add(entries[start:start + 10000])
-        return len(entries)
+    def import_features(self, arrays, id_prefix="", source=None, start=0, chunk=10000):
+        """Seeds the gallery from a reid-extract features.npz (ids: its file names), `chunk`
+        entries per transaction from entry `start`. Each transaction also records how far the
+        import of `source` got (`import_progress()`), so a killed import resumes where it
+        stopped. Returns the entries imported by this call."""
+        total = len(arrays["file_names"])
+        for begin in range(start, total, chunk):
+            entries = []
+            for i in range(begin, min(begin + chunk, total)):
+                entry = {"id": id_prefix + str(arrays["file_names"][i]),
+                         "embedding": arrays["embeddings"][i]}
+                for key in ("person_id", "camera_id"):
+                    if f"{key}s" in arrays:
+                        entry[key] = int(arrays[f"{key}s"][i])
+                entries.append(entry)
+            progress = {"source": source, "total": total, "done": begin + len(entries)}
+            self.add(entries, meta={"import": json.dumps(progress)})
+        return total - start
+
+    def import_progress(self):
+        """`{"source", "total", "done"}` of the last seed import, or None."""
+        with self._lock:
+            value = self._meta("import")
+        return None if value is None else json.loads(value)
 
     # ------------------------------------------------------------------ reads
 
     def __len__(self):
-        with self._lock:
-            return int(self.index.ntotal)
+        """Entries searchable (the committed entries, read without the lock: `size`)."""
+        return self.size
 
     def count(self):
-        """Entries in the database (the source of truth)."""
+        """Entries in the database (the source of truth; `size` is its running count, read
+        without waiting for the lock)."""
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
 
@@ -398,11 +525,15 @@ class GalleryStore:
             raise GalleryError("queries", f"width {queries.shape[1]}, gallery {self.dimension}.")
         filtered = exclude_camera is not None or time_range is not None
         with self._lock:
+            if self.stale and not self._recover():
+                raise GalleryUnavailable("the gallery index is being rebuilt after a failure; "
+                                         "retry shortly (nothing committed was lost)")
             total = int(self.index.ntotal)
             results = [[] for _ in queries]
             if not total:
                 return results
-            fetch = min(total, k * 4 if filtered else k)
+            extra = len(self._deleted)  # marked-deleted HNSW rows may take places
+            fetch = min(total, (k * 4 if filtered else k) + extra)
             pending = list(range(len(queries)))
             while pending:
                 similarities, rows = self._index_search(queries[pending], fetch)
@@ -411,7 +542,7 @@ class GalleryStore:
                 for position, query in enumerate(pending):
                     matches = []
                     for similarity, row in zip(similarities[position], rows[position]):
-                        entry = entries.get(int(row))
+                        entry = entries.get(int(row))  # None: removed (HNSW) or no row
                         if entry is None or not _passes(entry, exclude_camera, time_range):
                             continue
                         matches.append({**entry, "distance": float(1.0 - similarity)})

@@ -6,12 +6,14 @@ import json
 import sys
 import time
 
+from reid_tf.deploy.gallery.store import GalleryUnavailable
 from reid_tf.deploy.serving.requests import BadRequest
 from reid_tf.deploy.serving.requests import BodyTimeout
 from reid_tf.deploy.serving.requests import Overloaded
 
 
 DEFAULT_MAX_CONNECTIONS = 256
+VERBS = ("predict", "search", "add", "remove")
 
 
 def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
@@ -36,6 +38,8 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
 
     def check_model(request):
         name = request.match_info["name"]
+        if request.method != "POST" and ":" in name and name.split(":")[-1] in VERBS:
+            raise web.HTTPMethodNotAllowed(request.method, ["POST"])  # GET on :predict & co
         if name != server.model_name:
             raise web.HTTPNotFound(text=json.dumps(
                 {"error": f"Servable not found for request: Latest({name})", "field": "name"}),
@@ -49,8 +53,10 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
     @web.middleware
     async def metrics(request, handler):
         start = time.perf_counter()
-        route = request.match_info.get("method") or ROUTES.get(request.match_info.handler,
-                                                               "unknown")
+        # Labels never come from the client: a made-up verb is counted as "unknown".
+        verb = request.match_info.get("method")
+        route = (verb if verb in VERBS else "unknown") if verb is not None else ROUTES.get(
+            request.match_info.handler, "unknown")
         status = 500
         try:
             response = await handler(request)
@@ -71,6 +77,10 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
             return error(400, problem.message, problem.field)
         except Overloaded:
             response = error(503, "the model's queue is full; retry shortly", None)
+            response.headers["Retry-After"] = "1"
+            return response
+        except GalleryUnavailable as problem:
+            response = error(503, str(problem), "gallery")
             response.headers["Retry-After"] = "1"
             return response
         except BodyTimeout:
@@ -101,7 +111,7 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
     async def post(request):
         check_model(request)
         method = request.match_info["method"]
-        if method not in ("predict", "search", "add", "remove"):
+        if method not in VERBS:
             raise BadRequest("method", f":{method}; expected :predict, :search, :add or "
                              ":remove.")
         deadline = asyncio.get_running_loop().time() + timeout_s

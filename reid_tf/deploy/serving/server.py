@@ -2,6 +2,7 @@
 metadata."""
 
 import asyncio
+import math
 import concurrent.futures
 
 import numpy as np
@@ -87,7 +88,12 @@ class Server:
                     or not all(t is None or (isinstance(t, (int, float))
                                              and not isinstance(t, bool)) for t in time_range)):
                 raise BadRequest("time_range", "expected [start, end] in seconds (either null).")
-            time_range = tuple(time_range)
+            if not all(t is None or math.isfinite(t) for t in time_range):
+                raise BadRequest("time_range", "expected finite seconds (or null).")
+            # [null, null] bounds nothing: no filter (entries without a timestamp stay in).
+            time_range = None if time_range == [None, None] else tuple(time_range)
+        if "embeddings" in body and "instances" in body:
+            raise BadRequest("instances", "give one of \"embeddings\" and \"instances\".")
         return {"k": k, "exclude_camera": camera, "time_range": time_range}
 
     async def _embed_batched(self, kind, images):

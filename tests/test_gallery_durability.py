@@ -1,0 +1,272 @@
+"""The live gallery never hides what it acknowledged: failed index updates, restored database
+backups, interrupted imports, every --index kind's removals, a bounded change log, and a
+randomised check against a plain dictionary."""
+
+import shutil
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+
+from reid_tf.deploy.gallery import seed as seed_lib
+from reid_tf.deploy.gallery import store as gallery_store
+
+DIM = 8
+# Every --index kind the README offers, each with the smallest size that trains it here.
+KINDS = ["Flat", "HNSW16", "IVF2,Flat", "IVF2,SQ8", "IVF2,PQ2x4"]
+
+
+def quiet(line):
+    pass
+
+
+def vectors(n, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
+
+
+def entries(ids, data, **extra):
+    return [{"id": i, "embedding": v, **extra} for i, v in zip(ids, data)]
+
+
+def open_store(path, index="Flat", **kwargs):
+    # ef_search past the gallery's size: HNSW's search is then exhaustive on these small sets,
+    # so that a missing entry is the store's doing, not the approximation's.
+    return gallery_store.GalleryStore(str(path), DIM, index=index, nprobe=2, ef_search=1024,
+                                      log=quiet, **kwargs)
+
+
+def found_ids(store, data):
+    """For each vector, the ids of every entry a search returns (k = the whole gallery)."""
+    k = max(store.count(), 1)
+    return [{m["id"] for m in matches} for matches in store.search(data, k=k)]
+
+
+def nearest(store, vector):
+    matches = store.search(vector[None], k=1)[0]
+    return (matches[0]["id"], matches[0]["distance"]) if matches else (None, None)
+
+
+@pytest.mark.parametrize("index", KINDS)
+def test_every_index_kind_adds_replaces_and_removes_without_shifting_ids(tmp_path, index):
+    store = open_store(tmp_path / "g.sqlite", index)
+    data = vectors(200, seed=1)
+    store.add(entries([f"n{i}" for i in range(200)], data))  # enough to train IVF2 (78)
+    assert store.remove([f"n{i}" for i in range(10)]) == 10
+    assert store.count() == 190
+    exact = "PQ" not in index  # PQ2x4 codes 8 numbers in 8 bits: its nearest is approximate
+    for i in (20, 30, 199):
+        entry_id, distance = nearest(store, data[i])
+        if exact:
+            assert entry_id == f"n{i}", (index, i, entry_id)
+            assert abs(distance) < 1e-2
+    # Replace by id: the new embedding is found under the same id, the old one is gone.
+    store.add(entries(["n20"], data[150:151] * -1))
+    assert nearest(store, -data[150])[0] == "n20"
+    if exact:
+        assert nearest(store, data[20])[0] != "n20"
+    assert found_ids(store, data[:1])[0] == {f"n{i}" for i in range(10, 200)}
+
+
+def test_a_failed_index_update_is_acknowledged_rebuilt_and_never_hidden(tmp_path):
+    path = tmp_path / "g.sqlite"
+    lines = []
+    store = gallery_store.GalleryStore(str(path), DIM, persist_every=4, log=lines.append)
+    data = vectors(12, seed=2)
+    store.add(entries(["a0", "a1", "a2"], data[:3]))
+    calls = []
+    original = store._index_add
+
+    def failing(vectors_, rows):  # the faiss update fails once, partway through the batch
+        calls.append(len(rows))
+        original(vectors_[:1], rows[:1])
+        raise RuntimeError("injected index failure")
+
+    store._index_add = failing
+    assert store.add(entries(["b0", "b1", "b2"], data[3:6])) == 3  # committed: said so
+    store._index_add = original
+    assert calls and any("injected index failure" in line and "rebuil" in line
+                         for line in lines), lines
+    assert found_ids(store, data[:1])[0] == {"a0", "a1", "a2", "b0", "b1", "b2"}
+    store.add(entries(["c0"], data[6:7]))  # past persist_every: the file is written
+    store._db.close()  # crash
+    reopened = open_store(path)
+    assert found_ids(reopened, data[:1])[0] == {"a0", "a1", "a2", "b0", "b1", "b2", "c0"}
+
+
+def test_an_index_file_newer_than_a_restored_database_is_ignored_and_rebuilt(tmp_path):
+    path = tmp_path / "g.sqlite"
+    store = open_store(path, persist_every=10)
+    data = vectors(200, seed=3)
+    store.add(entries([f"e{i}" for i in range(100)], data[:100]))
+    store.persist()
+    backup = sqlite3.connect(str(tmp_path / "backup.sqlite"))
+    store._db.backup(backup)  # a backup taken now ...
+    backup.close()
+    for i in range(100, 150):  # ... then 50 adds and 20 removes
+        store.add(entries([f"e{i}"], data[i:i + 1]))
+    store.remove([f"e{i}" for i in range(20)])
+    store.close()
+    for suffix in ("-wal", "-shm"):  # restore the backup, keep the newer index files
+        (tmp_path / ("g.sqlite" + suffix)).unlink(missing_ok=True)
+    shutil.copy(tmp_path / "backup.sqlite", path)
+    lines = []
+    restored = gallery_store.GalleryStore(str(path), DIM, log=lines.append)
+    assert restored.count() == 100
+    assert found_ids(restored, data[:1])[0] == {f"e{i}" for i in range(100)}
+    assert any("newer than" in line for line in lines), lines
+
+
+def test_the_change_log_stays_bounded_over_ten_thousand_adds_and_removes(tmp_path):
+    path = tmp_path / "g.sqlite"
+    store = open_store(path, persist_every=500)
+    data = vectors(5, seed=4)
+    for i in range(10_000):
+        if i % 3 == 2:
+            store.remove([f"p{i % 5}"])
+        else:
+            store.add(entries([f"p{i % 5}"], data[i % 5:i % 5 + 1]))
+    rows = sqlite3.connect(str(path)).execute("SELECT COUNT(*) FROM changes").fetchone()[0]
+    assert rows <= 1_000, rows
+    live = store.count()
+    store._db.close()  # crash after all that: the trimmed log still restarts right
+    reopened = open_store(path)
+    assert reopened.count() == live == len(found_ids(reopened, data[:1])[0])
+
+
+def test_hnsw_removals_do_not_rebuild_the_index_each_time(tmp_path):
+    lines = []
+    store = gallery_store.GalleryStore(str(tmp_path / "g.sqlite"), DIM, index="HNSW16",
+                                       ef_search=1024, log=lines.append)
+    data = vectors(400, seed=5)
+    store.add(entries([f"h{i}" for i in range(400)], data))
+    rebuilds = []
+    original = store._rebuild
+    store._rebuild = lambda *a, **k: (rebuilds.append(1), original(*a, **k))[1]
+    for i in range(20):  # 5 % of the gallery, one at a time
+        assert store.remove([f"h{i}"]) == 1
+        assert nearest(store, data[i])[0] != f"h{i}"
+    assert len(rebuilds) <= 1, len(rebuilds)
+    assert found_ids(store, data[:1])[0] == {f"h{i}" for i in range(20, 400)}
+    store.close()
+    reopened = open_store(tmp_path / "g.sqlite", "HNSW16")
+    assert found_ids(reopened, data[:1])[0] == {f"h{i}" for i in range(20, 400)}
+
+
+def test_size_and_staleness_never_wait_for_the_store_lock():
+    store = open_store(":memory:")
+    store.add(entries(["x0", "x1"], vectors(2)))
+    with store._lock:  # as a retrain or rebuild holds it
+        answered = []
+        thread = threading.Thread(target=lambda: answered.append((len(store), store.staleness())))
+        thread.start()
+        thread.join(timeout=2)
+    assert answered == [(2, store.applied_seq - store.persisted_seq)]
+
+
+class FakeExport:
+    embedding_width = DIM
+
+
+def test_an_interrupted_seed_import_resumes_and_says_so(tmp_path, monkeypatch):
+    from reid_tf.evaluate import features_npz
+
+    data = vectors(25_000, seed=6)
+    names = np.array([f"img{i:05d}.jpg" for i in range(25_000)])
+    npz = str(tmp_path / "big.npz")
+    features_npz.save_features(npz, data, names, np.arange(25_000) % 50, np.ones(25_000, int))
+    db = str(tmp_path / "g.sqlite")
+    original = gallery_store.GalleryStore._commit
+    calls = []
+
+    def dying_commit(self, write):  # killed after the first chunk of 10,000 committed
+        if len(calls) == 1:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return original(self, write)
+
+    monkeypatch.setattr(gallery_store.GalleryStore, "_commit", dying_commit)
+    with pytest.raises(KeyboardInterrupt):
+        seed_lib.open_gallery(FakeExport(), db, npz=npz, log=quiet)
+    monkeypatch.setattr(gallery_store.GalleryStore, "_commit", original)
+    lines = []
+    store = seed_lib.open_gallery(FakeExport(), db, npz=npz, log=lines.append)
+    assert store.count() == 25_000
+    assert any("resum" in line and "10000 of 25000" in line for line in lines), lines
+    store.close()
+    lines.clear()
+    again = seed_lib.open_gallery(FakeExport(), db, npz=npz, log=lines.append)
+    assert again.count() == 25_000 and any("not imported again" in line for line in lines)
+
+
+@pytest.mark.parametrize("index", ["Flat", "HNSW16", "IVF2,Flat"])
+def test_randomised_operations_with_failures_and_crashes_match_a_dictionary(tmp_path, index):
+    """A few hundred adds, replaces, removes, persists, injected index failures, crashes,
+    restarts and database restores: search returns exactly the committed entries."""
+    rng = np.random.default_rng(7)
+    path = tmp_path / "g.sqlite"
+    pool = [f"r{i}" for i in range(120)]
+    model, snapshot = {}, None
+    store = open_store(path, index, persist_every=int(rng.integers(5, 30)))
+    for step in range(300):
+        action = rng.choice(["add", "add", "add", "remove", "persist", "fail", "crash",
+                             "backup", "restore"], p=[.25, .2, .15, .2, .05, .06, .04, .03, .02])
+        if action in ("add", "fail"):
+            ids = list(rng.choice(pool, int(rng.integers(1, 6)), replace=False))
+            vecs = rng.normal(size=(len(ids), DIM)).astype(np.float32)
+            if action == "fail":
+                original = store._index_add
+
+                def failing(v, rows, original=original):
+                    raise RuntimeError("injected")
+                store._index_add = failing
+            try:
+                store.add(entries(ids, vecs))
+            finally:
+                if action == "fail":
+                    store._index_add = original
+            model.update(zip(ids, vecs))
+        elif action == "remove":
+            ids = list(rng.choice(pool, int(rng.integers(1, 4)), replace=False))
+            assert store.remove(ids) == sum(i in model for i in ids)
+            for i in ids:
+                model.pop(i, None)
+        elif action == "persist":
+            store.persist()
+        elif action == "crash":
+            store._db.close()
+            store = open_store(path, index, persist_every=int(rng.integers(5, 30)))
+        elif action == "backup":
+            target = sqlite3.connect(str(tmp_path / "backup.sqlite"))
+            store._db.backup(target)
+            target.close()
+            snapshot = dict(model)
+        elif action == "restore" and snapshot is not None:
+            store._db.close()
+            for suffix in ("-wal", "-shm"):
+                (tmp_path / ("g.sqlite" + suffix)).unlink(missing_ok=True)
+            shutil.copy(tmp_path / "backup.sqlite", path)
+            store = open_store(path, index)
+            model = dict(snapshot)
+        if step % 10 == 0 or action in ("crash", "restore", "fail"):
+            assert store.count() == len(model), (step, action)
+            if model:
+                assert found_ids(store, vectors(1, step))[0] == set(model), (step, action)
+                probe = list(model)[int(rng.integers(len(model)))]
+                assert nearest(store, model[probe])[0] == probe, (step, action, probe)
+
+
+def test_a_gallery_that_cannot_rebuild_refuses_searches_and_writes_no_index_file(tmp_path):
+    path = tmp_path / "g.sqlite"
+    store = open_store(path, persist_every=1)
+    data = vectors(4, seed=8)
+    store.add(entries(["a", "b"], data[:2]))
+    store._index_add = lambda v, rows: (_ for _ in ()).throw(RuntimeError("index broken"))
+    store._new_index = lambda: (_ for _ in ()).throw(MemoryError("no memory to rebuild"))
+    files = store._index_files()
+    assert store.add(entries(["c"], data[2:3])) == 1  # committed, and said so
+    assert store.stale and store._index_files() == files  # nothing persisted while stale
+    with pytest.raises(gallery_store.GalleryUnavailable, match="being rebuilt"):
+        store.search(data[:1], k=3)
+    del store._index_add, store._new_index  # the fault goes away: the next search rebuilds
+    assert found_ids(store, data[:1])[0] == {"a", "b", "c"} and not store.stale
