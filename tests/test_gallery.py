@@ -263,3 +263,44 @@ def test_batcher_does_not_hold_a_lone_request_for_the_timeout():
 
     run_async(scenario())
     assert calls == [1, 1, 1]
+
+
+def test_a_failed_merged_call_fails_only_the_request_at_fault():
+    calls = []
+
+    def model(kind, items):  # refuses any batch holding the poisoned image (value 13)
+        calls.append(len(items))
+        if (np.asarray(items)[:, 0, 0, 0] == 13).any():
+            raise RuntimeError("model refused image 13")
+        return {"embedding": np.asarray(items, np.float32)[:, :1, 0, 0]}
+
+    async def scenario():
+        batcher = batching.Batcher(model, max_batch_size=8, batch_timeout_ms=200)
+        batcher.start()
+        requests = [np.full((1, 2, 2, 3), 13 if i == 5 else i, np.uint8) for i in range(8)]
+        results = await asyncio.gather(*(batcher.submit("images", r) for r in requests),
+                                       return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    results = run_async(scenario())
+    assert calls[0] == 8  # they did share one call, which failed
+    assert isinstance(results[5], RuntimeError) and "image 13" in str(results[5])
+    for i, result in enumerate(results):
+        if i != 5:
+            np.testing.assert_array_equal(result["embedding"], [[i]])
+
+
+def test_a_request_larger_than_the_whole_queue_is_refused_for_good_not_told_to_retry():
+    async def scenario():
+        batcher = batching.Batcher(lambda kind, items: {}, max_batch_size=4,
+                                   max_enqueued_batches=2)
+        batcher.start()
+        try:
+            await batcher.submit("images", np.zeros((9, 2, 2, 3), np.uint8))
+        finally:
+            await batcher.stop()
+
+    with pytest.raises(batching.TooLarge, match=r"9 images; .* at most 8 "
+                                                r"\(--max_enqueued_batches x --max_batch_size\)"):
+        run_async(scenario())

@@ -460,3 +460,21 @@ def test_search_rough_edges_answer_one_clear_line(trained, server):
         "embeddings": [vector], "k": 5, "time_range": [None, None]})
     assert plain[0] == open_range[0] == 200 and plain[1]["results"]
     assert open_range[1]["results"] == plain[1]["results"]
+
+
+def test_a_timed_out_add_says_it_may_have_committed_and_its_retry_is_safe(trained, tmp_path):
+    images = decoded(trained["splits"]["gallery"])[:48]
+    body = {"entries": [{"id": f"slow{i}", "b64": base64.b64encode(png(image)).decode()}
+                        for i, image in enumerate(images)]}
+    with testing.serve(trained["export"], f"--gallery_db={tmp_path / 'g.sqlite'}",
+                       "--timeout_s=0.05", "--max_batch=64") as client:
+        status, answer = client.request("POST", "/v1/models/reid:add", body)
+        assert status == 504, (status, answer)
+        assert "may still have been committed: retrying it is safe" in answer["error"]
+        for _ in range(100):  # the retry replaces by id: the gallery holds each entry once
+            status, answer = client.request("POST", "/v1/models/reid:add", body)
+            if status == 200:
+                break
+        gauge = [line for line in client.raw("/metrics").splitlines()
+                 if line.startswith("reid_gallery_size ")]
+    assert status == 200 and float(gauge[0].split()[1]) == 48

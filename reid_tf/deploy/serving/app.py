@@ -10,6 +10,7 @@ from reid_tf.deploy.gallery.store import GalleryUnavailable
 from reid_tf.deploy.serving.requests import BadRequest
 from reid_tf.deploy.serving.requests import BodyTimeout
 from reid_tf.deploy.serving.requests import Overloaded
+from reid_tf.deploy.serving.requests import RequestTooLarge
 
 
 DEFAULT_MAX_CONNECTIONS = 256
@@ -79,6 +80,8 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
             response = error(503, "the model's queue is full; retry shortly", None)
             response.headers["Retry-After"] = "1"
             return response
+        except RequestTooLarge as problem:
+            return error(413, str(problem), "instances")
         except GalleryUnavailable as problem:
             response = error(503, str(problem), "gallery")
             response.headers["Retry-After"] = "1"
@@ -90,7 +93,12 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
         except web.HTTPRequestEntityTooLarge:
             return error(413, f"body over {max_body_bytes} bytes", "body")
         except asyncio.TimeoutError:
-            return error(504, f"request took over {timeout_s} s", None)
+            message = f"request took over {timeout_s} s"
+            if request.match_info.get("method") in ("add", "remove"):
+                # The gallery call keeps running in its thread and may still commit.
+                message += ("; the change may still have been committed: retrying it is safe "
+                            "(an :add replaces by id, a :remove of a removed id is a no-op)")
+            return error(504, message, None)
         except web.HTTPException as problem:
             if problem.content_type == "application/json":
                 raise

@@ -11,7 +11,10 @@ A request waits for company only when there is concurrency (the last call served
 requests, others queued behind it, or several are queued now): a lone client is never held back
 by the timeout, and merging starts with the first request that had to queue. A request whose caller has given up (its
 future cancelled, e.g. by a timeout) is dropped before its batch runs, not computed for nothing.
-Over `max_enqueued_batches` x `max_batch_size` queued images, `submit` raises QueueFull (503).
+Over `max_enqueued_batches` x `max_batch_size` queued images, `submit` raises QueueFull (503);
+a request larger than that whole capacity could never fit and raises TooLarge (413) instead.
+When a merged call fails, its requests are run again one by one, so that only the request at
+fault gets the error.
 """
 
 import asyncio
@@ -25,6 +28,14 @@ import numpy as np
 
 class QueueFull(Exception):
     """The batching queue is full; try again shortly."""
+
+
+class TooLarge(Exception):
+    """A request with more images than the queue can ever hold (a retry cannot help)."""
+
+    def __init__(self, size, capacity):
+        super().__init__(f"{size} images; the batching queue holds at most {capacity} "
+                         "(--max_enqueued_batches x --max_batch_size)")
 
 
 @dataclasses.dataclass
@@ -83,6 +94,8 @@ class Batcher:
 
     async def submit(self, kind, items):
         """The model's outputs for `items` (a list of bytes or an array), once its batch ran."""
+        if len(items) > self.capacity:
+            raise TooLarge(len(items), self.capacity)
         if self.queued_images + len(items) > self.capacity:
             raise QueueFull()
         job = _Job(kind, items, asyncio.get_running_loop().create_future(), time.monotonic())
@@ -113,6 +126,21 @@ class Batcher:
                 kept.append(job)
         self.queue.extendleft(reversed(kept))
         return batch
+
+    async def _one_by_one(self, batch):
+        """Each request of a failed merged call on its own: its rows or its own error."""
+        loop = asyncio.get_running_loop()
+        for job in batch:
+            if job.future.done():
+                continue
+            try:
+                rows = await loop.run_in_executor(self.executor, self.run, job.kind, job.items)
+            except Exception as error:  # noqa: BLE001 - this request's own failure
+                if not job.future.done():
+                    job.future.set_exception(error)
+                continue
+            if not job.future.done():
+                job.future.set_result(rows)
 
     def _call_ended(self, batch):
         self._model_free_since = time.monotonic()
@@ -149,11 +177,14 @@ class Batcher:
                 self.on_batch(len(items))
             try:
                 outputs = await loop.run_in_executor(self.executor, self.run, batch[0].kind, items)
-            except Exception as error:  # noqa: BLE001 - every waiting request learns of it
+            except Exception as error:  # noqa: BLE001
+                if len(batch) == 1:
+                    self._call_ended(batch)
+                    if not batch[0].future.done():
+                        batch[0].future.set_exception(error)
+                    continue
+                await self._one_by_one(batch)  # only the request at fault fails
                 self._call_ended(batch)
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(error)
                 continue
             self._call_ended(batch)
             start = 0

@@ -27,6 +27,10 @@ class Overloaded(Exception):
     """The batching queue is full (answered 503 with Retry-After)."""
 
 
+class RequestTooLarge(Exception):
+    """More images than the server can ever queue (answered 413, naming the limit)."""
+
+
 class BodyTimeout(Exception):
     """The request body did not arrive in time (answered 408, connection closed)."""
 

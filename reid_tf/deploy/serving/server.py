@@ -2,8 +2,8 @@
 metadata."""
 
 import asyncio
-import math
 import concurrent.futures
+import math
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from reid_tf.deploy.serving.requests import MAX_RESULTS
 from reid_tf.deploy.serving.requests import BadRequest
 from reid_tf.deploy.serving.requests import DEFAULT_MAX_IMAGE_PIXELS
 from reid_tf.deploy.serving.requests import Overloaded
+from reid_tf.deploy.serving.requests import RequestTooLarge
 from reid_tf.deploy.serving.requests import check_encoded_image
 from reid_tf.deploy.serving.requests import decode_b64
 from reid_tf.deploy.serving.requests import parse_images
@@ -101,6 +102,8 @@ class Server:
             return await self.batcher.submit(kind, images)
         except batching.QueueFull:
             raise Overloaded() from None
+        except batching.TooLarge as error:
+            raise RequestTooLarge(str(error)) from None
 
     async def answer(self, method, body):
         """The JSON answer of `:predict`, `:search`, `:add` or `:remove` for a JSON body."""
