@@ -270,3 +270,56 @@ def test_a_gallery_that_cannot_rebuild_refuses_searches_and_writes_no_index_file
         store.search(data[:1], k=3)
     del store._index_add, store._new_index  # the fault goes away: the next search rebuilds
     assert found_ids(store, data[:1])[0] == {"a", "b", "c"} and not store.stale
+
+
+def brute_force(model, query, k, keep):
+    """The exact top-k ids among the model's entries passing `keep`."""
+    ids = [i for i, e in model.items() if keep(e)]
+    embeddings = np.stack([model[i]["embedding"] for i in ids])
+    embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    similarity = embeddings @ (query / np.linalg.norm(query))
+    return [ids[j] for j in np.argsort(-similarity, kind="stable")[:k]]
+
+
+@pytest.mark.parametrize("index", ["Flat", "HNSW16", "IVF8,Flat"])
+def test_a_selective_filter_is_searched_exactly_without_searching_the_index(tmp_path, index):
+    store = gallery_store.GalleryStore(str(tmp_path / "g.sqlite"), DIM, index=index, nprobe=1,
+                                       log=quiet)
+    data = vectors(2000, seed=9)
+    model = {f"t{i}": {"embedding": data[i], "camera_id": i % 4, "timestamp": float(i)}
+             for i in range(2000)}
+    store.add([{"id": i, **e} for i, e in model.items()])
+    searched = []
+    original = store._index_search
+    store._index_search = lambda q, k: (searched.append(k), original(q, k))[1]
+    query = vectors(1, seed=10)[0]
+    matches = store.search(query, k=5, exclude_camera=1, time_range=(100, 140))[0]
+    assert [m["id"] for m in matches] == brute_force(
+        model, query, 5, lambda e: e["camera_id"] != 1 and 100 <= e["timestamp"] <= 140)
+    assert store.search(query, k=5, time_range=(1e9, None))[0] == []  # matches nothing
+    assert searched == []  # neither touched the index: no k = N search
+
+
+def test_an_unselective_filter_fetches_a_bounded_number_of_candidates(tmp_path, monkeypatch):
+    monkeypatch.setattr(gallery_store, "EXACT_FILTER_LIMIT", 10)
+    store = open_store(tmp_path / "g.sqlite")
+    data = vectors(3000, seed=11)
+    # Camera 0 holds the 1,500 entries nearest the query: excluding it, the answer lies far
+    # down the ranking, where a bounded fetch may not reach.
+    query = data[0] * 10
+    order = np.argsort(-(data @ query) / np.linalg.norm(data, axis=1))
+    camera = np.empty(3000, int)
+    camera[order[:1500]], camera[order[1500:]] = 0, 1
+    model = {f"u{i}": {"embedding": data[i], "camera_id": int(camera[i])} for i in range(3000)}
+    store.add([{"id": i, **e} for i, e in model.items()])
+    fetched = []
+    original = store._index_search
+    store._index_search = lambda q, k: (fetched.append(k), original(q, k))[1]
+    results, incomplete = store.search(query, k=3, exclude_camera=0, report=True)
+    limit = max(1024, -(-16 * 3 * 3000 // 1500))
+    assert max(fetched) <= limit  # bounded, not a k = N search
+    assert incomplete == [True] and results[0] == []  # and it says the result is incomplete
+    results, incomplete = store.search(query, k=3, exclude_camera=1, report=True)
+    assert incomplete == [False]
+    assert [m["id"] for m in results[0]] == brute_force(model, query, 3,
+                                                        lambda e: e["camera_id"] != 1)

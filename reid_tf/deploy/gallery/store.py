@@ -515,14 +515,25 @@ class GalleryStore:
         """Changes applied in memory but not yet in the index file."""
         return self.applied_seq - self.persisted_seq
 
-    def search(self, queries, k=10, exclude_camera=None, time_range=None):
+    def search(self, queries, k=10, exclude_camera=None, time_range=None, report=False):
         """Top-k entries for each query, nearest first, among committed entries passing the
         filters (`exclude_camera`: leave that camera out; `time_range`: (start, end) seconds,
         either None). Each match: id, person_id, camera_id, timestamp, metadata, distance
-        (1 - cosine similarity)."""
+        (1 - cosine similarity).
+
+        A filter's work is bounded whatever it matches. The entries passing it are counted in
+        SQLite (indexed on camera and timestamp): up to `EXACT_FILTER_LIMIT` of them are
+        searched exactly, streamed from the database in chunks; a filter passing more is
+        applied to the index's nearest candidates, fetching at most 16x the expected need
+        (at least 1,024). Only then can a query end with fewer than k matches although more
+        entries pass: with `report=True` the call returns `(results, incomplete)`, one flag per
+        query saying so.
+        """
         queries = unit_rows(np.atleast_2d(queries))
         if queries.shape[1] != self.dimension:
             raise GalleryError("queries", f"width {queries.shape[1]}, gallery {self.dimension}.")
+        if time_range is not None and tuple(time_range) == (None, None):
+            time_range = None  # bounds nothing
         filtered = exclude_camera is not None or time_range is not None
         with self._lock:
             if self.stale and not self._recover():
@@ -530,30 +541,79 @@ class GalleryStore:
                                          "retry shortly (nothing committed was lost)")
             total = int(self.index.ntotal)
             results = [[] for _ in queries]
-            if not total:
-                return results
-            extra = len(self._deleted)  # marked-deleted HNSW rows may take places
-            fetch = min(total, (k * 4 if filtered else k) + extra)
-            pending = list(range(len(queries)))
-            while pending:
-                similarities, rows = self._index_search(queries[pending], fetch)
-                entries = self._entries({int(r) for r in rows.ravel() if r >= 0})
-                retry = []
-                for position, query in enumerate(pending):
-                    matches = []
-                    for similarity, row in zip(similarities[position], rows[position]):
-                        entry = entries.get(int(row))  # None: removed (HNSW) or no row
-                        if entry is None or not _passes(entry, exclude_camera, time_range):
-                            continue
-                        matches.append({**entry, "distance": float(1.0 - similarity)})
-                        if len(matches) == k:
-                            break
-                    if len(matches) < k and fetch < total:
-                        retry.append(query)
+            incomplete = [False] * len(queries)
+            if total:
+                if not filtered:
+                    self._nearest(queries, k, min(total, k + len(self._deleted)), results,
+                                  incomplete, None, None)
+                else:
+                    where, values = _filter_sql(exclude_camera, time_range)
+                    passing = self._db.execute(
+                        f"SELECT COUNT(*) FROM entries WHERE {where}", values).fetchone()[0]
+                    if passing <= EXACT_FILTER_LIMIT:
+                        self._exact(queries, k, where, values, results)
                     else:
-                        results[query] = matches
-                pending, fetch = retry, min(total, fetch * 4)
-            return results
+                        limit = min(total, max(1024, -(-16 * k * total // passing))
+                                    + len(self._deleted))
+                        self._nearest(queries, k, limit, results, incomplete, exclude_camera,
+                                      time_range)
+        return (results, incomplete) if report else results
+
+    def _nearest(self, queries, k, limit, results, incomplete, exclude_camera, time_range):
+        """Fills `results` from the index: k candidates (4k with a filter), x4 while a query
+        lacks matches, up to `limit`."""
+        total = int(self.index.ntotal)
+        filtered = exclude_camera is not None or time_range is not None
+        fetch = min(limit, k * 4 if filtered else k + len(self._deleted))
+        pending = list(range(len(queries)))
+        while pending:
+            similarities, rows = self._index_search(queries[pending], fetch)
+            entries = self._entries({int(r) for r in rows.ravel() if r >= 0})
+            retry = []
+            for position, query in enumerate(pending):
+                matches = []
+                for similarity, row in zip(similarities[position], rows[position]):
+                    entry = entries.get(int(row))  # None: removed (HNSW) or no row
+                    if entry is None or not _passes(entry, exclude_camera, time_range):
+                        continue
+                    matches.append({**entry, "distance": float(1.0 - similarity)})
+                    if len(matches) == k:
+                        break
+                results[query] = matches
+                if len(matches) < k and fetch < min(limit, total):
+                    retry.append(query)
+                elif len(matches) < k and fetch < total:
+                    incomplete[query] = True  # the bound stopped it, not the gallery
+            pending, fetch = retry, min(limit, fetch * 4)
+
+    def _exact(self, queries, k, where, values, results, chunk=4096):
+        """Exact top-k among the rows passing `where`, streamed in chunks (memory bounded by
+        the chunk and k, not by how many rows pass)."""
+        best_similarity = np.full((len(queries), 0), -np.inf, np.float32)
+        best_row = np.zeros((len(queries), 0), np.int64)
+        cursor = self._db.execute(f"SELECT row, embedding FROM entries WHERE {where}", values)
+        while True:
+            fetched = cursor.fetchmany(chunk)
+            if not fetched:
+                break
+            rows = np.array([row for row, _ in fetched], np.int64)
+            embeddings = np.frombuffer(b"".join(blob for _, blob in fetched),
+                                       np.float32).reshape(len(fetched), self.dimension)
+            similarity = np.concatenate([best_similarity, queries @ embeddings.T], axis=1)
+            candidates = np.concatenate([best_row, np.broadcast_to(rows, (len(queries),
+                                                                          len(rows)))], axis=1)
+            keep = min(k, similarity.shape[1])
+            top = np.argpartition(-similarity, keep - 1, axis=1)[:, :keep]
+            best_similarity = np.take_along_axis(similarity, top, axis=1)
+            best_row = np.take_along_axis(candidates, top, axis=1)
+        order = np.argsort(-best_similarity, axis=1, kind="stable")
+        best_similarity = np.take_along_axis(best_similarity, order, axis=1)
+        best_row = np.take_along_axis(best_row, order, axis=1)
+        entries = self._entries(set(best_row.ravel().tolist()))
+        for query in range(len(queries)):
+            results[query] = [{**entries[int(row)], "distance": float(1.0 - similarity)}
+                              for similarity, row in zip(best_similarity[query],
+                                                         best_row[query])]
 
     def _index_search(self, queries, k):
         """faiss search; a few queries on one OpenMP thread. faiss would split a single query's
@@ -599,6 +659,28 @@ def _entry(values):
     entry = dict(zip(FIELDS, values))
     entry["metadata"] = None if entry["metadata"] is None else json.loads(entry["metadata"])
     return entry
+
+
+EXACT_FILTER_LIMIT = 50_000  # a filter passing at most this many entries is searched exactly
+
+
+def _filter_sql(exclude_camera, time_range):
+    """The SQL `WHERE` clause and its values of the search filters (the same test as
+    `_passes`)."""
+    clauses, values = [], []
+    if exclude_camera is not None:
+        clauses.append("(camera_id IS NULL OR camera_id != ?)")
+        values.append(exclude_camera)
+    if time_range is not None:
+        start, end = time_range
+        clauses.append("timestamp IS NOT NULL")
+        if start is not None:
+            clauses.append("timestamp >= ?")
+            values.append(start)
+        if end is not None:
+            clauses.append("timestamp <= ?")
+            values.append(end)
+    return " AND ".join(clauses) or "1", values
 
 
 def _passes(entry, exclude_camera, time_range):

@@ -133,12 +133,16 @@ class Server:
                                                       self.max_batch, self.max_image_pixels)
             outputs = await self._embed_batched(kind, images)
         if method == "search":
-            results = await loop.run_in_executor(
-                self.pool, lambda: self.gallery.search(outputs["embedding"], **options))
+            results, incomplete = await loop.run_in_executor(
+                self.pool, lambda: self.gallery.search(outputs["embedding"], report=True,
+                                                       **options))
             for matches in results:
                 for match in matches:
                     match["file_name"] = match["id"]  # the name of the earlier API
-            return {"results": results}
+            answer = {"results": results}
+            if any(incomplete):  # a filter's bounded fetch ran out before k matches
+                answer["incomplete"] = incomplete
+            return answer
         return await loop.run_in_executor(self.pool, self.predictions, outputs,
                                           isinstance(body, dict) and "inputs" in body)
 
