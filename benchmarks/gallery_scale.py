@@ -89,6 +89,32 @@ def search_phase(folder):
     print(f"recall@10 vs exact: {recall:.4f}; search p50 {p50:.2f} ms, p99 {p99:.2f} ms per "
           f"query (1 query per call, k=10); start-up from the index file {startup:.1f} s; peak "
           f"RSS of this process {rss_gib():.2f} GiB", flush=True)
+    filtered_phase(store, queries)
+
+
+def filtered_phase(store, queries):
+    """Filtered searches, one query per call, k=10: a time range passing 0.1 % of the entries
+    (searched exactly from the database), the same plus a camera excluded, and a range passing
+    half (post-filtered from bounded index candidates); p50/p99 and the peak RSS after."""
+    rng = np.random.default_rng(3)
+    window = max(1, FLAGS.size // 1000)
+    cases = [("time range, 0.1 %", lambda t: {"time_range": (t, t + window - 1)}),
+             ("time range 0.1 % + exclude_camera", lambda t: {"time_range": (t, t + window - 1),
+                                                              "exclude_camera": 3}),
+             ("time range, 50 %", lambda t: {"time_range": (t, t + FLAGS.size // 2 - 1)})]
+    for name, options in cases:
+        latencies, short, incomplete = [], 0, 0
+        for query in queries[:200]:
+            start = float(rng.integers(0, FLAGS.size // 2))
+            begin = time.perf_counter()
+            results, flags_ = store.search(query[None], k=10, report=True, **options(start))
+            latencies.append(time.perf_counter() - begin)
+            short += len(results[0]) < 10
+            incomplete += flags_[0]
+        p50, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 99])
+        print(f"filtered search ({name}): p50 {p50:.2f} ms, p99 {p99:.2f} ms per query; "
+              f"{short} of 200 with fewer than 10 matches, {incomplete} flagged incomplete; "
+              f"peak RSS {rss_gib():.2f} GiB", flush=True)
 
 
 def main(argv):
@@ -117,8 +143,10 @@ def main(argv):
 
     for offset, chunk in gallery_chunks():
         for start_row in range(0, len(chunk), 10_000):
-            store.add([{"id": str(offset + start_row + i), "embedding": e}
-                       for i, e in enumerate(chunk[start_row:start_row + 10_000])])
+            store.add([{"id": str(row), "embedding": e, "timestamp": float(row),
+                        "camera_id": row % 8}  # timestamps 0..size-1, 8 cameras, for filters
+                       for row, e in enumerate(chunk[start_row:start_row + 10_000],
+                                               offset + start_row)])
         print(f"added {offset + len(chunk)} in {time.perf_counter() - start:.0f} s "
               f"(RSS peak {rss_gib():.2f} GiB)", flush=True)
     store.close()  # writes the index file
@@ -131,7 +159,8 @@ def main(argv):
     print(f"build (SQLite + index, training included, index file written): {build_seconds:.0f} s;"
           f" database {os.path.getsize(path) / 2**30:.2f} GiB", flush=True)
     subprocess.run([sys.executable, __file__, f"--workdir={folder}", "--search_only",
-                    f"--size={FLAGS.size}", f"--index={FLAGS.index}", f"--nprobe={FLAGS.nprobe}"],
+                    f"--size={FLAGS.size}", f"--index={FLAGS.index}", f"--nprobe={FLAGS.nprobe}",
+                    f"--dim={FLAGS.dim}"],
                    check=True)
     if not FLAGS.workdir:
         shutil.rmtree(folder)  # the database alone is size x dim x 4 bytes
