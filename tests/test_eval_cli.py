@@ -140,3 +140,11 @@ def test_reid_eval_bad_input_is_one_line(tmp_path):
     assert "reid-eval: error:" in result.stderr and "model.json: not found" in result.stderr
     result = run("reid_tf.cli.eval", f"--workdir={tmp_path}", f"--export={tmp_path}", check=False)
     assert "give exactly one of --workdir or --export" in result.stderr
+
+
+def test_reid_eval_refuses_a_rerank_k2_beyond_k1_in_one_line_before_extracting(tmp_path):
+    result = run("reid_tf.cli.eval", f"--export={tmp_path}", "--dataset=x", "--rerank",
+                 "--k1=3", "--k2=8", check=False)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "reid-eval: error:" in line]
+    assert len(errors) == 1 and "k2=8 with k1=3" in errors[0] and "--k2" in errors[0]

@@ -88,3 +88,17 @@ def test_re_rank_from_features_equals_re_rank_on_the_dense_matrices(seed):
     np.testing.assert_allclose(got["cmc"], expected["cmc"], atol=1e-6)
     assert got["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
     assert got["mINP"] == pytest.approx(expected["mINP"], abs=1e-6)
+
+
+def test_re_rank_refuses_a_k2_beyond_k1_plus_one_and_other_unusable_parameters():
+    q_g, q_q, g_g = distances(0)
+    with pytest.raises(ValueError, match=r"k2=8 with k1=3: .* at most 4 \(lower --k2 or raise "
+                                         r"--k1\)"):
+        reranking.re_rank(q_g, q_q, g_g, k1=3, k2=8)
+    for bad, match in ((dict(k1=0), "k1=0"), (dict(k2=0), "k2=0"),
+                       (dict(lambda_value=1.5), "lambda_value=1.5")):
+        with pytest.raises(ValueError, match=match):
+            reranking.re_rank(q_g, q_q, g_g, **bad)
+    # k2 = k1 + 1, the largest it may be, runs; and k1 >= the gallery is clamped, as before.
+    assert np.isfinite(reranking.re_rank(q_g, q_q, g_g, k1=3, k2=4)).all()
+    assert np.isfinite(reranking.re_rank(q_g, q_q, g_g, k1=500, k2=6)).all()

@@ -103,6 +103,9 @@ def run_eval():
     from reid_tf.evaluate.extract import extract
 
     tf.get_logger().setLevel("ERROR")
+    if FLAGS.rerank:  # before any extraction: a bad k2 is known now
+        from reid_tf.evaluate import reranking
+        reranking.check_parameters(FLAGS.k1, FLAGS.k2, FLAGS.lambda_value)
     if bool(FLAGS.workdir) == bool(FLAGS.export):
         raise ValueError("give exactly one of --workdir or --export.")
     for name in ("model.json", "config.json"):

@@ -53,6 +53,19 @@ def _reciprocal(neighbours):
     return (back == np.arange(len(neighbours))[:, None, None]).any(axis=-1)
 
 
+def check_parameters(k1, k2, lambda_value):
+    """ValueError naming the parameter, for values re-ranking cannot use: k1 >= 1,
+    1 <= k2 <= k1 + 1 (k2 averages over the k1+1 nearest neighbours), 0 <= lambda <= 1."""
+    for name, value in (("k1", k1), ("k2", k2)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"re-ranking {name}={value!r}: expected an integer >= 1.")
+    if k2 > k1 + 1:
+        raise ValueError(f"re-ranking k2={k2} with k1={k1}: k2 averages over the k1+1 nearest "
+                         f"neighbours, so it must be at most {k1 + 1} (lower --k2 or raise --k1).")
+    if not 0.0 <= lambda_value <= 1.0:
+        raise ValueError(f"re-ranking lambda_value={lambda_value!r}: expected 0..1.")
+
+
 def re_rank(query_gallery, query_query, gallery_gallery, k1=20, k2=6, lambda_value=0.3,
             chunk_size=1024):
     """Re-ranked query × gallery distances `[Q, G]` (float32).
@@ -148,7 +161,9 @@ def _re_rank_chunks(total, num_query, rows_of, gather, query_gallery, k1, k2, la
     `gather(rows, cols)` -> `[n]`, `query_gallery(slice)` -> `[rows, G]`. Yields
     `(query rows, final distances)`."""
     num_gallery = total - num_query
+    check_parameters(k1, k2, lambda_value)
     k1 = min(k1, total - 1)
+    k2 = min(k2, k1 + 1)  # the expansion averages over the k1+1 nearest neighbours at most
     half = int(np.around(k1 / 2.0))
     # Pass 1: squared distances row by row -> row maxima and the k1+1 nearest neighbours.
     # The reference divides by column maxima and transposes; for symmetric inputs that is the
