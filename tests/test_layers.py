@@ -272,3 +272,19 @@ def test_fused_batch_norm_equals_keras_batch_norm():
     synced.build(x.shape)
     assert not synced._fusable(x, None)
     testing.check_config_round_trip(fused)
+
+
+def test_clustering_fallbacks_to_stripes_are_reported_per_image():
+    layer = parts.ActivationPartPartition(num_parts=4, strategy="bands")
+    features = np.random.default_rng(0).uniform(size=(3, 8, 4, 16)).astype(np.float32)
+    features[1:] = 0.0
+    features[1, 0, 0, :] = 1.0  # every channel peaks in the top row: bands left empty
+    features[2, :2] = 1.0  # only the top two rows active
+    masks, fallback = layer(tf.constant(features), return_fallback=True)
+    np.testing.assert_array_equal(fallback, [False, True, True])
+    stripes = parts.ActivationPartPartition(num_parts=4, strategy="stripes")(features)
+    np.testing.assert_array_equal(masks[1:], stripes[1:])  # what fell back is stripes
+    np.testing.assert_array_equal(layer(tf.constant(features)), masks)  # default: masks only
+    _, chosen = parts.ActivationPartPartition(num_parts=4, strategy="stripes")(
+        features, return_fallback=True)
+    assert not np.any(chosen)  # stripes by choice are no fallback

@@ -26,6 +26,7 @@ TINY_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_h
               "--optimizer=adam", "--learning_rate=0.001", "--log_every=2",
               "--checkpoint_every=4", "--image_summary_every=4"]
 EXPECTED_TAGS = {"train/loss", "train/global_loss", "train/part_loss", "train/global_accuracy",
+                 "train/part_fallback",
                  "train/learning_rate", "train/images_per_second", "train/part_masks",
                  *[f"train/part_{k}_{m}" for k in (1, 2, 3) for m in ("loss", "accuracy")]}
 
@@ -415,6 +416,7 @@ def test_also_evaluate_on_scores_another_test_split_and_refuses_training_identit
     assert other["mAP"] == results["mAP"] and other["rank1"] == results["rank1"]
     assert other["descriptors"] == results["descriptors"] and other["num_queries"] > 0
     assert results["code"] == version.code()  # the commit the run used
+    assert 0.0 <= results["part_fallback"] <= 1.0  # the share of test images on stripes
     # A "test" split whose query people the model trained on is refused before training.
     leaked = synthetic.write_market_folder(synthetic.generate(synthetic.SyntheticConfig(
         num_train_ids=2, num_test_ids=2, images_per_id=4, height=64, width=32)),

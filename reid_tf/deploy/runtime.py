@@ -16,16 +16,21 @@ import tensorflow as tf
 from reid_tf.model import descriptors
 
 
+RAW_OUTPUTS = ("part_masks", "part_fallback")  # taken as they are, not L2-normalised
+
+
 def _select(outputs, names):
-    """`names` from a model's outputs: descriptors selected and L2-normalised, `part_masks` as
+    """`names` from a model's outputs: descriptors selected and L2-normalised, `RAW_OUTPUTS` as
     they are."""
-    return {name: outputs[name] if name == "part_masks"
+    return {name: outputs[name] if name in RAW_OUTPUTS
             else descriptors.select_descriptor(outputs, name) for name in names}
 
 
 class KerasRuntime:
     """An in-memory `PartLossNet` as a runtime (training-time evaluation, reid-eval of a
     workdir). One `tf.function` per set of names: model and descriptor selection in one graph."""
+
+    extra_outputs = ("part_fallback",)  # beyond the export's outputs
 
     def __init__(self, model):
         self.model = model

@@ -20,14 +20,19 @@ def evaluate_runtime(runtime, query, gallery, batch_size=64):
     """rank-1 / mAP / mINP / CMC of `runtime` (cosine, test descriptor `embedding`).
 
     Also `descriptors`: `{name: {rank1, mAP, mINP}}` for every descriptor the model has, and
-    `part_consistency` (`parts.part_consistency` over the query and gallery masks) with parts.
+    `part_consistency` (`parts.part_consistency` over the query and gallery masks) with parts,
+    and `part_fallback` (the share of query and gallery images whose clustering fell back to
+    stripes) where the runtime reports it (an in-memory model).
     """
     names = [n for n in descriptors.DESCRIPTORS if n != "part_embeddings" or runtime.num_parts]
+    fallback = runtime.num_parts and "part_fallback" in getattr(runtime, "extra_outputs", ())
     names.append("part_masks")
+    if fallback:
+        names.append("part_fallback")
     query_outputs = extract(runtime, query, names, batch_size)
     gallery_outputs = extract(runtime, gallery, names, batch_size)
     scores = {}
-    for name in names[:-1]:
+    for name in [n for n in names if n not in ("part_masks", "part_fallback")]:
         distances = metrics_lib.pairwise_distances(query_outputs[name], gallery_outputs[name],
                                                    "cosine")
         scores[name] = metrics_lib.evaluate(distances, *labels_of(query, gallery))
@@ -37,6 +42,9 @@ def evaluate_runtime(runtime, query, gallery, batch_size=64):
     if runtime.num_parts:
         result["part_consistency"] = parts.part_consistency(
             np.concatenate([query_outputs["part_masks"], gallery_outputs["part_masks"]]))
+    if fallback:
+        result["part_fallback"] = float(np.mean(np.concatenate(
+            [query_outputs["part_fallback"], gallery_outputs["part_fallback"]])))
     return result
 
 

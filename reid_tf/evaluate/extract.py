@@ -53,7 +53,7 @@ def extract(runtime, split, names=("embedding",), batch_size=64, flip=False, enc
                 outputs = runtime.embed(batch["image"], names)
                 if flip:
                     mirrored = runtime.embed(batch["image"][:, :, ::-1], names)
-                    outputs = {name: value if name == "part_masks"
+                    outputs = {name: value if name in ("part_masks", "part_fallback")
                                else descriptors.l2_normalize(value + mirrored[name])
                                for name, value in outputs.items()}
             for name in names:

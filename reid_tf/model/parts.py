@@ -86,7 +86,8 @@ class ActivationPartPartition(keras.layers.Layer):
     whole rows; the 2-D strategies can place two centres on the same row, side by side (see
     `part_consistency`). The assignment carries no gradient. Every cell belongs to exactly one part; an image whose
     clustering leaves a part empty (all-zero or single-peak maps, ties) falls back to stripes,
-    so no part is ever empty.
+    so no part is ever empty; `call(features, return_fallback=True)` also returns which images
+    did (bool `[B]`), counted in training and evaluation.
 
     Args:
         num_parts: K >= 1, at most the number of grid rows.
@@ -122,14 +123,18 @@ class ActivationPartPartition(keras.layers.Layer):
                 f"{height} parts fit (parts must be non-empty)."
             )
 
-    def call(self, features):
+    def call(self, features, return_fallback=False):
+        masks, fallback = self._partition(features)
+        return (masks, fallback) if return_fallback else masks
+
+    def _partition(self, features):
         features = tf.stop_gradient(tf.cast(features, tf.float32))
         height, width = features.shape[1], features.shape[2]
         batch = tf.shape(features)[0]
         stripes = tf.one_hot(stripe_assignment(height, self.num_parts), self.num_parts)
         stripes = tf.broadcast_to(stripes[None, :, None, :], [batch, height, width, self.num_parts])
         if self.strategy == "stripes":
-            return stripes
+            return stripes, tf.zeros([batch], tf.bool)  # stripes by choice, not by fallback
         ys, xs = _grid_points(height, width)
         cells = height * width
         flat = tf.nn.relu(tf.reshape(features, [batch, cells, features.shape[3]]))
@@ -158,7 +163,7 @@ class ActivationPartPartition(keras.layers.Layer):
             masks = tf.broadcast_to(masks[:, :, None, :], [batch, height, width, self.num_parts])
         masks = tf.reshape(masks, [batch, height, width, self.num_parts])
         complete = tf.reduce_all(tf.reduce_sum(masks, axis=[1, 2]) > 0, axis=-1)  # [B]
-        return tf.where(complete[:, None, None, None], masks, stripes)
+        return tf.where(complete[:, None, None, None], masks, stripes), ~complete
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:3], self.num_parts)

@@ -11,7 +11,7 @@ from reid_tf.model.descriptors import descriptor
 
 
 OUTPUT_KEYS = ("global_logits", "part_logits", "global_embedding", "part_embeddings",
-               "part_masks", "embedding", "global_features", "part_features")
+               "part_masks", "embedding", "global_features", "part_features", "part_fallback")
 
 
 @keras.saving.register_keras_serializable(package="reid_tf")
@@ -41,7 +41,8 @@ class PartLossNet(keras.Model):
     `part_logits [B,K,N]`, `global_embedding [B,D]`, `part_embeddings [B,K,D]`,
     `part_masks [B,h,w,K]`, `embedding [B,(K+1)*D]` (L2-normalised), and `global_features [B,D]`
     and `part_features [B,K,D]`, the embeddings before the BNNeck BatchNorm (where the triplet
-    loss goes, as in Bag of Tricks); the same keys in training and inference.
+    loss goes, as in Bag of Tricks), and `part_fallback [B]` (1 for an image whose clustering
+    fell back to stripes); the same keys in training and inference.
 
     Example:
     >>> model = PartLossNet(num_classes=5, num_parts=3, backbone="tiny", image_size=(64, 32))
@@ -114,12 +115,13 @@ class PartLossNet(keras.Model):
         global_embedding, global_logits, global_features = self.global_head(
             pooled, training=training, with_features=True)
         if self.num_parts:
-            part_masks = self.partition(features)
+            part_masks, fallback = self.partition(features, return_fallback=True)
             pooled_parts = self.part_pooling([features, part_masks])
             part_embeddings, part_logits, part_features = self.part_head(
                 pooled_parts, training=training, with_features=True)
         else:
             part_masks = tf.zeros([batch, *self.grid_size, 0], tf.float32)
+            fallback = tf.zeros([batch], tf.bool)
             part_embeddings = tf.zeros([batch, 0, self.embedding_dim], global_embedding.dtype)
             part_features = part_embeddings
             part_logits = tf.zeros([batch, 0, self.num_classes], tf.float32)
@@ -132,6 +134,7 @@ class PartLossNet(keras.Model):
             "embedding": descriptor(global_embedding[:, 0], part_embeddings),
             "global_features": global_features[:, 0],
             "part_features": part_features,
+            "part_fallback": tf.cast(fallback, tf.float32),
         }
 
     def get_config(self):

@@ -57,13 +57,15 @@ class Progress:
         skipped = f"  skipped {count}" if count else ""
         triplets = "".join(f"  {label} {float(metrics[name]):.4f}"
                            for name, label in TRIPLET_TERMS if name in metrics)
+        fallback = float(metrics["part_fallback"])  # clustering gave up: stripes instead
+        stripes = f"  stripes-fallback {100 * fallback:.0f}%" if fallback else ""
         self.log(f"step {step}/{self.total_steps}  loss {float(metrics['loss']):.4f}  "
                  f"global {float(metrics['global_loss']):.4f}  part "
                  f"{float(metrics['part_loss']):.4f} [{parts}]{triplets}  acc "
                  f"{float(metrics['global_accuracy']):.3f}  {images_per_second:.1f} img/s  ETA "
-                 f"{format_duration(remaining)}{skipped}")
+                 f"{format_duration(remaining)}{skipped}{stripes}")
         with self.writer.as_default(step=step):
-            for name in ("loss", "global_loss", "part_loss", "global_accuracy",
+            for name in ("loss", "global_loss", "part_loss", "global_accuracy", "part_fallback",
                          *(name for name, _ in TRIPLET_TERMS)):
                 if name in metrics:
                     tf.summary.scalar(f"train/{name}", metrics[name])
@@ -146,6 +148,8 @@ class Evaluation:
                     tf.summary.scalar(f"eval/{tag}/{name}/mAP", values["mAP"])
             for name, value in (consistency or {}).items():
                 tf.summary.scalar(f"eval/{tag}/part_consistency/{name}", value)
+            if metrics.get("part_fallback") is not None:
+                tf.summary.scalar(f"eval/{tag}/part_fallback", metrics["part_fallback"])
         where = split if tag == self.tag else f"{split} of {tag}"
         line = (f"eval ({where}) step {step}: rank-1 {metrics['rank1']:.4f}  "
                 f"mAP {metrics['mAP']:.4f}  (queries {metrics['num_valid']}, skipped "
@@ -153,6 +157,8 @@ class Evaluation:
         if consistency:
             line += (f"  parts: IoU {consistency['mean_iou']:.3f} ordered "
                      f"{consistency['ordered_fraction']:.3f}")
+        if metrics.get("part_fallback"):
+            line += f"  stripes-fallback {100 * metrics['part_fallback']:.1f}% of images"
         self.log(line)
         if split == "validation" and self.chief:
             self.curve.append({"step": step, "epoch": step / self.steps_per_epoch,

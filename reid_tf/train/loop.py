@@ -274,7 +274,8 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
                            num_queries=metrics["num_valid"],
                            skipped_queries=metrics["num_skipped"],
                            descriptors=metrics["descriptors"],
-                           part_consistency=metrics.get("part_consistency"))
+                           part_consistency=metrics.get("part_consistency"),
+                           part_fallback=metrics.get("part_fallback"))
         if others:
             results["also_evaluated"] = {dataset: evaluation.run_other(step, dataset, other)
                                          for dataset, other in others.items()}

@@ -70,6 +70,7 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
             "part_losses": batch_mean(terms["part_losses"]),
             "global_accuracy": batch_mean(global_hits),
             "part_accuracies": batch_mean(part_hits),
+            "part_fallback": batch_mean(outputs["part_fallback"]),  # share fallen back to stripes
         }
         for name in ("triplet_loss", "part_triplet_loss"):
             if name in terms:
