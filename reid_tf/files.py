@@ -13,6 +13,14 @@ def write_atomically(path, text):
     os.replace(temporary, path)
 
 
+def umask_mode(mode=0o666):
+    """`mode` as the process's umask leaves it: what `open()` would have created (a
+    `tempfile` file is always 0600, whatever the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def check_can_create(path, flag):
     """Refuses, with one line naming `flag`, a path under which nothing can be created: the
     nearest existing folder above it must be a folder and take a real write (permission bits do

@@ -3,6 +3,7 @@
 import base64
 import io
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -478,3 +479,69 @@ def test_a_timed_out_add_says_it_may_have_committed_and_its_retry_is_safe(traine
         gauge = [line for line in client.raw("/metrics").splitlines()
                  if line.startswith("reid_gallery_size ")]
     assert status == 200 and float(gauge[0].split()[1]) == 48
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp / "notes.txt", "file is not a database"),
+    (lambda tmp: tmp / "missing" / "g.sqlite", "unable to open database file"),
+    (lambda tmp: tmp, "unable to open database file"),
+])
+def test_a_bad_gallery_db_is_one_line_naming_the_flag(tmp_path, make, message):
+    from reid_tf.cli import serve as serve_cli
+    from reid_tf.deploy.gallery import store as gallery_store
+
+    (tmp_path / "notes.txt").write_text("not a database\n")
+    path = str(make(tmp_path))
+    with pytest.raises(sqlite3.Error) as problem:
+        gallery_store.GalleryStore(path, 8, log=lambda line: None)
+    line = serve_cli.start_error(problem.value, path)
+    assert line.startswith(f"--gallery_db={path}: ") and message in line and "\n" not in line
+
+
+def test_a_wrong_or_unreadable_gallery_npz_names_the_file_and_both_sizes(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an npz\n")
+    narrow = tmp_path / "narrow.npz"
+    features_npz.save_features(str(narrow), np.ones((2, 5), np.float32), np.array(["a", "b"]))
+
+    class Export:
+        embedding_width = 64
+
+    with pytest.raises(ValueError, match=f"{narrow}: embeddings of 5, but the model and the "
+                                         "gallery hold 64"):
+        seed.open_gallery(Export(), None, npz=str(narrow), log=lambda line: None)
+    with pytest.raises(ValueError, match=f"{text}: not a features .npz"):
+        seed.open_gallery(Export(), None, npz=str(text), log=lambda line: None)
+
+
+def test_serve_start_up_errors_are_one_line(trained, tmp_path):
+    import socket
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database\n")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    cases = [([f"--gallery_db={text}"], f"--gallery_db={text}: file is not a database"),
+             ([f"--port={port}", "--host=127.0.0.1"], "address already in use")]
+    try:
+        for flags, message in cases:
+            result = python("reid_tf.cli.serve", f"--export={trained['export']}", *flags,
+                            check=False)
+            assert result.returncode == 1, (flags, result.stderr[-1500:])
+            assert "Traceback" not in result.stderr, (flags, result.stderr[-1500:])
+            errors = [line for line in result.stderr.splitlines()
+                      if line.startswith("reid-serve: error:")]
+            assert len(errors) == 1 and message in errors[0].lower(), (
+                flags, result.stderr[-800:])
+    finally:
+        taken.close()
+
+
+def test_extracted_features_follow_the_umask(trained, tmp_path):
+    output = tmp_path / "f.npz"
+    features_npz.save_features(str(output), np.ones((2, 4), np.float32), np.array(["a", "b"]))
+    old = os.umask(0o022)
+    os.umask(old)
+    assert (os.stat(output).st_mode & 0o777) == 0o666 & ~old

@@ -19,6 +19,7 @@ a request over --timeout_s gets 504. The server never stops on a bad request.
 
 import asyncio
 import os
+import sqlite3
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
@@ -98,10 +99,8 @@ def main(argv):
                 index_spec(FLAGS.index, FLAGS.nlist), FLAGS.nprobe,
                 FLAGS.ef_search, FLAGS.persist_every,
                 log=lambda line: print(line, flush=True))
-    except (ValueError, OSError, RuntimeError) as problem:  # RuntimeError: faiss's
-        print(f"reid-serve: error: {str(problem).strip().splitlines()[0]}",
-              file=sys.stderr, flush=True)
-        sys.exit(1)
+    except (sqlite3.Error, ValueError, OSError, RuntimeError) as problem:
+        fail(start_error(problem, FLAGS.gallery_db))
     server = Server(export, gallery, FLAGS.model_name, FLAGS.max_batch, FLAGS.threads,
                     FLAGS.max_image_pixels, FLAGS.max_batch_size,
                     FLAGS.batch_timeout_ms, FLAGS.max_enqueued_batches)
@@ -110,12 +109,31 @@ def main(argv):
     access.setLevel(logging.INFO)
     access.addHandler(logging.StreamHandler(sys.stdout))
     access.propagate = False
-    asyncio.run(serve_forever(
-        application, FLAGS.host, FLAGS.port, FLAGS.timeout_s, FLAGS.max_connections,
-        started=lambda: print(
-            f"serving {export.path} as '{FLAGS.model_name}' (version {export.version})"
-            + (f" with a gallery of {len(gallery)}" if gallery else "")
-            + f" on http://{FLAGS.host}:{FLAGS.port}", flush=True)))
+    try:
+        asyncio.run(serve_forever(
+            application, FLAGS.host, FLAGS.port, FLAGS.timeout_s, FLAGS.max_connections,
+            started=lambda: print(
+                f"serving {export.path} as '{FLAGS.model_name}' (version {export.version})"
+                + (f" with a gallery of {len(gallery)}" if gallery else "")
+                + f" on http://{FLAGS.host}:{FLAGS.port}", flush=True)))
+    except OSError as problem:  # the port is taken, or the host is not this machine's
+        if gallery is not None:
+            gallery.close()
+        fail(f"--host={FLAGS.host} --port={FLAGS.port}: {problem.strerror or problem}")
+
+
+def start_error(problem, gallery_db):
+    """The one line for a start-up failure: an SQLite error names --gallery_db (not a database,
+    a folder, a missing folder); others give their first line (RuntimeError: faiss's)."""
+    if isinstance(problem, sqlite3.Error):
+        return (f"--gallery_db={gallery_db}: {str(problem).strip() or type(problem).__name__}"
+                " (an SQLite gallery database, or a new file in an existing folder)")
+    return str(problem).strip().splitlines()[0]
+
+
+def fail(line):
+    print(f"reid-serve: error: {line}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def run():

@@ -10,6 +10,7 @@ import tempfile
 import numpy as np
 
 from reid_tf.files import check_can_create
+from reid_tf.files import umask_mode
 
 
 FEATURE_KEYS = ("embeddings", "file_names", "person_ids", "camera_ids")
@@ -37,6 +38,7 @@ def save_features(path, embeddings, file_names, person_ids=None, camera_ids=None
         try:
             np.savez(file, **arrays)
             file.close()
+            os.chmod(file.name, umask_mode())  # as any file the user creates, not 0600
             os.replace(file.name, path)
         except BaseException:
             os.unlink(file.name)  # never an orphan temporary file
@@ -55,8 +57,15 @@ def check_output_path(path):
 
 def load_features(path):
     """features.npz -> dict of arrays; ValueError names a missing or inconsistent array."""
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {key: data[key] for key in FEATURE_KEYS if key in data}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise ValueError("one array, not an .npz archive")
+            arrays = {key: data[key] for key in FEATURE_KEYS if key in data}
+    except FileNotFoundError:
+        raise ValueError(f"{path}: not found.") from None
+    except (ValueError, OSError, EOFError):  # numpy's pickle message names no file
+        raise ValueError(f"{path}: not a features .npz (reid-extract's output).") from None
     for key in ("embeddings", "file_names"):
         if key not in arrays:
             raise ValueError(f"{path}: array {key!r} missing; expected a reid-extract "

@@ -31,6 +31,10 @@ def open_gallery(export, gallery_db=None, npz=None, images=None, index="Flat", n
                 f"{source} not imported again")
             return store
         arrays = _read_seed(export, npz, images)
+        width = arrays["embeddings"].shape[1]
+        if width != store.dimension:
+            raise ValueError(f"{source}: embeddings of {width}, but the model and the gallery "
+                             f"hold {store.dimension}: extract it with this model's export.")
         start = progress["done"] if resume else 0
         if resume:
             log(f"gallery: resuming the interrupted import of {source}: {start} of "
