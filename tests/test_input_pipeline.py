@@ -1,5 +1,6 @@
 import collections
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -237,3 +238,15 @@ def test_load_splits_with_validation(tmp_path):
     assert set(loaded) == {"train", "query", "gallery", "val_query", "val_gallery"}
     assert len(set(loaded["train"].person_ids)) == 8
     assert len(loaded["query"]) == len(records["query"])  # the test split is untouched
+
+
+def test_a_folder_without_bounding_box_train_serves_the_tools_that_only_evaluate(tmp_path):
+    root = synthetic.write_market_folder(synthetic.generate(
+        synthetic.SyntheticConfig(num_train_ids=2, num_test_ids=3, images_per_id=4, height=32,
+                                  width=16)), str(tmp_path / "market"))
+    shutil.rmtree(os.path.join(root, "bounding_box_train"))
+    found = splits_lib.load_splits(f"folder:{root}", splits=("query", "gallery"))
+    assert sorted(found) == ["gallery", "query"] and len(found["query"]) > 0
+    assert len(splits_lib.load_split(images=root, split="gallery")) == len(found["gallery"])
+    with pytest.raises(FileNotFoundError, match="bounding_box_train"):
+        splits_lib.load_splits(f"folder:{root}")  # training still needs it

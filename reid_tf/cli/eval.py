@@ -120,7 +120,7 @@ def run_eval():
         raise ValueError("--dataset is required with --export.")
     runtime = open_runtime()
     splits = splits_lib.load_splits(dataset, FLAGS.data_dir, FLAGS.manual_dir,
-                                    FLAGS.skip_corrupt)
+                                    FLAGS.skip_corrupt, splits=("query", "gallery"))
     query, gallery = splits["query"], splits["gallery"]
     features = [extract(runtime, split, [FLAGS.descriptor], FLAGS.batch_size, flip=FLAGS.flip,
                         description=name)[FLAGS.descriptor]

@@ -74,7 +74,8 @@ def parse_market_name(file_name, pattern=MARKET_PATTERN):
     return int(match.group(1)), int(match.group(2))
 
 
-def parse_market_layout(root, max_person_id=None, max_camera_id=None):
+def parse_market_layout(root, max_person_id=None, max_camera_id=None,
+                        splits=tuple(MARKET_LAYOUT)):
     """Market-1501 layout (also DukeMTMC-reID and any folder laid out the same way).
 
     Market-1501 (Zheng et al., ICCV 2015): train 12,936 images / 751 ids; query 3,368 / 750;
@@ -86,10 +87,13 @@ def parse_market_layout(root, max_person_id=None, max_camera_id=None):
     Args:
         root: folder holding bounding_box_train/, query/, bounding_box_test/.
         max_person_id, max_camera_id: optional range checks.
+        splits: the splits to read (a tool that only evaluates needs no bounding_box_train/).
     """
     _require_folder(root, MARKET_LAYOUT_HELP)
-    splits = {}
+    wanted, splits = splits, {}
     for split, sub_folder in MARKET_LAYOUT.items():
+        if split not in wanted:
+            continue
         folder = os.path.join(root, sub_folder)
         _require_folder(folder, MARKET_LAYOUT_HELP)
         records = []

@@ -82,7 +82,8 @@ VALIDATION_SPLITS = ("val_query", "val_gallery")
 
 
 def load_splits(dataset, data_dir=None, manual_dir=None, skip_corrupt=False, log=print,
-                validation_identities=0.0, validation_seed=0, cache_in_memory=False):
+                validation_identities=0.0, validation_seed=0, cache_in_memory=False,
+                splits=None):
     """Loads `{split: Split}` for `dataset` (a TFDS name, `folder:PATH` or `identity_folders:PATH`).
 
     TFDS datasets are prepared on first use (from `manual_dir` for real datasets; generated for
@@ -92,9 +93,11 @@ def load_splits(dataset, data_dir=None, manual_dir=None, skip_corrupt=False, log
     prepared by an older reid-tf as TFRecord files is always loaded that way). Folders are read
     file by file either way. With `validation_identities > 0`, that share (< 1) or number (>= 1)
     of the *training* identities is held out as `val_query`/`val_gallery` (see
-    `carve_validation`) and `train` keeps the rest.
+    `carve_validation`) and `train` keeps the rest. `splits`: the splits a caller needs, for a
+    `folder:` dataset the only sub-folders read (None: all three).
     """
-    splits = _load_splits(dataset, data_dir, manual_dir, skip_corrupt, log, cache_in_memory)
+    splits = _load_splits(dataset, data_dir, manual_dir, skip_corrupt, log, cache_in_memory,
+                          splits)
     if validation_identities:
         if "train" not in splits:
             raise ValueError(f"--dataset={dataset}: has no 'train' split to hold validation "
@@ -142,9 +145,11 @@ def carve_validation(train, identities, seed=0):
             "val_query": _subset(train, query), "val_gallery": _subset(train, gallery)}
 
 
-def _load_splits(dataset, data_dir, manual_dir, skip_corrupt, log, cache_in_memory):
+def _load_splits(dataset, data_dir, manual_dir, skip_corrupt, log, cache_in_memory,
+                 needed=None):
     if dataset.startswith(FOLDER_PREFIX):
-        records = sources.parse_market_layout(os.path.expanduser(dataset[len(FOLDER_PREFIX):]))
+        records = sources.parse_market_layout(os.path.expanduser(dataset[len(FOLDER_PREFIX):]),
+                                              splits=needed or tuple(sources.MARKET_LAYOUT))
     elif dataset.startswith(IDENTITY_FOLDERS_PREFIX):
         root = os.path.expanduser(dataset[len(IDENTITY_FOLDERS_PREFIX):])
         records = sources.parse_identity_folder_dataset(
@@ -262,7 +267,8 @@ def load_split(images=None, dataset=None, split="gallery", data_dir=None, skip_c
             dataset = FOLDER_PREFIX + images
         else:
             return folder_split(images)
-    splits = load_splits(dataset, data_dir=data_dir, skip_corrupt=skip_corrupt)
+    splits = load_splits(dataset, data_dir=data_dir, skip_corrupt=skip_corrupt,
+                         splits=(split,) if split in sources.MARKET_LAYOUT else None)
     if split not in splits:
         raise ValueError(f"--split={split}: {dataset} has splits {sorted(splits)}.")
     return splits[split]
