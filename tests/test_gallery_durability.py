@@ -323,3 +323,22 @@ def test_an_unselective_filter_fetches_a_bounded_number_of_candidates(tmp_path, 
     assert incomplete == [False]
     assert [m["id"] for m in results[0]] == brute_force(model, query, 3,
                                                         lambda e: e["camera_id"] != 1)
+
+
+def test_a_gallery_built_with_one_model_refuses_another_of_the_same_width(tmp_path):
+    path = str(tmp_path / "g.sqlite")
+    store = gallery_store.GalleryStore(path, DIM, log=quiet, model="aaaa")
+    store.add(entries(["x"], vectors(1)))
+    store.close()
+    assert gallery_store.GalleryStore(path, DIM, log=quiet, model="aaaa").count() == 1
+    with pytest.raises(ValueError, match=r"holds embeddings of model aaaa, not of this "
+                                         r"export's bbbb"):
+        gallery_store.GalleryStore(path, DIM, log=quiet, model="bbbb")
+    # A database from before models were recorded learns the one it is served with.
+    old = str(tmp_path / "old.sqlite")
+    gallery_store.GalleryStore(old, DIM, log=quiet).add(entries(["y"], vectors(1)))
+    lines = []
+    gallery_store.GalleryStore(old, DIM, log=lines.append, model="cccc")
+    assert any("records no model" in line and "cccc" in line for line in lines)
+    with pytest.raises(ValueError, match="model cccc"):
+        gallery_store.GalleryStore(old, DIM, log=quiet, model="dddd")

@@ -545,3 +545,14 @@ def test_extracted_features_follow_the_umask(trained, tmp_path):
     old = os.umask(0o022)
     os.umask(old)
     assert (os.stat(output).st_mode & 0o777) == 0o666 & ~old
+
+
+def test_an_export_names_its_weights_the_same_on_every_export_of_one_checkpoint(trained,
+                                                                               tmp_path):
+    from reid_tf.deploy import runtime
+
+    first = runtime.model_id(trained["export"])
+    assert first is not None and len(first) == 16
+    python("reid_tf.cli.export", f"--workdir={trained['workdir']}", f"--export_dir={tmp_path / 'again'}")
+    (again,) = os.listdir(tmp_path / "again")
+    assert runtime.model_id(str(tmp_path / "again" / again)) == first

@@ -51,6 +51,15 @@ class KerasRuntime:
         return self.embed(decoded, names)
 
 
+def model_id(path):
+    """The identity of an export's weights: TensorFlow's fingerprint checkpoint hash as 16 hex
+    digits (the same for every export of one checkpoint), or None for an export without
+    fingerprint.pb."""
+    if not os.path.exists(os.path.join(path, "fingerprint.pb")):
+        return None
+    return f"{tf.saved_model.experimental.read_fingerprint(path).checkpoint_hash:016x}"
+
+
 class SavedModelRuntime:
     """A SavedModel export loaded with plain `tf.saved_model.load` (no reid_tf model code).
 
@@ -78,6 +87,7 @@ class SavedModelRuntime:
 
         self.num_parts = int(
             self.signatures["serving_default"].structured_outputs["part_embeddings"].shape[1])
+        self.model_id = model_id(path)
 
     @property
     def embedding_width(self):

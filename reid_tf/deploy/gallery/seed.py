@@ -20,7 +20,8 @@ def open_gallery(export, gallery_db=None, npz=None, images=None, index="Flat", n
         raise ValueError("give one of --gallery and --gallery_images.")
     store = GalleryStore(gallery_db or ":memory:", dimension=export.embedding_width,
                          index=index, nprobe=nprobe, ef_search=ef_search,
-                         persist_every=persist_every, log=log)
+                         persist_every=persist_every, log=log,
+                         model=getattr(export, "model_id", None))
     source = npz or images
     if source:
         progress = store.import_progress()

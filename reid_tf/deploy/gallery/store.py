@@ -87,10 +87,13 @@ class GalleryStore:
         nprobe / ef_search: search parameters of IVF / HNSW indexes.
         persist_every: write the index file after this many changes (0: only at close).
         log: where the retraining and recovery lines go.
+        model: the identity of the model whose embeddings the gallery holds (an export's
+            `model_id`); recorded on first use, and a different one is refused: embeddings of
+            two models are not comparable, even at the same width.
     """
 
     def __init__(self, path, dimension=None, index="Flat", nprobe=16, ef_search=64,
-                 persist_every=1000, log=print, training_sample=200_000):
+                 persist_every=1000, log=print, training_sample=200_000, model=None):
         import faiss
 
         self._faiss = faiss
@@ -115,6 +118,7 @@ class GalleryStore:
             raise ValueError(f"{path}: an empty gallery needs its embedding dimension.")
         if stored is None:
             self._db.execute("INSERT INTO meta VALUES ('dimension', ?)", (str(self.dimension),))
+        self._check_model(model)
         # Entries an untrained index_factory spec needs before it can be trained (0: none).
         probe = faiss.index_factory(self.dimension, index, faiss.METRIC_INNER_PRODUCT)
         self.needed_for_training = 0 if probe.is_trained else self._training_size(probe)
@@ -125,6 +129,21 @@ class GalleryStore:
         self._deleted = set()  # rows removed from the database but still in an HNSW graph
         self.size = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
         self._open_index()
+
+    def _check_model(self, model):
+        if model is None:
+            return
+        stored = self._meta("model")
+        if stored is not None and stored != model:
+            raise ValueError(
+                f"{self.path}: holds embeddings of model {stored}, not of this export's {model}:"
+                " serve it with the export that built it, or seed a new database from this "
+                "model (--gallery or --gallery_images with another --gallery_db).")
+        if stored is None:
+            if self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]:
+                self.log(f"gallery: {self.path} records no model (built before models were "
+                         f"recorded); recording {model}")
+            self._db.execute("INSERT INTO meta VALUES ('model', ?)", (model,))
 
     # ------------------------------------------------------------------ index upkeep
 
