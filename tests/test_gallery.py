@@ -304,3 +304,56 @@ def test_a_request_larger_than_the_whole_queue_is_refused_for_good_not_told_to_r
     with pytest.raises(batching.TooLarge, match=r"9 images; .* at most 8 "
                                                 r"\(--max_enqueued_batches x --max_batch_size\)"):
         run_async(scenario())
+
+
+def test_a_huge_body_and_stuck_gallery_calls_do_not_hold_up_a_small_predict():
+    """Two searches stuck in the gallery (as a slow filter or a rebuild would be) and a 30 MB
+    body being parsed: a small :predict is still answered, before the searches are let go."""
+    from aiohttp import test_utils
+
+    from reid_tf.deploy.serving.app import make_app
+    from reid_tf.deploy.serving.server import Server
+
+    class Export:
+        version, path, model_id, embedding_width, num_parts = 1, "fake", None, 4, 0
+        image_size = (8, 4)
+
+        def predict_images(self, images):
+            return {"embedding": np.ones((len(images), 4), np.float32)}
+
+    release = threading.Event()
+    store = gallery_store.GalleryStore(":memory:", 4, log=quiet)
+    store.add([{"id": "a", "embedding": np.ones(4, np.float32)}])
+    original = store.search
+
+    def stuck_search(*args, **kwargs):
+        release.wait(30)
+        return original(*args, **kwargs)
+
+    store.search = stuck_search
+    server = Server(Export(), store, max_batch=8, threads=2)
+    image = np.zeros((1, 8, 4, 3), np.uint8).tolist()
+    huge = {"instances": image, "padding": "x" * (30 << 20)}
+
+    async def scenario():
+        client = test_utils.TestClient(test_utils.TestServer(make_app(server, 64 << 20)))
+        await client.start_server()
+        try:
+            searches = [asyncio.ensure_future(client.post(
+                "/v1/models/reid:search", json={"embeddings": [[1, 0, 0, 0]]}))
+                for _ in range(2)]
+            big = asyncio.ensure_future(client.post("/v1/models/reid:predict", json=huge))
+            await asyncio.sleep(0.2)  # the searches are stuck in the gallery by now
+            small = await asyncio.wait_for(
+                client.post("/v1/models/reid:predict", json={"instances": image}), 20)
+            answered_first = not any(s.done() for s in searches)
+            release.set()
+            statuses = [small.status] + [(await s).status for s in searches]
+            statuses.append((await big).status)
+            return answered_first, statuses
+        finally:
+            release.set()
+            await client.close()
+
+    answered_first, statuses = run_async(scenario())
+    assert answered_first and statuses == [200, 200, 200, 200], statuses

@@ -38,7 +38,11 @@ class Server:
         self.model_name = model_name
         self.max_batch = max_batch
         self.max_image_pixels = max_image_pixels
+        # Three kinds of work, three executors, so that none can starve another: request
+        # parsing and JSON output (`pool`), gallery calls (`gallery_pool`: a slow filtered
+        # search or a rebuild waits there), and the model (the batcher's one thread).
         self.pool = concurrent.futures.ThreadPoolExecutor(threads)
+        self.gallery_pool = concurrent.futures.ThreadPoolExecutor(2)
         self.metrics = Metrics()
         self.batcher = batching.Batcher(self.embed, max_batch_size, batch_timeout_ms,
                                         max_enqueued_batches,
@@ -112,7 +116,7 @@ class Server:
             if not isinstance(body, dict) or "ids" not in body:
                 raise BadRequest("ids", "expected {\"ids\": [...]}.")
             self._need_gallery()
-            removed = await loop.run_in_executor(self.pool, self._store_call,
+            removed = await loop.run_in_executor(self.gallery_pool, self._store_call,
                                                  self.gallery.remove, body["ids"])
             return {"removed": removed}
         if method == "add":
@@ -122,19 +126,21 @@ class Server:
                 outputs = await self._embed_batched(kind, images)
                 for position, embedding in zip(positions, outputs["embedding"]):
                     entries[position]["embedding"] = embedding
-            added = await loop.run_in_executor(self.pool, self._store_call, self.gallery.add,
+            added = await loop.run_in_executor(self.gallery_pool, self._store_call,
+                                               self.gallery.add,
                                                entries)
             return {"added": added}
         options = self.search_options(body) if method == "search" else None
         if method == "search" and isinstance(body, dict) and "embeddings" in body:
-            outputs = {"embedding": self._query_embeddings(body["embeddings"])}
+            outputs = {"embedding": await loop.run_in_executor(
+                self.pool, self._query_embeddings, body["embeddings"])}
         else:
             kind, images = await loop.run_in_executor(self.pool, parse_images, body,
                                                       self.max_batch, self.max_image_pixels)
             outputs = await self._embed_batched(kind, images)
         if method == "search":
             results, incomplete = await loop.run_in_executor(
-                self.pool, lambda: self.gallery.search(outputs["embedding"], report=True,
+                self.gallery_pool, lambda: self.gallery.search(outputs["embedding"], report=True,
                                                        **options))
             for matches in results:
                 for match in matches:
