@@ -120,43 +120,78 @@ def test_an_index_trained_on_a_capped_sample_retrains_when_the_gallery_doubles_n
     assert store.search(vectors(50, seed=900)[:1], k=1)[0][0]["id"] == "e900"
 
 
+class CommitRefusing:
+    """The store's connection, with the COMMIT of chosen transactions failing (as a full disk or
+    an I/O error would): their entries must never be searchable."""
+
+    def __init__(self, connection):
+        self.connection, self.refuse_next = connection, False
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT" and self.refuse_next:
+            self.refuse_next = False
+            raise sqlite3.OperationalError("injected: disk I/O error at COMMIT")
+        return self.connection.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.connection, name)
+
+
 def test_searches_during_adds_and_removes_see_only_committed_entries(tmp_path):
+    """Readers search while a writer adds (one add in five fails at COMMIT) and removes. No
+    search may return an entry whose add did not commit, nor one removed before it began, in
+    any query's results. Updating the index before the commit would show the refused ones."""
     store = gallery_store.GalleryStore(str(tmp_path / "g.sqlite"), 16, persist_every=50,
                                        log=quiet)
+    connection = CommitRefusing(store._db)
+    store._db = connection
     data = vectors(400, seed=3)
-    committed, removed, in_flight = set(), set(), set()
-    problems, done = [], threading.Event()
+    refused, removed, problems, done = set(), set(), [], threading.Event()
 
     def writer():
-        for start in range(0, 400, 8):
+        for number, start in enumerate(range(0, 400, 8)):
             batch = entries(data[start:start + 8], start=start)
-            in_flight.update(e["id"] for e in batch)
-            store.add(batch)
-            committed.update(e["id"] for e in batch)
+            if number % 5 == 2:
+                with store._lock:  # the flag belongs to this add's transaction
+                    connection.refuse_next = True
+                try:
+                    store.add(batch)
+                    problems.append(f"the add of e{start} did not fail")
+                except sqlite3.OperationalError:
+                    refused.update(e["id"] for e in batch)
+            else:
+                store.add(batch)
             if start >= 16:
                 gone = [f"e{start - 16}", f"e{start - 15}"]
                 store.remove(gone)
                 removed.update(gone)
         done.set()
 
-    def reader():
-        rng = np.random.default_rng(0)
+    def reader(seed):
+        rng = np.random.default_rng(seed)
         while not done.is_set():
             removed_before = set(removed)
-            for match in store.search(data[rng.integers(0, 400, 4)], k=20)[0]:
-                if match["id"] not in committed | in_flight:
-                    problems.append(f"{match['id']} returned before its add")
-                if match["id"] in removed_before:
-                    problems.append(f"{match['id']} returned after its removal")
+            seen = sorted(int(i[1:]) for i in refused | removed_before)  # where to look
+            rows = list(rng.integers(0, 400, 4)) + list(rng.choice(seen, min(4, len(seen))))
+            for matches in store.search(data[rows], k=20):
+                for match in matches:
+                    if match["id"] in refused:
+                        problems.append(f"{match['id']} returned though its add failed")
+                    if match["id"] in removed_before:
+                        problems.append(f"{match['id']} returned after its removal")
 
-    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader)
-                                                     for _ in range(2)]
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(s,))
+                                                     for s in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert not problems, problems[:5]
-    assert store.count() == len(store) == 400 - len(removed)
+    assert len(refused) == 80
+    live = {f"e{i}" for i in range(400)} - refused - removed
+    assert store.count() == len(store) == len(live)
+    found = {m["id"] for m in store.search(data[:1], k=400)[0]}
+    assert found == live
     rows = sqlite3.connect(str(tmp_path / "g.sqlite")).execute(
         "SELECT COUNT(*) FROM entries WHERE length(embedding) != 64").fetchone()[0]
     assert rows == 0
