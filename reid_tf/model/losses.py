@@ -80,6 +80,7 @@ def batch_hard_triplet_loss(labels, embeddings, margin=0.3, reference_labels=Non
     Returns:
         float32 `[B]`, or `[B, K]` for parts.
     """
+    embeddings = tf.convert_to_tensor(embeddings)
     if reference_labels is None:
         reference_labels, reference_embeddings = labels, embeddings
     parts = embeddings.shape.rank == 3
