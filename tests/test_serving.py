@@ -556,3 +556,23 @@ def test_an_export_names_its_weights_the_same_on_every_export_of_one_checkpoint(
     python("reid_tf.cli.export", f"--workdir={trained['workdir']}", f"--export_dir={tmp_path / 'again'}")
     (again,) = os.listdir(tmp_path / "again")
     assert runtime.model_id(str(tmp_path / "again" / again)) == first
+
+
+def test_the_http_parsers_own_errors_answer_json(server):
+    import json
+    import socket
+
+    for head in (b"POST /v1/models/reid:predict HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+                 b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                 b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n"):
+        with socket.create_connection((server.host, server.port), timeout=30) as connection:
+            connection.sendall(head)
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+        status_line, _, rest = answer.partition(b"\r\n")
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert b" 400 " in status_line or b" 413 " in status_line or b" 431 " in status_line, \
+            answer[:300]
+        assert b"application/json" in headers.lower(), answer[:300]
+        assert set(json.loads(body)) == {"error", "field"}

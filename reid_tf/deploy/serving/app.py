@@ -154,6 +154,27 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
     return app
 
 
+def _json_error_handler():
+    """aiohttp's connection handler, answering the errors of its own HTTP parser (a bad
+    Content-Length, an oversize URL or header) in reid-serve's JSON shape, not text/plain."""
+    from aiohttp import web
+    from aiohttp import web_protocol
+
+    class JsonErrors(web_protocol.RequestHandler):
+        __slots__ = ()
+
+        def handle_error(self, request, status=500, exc=None, message=None):
+            plain = super().handle_error(request, status, exc, message)  # logs, as aiohttp does
+            text = (message or plain.text or plain.reason or "").strip().splitlines()
+            response = web.json_response(
+                {"error": f"{plain.reason}: {text[0]}" if text else plain.reason,
+                 "field": "request"}, status=plain.status)
+            response.force_close()
+            return response
+
+    return JsonErrors
+
+
 class _Refused(asyncio.Protocol):
     """Answers a connection over the cap with 503 and closes it."""
 
@@ -181,11 +202,12 @@ async def serve_forever(app, host, port, timeout_s=30.0, max_connections=DEFAULT
     runner = web.AppRunner(app, keepalive_timeout=timeout_s)
     await runner.setup()
     handler = runner.server
+    json_errors = _json_error_handler()
 
     def protocol():
         if len(handler.connections) >= max_connections:
             return _Refused()
-        return handler()
+        return json_errors(handler, loop=asyncio.get_running_loop(), **handler._kwargs)
 
     loop = asyncio.get_running_loop()
     listener = await loop.create_server(protocol, host, port, reuse_address=True)
