@@ -78,6 +78,7 @@ def main(argv):
     from reid_tf.deploy import runtime
     from reid_tf.deploy.gallery.seed import index_spec
     from reid_tf.deploy.gallery.seed import open_gallery
+    from reid_tf.deploy.gallery.seed import start_error
     from reid_tf.deploy.serving.app import make_app
     from reid_tf.deploy.serving.app import serve_forever
     from reid_tf.deploy.serving.server import Server
@@ -120,15 +121,6 @@ def main(argv):
         if gallery is not None:
             gallery.close()
         fail(f"--host={FLAGS.host} --port={FLAGS.port}: {problem.strerror or problem}")
-
-
-def start_error(problem, gallery_db):
-    """The one line for a start-up failure: an SQLite error names --gallery_db (not a database,
-    a folder, a missing folder); others give their first line (RuntimeError: faiss's)."""
-    if isinstance(problem, sqlite3.Error):
-        return (f"--gallery_db={gallery_db}: {str(problem).strip() or type(problem).__name__}"
-                " (an SQLite gallery database, or a new file in an existing folder)")
-    return str(problem).strip().splitlines()[0]
 
 
 def fail(line):

@@ -1,10 +1,22 @@
 """How reid-serve opens its gallery: the index spec, and seeding an empty gallery from a
 features.npz or a folder of images."""
 
+import sqlite3
+
 from reid_tf.data import splits
 from reid_tf.deploy.gallery.store import GalleryStore
 from reid_tf.evaluate import extract
 from reid_tf.evaluate import features_npz
+
+
+def start_error(problem, gallery_db):
+    """reid-serve's one line for a start-up failure: an SQLite error names --gallery_db (not a
+    database, a folder, a missing folder); others give their first line (RuntimeError:
+    faiss's)."""
+    if isinstance(problem, sqlite3.Error):
+        return (f"--gallery_db={gallery_db}: {str(problem).strip() or type(problem).__name__}"
+                " (an SQLite gallery database, or a new file in an existing folder)")
+    return str(problem).strip().splitlines()[0]
 
 
 def index_spec(index, nlist):
