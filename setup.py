@@ -47,7 +47,13 @@ setuptools.setup(
     extras_require={
         "cpu": ["tensorflow-cpu" + TENSORFLOW],
         "gpu": ["tensorflow[and-cuda]" + TENSORFLOW],
-        "test": ["pytest>=8", "dill", "scikit-image>=0.22"],  # dill: tfds.testing; skimage: chelsea
+        # Deploy formats (reid-export --format, and reid-extract/-eval/-serve on the files):
+        # onnx: tf2onnx writes, ONNX Runtime reads; tflite: LiteRT reads (TensorFlow writes).
+        "onnx": ["tf2onnx>=1.17", "onnxruntime>=1.20"],
+        "tflite": ["ai-edge-litert>=2.0"],
+        # dill: tfds.testing; skimage: chelsea; the deploy formats' parity tests.
+        "test": ["pytest>=8", "dill", "scikit-image>=0.22", "tf2onnx>=1.17", "onnxruntime>=1.20",
+                 "ai-edge-litert>=2.0"],
         "experiments": ["matplotlib>=3.8"],  # experiments/summarize.py --plot
     },
     entry_points={

@@ -1,7 +1,8 @@
 """Test helpers shared by the suite and the benchmarks.
 
 Keras layer checks: config round trip; eager, tf.function and XLA give the same outputs.
-HTTP: a free port, a small JSON client, and the load test of reid-serve.
+HTTP: a free port, a small JSON client, and the load test of reid-serve. Images: synthetic
+people to feed a model.
 """
 
 import base64
@@ -17,6 +18,16 @@ import time
 
 import numpy as np
 import tensorflow as tf
+
+
+def synthetic_images(count, size=(128, 64), seed=0):
+    """`count` rendered synthetic people (`data.synthetic`), uint8 `[count,H,W,3]`."""
+    from reid_tf.data import synthetic
+
+    rng = np.random.default_rng(seed)
+    return np.stack([synthetic.render_person(synthetic.sample_identity(rng),
+                                             synthetic.sample_camera(rng), rng, *size)
+                     for _ in range(count)]).astype(np.uint8)
 
 
 def check_config_round_trip(layer):

@@ -288,3 +288,41 @@ def test_clustering_fallbacks_to_stripes_are_reported_per_image():
     _, chosen = parts.ActivationPartPartition(num_parts=4, strategy="stripes")(
         features, return_fallback=True)
     assert not np.any(chosen)  # stripes by choice are no fallback
+
+
+def _segment_sum_votes(flat):
+    """The partition's former per-cell vote: a segment sum over batched ids (no ONNX/TFLite op)."""
+    batch, cells = tf.shape(flat)[0], flat.shape[1]
+    peak_cell = tf.argmax(flat, axis=1, output_type=tf.int32)
+    segments = peak_cell + cells * tf.range(batch)[:, None]
+    votes = tf.math.unsorted_segment_sum(tf.reduce_max(flat, axis=1), segments, batch * cells)
+    return tf.reshape(votes, [batch, cells])
+
+
+def _searchsorted(cumulative, levels):
+    return tf.searchsorted(cumulative, levels, side="left")
+
+
+def test_portable_partition_ops_equal_the_segment_sum_and_sorted_search():
+    rng = np.random.default_rng(0)
+    flat = tf.nn.relu(tf.constant(rng.normal(size=(6, 32, 40)), tf.float32))
+    np.testing.assert_allclose(parts.peak_votes(flat), _segment_sum_votes(flat), rtol=1e-6)
+    weights = tf.constant(rng.random((6, 32)) + 1e-6, tf.float32)
+    cumulative = tf.math.cumsum(weights, axis=1) / tf.reduce_sum(weights, axis=1, keepdims=True)
+    levels = tf.constant(np.concatenate([rng.random((6, 5)), cumulative.numpy()[:, 3:8]], 1),
+                         tf.float32)  # also levels equal to a value: ties go left
+    np.testing.assert_array_equal(parts.first_at_or_above(cumulative, levels),
+                                  _searchsorted(cumulative, levels))
+
+
+@pytest.mark.parametrize("strategy", ["bands", "peaks"])
+def test_portable_partition_gives_the_masks_of_the_segment_sum_formulation(strategy,
+                                                                            monkeypatch):
+    features = tf.random.stateless_normal([16, 8, 4, 64], seed=[1, 2])
+    layer = parts.ActivationPartPartition(4, strategy)
+    masks, fallback = layer(features, return_fallback=True)
+    monkeypatch.setattr(parts, "peak_votes", _segment_sum_votes)
+    monkeypatch.setattr(parts, "first_at_or_above", _searchsorted)
+    reference, reference_fallback = layer(features, return_fallback=True)
+    np.testing.assert_array_equal(masks, reference)
+    np.testing.assert_array_equal(fallback, reference_fallback)

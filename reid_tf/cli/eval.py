@@ -19,6 +19,7 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
 from reid_tf import options  # noqa: E402
+from reid_tf.extras import MissingPackage  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A reid-train workdir: evaluates its latest checkpoint.")
@@ -61,7 +62,7 @@ def open_runtime():
     from reid_tf.deploy import runtime
 
     if FLAGS.export:
-        export = runtime.SavedModelRuntime(FLAGS.export)
+        export = runtime.open_runtime(FLAGS.export)
         given = (FLAGS.image_height, FLAGS.image_width)
         if export.image_size is not None:  # the size it was trained at, recorded in the export
             if any(given) and given != export.image_size:
@@ -88,7 +89,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     try:
         results = run_eval()
-    except (ValueError, OSError, KeyError) as error:  # OSError: names its path
+    except (ValueError, OSError, KeyError, MissingPackage) as error:  # OSError: names its path
         print(f"reid-eval: error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
     print(json.dumps({k: results[k] for k in ("rank1", "mAP", "mINP")}))

@@ -1,8 +1,17 @@
-"""reid-export: a workdir's latest checkpoint -> `<export_dir>/<version>/` (TF Serving layout).
+"""reid-export: a workdir's latest checkpoint -> `<export_dir>/<version>/` (TF Serving layout),
+with TFLite and ONNX files beside the SavedModel on request, and a model card.
 
     reid-export --workdir=runs/demo                     # -> runs/demo/export/<step>/
     reid-export --workdir=runs/demo --export_dir=/models/reid --version=3
+    reid-export --workdir=runs/demo --format=saved_model,tflite,onnx
     saved_model_cli show --all --dir runs/demo/export/<step>
+
+`--format=tflite` writes model.tflite (float32), model_fp16.tflite, model_int8_dynamic.tflite
+and model_int8.tflite (full-integer, calibrated on `--calibration_images` training images);
+`--format=onnx` writes model.onnx. The SavedModel is always written: it is the reference every
+other file is measured against (model_card.json: `files.<name>.parity_with_saved_model`).
+Converters: `pip install 'reid-tf[onnx]'` (tf2onnx), `'reid-tf[tflite]'` (LiteRT, to check the
+files).
 """
 
 import os
@@ -13,10 +22,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from reid_tf.extras import MissingPackage  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A reid-train workdir; its latest checkpoint is exported.")
 flags.DEFINE_string("export_dir", None, "Where `<version>/` goes (default <workdir>/export).")
 flags.DEFINE_integer("version", None, "Integer version (default: the checkpoint's step).")
+flags.DEFINE_list("format", ["saved_model"], "Formats to write, comma-separated: saved_model "
+                  "(always written), tflite (float32, float16, dynamic-range int8, full-integer "
+                  "int8), onnx.")
+flags.DEFINE_integer("calibration_images", 300, "Training images that calibrate full-integer "
+                     "int8 quantisation (drawn at random from the training split only).",
+                     lower_bound=1)
+flags.DEFINE_integer("parity_images", 64, "Other training images on which each format file is "
+                     "compared with the SavedModel (the model card's parity figures).",
+                     lower_bound=1)
 
 
 def main(argv):
@@ -24,15 +44,18 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import tensorflow as tf
 
+    from reid_tf.deploy import formats
     from reid_tf.train import workdir as workdir_lib
 
     tf.get_logger().setLevel("ERROR")
     if FLAGS.version is not None and FLAGS.version < 0:
         raise app.UsageError("--version: expected a non-negative integer.")
     try:
-        path, checkpoint = workdir_lib.export_latest(os.path.expanduser(FLAGS.workdir),
-                                                     FLAGS.export_dir, FLAGS.version)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        files = formats.files_of(FLAGS.format)  # before any work: unknown or not installed
+        path, checkpoint = workdir_lib.export_latest(
+            os.path.expanduser(FLAGS.workdir), FLAGS.export_dir, FLAGS.version, files,
+            FLAGS.calibration_images, FLAGS.parity_images)
+    except (ValueError, FileNotFoundError, FileExistsError, MissingPackage) as error:
         print(f"reid-export: error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
     print(f"exported {checkpoint} -> {path}")

@@ -18,6 +18,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from reid_tf.extras import MissingPackage  # noqa: E402
+
 from reid_tf import options  # noqa: E402
 from reid_tf.data import sources  # noqa: E402
 
@@ -50,14 +52,14 @@ def main(argv):
     runtime.enable_memory_growth()
     try:
         features_npz.check_output_path(FLAGS.output)  # before any work
-        export = runtime.SavedModelRuntime(FLAGS.export)
+        export = runtime.open_runtime(FLAGS.export)
         split = splits.load_split(FLAGS.images, FLAGS.dataset, FLAGS.split, FLAGS.data_dir,
                                   FLAGS.skip_corrupt)
         embeddings = extract(export, split, ["embedding"], FLAGS.batch_size, encoded=True,
                              description="extracting")["embedding"]
         arrays = features_npz.save_features(FLAGS.output, embeddings, split.file_names,
                                             split.person_ids, split.camera_ids)
-    except (ValueError, OSError) as error:  # OSError: names its path
+    except (ValueError, OSError, MissingPackage) as error:  # OSError: names its path
         print(f"reid-extract: error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
     labelled = "with" if "person_ids" in arrays else "without"

@@ -27,6 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from reid_tf.extras import MissingPackage  # noqa: E402
+
 from reid_tf import options  # noqa: E402
 from reid_tf.deploy.serving.app import DEFAULT_MAX_CONNECTIONS  # noqa: E402
 from reid_tf.deploy.serving.requests import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
@@ -92,7 +94,7 @@ def main(argv):
     Image.MAX_IMAGE_PIXELS = None
     runtime.enable_memory_growth()
     try:
-        export = runtime.SavedModelRuntime(FLAGS.export)
+        export = runtime.open_runtime(FLAGS.export)
         gallery = None
         if FLAGS.gallery_db or FLAGS.gallery or FLAGS.gallery_images:
             gallery = open_gallery(
@@ -100,7 +102,7 @@ def main(argv):
                 index_spec(FLAGS.index, FLAGS.nlist), FLAGS.nprobe,
                 FLAGS.ef_search, FLAGS.persist_every,
                 log=lambda line: print(line, flush=True))
-    except (sqlite3.Error, ValueError, OSError, RuntimeError) as problem:
+    except (sqlite3.Error, ValueError, OSError, RuntimeError, MissingPackage) as problem:
         fail(start_error(problem, FLAGS.gallery_db))
     server = Server(export, gallery, FLAGS.model_name, FLAGS.max_batch, FLAGS.threads,
                     FLAGS.max_image_pixels, FLAGS.max_batch_size,

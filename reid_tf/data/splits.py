@@ -106,7 +106,7 @@ def load_splits(dataset, data_dir=None, manual_dir=None, skip_corrupt=False, log
     return splits
 
 
-def _subset(split, indices):
+def subset(split, indices):
     return Split(images=split.images[indices], are_paths=split.are_paths,
                  person_ids=split.person_ids[indices], camera_ids=split.camera_ids[indices],
                  file_names=split.file_names[indices])
@@ -141,8 +141,8 @@ def carve_validation(train, identities, seed=0):
             query.append(rng.choice(candidates))
     query = np.sort(np.array(query, np.int64))
     gallery = np.setdiff1d(np.flatnonzero(is_held_out), query)
-    return {"train": _subset(train, np.flatnonzero(~is_held_out)),
-            "val_query": _subset(train, query), "val_gallery": _subset(train, gallery)}
+    return {"train": subset(train, np.flatnonzero(~is_held_out)),
+            "val_query": subset(train, query), "val_gallery": subset(train, gallery)}
 
 
 def _load_splits(dataset, data_dir, manual_dir, skip_corrupt, log, cache_in_memory,

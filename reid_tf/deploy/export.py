@@ -8,13 +8,22 @@ Both return `embedding [N,(K+1)·D]` (L2-normalised), `global_embedding [N,D]`,
 (`PartLossNet.preprocess`/`decode`, the resize of evaluation). The export loads with plain
 `tf.saved_model.load`; it needs no reid_tf code. It computes in the model's dtype policy: the
 exports reid-train and reid-export write are of a float32 model, whatever training used.
+
+Beside `saved_model.pb`, the version folder holds the other format files asked for
+(`deploy.formats.FILES`: TFLite, ONNX) and `model_card.json` (also in `assets/`): the input and
+its preprocessing, the outputs, the model, the code, what the caller adds (training recipe,
+evaluation), and for each format file its size, digest and parity with the SavedModel.
 """
 
+import json
 import os
 import shutil
 import time
 
+import numpy as np
 import tensorflow as tf
+
+from reid_tf import version as version_lib
 
 EXPORT_KEYS = ("embedding", "global_embedding", "part_embeddings", "part_masks")
 
@@ -53,12 +62,52 @@ class ServingModule(tf.Module):
         return self._embed(decoded)
 
 
-def export_model(model, export_dir, version=None):
+def model_card(model):
+    """What a caller of the export needs to know and should not have to guess."""
+    height, width = model.image_size
+    parts, dim = model.num_parts, model.embedding_dim
+    grid_height, grid_width = model.grid_size
+    return {
+        "reid_tf": version_lib.code(),
+        "input": {
+            "name": "images", "dtype": "uint8", "shape": [None, height, width, 3],
+            "channel_order": "RGB", "value_range": [0, 255],
+            "preprocessing": (
+                "inside the model: cast to float32, then the backbone's ImageNet normalisation "
+                "(its first layer). Feed RGB pixels at the training size; the SavedModel's "
+                "signatures also resize any size (bilinear), the .tflite/.onnx files take "
+                f"exactly {height}x{width}."),
+        },
+        "outputs": {
+            "embedding": {"shape": [None, (parts + 1) * dim], "meaning": (
+                "the test descriptor: L2(concat(L2(global), L2(part_1..K))); compare by "
+                "Euclidean or cosine distance")},
+            "global_embedding": {"shape": [None, dim], "meaning": "the global branch"},
+            "part_embeddings": {"shape": [None, parts, dim], "meaning": "each part's branch"},
+            "part_masks": {"shape": [None, grid_height, grid_width, parts], "meaning": (
+                "one-hot part of each feature cell, parts top to bottom")},
+        },
+        "model": {"backbone": model.backbone_name, "num_parts": parts,
+                  "part_strategy": model.part_strategy, "embedding_dim": dim,
+                  "image_size": [height, width], "last_stride": model.last_stride},
+        "files": {},
+    }
+
+
+def export_model(model, export_dir, version=None, files=(), calibration=None,
+                 parity_images=None, card=None, log=print):
     """Writes `<export_dir>/<version>/` atomically and returns its path.
 
-    The SavedModel is written under a temporary name in `export_dir` and renamed when complete,
-    so a half-written export never appears under a version number. `version` defaults to the
+    The SavedModel, the format files (`files`, names from `deploy.formats.FILES`) and the model
+    card are written under a temporary name in `export_dir` and renamed when complete, so a
+    half-written export never appears under a version number. `version` defaults to the
     current Unix time (TF Serving serves the largest).
+
+    Args:
+        calibration: uint8 `[n,H,W,3]` training images for full-integer quantisation.
+        parity_images: uint8 `[m,H,W,3]` images on which each format file is compared with the
+            SavedModel (its figures go in the card); None: random pixels.
+        card: more for the model card (e.g. `training`, `evaluation`).
     """
     version = int(version if version is not None else time.time())
     final = os.path.join(export_dir, str(version))
@@ -67,8 +116,51 @@ def export_model(model, export_dir, version=None):
     os.makedirs(export_dir, exist_ok=True)
     temporary = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
-    module = ServingModule(model)
-    tf.saved_model.save(module, temporary, signatures={
-        "serving_default": module.serve, "serve_encoded": module.serve_encoded})
-    os.replace(temporary, final)
+    try:
+        module = ServingModule(model)
+        tf.saved_model.save(module, temporary, signatures={
+            "serving_default": module.serve, "serve_encoded": module.serve_encoded})
+        card = {**model_card(model), **(card or {})}
+        if files:
+            card["files"] = _write_formats(module, temporary, files, calibration,
+                                           parity_images, log)
+        text = json.dumps(card, indent=2) + "\n"
+        os.makedirs(os.path.join(temporary, "assets"), exist_ok=True)
+        for name in ("model_card.json", os.path.join("assets", "model_card.json")):
+            with open(os.path.join(temporary, name), "w") as f:
+                f.write(text)
+        os.replace(temporary, final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     return final
+
+
+def _write_formats(module, folder, files, calibration, parity_images, log):
+    """Writes each format file and measures it against the SavedModel's function (ValueError,
+    and no export, for one under its parity floor: `formats.check_parity`); returns the card's
+    `files`."""
+    from reid_tf.deploy import formats
+
+    if parity_images is None:
+        parity_images = np.random.default_rng(0).integers(
+            0, 256, (16, *module.image_size, 3), dtype=np.uint8)
+    reference = {key: value.numpy() for key, value in module.serve(parity_images).items()}
+    entries = {}
+    for name in files:
+        started = time.perf_counter()
+        path = formats.write(module.model, folder, name, calibration)
+        outputs = formats.open_file(path).predict_images(parity_images)
+        kind, quantization = formats.FILES[name]
+        entries[name] = {"format": kind, "quantization": quantization,
+                         "bytes": os.path.getsize(path), "sha256": formats.file_digest(path),
+                         "parity_with_saved_model": formats.parity(reference, outputs)}
+        if quantization == "int8":
+            entries[name]["calibration_images"] = int(len(calibration))
+        figures = entries[name]["parity_with_saved_model"]
+        formats.check_parity(name, figures)
+        log(f"wrote {name} ({entries[name]['bytes'] / 1e6:.1f} MB, "
+            f"{time.perf_counter() - started:.0f} s): cosine with the SavedModel >= "
+            f"{figures['cosine_min']:.6f} on {figures['images']} images, same part in "
+            f"{100 * figures['same_part_cells']:.1f} % of cells")
+    return entries

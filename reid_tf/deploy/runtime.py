@@ -1,7 +1,7 @@
 """Runtimes: what turns images into a model's outputs, for the one extraction path
 (`evaluate.extract`). `KerasRuntime` runs an in-memory `PartLossNet`; `SavedModelRuntime` a
-SavedModel export loaded with plain TensorFlow (no reid_tf model code). An ONNX or TFLite
-runtime plugs in by giving the same four members.
+SavedModel export loaded with plain TensorFlow (no reid_tf model code); `deploy.formats` has
+the ONNX and TFLite runtimes, with the same members. `open_runtime(path)` picks one by the path.
 
 A runtime has `image_size` (the model's `(height, width)`, or None if unknown), `num_parts`,
 `embed(images, names)` (float32 `[B,h,w,3]` in [0, 255] at `image_size` -> `{name: [B,...]}`,
@@ -19,7 +19,7 @@ from reid_tf.model import descriptors
 RAW_OUTPUTS = ("part_masks", "part_fallback")  # taken as they are, not L2-normalised
 
 
-def _select(outputs, names):
+def select(outputs, names):
     """`names` from a model's outputs: descriptors selected and L2-normalised, `RAW_OUTPUTS` as
     they are."""
     return {name: outputs[name] if name in RAW_OUTPUTS
@@ -42,7 +42,7 @@ class KerasRuntime:
         names = tuple(names)
         if names not in self._functions:
             self._functions[names] = tf.function(
-                lambda batch: _select(self.model(batch, training=False), names))
+                lambda batch: select(self.model(batch, training=False), names))
         return self._functions[names](images)
 
     def embed_encoded(self, encoded, names):
@@ -95,10 +95,10 @@ class SavedModelRuntime:
 
     def embed(self, images, names):
         outputs = self.signatures["serving_default"](images=tf.cast(tf.round(images), tf.uint8))
-        return _select(outputs, names)
+        return select(outputs, names)
 
     def embed_encoded(self, encoded, names):
-        return _select(self.signatures["serve_encoded"](images=encoded), names)
+        return select(self.signatures["serve_encoded"](images=encoded), names)
 
     def predict_images(self, images):
         outputs = self.signatures["serving_default"](images=images)
@@ -127,6 +127,25 @@ class SavedModelRuntime:
                 "method_name": "tensorflow/serving/predict",
             }
         return {"signature_def": {"signature_def": signature_def}}
+
+
+def open_runtime(path):
+    """The runtime of an export: a SavedModel folder, a `.onnx` or a `.tflite` file.
+
+    Raises FileNotFoundError (nothing there), ValueError (a file of another kind) or
+    `formats.MissingPackage` (the format's runtime is not installed), each with one line."""
+    path = os.path.normpath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not found; expected a SavedModel export folder, a "
+                                ".onnx or a .tflite file.")
+    if os.path.isdir(path):
+        return SavedModelRuntime(path)
+    from reid_tf.deploy import formats
+
+    if path.endswith((".onnx", ".tflite")):
+        return formats.open_file(path)
+    raise ValueError(f"{path}: not an export reid-tf reads; expected a SavedModel export folder "
+                     "(<export_dir>/<version>), a .onnx or a .tflite file.")
 
 
 def enable_memory_growth():

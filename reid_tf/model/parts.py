@@ -32,6 +32,28 @@ def _squared_distances(ys, xs, centre_y, centre_x):
             + tf.square(xs[None, :, None] - centre_x[:, None, :]))
 
 
+# The partition is written in ops that TFLite, ONNX and XLA all have, so every export format
+# carries it unchanged: no segment sums with batched ids, no sorted search (LowerBound).
+
+def peak_votes(flat):
+    """Each channel's vote at the cell of its maximum, weighted by that maximum, summed per cell.
+
+    `[B,P,C]` (non-negative) -> `[B,P]`. A one-hot contraction (a matmul), equal to the segment
+    sum `unsorted_segment_sum(max, argmax)` to float rounding.
+    """
+    peak_cell = tf.argmax(flat, axis=1, output_type=tf.int32)  # [B,C]
+    return tf.einsum("bc,bcp->bp", tf.reduce_max(flat, axis=1),
+                     tf.one_hot(peak_cell, flat.shape[1], dtype=flat.dtype))
+
+
+def first_at_or_above(cumulative, levels):
+    """For rows of non-decreasing `cumulative [B,P]`, the first index whose value is >= each of
+    `levels [B,K]`: `searchsorted(cumulative, levels, side="left")`, exactly, as a count of the
+    values below each level (int32 `[B,K]`)."""
+    below = tf.cast(cumulative[:, :, None] < levels[:, None, :], tf.int32)  # [B,P,K]
+    return tf.reduce_sum(below, axis=1)
+
+
 def weighted_kmeans(ys, xs, weights, num_parts, num_iterations):
     """Batched weighted K-means (Lloyd) over points shared by the batch, no loop over images.
 
@@ -51,7 +73,7 @@ def weighted_kmeans(ys, xs, weights, num_parts, num_iterations):
     cumulative = tf.math.cumsum(weights, axis=1) / total_weight
     levels = (tf.range(num_parts, dtype=tf.float32) + 0.5) / num_parts
     levels = tf.broadcast_to(levels, [tf.shape(weights)[0], num_parts])
-    index = tf.minimum(tf.searchsorted(cumulative, levels, side="left"), tf.size(ys) - 1)
+    index = tf.minimum(first_at_or_above(cumulative, levels), tf.size(ys) - 1)
     centre_y = tf.gather(ys, index)
     centre_x = tf.broadcast_to(tf.reduce_sum(weights * xs, axis=1, keepdims=True) / total_weight,
                                tf.shape(centre_y))
@@ -141,11 +163,7 @@ class ActivationPartPartition(keras.layers.Layer):
         if self.strategy in ("bands", "peaks"):
             # Each channel votes at its maximum with that maximum's value. K-means on the C votes
             # equals K-means on the cells with the votes summed per cell, which is much cheaper.
-            peak_cell = tf.argmax(flat, axis=1, output_type=tf.int32)  # [B,C]
-            segments = peak_cell + cells * tf.range(batch)[:, None]
-            votes = tf.math.unsorted_segment_sum(tf.reduce_max(flat, axis=1), segments,
-                                                 batch * cells)
-            weights = tf.reshape(votes, [batch, cells])
+            weights = peak_votes(flat)
         else:
             weights = tf.reduce_sum(flat, axis=2)  # [B,h*w]
         if self.strategy == "bands":

@@ -178,13 +178,58 @@ def load_trained_model(workdir, log=print):
     return model, latest
 
 
-def export_latest(workdir, export_dir=None, version=None, log=print):
+def export_latest(workdir, export_dir=None, version=None, files=(), calibration_images=300,
+                  parity_images=64, log=print):
     """Exports a workdir's newest readable checkpoint as a float32 model; returns the export's
     path and the checkpoint's. `export_dir` defaults to `<workdir>/export`, `version` to the
-    checkpoint's step."""
+    checkpoint's step.
+
+    `files`: format files beside the SavedModel (`deploy.formats.FILES`). With any, images of
+    the run's training split (after its validation carve: never a test image) are drawn at
+    random: `calibration_images` for full-integer quantisation and `parity_images` others on
+    which each file is compared with the SavedModel. The model card gets the run's flags,
+    config and, if it finished, its evaluation (results.json).
+    """
     from reid_tf.deploy import export
+    from reid_tf.deploy import formats
 
     model, checkpoint = load_trained_model(workdir, log)
     version = checkpoint_step(checkpoint) if version is None else version
-    return export.export_model(model, export_dir or os.path.join(workdir, "export"),
-                               version), checkpoint
+    card = {"training": {"checkpoint": os.path.basename(checkpoint),
+                         "config": read_json(workdir, "config.json")}}
+    if os.path.exists(os.path.join(workdir, "flags.txt")):
+        with open(os.path.join(workdir, "flags.txt")) as f:
+            card["training"]["flags"] = f.read().split("\n")
+    if os.path.exists(os.path.join(workdir, "results.json")):
+        results = read_json(workdir, "results.json")
+        card["evaluation"] = {key: value for key, value in results.items()
+                              if key not in ("flags", "config")}
+    calibration = parity = None
+    if files:
+        needs = (calibration_images if any(formats.FILES[name][1] == "int8" for name in files)
+                 else 0)
+        images = training_images(card["training"]["config"], model.image_size,
+                                 needs + parity_images, log)
+        calibration, parity = images[:needs], images[needs:]
+    path = export.export_model(model, export_dir or os.path.join(workdir, "export"), version,
+                               files, calibration, parity, card, log)
+    return path, checkpoint
+
+
+def training_images(config, image_size, count, log=print, seed=0):
+    """`count` images of a run's training split (`config`: its config.json), drawn at random
+    without replacement, decoded and resized as in evaluation: uint8 `[n,H,W,3]`."""
+    import numpy as np
+
+    from reid_tf.data import pipeline
+    from reid_tf.data import splits as splits_lib
+
+    train = splits_lib.load_splits(
+        config["dataset"], data_dir=config.get("data_dir"), manual_dir=config.get("manual_dir"),
+        skip_corrupt=config.get("skip_corrupt", False), log=log,
+        validation_identities=config.get("validation_identities", 0.0),
+        validation_seed=config.get("validation_seed", 0), splits=("train",))["train"]
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(train))[:count])
+    batches = pipeline.eval_dataset(splits_lib.subset(train, chosen), image_size, 64)
+    images = np.concatenate([np.round(batch["image"].numpy()) for batch in batches])
+    return np.clip(images, 0, 255).astype(np.uint8)

@@ -1,0 +1,350 @@
+"""Deploy formats beside the SavedModel: TFLite/LiteRT (float32, float16, dynamic-range int8,
+full-integer int8) and ONNX, written by the converters made for them (TensorFlow's TFLite
+converter, tf2onnx) from one function, and the runtimes that read them back.
+
+Every format file takes what a camera gives: uint8 RGB `[N,H,W,3]` at the training size, any N.
+The cast to float is inside, and so is the rest of the preprocessing: the backbone's ImageNet
+normalisation is its first layer (`model.backbones.ImageNormalization`), and at the training
+size the SavedModel's bilinear resize is the identity, so it is left out. The outputs are those
+of the SavedModel (`export.EXPORT_KEYS`, float32): `embedding` L2-normalised, `global_embedding`,
+`part_embeddings` and `part_masks`.
+
+Why these converters rather than Keras 3's `Model.export(format=...)`: Keras' LiteRT path keeps
+the weights as resource variables, which TF 2.21's converter leaves uninitialised (the file runs
+and answers NaN), and its ONNX path is tf2onnx with fewer of its options. Here the function's
+variables are frozen to constants by TensorFlow's own `convert_variables_to_constants_v2`, and
+both converters read the frozen function with the named signature `serving_default`.
+
+The runtimes (`OnnxRuntime`, `TFLiteRuntime`) give the members of `runtime.SavedModelRuntime`,
+so reid-extract, reid-eval and reid-serve read any format through the one extraction path. Their
+packages are optional extras: `pip install 'reid-tf[onnx]'`, `'reid-tf[tflite]'`.
+"""
+
+import hashlib
+import os
+import tempfile
+import threading
+
+import numpy as np
+import tensorflow as tf
+
+from reid_tf.data import preprocessing
+from reid_tf.deploy.export import EXPORT_KEYS
+from reid_tf.extras import require
+
+# file name -> (format, quantization)
+FILES = {
+    "model.tflite": ("tflite", "float32"),
+    "model_fp16.tflite": ("tflite", "float16"),
+    "model_int8_dynamic.tflite": ("tflite", "dynamic_int8"),
+    "model_int8.tflite": ("tflite", "int8"),
+    "model.onnx": ("onnx", "float32"),
+}
+FORMATS = ("saved_model", "tflite", "onnx")
+ONNX_OPSET = 17
+# What writing a format needs: its converter and the runtime that checks its parity.
+NEEDS = {"onnx": ("tf2onnx", "onnxruntime"), "tflite": ("ai_edge_litert",)}
+
+
+def files_of(formats):
+    """The format files that `formats` (names from `FORMATS`) write, in `FILES` order.
+    ValueError for an unknown format, `MissingPackage` when its packages are not installed."""
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"--format: {', '.join(sorted(unknown))} unknown; expected some of "
+                         f"{', '.join(FORMATS)}.")
+    for kind in formats:
+        for module in NEEDS.get(kind, ()):
+            require(module)
+    return [name for name, (kind, _) in FILES.items() if kind in formats]
+
+
+def pixel_function(model):
+    """`images` uint8 `[None,H,W,3]` at the training size -> the export's outputs (float32)."""
+    height, width = model.image_size
+
+    @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8,
+                                                name="images")])
+    def pixels(images):
+        outputs = model(tf.cast(images, tf.float32), training=False)
+        # Named identities: the outputs of the ONNX graph carry these names.
+        return {key: tf.identity(tf.cast(outputs[key], tf.float32), name=key)
+                for key in EXPORT_KEYS}
+
+    return pixels
+
+
+def frozen_module(model):
+    """A `tf.Module` whose `pixels` signature is `pixel_function` with its variables as
+    constants (what both converters need)."""
+    from tensorflow.python.framework import convert_to_constants
+
+    function = pixel_function(model)
+    concrete = function.get_concrete_function()
+    constants = convert_to_constants.convert_variables_to_constants_v2(concrete)
+    module = tf.Module()
+    module.pixels = tf.function(
+        lambda images: tf.nest.pack_sequence_as(concrete.structured_outputs, constants(images)),
+        input_signature=function.input_signature)
+    return module
+
+
+def write_onnx(model, path):
+    """The model as ONNX (opset `ONNX_OPSET`), through tf2onnx; returns `path`."""
+    tf2onnx = require("tf2onnx")
+    module = frozen_module(model)
+    tf2onnx.convert.from_function(module.pixels, input_signature=module.pixels.input_signature,
+                                  opset=ONNX_OPSET, output_path=path)
+    return path
+
+
+def write_tflite(model, path, quantization="float32", calibration=None):
+    """The model as a TFLite flatbuffer; returns `path`.
+
+    quantization: `float32`; `float16` (weights stored as float16); `dynamic_int8` (weights
+    int8, activations quantised on the fly); `int8` (full-integer: weights and activations of
+    the backbone and the embedding heads in int8, their ranges calibrated on `calibration`,
+    uint8 `[n,H,W,3]` training images). In `int8` the part partition, the masked pooling and
+    the L2 normalisations stay float (`float_kept_nodes`): quantised, the K-means' divisions
+    hit a zero-point divisor and its comparisons move the parts; they are a few hundred numbers
+    per image, so float costs nothing.
+    """
+    if quantization not in ("float32", "float16", "dynamic_int8", "int8"):
+        raise ValueError(f"quantization={quantization!r}: expected one of float32, float16, "
+                         "dynamic_int8, int8.")
+    if quantization == "int8" and (calibration is None or not len(calibration)):
+        raise ValueError("int8 quantisation needs calibration images.")
+    module = frozen_module(model)
+    with tempfile.TemporaryDirectory() as folder:
+        tf.saved_model.save(module, folder, signatures={"serving_default": module.pixels})
+        converter = tf.lite.TFLiteConverter.from_saved_model(folder)
+        if quantization == "float32":
+            flatbuffer = converter.convert()
+        else:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantization == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        if quantization in ("float16", "dynamic_int8"):
+            flatbuffer = converter.convert()
+        if quantization == "int8":
+            flatbuffer = _full_integer(converter, tf.lite.TFLiteConverter.from_saved_model(
+                folder).convert(), calibration)
+    with open(path, "wb") as f:
+        f.write(flatbuffer)
+    return path
+
+
+def float_kept_nodes(float_flatbuffer):
+    """Output tensor names of the ops that full-integer quantisation leaves float: all but
+    the backbone's and the heads' (layers named `*backbone*`, `global_head`, `part_head`)."""
+    litert = require("ai_edge_litert.interpreter")
+    interpreter = litert.Interpreter(model_content=float_flatbuffer)
+    names = {tensor["index"]: tensor["name"] for tensor in interpreter.get_tensor_details()}
+    outputs = {names[op["outputs"][0]] for op in interpreter._get_ops_details()}
+    return sorted(name for name in outputs
+                  if not any(layer in name for layer in ("backbone", "_head")))
+
+
+def _debugger(converter, float_flatbuffer, calibration):
+    """TFLite's quantisation debugger set for selective quantisation (the documented way to
+    keep chosen ops float), calibrated on `calibration`."""
+    def representative():
+        return ({"images": image[None]} for image in calibration)
+
+    converter.representative_dataset = representative
+    options = tf.lite.experimental.QuantizationDebugOptions(
+        denylisted_nodes=float_kept_nodes(float_flatbuffer))
+    return tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=representative, debug_options=options)
+
+
+def _full_integer(converter, float_flatbuffer, calibration):
+    return _debugger(converter, float_flatbuffer, calibration).get_nondebug_quantized_model()
+
+
+def write(model, folder, file_name, calibration=None):
+    """Writes one of `FILES` into `folder`; returns its path."""
+    kind, quantization = FILES[file_name]
+    path = os.path.join(folder, file_name)
+    if kind == "onnx":
+        return write_onnx(model, path)
+    return write_tflite(model, path, quantization, calibration)
+
+
+def parity(reference, candidate):
+    """How closely a format's outputs follow the SavedModel's on the same images.
+
+    Both: `{key: np.ndarray}` with `embedding` `[n,E]` and `part_masks` `[n,h,w,K]`. Returns
+    the cosine of each image's two embeddings (min, mean), their largest absolute difference,
+    and the share of feature cells given the same part.
+    """
+    a = np.asarray(reference["embedding"], np.float64)
+    b = np.asarray(candidate["embedding"], np.float64)
+    cosine = np.sum(a * b, 1) / np.maximum(
+        np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    masks_a, masks_b = np.asarray(reference["part_masks"]), np.asarray(candidate["part_masks"])
+    same_part = (1.0 if masks_a.shape[-1] == 0 else
+                 float(np.mean(masks_a.argmax(-1) == masks_b.argmax(-1))))
+    return {"images": int(len(a)), "cosine_min": float(cosine.min()),
+            "cosine_mean": float(cosine.mean()),
+            "max_abs_difference": float(np.abs(a - b).max()), "same_part_cells": same_part}
+
+
+# What a format file must reach on the parity images, or the export refuses it: the smallest
+# cosine of an image's embedding with the SavedModel's (float formats differ by rounding only;
+# float16 weights move an embedding by ~1e-4), and for int8 the mean cosine (a part whose
+# boundary row moves under quantisation changes that image's part embedding, so single images
+# can fall further; the benchmark measures what that does to rank-1 and mAP).
+PARITY_FLOORS = {"float32": ("cosine_min", 0.9999), "float16": ("cosine_min", 0.999),
+                 "dynamic_int8": ("cosine_mean", 0.99), "int8": ("cosine_mean", 0.99)}
+
+
+def check_parity(file_name, figures):
+    """Raises ValueError when a format file's parity figures are under its floor."""
+    measure, floor = PARITY_FLOORS[FILES[file_name][1]]
+    if not figures[measure] >= floor:
+        raise ValueError(
+            f"{file_name}: {measure.replace('_', ' ')} with the SavedModel {figures[measure]:.6f} "
+            f"< {floor} on {figures['images']} images; the file would not rank as the "
+            "SavedModel does, so it is not written.")
+
+
+def file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class PixelRuntime:
+    """The members of `runtime.SavedModelRuntime` over a function of uint8 pixels at one size.
+
+    Images of another size are resized first with the model's own resize (`data.preprocessing`)
+    and rounded to uint8, as a camera frame would be; the SavedModel resizes in float instead,
+    so only the rounding differs there.
+    """
+
+    version = 1
+
+    def __init__(self, path, input_shape, output_shapes):
+        self.path = path
+        self.file = os.path.basename(path)
+        _, height, width, channels = input_shape
+        if channels != 3 or not height or not width:
+            raise ValueError(f"{path}: input shape {input_shape}; expected [N,H,W,3] at a "
+                             "fixed size (not a reid-tf export?).")
+        missing = set(EXPORT_KEYS) - set(output_shapes)
+        if missing:
+            raise ValueError(f"{path}: outputs {sorted(missing)} missing; not a reid-tf export.")
+        self.image_size = (int(height), int(width))
+        self.output_shapes = output_shapes
+        self.num_parts = int(output_shapes["part_embeddings"][1])
+        self.embedding_width = int(output_shapes["embedding"][-1])
+        self.model_id = file_digest(path)[:16]
+
+    def _run(self, images):
+        """uint8 `[N,H,W,3]` at `image_size` -> `{key: np.ndarray}`."""
+        raise NotImplementedError
+
+    def _pixels(self, images):
+        images = tf.convert_to_tensor(images)
+        if images.shape.rank != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images of shape {list(images.shape)}: expected [N,H,W,3] RGB.")
+        if tuple(images.shape[1:3]) != self.image_size or images.dtype != tf.uint8:
+            images = tf.cast(tf.clip_by_value(tf.round(
+                preprocessing.preprocess(images, self.image_size)), 0, 255), tf.uint8)
+        return images.numpy()
+
+    def predict_images(self, images):
+        if len(images) == 0:
+            return {key: np.zeros([0, *shape[1:]], np.float32)
+                    for key, shape in self.output_shapes.items()}
+        return self._run(self._pixels(images))
+
+    def predict_encoded(self, images):
+        decoded = tf.map_fn(lambda data: preprocessing.decode(data, self.image_size),
+                            tf.constant(images, tf.string),
+                            fn_output_signature=tf.TensorSpec([*self.image_size, 3], tf.float32))
+        return self.predict_images(decoded)
+
+    def embed(self, images, names):
+        from reid_tf.deploy import runtime
+
+        return runtime.select(self.predict_images(images), names)
+
+    def embed_encoded(self, encoded, names):
+        from reid_tf.deploy import runtime
+
+        return runtime.select(self.predict_encoded(encoded.numpy().tolist()), names)
+
+    def signature_def(self):
+        """TF Serving's metadata JSON, as for a SavedModel (one signature, its shapes)."""
+        def tensor_info(shape, name, dtype):
+            dims = [{"size": str(-1 if not size else size)} for size in shape]
+            return {"dtype": dtype, "tensor_shape": {"dim": dims}, "name": name}
+
+        inputs = {"images": tensor_info([None, *self.image_size, 3], "images", "DT_UINT8")}
+        outputs = {key: tensor_info([None, *shape[1:]], key, "DT_FLOAT")
+                   for key, shape in sorted(self.output_shapes.items())}
+        return {"signature_def": {"signature_def": {"serving_default": {
+            "inputs": inputs, "outputs": outputs, "method_name": "tensorflow/serving/predict"}}}}
+
+
+class OnnxRuntime(PixelRuntime):
+    """A `model.onnx` run by ONNX Runtime (CPU)."""
+
+    def __init__(self, path, threads=0):
+        ort = require("onnxruntime")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own (not exported) error types
+            raise ValueError(f"{path}: not a readable ONNX model ({str(error).splitlines()[0]})."
+                             ) from None
+        (model_input,) = self.session.get_inputs()
+        self.input_name = model_input.name
+        outputs = {output.name: output.shape for output in self.session.get_outputs()}
+        super().__init__(path, model_input.shape, outputs)
+
+    def _run(self, images):
+        names = list(self.output_shapes)
+        values = self.session.run(names, {self.input_name: images})
+        return dict(zip(names, values))
+
+
+class TFLiteRuntime(PixelRuntime):
+    """A `.tflite` file run by LiteRT (`ai-edge-litert`), one call at a time (an interpreter is
+    not thread-safe)."""
+
+    def __init__(self, path, threads=None):
+        litert = require("ai_edge_litert.interpreter")
+        try:
+            self.interpreter = litert.Interpreter(model_path=path, num_threads=threads)
+            self.runner = self.interpreter.get_signature_runner("serving_default")
+        except (ValueError, RuntimeError) as error:
+            raise ValueError(f"{path}: not a readable reid-tf TFLite model "
+                             f"({str(error).splitlines()[0]}).") from None
+        self._lock = threading.Lock()
+        details = self.runner.get_input_details()
+        if set(details) != {"images"}:
+            raise ValueError(f"{path}: inputs {sorted(details)}; expected 'images'.")
+        shape = details["images"]["shape_signature"]
+        outputs = {key: [int(size) for size in value["shape_signature"]]
+                   for key, value in self.runner.get_output_details().items()}
+        super().__init__(path, [int(size) for size in shape], outputs)
+
+    def _run(self, images):
+        with self._lock:
+            outputs = self.runner(images=images)
+            return {key: np.array(value) for key, value in outputs.items()}
+
+
+def open_file(path):
+    """The runtime of a `.onnx` or `.tflite` file."""
+    if path.endswith(".onnx"):
+        return OnnxRuntime(path)
+    if path.endswith(".tflite"):
+        return TFLiteRuntime(path)
+    raise ValueError(f"{path}: neither .onnx nor .tflite.")

@@ -1,0 +1,209 @@
+"""TFLite and ONNX exports (reid-export --format) on a tiny synthetic run: each file ranks as
+the SavedModel does, the card carries its figures, a broken file is refused, and every way of
+getting it wrong gives one line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from reid_tf import extras
+from reid_tf import testing
+from reid_tf.data import splits as splits_lib
+from reid_tf.deploy import export as export_lib
+from reid_tf.deploy import formats
+from reid_tf.deploy import runtime
+from reid_tf.evaluate import extract as extract_lib
+from reid_tf.evaluate import metrics as metrics_lib
+from reid_tf.model import PartLossNet
+
+TRAIN_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
+               "--image_width=32", "--embedding_dim=16", "--num_parts=3",
+               "--identities_per_batch=4", "--images_per_identity=4", "--optimizer=adam",
+               "--learning_rate=0.001", "--train_steps=20", "--log_every=10",
+               "--checkpoint_every=20", "--image_summary_every=0", "--noexport"]
+FILES = list(formats.FILES)
+
+
+def python(module, *flags, check=True):
+    result = subprocess.run([sys.executable, "-m", module, *flags], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    splits = splits_lib.load_splits("synthetic_persons/small", data_dir=data_dir)
+    workdir = str(tmp_path_factory.mktemp("run"))
+    python("reid_tf.cli.train", f"--workdir={workdir}", f"--data_dir={data_dir}", *TRAIN_FLAGS)
+    result = python("reid_tf.cli.export", f"--workdir={workdir}",
+                    "--format=saved_model,tflite,onnx", "--calibration_images=40",
+                    "--parity_images=24")
+    path = os.path.join(workdir, "export", "20")
+    assert f"-> {path}" in result.stdout
+    return {"path": path, "splits": splits, "log": result.stdout, "data_dir": data_dir,
+            "workdir": workdir}
+
+
+def test_every_format_file_is_written_beside_the_saved_model_with_its_card(exported):
+    path = exported["path"]
+    assert sorted(name for name in os.listdir(path) if name.startswith("model")) == sorted(
+        FILES + ["model_card.json"])
+    card = json.load(open(os.path.join(path, "model_card.json")))
+    assert card == json.load(open(os.path.join(path, "assets", "model_card.json")))
+    assert card["input"]["shape"] == [None, 64, 32, 3] and card["input"]["dtype"] == "uint8"
+    assert card["input"]["channel_order"] == "RGB"
+    assert card["outputs"]["embedding"]["shape"] == [None, 4 * 16]
+    assert card["outputs"]["part_masks"]["shape"][-1] == 3
+    assert "--num_parts=3" in card["training"]["flags"]
+    assert card["evaluation"]["num_queries"] == 40  # the run's results.json
+    assert card["reid_tf"]["commit"]
+    for name in FILES:
+        entry = card["files"][name]
+        assert entry["bytes"] == os.path.getsize(os.path.join(path, name))
+        assert entry["sha256"] == formats.file_digest(os.path.join(path, name))
+        figures = entry["parity_with_saved_model"]
+        assert figures["images"] == 24
+        formats.check_parity(name, figures)  # the floors held when it was written
+        assert f"wrote {name}" in exported["log"]
+    assert card["files"]["model_int8.tflite"]["calibration_images"] == 40
+    float_files = ("model.tflite", "model.onnx")
+    for name in float_files:
+        assert card["files"][name]["parity_with_saved_model"]["same_part_cells"] == 1.0
+    assert card["files"]["model_int8.tflite"]["bytes"] < 0.4 * card["files"]["model.tflite"][
+        "bytes"]
+
+
+@pytest.fixture(scope="module")
+def saved_model_features(exported):
+    reference = runtime.open_runtime(exported["path"])
+    return {split: extract_lib.extract(reference, exported["splits"][split],
+                                       ["embedding", "part_masks"], encoded=True)
+            for split in ("query", "gallery")}
+
+
+def scores(features, splits):
+    query, gallery = splits["query"], splits["gallery"]
+    return metrics_lib.evaluate_features(
+        features["query"]["embedding"], features["gallery"]["embedding"], query.person_ids,
+        gallery.person_ids, query.camera_ids, gallery.camera_ids, metric="euclidean")
+
+
+# (smallest cosine, mean cosine) against the SavedModel on the synthetic test split's images;
+# float files differ by rounding, int8 by quantisation (see formats.PARITY_FLOORS).
+FLOORS = {"model.tflite": (0.9999, 0.9999), "model.onnx": (0.9999, 0.9999),
+          "model_fp16.tflite": (0.999, 0.9999), "model_int8_dynamic.tflite": (0.9, 0.99),
+          "model_int8.tflite": (0.9, 0.99)}
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_each_format_file_ranks_the_test_split_as_the_saved_model(exported,
+                                                                   saved_model_features, name):
+    candidate = runtime.open_runtime(os.path.join(exported["path"], name))
+    assert candidate.image_size == (64, 32) and candidate.num_parts == 3
+    features = {split: extract_lib.extract(candidate, exported["splits"][split],
+                                           ["embedding", "part_masks"], encoded=True)
+                for split in ("query", "gallery")}
+    smallest, mean = FLOORS[name]
+    for split in ("query", "gallery"):
+        figures = formats.parity(saved_model_features[split], features[split])
+        assert figures["cosine_min"] >= smallest and figures["cosine_mean"] >= mean, figures
+    expected = scores(saved_model_features, exported["splits"])
+    measured = scores(features, exported["splits"])
+    # float32: the same ranking; float16 may swap a near tie; int8 moves a few ranks.
+    tolerance = {"float32": 1e-6, "float16": 0.005}.get(formats.FILES[name][1], 0.03)
+    for metric in ("rank1", "mAP"):
+        assert measured[metric] == pytest.approx(expected[metric], abs=tolerance), metric
+
+
+def test_a_format_file_that_does_not_match_the_saved_model_is_refused(tmp_path, monkeypatch):
+    """The deliberate breakage: a converter fed BGR (a channel order swapped inside the format
+    function) writes a file that runs, and the parity check refuses it; nothing is exported."""
+    model = PartLossNet(num_classes=5, num_parts=3, embedding_dim=16, backbone="tiny",
+                        image_size=(64, 32))
+    model.build()
+    images = testing.synthetic_images(12, (64, 32))
+    pixel_function = formats.pixel_function
+
+    def bgr(model):
+        function = pixel_function(model)
+        return tf.function(lambda images: function(tf.reverse(images, [-1])),
+                           input_signature=function.input_signature)
+
+    monkeypatch.setattr(formats, "pixel_function", bgr)
+    with pytest.raises(ValueError, match=r"model.tflite: cosine min with the SavedModel 0\.\d+ < 0.9999"):
+        export_lib.export_model(model, str(tmp_path), 2, ["model.tflite"],
+                                parity_images=images, log=lambda line: None)
+    assert os.listdir(tmp_path) == []  # no version 2, no temporary folder left
+
+
+def test_a_format_runtime_resizes_other_sizes_and_refuses_other_shapes(exported):
+    candidate = runtime.open_runtime(os.path.join(exported["path"], "model.onnx"))
+    reference = runtime.open_runtime(exported["path"])
+    images = testing.synthetic_images(3, (128, 64))
+    resized = candidate.predict_images(images)["embedding"]
+    expected = reference.predict_images(images)["embedding"]
+    assert np.min(np.sum(resized * expected, 1)) > 0.999  # only the uint8 rounding differs
+    assert candidate.predict_images(images[:0])["embedding"].shape == (0, 64)
+    with pytest.raises(ValueError, match=r"expected \[N,H,W,3\]"):
+        candidate.predict_images(images[..., :2])
+
+
+def test_a_missing_package_a_wrong_file_and_a_damaged_file_each_give_one_line(
+        exported, tmp_path, monkeypatch):
+    text = tmp_path / "model.txt"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="not an export reid-tf reads"):
+        runtime.open_runtime(str(text))
+    for name in ("model.onnx", "model.tflite"):
+        damaged = tmp_path / name
+        damaged.write_bytes(open(os.path.join(exported["path"], name), "rb").read()[:5000])
+        with pytest.raises(ValueError, match=f"{name}: not a readable"):
+            runtime.open_runtime(str(damaged))
+    real_import = extras.importlib.import_module
+
+    def without_onnxruntime(module):
+        if module.startswith("onnxruntime"):
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(module)
+
+    monkeypatch.setattr(extras.importlib, "import_module", without_onnxruntime)
+    with pytest.raises(extras.MissingPackage,
+                       match=r"onnxruntime is not installed; install it with pip install "
+                             r"'reid-tf\[onnx\]'"):
+        runtime.open_runtime(os.path.join(exported["path"], "model.onnx"))
+    with pytest.raises(extras.MissingPackage):
+        formats.files_of(["onnx"])
+    with pytest.raises(ValueError, match="--format: jpeg unknown"):
+        formats.files_of(["jpeg"])
+    # Through a command: one line, no traceback.
+    result = python("reid_tf.cli.extract", f"--export={text}", "--split=gallery",
+                    "--dataset=synthetic_persons/small", f"--data_dir={exported['data_dir']}",
+                    f"--output={tmp_path / 'out.npz'}", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("reid-extract: error: ")
+    assert "not an export reid-tf reads" in result.stderr
+
+
+def test_reid_serve_serves_an_onnx_file_behind_the_same_api(exported, tmp_path):
+    images = testing.synthetic_images(2, (64, 32))
+    expected = runtime.open_runtime(exported["path"]).predict_images(images)["embedding"]
+    with open(tmp_path / "serve.log", "w+") as log:
+        with testing.serve(os.path.join(exported["path"], "model.onnx"), log=log) as client:
+            status, body = client.request(
+                "POST", "/v1/models/reid:predict", {"instances": images.tolist()})
+            assert status == 200, body
+            served = np.array([row["embedding"] for row in body["predictions"]])
+            np.testing.assert_allclose(served, expected, atol=1e-5)
+            status, body = client.request("GET", "/v1/models/reid/metadata")
+            assert status == 200
+            outputs = body["metadata"]["signature_def"]["signature_def"]["serving_default"][
+                "outputs"]
+            assert outputs["embedding"]["tensor_shape"]["dim"][1]["size"] == "64"
