@@ -108,6 +108,7 @@ def test_each_format_file_ranks_the_test_split_as_the_saved_model(exported,
                                                                    saved_model_features, name):
     candidate = runtime.open_runtime(os.path.join(exported["path"], name))
     assert candidate.image_size == (64, 32) and candidate.num_parts == 3
+    assert candidate.output_shapes["embedding"][1] == candidate.embedding_width == 64  # static
     features = {split: extract_lib.extract(candidate, exported["splits"][split],
                                            ["embedding", "part_masks"], encoded=True)
                 for split in ("query", "gallery")}

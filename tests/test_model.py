@@ -4,6 +4,7 @@ import pytest
 import tensorflow as tf
 
 from reid_tf import model as model_lib
+from reid_tf import testing
 from reid_tf.model import losses
 from reid_tf.train import distribute
 from reid_tf.train import step as step_lib
@@ -126,21 +127,11 @@ def test_bad_arguments_name_the_argument_and_valid_values():
 
 
 def _train_three_steps(strategy, sync_batch_norm, initial_weights):
-    with strategy.scope():
-        net = model_lib.PartLossNet(num_parts=3, sync_batch_norm=sync_batch_norm, **TINY)
-        net.build()
-        net.set_weights(initial_weights)
-        optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
-        optimizer.build(net.trainable_variables)
     batches = [{"image": images(batch=8, seed=s),
                 "label": tf.constant([0, 0, 1, 1, 2, 2, 3, 3])} for s in range(3)]
-    dataset = tf.data.Dataset.from_tensor_slices(
-        {k: tf.stack([b[k] for b in batches]) for k in batches[0]}).unbatch().batch(8)
-    iterator = iter(strategy.experimental_distribute_dataset(dataset))
-    step = step_lib.make_train_step(net, optimizer, strategy, global_batch_size=8,
-                                     label_smoothing=0.1)
-    losses_seen = [float(step(iterator, tf.constant(1))["loss"]) for _ in range(3)]
-    return net.get_weights(), losses_seen
+    weights, history = testing.train_steps(strategy, initial_weights, batches, sync_batch_norm,
+                                           label_smoothing=0.1)
+    return weights, [m["loss"] for m in history]
 
 
 def test_two_replicas_with_synchronised_batch_norm_equal_one_device():

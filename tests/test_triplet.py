@@ -1,15 +1,14 @@
 """The batch-hard triplet loss: against numpy, its zero, its gradient, and global-batch mining
 under MirroredStrategy."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from reid_tf import model as model_lib
+from reid_tf import testing
 from reid_tf.model import losses
 from reid_tf.train import distribute
-from reid_tf.train import step as step_lib
 
 TINY = dict(num_classes=5, backbone="tiny", image_size=(64, 32), embedding_dim=16)
 LABELS = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
@@ -102,21 +101,11 @@ def test_triplet_weight_zero_is_todays_loss_exactly():
 
 
 def _train_three_steps(strategy, initial_weights, batches):
-    with strategy.scope():
-        net = model_lib.PartLossNet(num_parts=3, sync_batch_norm=True, **TINY)
-        net.build()
-        net.set_weights(initial_weights)
-        optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
-        optimizer.build(net.trainable_variables)
-    dataset = tf.data.Dataset.from_tensor_slices(
-        {k: tf.stack([b[k] for b in batches]) for k in batches[0]}).unbatch().batch(8)
-    iterator = iter(strategy.experimental_distribute_dataset(dataset))
-    step = step_lib.make_train_step(net, optimizer, strategy, global_batch_size=8,
-                                    triplet_weight=1.0, triplet_margin=0.3, part_triplet=True)
-    history = [step(iterator, tf.constant(1)) for _ in range(3)]
-    return net.get_weights(), [{k: float(v) for k, v in m.items()
-                                if k in ("loss", "triplet_loss", "part_triplet_loss")}
-                               for m in history]
+    weights, history = testing.train_steps(
+        strategy, initial_weights, batches, sync_batch_norm=True, triplet_weight=1.0,
+        triplet_margin=0.3, part_triplet=True)
+    return weights, [{k: m[k] for k in ("loss", "triplet_loss", "part_triplet_loss")}
+                     for m in history]
 
 
 def test_two_replicas_mine_over_the_global_batch_as_one_device_does():

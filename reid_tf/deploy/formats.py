@@ -66,10 +66,14 @@ def pixel_function(model):
     @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8,
                                                 name="images")])
     def pixels(images):
-        outputs = model(tf.cast(images, tf.float32), training=False)
+        outputs = {key: tf.cast(value, tf.float32) for key, value in
+                   model(tf.cast(images, tf.float32), training=False).items()}
+        # The concatenation's width is static: a reshape says so in every format (TFLite has no
+        # EnsureShape, and without it records the width as -1).
+        outputs["embedding"] = tf.reshape(
+            outputs["embedding"], [-1, (model.num_parts + 1) * model.embedding_dim])
         # Named identities: the outputs of the ONNX graph carry these names.
-        return {key: tf.identity(tf.cast(outputs[key], tf.float32), name=key)
-                for key in EXPORT_KEYS}
+        return {key: tf.identity(outputs[key], name=key) for key in EXPORT_KEYS}
 
     return pixels
 
@@ -239,8 +243,8 @@ class PixelRuntime:
             raise ValueError(f"{path}: outputs {sorted(missing)} missing; not a reid-tf export.")
         self.image_size = (int(height), int(width))
         self.output_shapes = output_shapes
-        self.num_parts = int(output_shapes["part_embeddings"][1])
-        self.embedding_width = int(output_shapes["embedding"][-1])
+        self.num_parts, dim = (int(size) for size in output_shapes["part_embeddings"][1:])
+        self.embedding_width = (self.num_parts + 1) * dim
         self.model_id = file_digest(path)[:16]
 
     def _run(self, images):

@@ -1,0 +1,194 @@
+"""Every deploy format side by side on this CPU, against two anchors.
+
+For the SavedModel and each format file of an export (`reid-export --format=tflite,onnx`):
+- rank-1 and mAP on the test split of the run's dataset, through that file
+  (`evaluate.evaluator.evaluate_runtime`, as training's final evaluation);
+- single-image latency, p50 and p99 over `--latency_calls` calls (uint8 at the training size);
+- throughput at batch 32, best of `--repeats` runs of `--batches` batches;
+- file size (the SavedModel: its folder without the other files) and peak RSS.
+Each is measured in its own process (`--measure=<path>`), so a peak RSS is that runtime's
+alone. The anchor beside them: PyTorch eager on torchvision's MobileNetV2 (features, global
+pool) at the same input size, run by `--peer_python` (the PyTorch peer's environment,
+experiments/peers/requirements.txt); it has no parts and no accuracy figure, only speed.
+
+    python benchmarks/deploy.py --workdir=runs/cuhk03_pair1_labeled_plnet_s0 \
+        [--export=<workdir>/export/<version>] [--peer_python=experiments/peers/.venv/bin/python]
+
+Without --export, the workdir is exported first with every format (reid-export's defaults).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A finished reid-train run (its dataset's test split).")
+flags.DEFINE_string("export", None, "Its export with the format files (default: export now).")
+flags.DEFINE_string("peer_python", None, "Python of the PyTorch peer's environment (the "
+                    "torchvision anchor); none: no anchor row.")
+flags.DEFINE_integer("latency_calls", 200, "Single-image calls timed for p50/p99.")
+flags.DEFINE_integer("batches", 10, "Batches of 32 per throughput run.")
+flags.DEFINE_integer("repeats", 3, "Throughput runs (best kept).")
+flags.DEFINE_string("measure", None, "Internal: measure this one export path and print JSON.")
+flags.DEFINE_bool("accuracy", True, "Also score the test split through each file.")
+
+BATCH = 32
+TORCH_ANCHOR = r"""
+import json, sys, time, resource
+import numpy as np, torch, torchvision
+torch.set_num_threads(int(sys.argv[4]))
+height, width, calls, batches, repeats = map(int, sys.argv[1:4] + sys.argv[5:7])
+net = torchvision.models.mobilenet_v2().features.eval()
+def forward(x):
+    with torch.inference_mode():
+        return net(x).mean((2, 3))
+one = torch.rand(1, 3, height, width); batch = torch.rand(32, 3, height, width)
+for _ in range(5): forward(one)
+times = []
+for _ in range(calls):
+    start = time.perf_counter(); forward(one); times.append(time.perf_counter() - start)
+forward(batch)
+best = 0
+for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(batches): forward(batch)
+    best = max(best, 32 * batches / (time.perf_counter() - start))
+print(json.dumps({"p50_ms": 1e3 * float(np.percentile(times, 50)),
+                  "p99_ms": 1e3 * float(np.percentile(times, 99)), "batch32_per_s": best,
+                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+
+def peak_rss_gib():
+    """This process's peak RSS (VmHWM: from this exec, not the parent's)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / (1 << 20)
+    return float("nan")
+
+
+def size_bytes(path):
+    from reid_tf.deploy import formats
+
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(path) for name in names
+               if name not in formats.FILES)
+
+
+def measure(path, workdir):
+    """One runtime's figures (run in a fresh process)."""
+    import numpy as np
+
+    from reid_tf.data import splits as splits_lib
+    from reid_tf.deploy import runtime
+    from reid_tf.evaluate import evaluator
+    from reid_tf.train import workdir as workdir_lib
+
+    export = runtime.open_runtime(path)
+    figures = {"file": os.path.basename(path) if os.path.isfile(path) else "SavedModel",
+               "bytes": size_bytes(path)}
+    rng = np.random.default_rng(0)
+    one = rng.integers(0, 256, (1, *export.image_size, 3), dtype=np.uint8)
+    batch = rng.integers(0, 256, (BATCH, *export.image_size, 3), dtype=np.uint8)
+    for _ in range(5):
+        export.predict_images(one)
+    times = []
+    for _ in range(FLAGS.latency_calls):
+        start = time.perf_counter()
+        export.predict_images(one)
+        times.append(time.perf_counter() - start)
+    figures["p50_ms"] = 1e3 * float(np.percentile(times, 50))
+    figures["p99_ms"] = 1e3 * float(np.percentile(times, 99))
+    export.predict_images(batch)
+    best = 0.0
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        for _ in range(FLAGS.batches):
+            export.predict_images(batch)
+        best = max(best, BATCH * FLAGS.batches / (time.perf_counter() - start))
+    figures["batch32_per_s"] = best
+    if FLAGS.accuracy:
+        config = workdir_lib.read_json(workdir, "config.json")
+        splits = splits_lib.load_splits(config["dataset"], data_dir=config.get("data_dir"),
+                                        splits=("query", "gallery"), log=lambda line: None)
+        results = evaluator.evaluate_runtime(export, splits["query"], splits["gallery"])
+        figures.update(rank1=results["rank1"], mAP=results["mAP"])
+    figures["peak_rss_gib"] = peak_rss_gib()
+    return figures
+
+
+def run_measure(path):
+    command = [sys.executable, os.path.abspath(__file__), f"--measure={path}",
+               f"--workdir={FLAGS.workdir}", f"--latency_calls={FLAGS.latency_calls}",
+               f"--batches={FLAGS.batches}", f"--repeats={FLAGS.repeats}",
+               f"--accuracy={FLAGS.accuracy}"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(f"measuring {path} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def torch_anchor(image_size):
+    threads = len(os.sched_getaffinity(0))
+    result = subprocess.run(
+        [FLAGS.peer_python, "-c", TORCH_ANCHOR, str(image_size[0]), str(image_size[1]),
+         str(FLAGS.latency_calls), str(threads), str(FLAGS.batches), str(FLAGS.repeats)],
+        capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(f"the PyTorch anchor failed:\n{result.stderr[-3000:]}")
+    return {"file": "torchvision MobileNetV2 (eager)",
+            **json.loads(result.stdout.strip().splitlines()[-1])}
+
+
+def main(argv):
+    del argv
+    if FLAGS.measure:
+        print(json.dumps(measure(FLAGS.measure, FLAGS.workdir)))
+        return
+    from reid_tf.deploy import formats
+    from reid_tf.deploy import runtime
+
+    path = FLAGS.export
+    if path is None:
+        from reid_tf.train import workdir as workdir_lib
+
+        path, _ = workdir_lib.export_latest(FLAGS.workdir, version=int(time.time()),
+                                            files=list(formats.FILES))
+    card = json.load(open(os.path.join(path, "model_card.json")))
+    rows = [run_measure(path)]
+    for name in card["files"]:
+        rows.append(run_measure(os.path.join(path, name)))
+        rows[-1]["cosine_min"] = card["files"][name]["parity_with_saved_model"]["cosine_min"]
+    if FLAGS.peer_python:
+        anchor = torch_anchor(runtime.open_runtime(path).image_size)
+        rows.append(anchor)
+    base = rows[0]
+    print(f"\n{path} ({card['model']['backbone']}, K={card['model']['num_parts']}, "
+          f"{card['input']['shape'][1]}x{card['input']['shape'][2]}), "
+          f"{len(os.sched_getaffinity(0))} cores, {time.strftime('%Y-%m-%d')}")
+    print("| file | rank-1 | mAP | p50 ms | p99 ms | batch-32 img/s | × SavedModel | MB | "
+          "peak RSS GiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        accuracy = (f"{100 * row['rank1']:.1f} | {100 * row['mAP']:.1f}" if "rank1" in row
+                    else "– | –")
+        size = f"{row['bytes'] / 1e6:.1f}" if row.get("bytes") else "–"
+        print(f"| {row['file']} | {accuracy} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+              f"{row['batch32_per_s']:.0f} | {row['batch32_per_s'] / base['batch32_per_s']:.2f} "
+              f"| {size} | {row['peak_rss_gib']:.2f} |")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("workdir")
+    app.run(main)
