@@ -36,7 +36,7 @@ def train_steps(strategy, initial_weights, batches, sync_batch_norm=False, **ste
     `initial_weights`, one per batch (`{"image", "label"}` of 8), under `strategy`.
 
     `step_options` go to `train.step.make_train_step` (label smoothing, triplet terms). Returns
-    the final weights and each step's metrics as floats."""
+    the final weights and each step's metrics (numpy)."""
     import keras
 
     from reid_tf.model import PartLossNet
@@ -55,7 +55,7 @@ def train_steps(strategy, initial_weights, batches, sync_batch_norm=False, **ste
     step = step_lib.make_train_step(net, optimizer, strategy, global_batch_size=8,
                                     **step_options)
     history = [step(iterator, tf.constant(1)) for _ in batches]
-    return net.get_weights(), [{k: float(v) for k, v in m.items()} for m in history]
+    return net.get_weights(), [{k: np.asarray(v) for k, v in m.items()} for m in history]
 
 
 def check_config_round_trip(layer):

@@ -131,7 +131,7 @@ def _train_three_steps(strategy, sync_batch_norm, initial_weights):
                 "label": tf.constant([0, 0, 1, 1, 2, 2, 3, 3])} for s in range(3)]
     weights, history = testing.train_steps(strategy, initial_weights, batches, sync_batch_norm,
                                            label_smoothing=0.1)
-    return weights, [m["loss"] for m in history]
+    return weights, [float(m["loss"]) for m in history]
 
 
 def test_two_replicas_with_synchronised_batch_norm_equal_one_device():

@@ -104,7 +104,7 @@ def _train_three_steps(strategy, initial_weights, batches):
     weights, history = testing.train_steps(
         strategy, initial_weights, batches, sync_batch_norm=True, triplet_weight=1.0,
         triplet_margin=0.3, part_triplet=True)
-    return weights, [{k: m[k] for k in ("loss", "triplet_loss", "part_triplet_loss")}
+    return weights, [{k: float(m[k]) for k in ("loss", "triplet_loss", "part_triplet_loss")}
                      for m in history]
 
 
