@@ -15,6 +15,9 @@ experiments/peers/requirements.txt); it has no parts and no accuracy figure, onl
         [--export=<workdir>/export/<version>] [--peer_python=experiments/peers/.venv/bin/python]
 
 Without --export, the workdir is exported first with every format (reid-export's defaults).
+`--profile` instead times the backbone alone against the whole network, as TensorFlow (a
+tf.function), as float32 TFLite and as full-integer int8 TFLite, at batch 32: where the time
+of each format goes.
 """
 
 import json
@@ -38,6 +41,7 @@ flags.DEFINE_integer("batches", 10, "Batches of 32 per throughput run.")
 flags.DEFINE_integer("repeats", 3, "Throughput runs (best kept).")
 flags.DEFINE_string("measure", None, "Internal: measure this one export path and print JSON.")
 flags.DEFINE_bool("accuracy", True, "Also score the test split through each file.")
+flags.DEFINE_bool("profile", False, "Time the backbone alone against the whole network.")
 
 BATCH = 32
 TORCH_ANCHOR = r"""
@@ -150,8 +154,60 @@ def torch_anchor(image_size):
             **json.loads(result.stdout.strip().splitlines()[-1])}
 
 
+def best_rate(function, batch):
+    function(batch)
+    best = 0.0
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        for _ in range(FLAGS.batches):
+            function(batch)
+        best = max(best, BATCH * FLAGS.batches / (time.perf_counter() - start))
+    return best
+
+
+def profile():
+    """Batch-32 images/s of the backbone alone and of the whole network, per runtime."""
+    import tempfile
+
+    import numpy as np
+    import tensorflow as tf
+
+    from reid_tf.deploy import formats
+    from reid_tf.train import workdir as workdir_lib
+
+    model, _ = workdir_lib.load_trained_model(FLAGS.workdir, log=lambda line: None)
+    calibration = workdir_lib.training_images(workdir_lib.read_json(
+        FLAGS.workdir, "config.json"), model.image_size, 100, log=lambda line: None)
+    batch = np.random.default_rng(0).integers(0, 256, (BATCH, *model.image_size, 3), np.uint8)
+    spec = [tf.TensorSpec([None, *model.image_size, 3], tf.uint8, name="images")]
+    stages = {
+        "backbone": tf.function(lambda images: {"features": model.backbone(
+            tf.cast(images, tf.float32), training=False)}, input_signature=spec),
+        "whole network": formats.pixel_function(model)}
+    print("| stage | TensorFlow img/s | TFLite float32 img/s | TFLite int8 img/s |")
+    print("| --- | --- | --- | --- |")
+    for stage, function in stages.items():
+        rates = [best_rate(function, batch)]
+        for quantization in ("float32", "int8"):
+            with tempfile.TemporaryDirectory() as folder:
+                module = formats.frozen_module(model, function)
+                tf.saved_model.save(module, folder, signatures={"serving_default": module.pixels})
+                converter = tf.lite.TFLiteConverter.from_saved_model(folder)
+                flatbuffer = converter.convert()
+                if quantization == "int8":
+                    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                    flatbuffer = formats._full_integer(converter, flatbuffer, calibration)
+            runner = formats.require("ai_edge_litert.interpreter").Interpreter(
+                model_content=flatbuffer).get_signature_runner("serving_default")
+            rates.append(best_rate(lambda images: runner(images=images), batch))
+        print(f"| {stage} | " + " | ".join(f"{rate:.0f}" for rate in rates) + " |")
+
+
 def main(argv):
     del argv
+    if FLAGS.profile:
+        profile()
+        return
     if FLAGS.measure:
         print(json.dumps(measure(FLAGS.measure, FLAGS.workdir)))
         return

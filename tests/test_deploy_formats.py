@@ -145,6 +145,22 @@ def test_a_format_file_that_does_not_match_the_saved_model_is_refused(tmp_path, 
     assert os.listdir(tmp_path) == []  # no version 2, no temporary folder left
 
 
+def test_a_baseline_exports_its_embeddings_without_the_empty_part_outputs(tmp_path):
+    model = PartLossNet(num_classes=5, num_parts=0, embedding_dim=16, backbone="tiny",
+                        image_size=(64, 32))
+    model.build()
+    images = testing.synthetic_images(6, (64, 32))
+    path = export_lib.export_model(model, str(tmp_path), 1, ["model.tflite"],
+                                   parity_images=images, log=lambda line: None)
+    card = json.load(open(os.path.join(path, "model_card.json")))
+    assert card["format_file_outputs"] == ["embedding", "global_embedding"]
+    candidate = runtime.open_runtime(os.path.join(path, "model.tflite"))
+    assert candidate.num_parts == 0 and candidate.embedding_width == 16
+    expected = runtime.open_runtime(path).predict_images(images)["embedding"]
+    np.testing.assert_allclose(candidate.predict_images(images)["embedding"], expected,
+                               atol=1e-6)
+
+
 def test_a_format_runtime_resizes_other_sizes_and_refuses_other_shapes(exported):
     candidate = runtime.open_runtime(os.path.join(exported["path"], "model.onnx"))
     reference = runtime.open_runtime(exported["path"])

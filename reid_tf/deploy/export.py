@@ -62,6 +62,12 @@ class ServingModule(tf.Module):
         return self._embed(decoded)
 
 
+def format_outputs(model):
+    """The outputs of a format file (.tflite, .onnx): the export's four, or for a baseline (K=0)
+    `embedding` and `global_embedding` (TFLite cannot return the empty part outputs)."""
+    return EXPORT_KEYS if model.num_parts else ("embedding", "global_embedding")
+
+
 def model_card(model):
     """What a caller of the export needs to know and should not have to guess."""
     height, width = model.image_size
@@ -87,6 +93,7 @@ def model_card(model):
             "part_masks": {"shape": [None, grid_height, grid_width, parts], "meaning": (
                 "one-hot part of each feature cell, parts top to bottom")},
         },
+        "format_file_outputs": list(format_outputs(model)),
         "model": {"backbone": model.backbone_name, "num_parts": parts,
                   "part_strategy": model.part_strategy, "embedding_dim": dim,
                   "image_size": [height, width], "last_stride": model.last_stride},

@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from reid_tf.data import preprocessing
 from reid_tf.deploy.export import EXPORT_KEYS
+from reid_tf.deploy.export import format_outputs
 from reid_tf.extras import require
 
 # file name -> (format, quantization)
@@ -61,8 +62,10 @@ def files_of(formats):
 
 
 def pixel_function(model):
-    """`images` uint8 `[None,H,W,3]` at the training size -> the export's outputs (float32)."""
+    """`images` uint8 `[None,H,W,3]` at the training size -> `export.format_outputs(model)`
+    (float32)."""
     height, width = model.image_size
+    keys = format_outputs(model)
 
     @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8,
                                                 name="images")])
@@ -74,17 +77,17 @@ def pixel_function(model):
         outputs["embedding"] = tf.reshape(
             outputs["embedding"], [-1, (model.num_parts + 1) * model.embedding_dim])
         # Named identities: the outputs of the ONNX graph carry these names.
-        return {key: tf.identity(outputs[key], name=key) for key in EXPORT_KEYS}
+        return {key: tf.identity(outputs[key], name=key) for key in keys}
 
     return pixels
 
 
-def frozen_module(model):
-    """A `tf.Module` whose `pixels` signature is `pixel_function` with its variables as
-    constants (what both converters need)."""
+def frozen_module(model, function=None):
+    """A `tf.Module` whose `pixels` signature is `function` (default `pixel_function(model)`)
+    with its variables as constants (what both converters need)."""
     from tensorflow.python.framework import convert_to_constants
 
-    function = pixel_function(model)
+    function = function or pixel_function(model)
     concrete = function.get_concrete_function()
     constants = convert_to_constants.convert_variables_to_constants_v2(concrete)
     module = tf.Module()
@@ -202,9 +205,11 @@ def parity(reference, candidate):
     b = np.asarray(candidate["embedding"], np.float64)
     cosine = np.sum(a * b, 1) / np.maximum(
         np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    masks_a, masks_b = np.asarray(reference["part_masks"]), np.asarray(candidate["part_masks"])
-    same_part = (1.0 if masks_a.shape[-1] == 0 else
-                 float(np.mean(masks_a.argmax(-1) == masks_b.argmax(-1))))
+    if "part_masks" not in candidate or np.shape(reference["part_masks"])[-1] == 0:
+        same_part = 1.0  # a baseline: no parts
+    else:
+        same_part = float(np.mean(np.argmax(reference["part_masks"], -1)
+                                  == np.argmax(candidate["part_masks"], -1)))
     return {"images": int(len(a)), "cosine_min": float(cosine.min()),
             "cosine_mean": float(cosine.mean()),
             "max_abs_difference": float(np.abs(a - b).max()), "same_part_cells": same_part}
@@ -256,12 +261,16 @@ class PixelRuntime:
         if channels != 3 or not height or not width:
             raise ValueError(f"{path}: input shape {input_shape}; expected [N,H,W,3] at a "
                              "fixed size (not a reid-tf export?).")
-        missing = set(EXPORT_KEYS) - set(output_shapes)
+        missing = {"embedding", "global_embedding"} - set(output_shapes)
+        if "part_embeddings" in output_shapes:
+            missing |= set(EXPORT_KEYS) - set(output_shapes)
         if missing:
             raise ValueError(f"{path}: outputs {sorted(missing)} missing; not a reid-tf export.")
         self.image_size = (int(height), int(width))
         self.output_shapes = output_shapes
-        self.num_parts, dim = (int(size) for size in output_shapes["part_embeddings"][1:])
+        dim = int(output_shapes["global_embedding"][-1])
+        self.num_parts = (int(output_shapes["part_embeddings"][1])
+                          if "part_embeddings" in output_shapes else 0)
         self.embedding_width = (self.num_parts + 1) * dim
         self.model_id = file_digest(path)[:16]
 
