@@ -9,11 +9,19 @@ float values). Prints p50/p99 latency per kind and overall, requests/s, and any 
 the expected one. Then dynamic batching: --batch clients sending one b64 image each against the
 export's own forward pass at batch --batch in this process, and a lone client.
 
+`--rebuild_phase` (issue 24): another reid-serve on an IVF gallery database of
+--rebuild_gallery entries; one client's single-image `:predict` latency alone, then while a
+second client scrapes `/metrics` without pause and a third `:add`s as many entries again (the
+add that passes twice the trained size retrains the index under the store's lock: the rebuild).
+
     python benchmarks/serving.py [--backbone=mobilenet_v2] [--clients=8] [--requests=200]
+    python benchmarks/serving.py --rebuild_phase [--rebuild_gallery=20000]
 """
 
 import os
 import tempfile
+import threading
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -41,6 +49,9 @@ flags.DEFINE_integer("batch", 16, "Clients of the throughput test, and --max_bat
 flags.DEFINE_float("batch_timeout_ms", 20.0, "reid-serve --batch_timeout_ms.")
 flags.DEFINE_integer("throughput_requests", 40, "Requests per client in the throughput test.")
 flags.DEFINE_integer("rounds", 3, "Throughput test and forward pass timed in turns this often.")
+flags.DEFINE_bool("rebuild_phase", False, ":predict's latency during /metrics scrapes and an "
+                  "index rebuild, instead of the load test.")
+flags.DEFINE_integer("rebuild_gallery", 20000, "Entries of the rebuild phase's gallery.")
 
 
 def percentiles(seconds):
@@ -119,6 +130,77 @@ def forward_rate(export, images, batch, repeats):
     return batch * repeats / (time.perf_counter() - start)
 
 
+def rebuild_phase(path, width, scratch):
+    """:predict latency alone, then during /metrics scrapes and an IVF retrain."""
+    rng = np.random.default_rng(1)
+    size = FLAGS.rebuild_gallery
+    vectors = rng.normal(size=(2 * size + 1, width)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    seed_npz = os.path.join(scratch, "rebuild_seed.npz")
+    features_npz.save_features(seed_npz, vectors[:size],
+                               [f"{i:06d}_c1s1_000000_00.jpg" for i in range(size)])
+    body = {"instances": [rng.integers(0, 256, (128, 64, 3)).tolist()]}
+    log = open(os.path.join(scratch, "rebuild_serve.log"), "w+")
+    with testing.serve(path, f"--gallery_db={os.path.join(scratch, 'rebuild.sqlite')}",
+                       f"--gallery={seed_npz}", "--index=ivf", "--nlist=64",
+                       f"--threads={FLAGS.threads}", "--max_body_mb=64", log=log) as client:
+        def predict_latencies(until):
+            latencies = []
+            while not until(latencies):
+                start = time.perf_counter()
+                status, _ = client.request("POST", "/v1/models/reid:predict", body)
+                latencies.append(time.perf_counter() - start)
+                assert status == 200, status
+            return latencies
+
+        for _ in range(5):
+            client.request("POST", "/v1/models/reid:predict", body)  # warm-up
+        alone = predict_latencies(lambda latencies: len(latencies) >= 100)
+        done = threading.Event()
+        scrapes, adds, failures = [], [], []
+
+        def scrape():
+            scraper = testing.JsonClient(client.host, client.port)
+            while not done.is_set():
+                start = time.perf_counter()
+                scraper.raw("/metrics")
+                scrapes.append(time.perf_counter() - start)
+
+        def add():
+            adder = testing.JsonClient(client.host, client.port, timeout=600)
+            try:
+                for start in range(size, 2 * size + 1, 64):  # reid-serve's --max_batch
+                    entries = [{"id": f"new{i}", "embedding": vectors[i].tolist()}
+                               for i in range(start, min(start + 64, 2 * size + 1))]
+                    began = time.perf_counter()
+                    status, answer = adder.request("POST", "/v1/models/reid:add",
+                                                   {"entries": entries})
+                    adds.append(time.perf_counter() - began)
+                    if status != 200:
+                        failures.append(answer)
+                        return
+                time.sleep(1.0)  # a last stretch after the rebuild
+            finally:
+                done.set()
+
+        threads = [threading.Thread(target=scrape), threading.Thread(target=add)]
+        for thread in threads:
+            thread.start()
+        during = predict_latencies(lambda latencies: done.is_set())
+        for thread in threads:
+            thread.join()
+        if failures:
+            raise RuntimeError(f":add failed: {failures[0]}")
+        log.seek(0)
+        retrained = "retraining" in log.read()
+    print(f"rebuild phase: IVF (nlist 64) gallery of {size} x {width}, then {size + 1} more "
+          f"added in requests of 64 ({'the index retrained' if retrained else 'NO retrain seen'}"
+          f"; the slowest :add, the one that retrained: {max(adds):.2f} s)")
+    print(f"  :predict alone              n={len(alone):4d}  {percentiles(alone)}")
+    print(f"  :predict during scrapes+add n={len(during):4d}  {percentiles(during)}")
+    print(f"  /metrics during the adds    n={len(scrapes):4d}  {percentiles(scrapes)}")
+
+
 def main(argv):
     del argv
     tf.get_logger().setLevel("ERROR")
@@ -132,6 +214,9 @@ def main(argv):
         rng = np.random.default_rng(0)
         gallery = rng.normal(size=(FLAGS.gallery_size, width)).astype(np.float32)
         gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+        if FLAGS.rebuild_phase:
+            rebuild_phase(path, width, scratch)
+            return
         gallery_npz = os.path.join(scratch, "gallery.npz")
         features_npz.save_features(gallery_npz, gallery,
                                [f"{i:05d}_c1s1_000000_00.jpg" for i in range(len(gallery))])
