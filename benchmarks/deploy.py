@@ -31,6 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from reid_tf import testing  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A finished reid-train run (its dataset's test split).")
 flags.DEFINE_string("export", None, "Its export with the format files (default: export now).")
@@ -70,15 +72,6 @@ print(json.dumps({"p50_ms": 1e3 * float(np.percentile(times, 50)),
 """
 
 
-def peak_rss_gib():
-    """This process's peak RSS (VmHWM: from this exec, not the parent's)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / (1 << 20)
-    return float("nan")
-
-
 def size_bytes(path):
     from reid_tf.deploy import formats
 
@@ -87,6 +80,17 @@ def size_bytes(path):
     return sum(os.path.getsize(os.path.join(root, name))
                for root, _, names in os.walk(path) for name in names
                if name not in formats.FILES)
+
+
+def best_rate(function, batch):
+    function(batch)
+    best = 0.0
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        for _ in range(FLAGS.batches):
+            function(batch)
+        best = max(best, BATCH * FLAGS.batches / (time.perf_counter() - start))
+    return best
 
 
 def measure(path, workdir):
@@ -113,21 +117,14 @@ def measure(path, workdir):
         times.append(time.perf_counter() - start)
     figures["p50_ms"] = 1e3 * float(np.percentile(times, 50))
     figures["p99_ms"] = 1e3 * float(np.percentile(times, 99))
-    export.predict_images(batch)
-    best = 0.0
-    for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
-        for _ in range(FLAGS.batches):
-            export.predict_images(batch)
-        best = max(best, BATCH * FLAGS.batches / (time.perf_counter() - start))
-    figures["batch32_per_s"] = best
+    figures["batch32_per_s"] = best_rate(export.predict_images, batch)
     if FLAGS.accuracy:
         config = workdir_lib.read_json(workdir, "config.json")
         splits = splits_lib.load_splits(config["dataset"], data_dir=config.get("data_dir"),
                                         splits=("query", "gallery"), log=lambda line: None)
         results = evaluator.evaluate_runtime(export, splits["query"], splits["gallery"])
         figures.update(rank1=results["rank1"], mAP=results["mAP"])
-    figures["peak_rss_gib"] = peak_rss_gib()
+    figures["peak_rss_gib"] = testing.peak_rss_gib()
     return figures
 
 
@@ -152,17 +149,6 @@ def torch_anchor(image_size):
         raise RuntimeError(f"the PyTorch anchor failed:\n{result.stderr[-3000:]}")
     return {"file": "torchvision MobileNetV2 (eager)",
             **json.loads(result.stdout.strip().splitlines()[-1])}
-
-
-def best_rate(function, batch):
-    function(batch)
-    best = 0.0
-    for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
-        for _ in range(FLAGS.batches):
-            function(batch)
-        best = max(best, BATCH * FLAGS.batches / (time.perf_counter() - start))
-    return best
 
 
 def profile():

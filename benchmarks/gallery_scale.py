@@ -13,7 +13,6 @@ and reports its own peak RSS: what a serving process holds, not the generator's 
 """
 
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -22,6 +21,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from reid_tf import testing
 from reid_tf.deploy.gallery import store as gallery_store
 
 FLAGS = flags.FLAGS
@@ -34,16 +34,6 @@ flags.DEFINE_integer("nprobe", 16, "IVF lists searched.")
 flags.DEFINE_integer("queries", 1000, "Queries for recall; 200 of them timed one by one.")
 flags.DEFINE_string("workdir", None, "Where the database goes (default: a temporary folder).")
 flags.DEFINE_bool("search_only", False, "Internal: open the store in --workdir and search.")
-
-
-def rss_gib():
-    """This process's peak RSS, GiB: VmHWM, which starts afresh at exec (ru_maxrss would carry
-    over the forking parent's peak into a child)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / (1 << 20)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
 
 
 def embeddings(rng, centres, count):
@@ -88,7 +78,7 @@ def search_phase(folder):
     p50, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 99])
     print(f"recall@10 vs exact: {recall:.4f}; search p50 {p50:.2f} ms, p99 {p99:.2f} ms per "
           f"query (1 query per call, k=10); start-up from the index file {startup:.1f} s; peak "
-          f"RSS of this process {rss_gib():.2f} GiB", flush=True)
+          f"RSS of this process {testing.peak_rss_gib():.2f} GiB", flush=True)
     filtered_phase(store, queries)
 
 
@@ -114,7 +104,7 @@ def filtered_phase(store, queries):
         p50, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 99])
         print(f"filtered search ({name}): p50 {p50:.2f} ms, p99 {p99:.2f} ms per query; "
               f"{short} of 200 with fewer than 10 matches, {incomplete} flagged incomplete; "
-              f"peak RSS {rss_gib():.2f} GiB", flush=True)
+              f"peak RSS {testing.peak_rss_gib():.2f} GiB", flush=True)
 
 
 def main(argv):
@@ -148,7 +138,7 @@ def main(argv):
                        for row, e in enumerate(chunk[start_row:start_row + 10_000],
                                                offset + start_row)])
         print(f"added {offset + len(chunk)} in {time.perf_counter() - start:.0f} s "
-              f"(RSS peak {rss_gib():.2f} GiB)", flush=True)
+              f"(RSS peak {testing.peak_rss_gib():.2f} GiB)", flush=True)
     store.close()  # writes the index file
     build_seconds = time.perf_counter() - start
     queries = embeddings(np.random.default_rng(2), centres, FLAGS.queries)

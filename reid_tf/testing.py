@@ -21,6 +21,21 @@ import numpy as np
 import tensorflow as tf
 
 
+def peak_rss_gib():
+    """This process's peak RSS in GiB: VmHWM, which starts afresh at exec (ru_maxrss would carry
+    over a forking parent's peak into a child); ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / (1 << 20)
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+
+
 def synthetic_images(count, size=(128, 64), seed=0):
     """`count` rendered synthetic people (`data.synthetic`), uint8 `[count,H,W,3]`."""
     from reid_tf.data import synthetic
