@@ -322,29 +322,39 @@ def grid_name(K, lam, prefix="cuhk03_pair1_labeled_val_"):
     return f"{prefix}bands_e12" if (K, lam) == (4, "1") else f"{prefix}k{K}_l{lam}_e12"
 
 
-def grid_table(records, prefix="cuhk03_pair1_labeled_val_"):
-    """K x lambda on validation: final validation mAP / rank-1 of each run, and the best."""
-    lines = ["| K \\ λ | " + " | ".join(GRID_LAMBDAS) + " |", "| --- |" + " --- |" * len(GRID_LAMBDAS)]
+def grid_cells(records, prefix="cuhk03_pair1_labeled_val_"):
+    """{(K, lambda): (validation mAP, rank-1) in %} for every grid cell that has run."""
     found = {}
     for K in GRID_KS:
-        cells = []
         for lam in GRID_LAMBDAS:
             record = records.get(grid_name(K, lam, prefix))
             if record is None:
-                cells.append("–")
                 continue
-            config = record["config"]
             _check(record, num_parts=K, strategy="bands")
-            if config["part_loss_weight"] != float(lam):
+            if record["config"]["part_loss_weight"] != float(lam):
                 raise ValueError(f"{record['name']}: part_loss_weight="
-                                 f"{config['part_loss_weight']}, but its cell needs {lam}.")
+                                 f"{record['config']['part_loss_weight']}, but its cell needs {lam}.")
             validation = record["results"]["validation"]
             found[(K, lam)] = (100 * validation["mAP"], 100 * validation["rank1"])
-            cells.append(f"{found[(K, lam)][0]:.1f} / {found[(K, lam)][1]:.1f}")
+    return found
+
+
+def best_grid_cell(found):
+    """The cell picked: the best validation mAP, rank-1 breaking a tie."""
+    return max(found.items(), key=lambda item: item[1])
+
+
+def grid_table(records, prefix="cuhk03_pair1_labeled_val_"):
+    """K x lambda on validation: final validation mAP / rank-1 of each run, and the best."""
+    lines = ["| K \\ λ | " + " | ".join(GRID_LAMBDAS) + " |", "| --- |" + " --- |" * len(GRID_LAMBDAS)]
+    found = grid_cells(records, prefix)
+    for K in GRID_KS:
+        cells = [f"{found[(K, lam)][0]:.1f} / {found[(K, lam)][1]:.1f}" if (K, lam) in found
+                 else "–" for lam in GRID_LAMBDAS]
         lines.append(f"| {K} | " + " | ".join(cells) + " |")
     if not found:
         return ""
-    (K, lam), (mAP, rank1) = max(found.items(), key=lambda item: item[1])
+    (K, lam), (mAP, rank1) = best_grid_cell(found)
     lines.append(f"\nValidation mAP / rank-1 at 12 epochs, seed 0; {len(found)} of "
                  f"{len(GRID_KS) * len(GRID_LAMBDAS)} cells run. Best validation mAP: K={K}, "
                  f"λ={lam} ({mAP:.1f} / {rank1:.1f}).")
@@ -458,6 +468,9 @@ def main():
     parser.add_argument("--recipe", default="")
     parser.add_argument("--extra", default="")
     parser.add_argument("--results", default=RESULTS_DIR)
+    parser.add_argument("--best_grid", action="store_true",
+                        help="print the K x lambda cell picked on validation as 'K lambda' "
+                             "(the queue's KL for triplet_validation and strong)")
     parser.add_argument("--plot", action="store_true",
                         help="also write figures/validation_map.png (needs matplotlib)")
     args = parser.parse_args()
@@ -465,6 +478,14 @@ def main():
         print(f"   results -> {collect(args.collect, args.recipe, args.extra, args.results)}")
         return
     records = load_all(args.results)
+    if args.best_grid:
+        found = grid_cells(records)
+        if len(found) < len(GRID_KS) * len(GRID_LAMBDAS):
+            raise SystemExit(f"The grid has {len(found)} of {len(GRID_KS) * len(GRID_LAMBDAS)} "
+                             "cells; run `run_cuhk03_pair1.sh grid` to the end first.")
+        (K, lam), _ = best_grid_cell(found)
+        print(K, lam)
+        return
     print(tables(records))
     if args.plot:
         print(plot_validation(records, os.path.join(HERE, "figures", "validation_map.png")))
