@@ -468,3 +468,26 @@ def test_mixed_precision_losses_track_float32_on_one_device_and_on_two_replicas(
         assert full[-1] < 0.97 * full[0]  # it learns: the comparison is not of a flat line
         np.testing.assert_allclose(mixed, full, rtol=tolerance,
                                    err_msg=f"{precision} on {strategy.num_replicas_in_sync}")
+
+
+def test_a_validated_run_fits_its_decisions_and_its_export_carries_them_and_its_evaluation(
+        tmp_path, data_dir):
+    from reid_tf.deploy import runtime
+    from reid_tf.evaluate import calibration
+
+    workdir = str(tmp_path / "run")
+    log = reid_train(workdir, data_dir, "--train_steps=4", "--validation_identities=0.3").stdout
+    fitted = calibration.load(os.path.join(workdir, "calibration.json"))
+    assert "calibration (" in log and "wrote" in log
+    assert fitted["measured_on"]["split"] == "validation identities"
+    assert [p["far"] for p in fitted["open_set"]] == [0.1, 0.01, 0.001]
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    assert results["calibration"]["open_set"] == fitted["open_set"]
+    export = os.path.join(workdir, "export", "4")
+    assert json.load(open(os.path.join(export, "assets", "calibration.json"))) == fitted
+    card = json.load(open(os.path.join(export, "model_card.json")))
+    assert card["calibration"]["verification"] == fitted["verification"]
+    # The end-of-run export's card has the run's evaluation (results.json came first).
+    assert card["evaluation"]["rank1"] == results["rank1"]
+    assert card["evaluation"]["validation"] == results["validation"]
+    assert runtime.open_runtime(export).calibration == fitted

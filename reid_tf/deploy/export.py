@@ -12,7 +12,8 @@ exports reid-train and reid-export write are of a float32 model, whatever traini
 Beside `saved_model.pb`, the version folder holds the other format files asked for
 (`deploy.formats.FILES`: TFLite, ONNX) and `model_card.json` (also in `assets/`): the input and
 its preprocessing, the outputs, the model, the code, what the caller adds (training recipe,
-evaluation), and for each format file its size, digest and parity with the SavedModel.
+evaluation), and for each format file its size, digest and parity with the SavedModel; and
+`assets/calibration.json` when the run fitted its decision thresholds (`evaluate.calibration`).
 """
 
 import json
@@ -24,7 +25,9 @@ import numpy as np
 import tensorflow as tf
 
 from reid_tf import version as version_lib
+from reid_tf.evaluate import calibration as calibration_lib
 
+CALIBRATION_FILE = os.path.join("assets", "calibration.json")
 EXPORT_KEYS = ("embedding", "global_embedding", "part_embeddings", "part_masks")
 
 
@@ -102,7 +105,7 @@ def model_card(model):
 
 
 def export_model(model, export_dir, version=None, files=(), calibration=None,
-                 parity_images=None, card=None, log=print):
+                 parity_images=None, card=None, log=print, decisions=None):
     """Writes `<export_dir>/<version>/` atomically and returns its path.
 
     The SavedModel, the format files (`files`, names from `deploy.formats.FILES`) and the model
@@ -115,6 +118,9 @@ def export_model(model, export_dir, version=None, files=(), calibration=None,
         parity_images: uint8 `[m,H,W,3]` images on which each format file is compared with the
             SavedModel (its figures go in the card); None: random pixels.
         card: more for the model card (e.g. `training`, `evaluation`).
+        decisions: the decision calibration (`evaluate.calibration.fit`: thresholds at each
+            FAR), written as `assets/calibration.json` and summarised in the card; reid-serve
+            decides `match`/`in_gallery` with it.
     """
     version = int(version if version is not None else time.time())
     final = os.path.join(export_dir, str(version))
@@ -131,8 +137,14 @@ def export_model(model, export_dir, version=None, files=(), calibration=None,
         if files:
             card["files"] = _write_formats(module, temporary, files, calibration,
                                            parity_images, log)
-        text = json.dumps(card, indent=2) + "\n"
         os.makedirs(os.path.join(temporary, "assets"), exist_ok=True)
+        if decisions is not None:
+            with open(os.path.join(temporary, CALIBRATION_FILE), "w") as f:
+                json.dump(calibration_lib.check(decisions), f, indent=2)
+            card["calibration"] = {"file": CALIBRATION_FILE, **{
+                key: decisions[key] for key in ("distance", "rule", "verification", "open_set",
+                                                "measured_on")}}
+        text = json.dumps(card, indent=2) + "\n"
         for name in ("model_card.json", os.path.join("assets", "model_card.json")):
             with open(os.path.join(temporary, name), "w") as f:
                 f.write(text)
@@ -171,3 +183,11 @@ def _write_formats(module, folder, files, calibration, parity_images, log):
             f"{figures['cosine_min']:.6f} on {figures['images']} images, same part in "
             f"{100 * figures['same_part_cells']:.1f} % of cells")
     return entries
+
+
+def calibration_of(path):
+    """The decision calibration an export carries (`assets/calibration.json` of the version
+    folder; for a .onnx/.tflite file, of the folder holding it), or None."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    file = os.path.join(folder, CALIBRATION_FILE)
+    return calibration_lib.load(file) if os.path.exists(file) else None

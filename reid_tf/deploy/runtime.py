@@ -132,20 +132,25 @@ class SavedModelRuntime:
 def open_runtime(path):
     """The runtime of an export: a SavedModel folder, a `.onnx` or a `.tflite` file.
 
+    Its `calibration` is the decision calibration the export carries (None without one).
     Raises FileNotFoundError (nothing there), ValueError (a file of another kind) or
     `formats.MissingPackage` (the format's runtime is not installed), each with one line."""
     path = os.path.normpath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: not found; expected a SavedModel export folder, a "
                                 ".onnx or a .tflite file.")
-    if os.path.isdir(path):
-        return SavedModelRuntime(path)
+    from reid_tf.deploy import export
     from reid_tf.deploy import formats
 
-    if path.endswith((".onnx", ".tflite")):
-        return formats.open_file(path)
-    raise ValueError(f"{path}: not an export reid-tf reads; expected a SavedModel export folder "
-                     "(<export_dir>/<version>), a .onnx or a .tflite file.")
+    if os.path.isdir(path):
+        runtime = SavedModelRuntime(path)
+    elif path.endswith((".onnx", ".tflite")):
+        runtime = formats.open_file(path)
+    else:
+        raise ValueError(f"{path}: not an export reid-tf reads; expected a SavedModel export folder "
+                         "(<export_dir>/<version>), a .onnx or a .tflite file.")
+    runtime.calibration = export.calibration_of(path)  # the decision thresholds, if fitted
+    return runtime
 
 
 def enable_memory_growth():

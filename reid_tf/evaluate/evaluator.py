@@ -4,6 +4,7 @@ single-gallery-shot CMC, the AP definition)."""
 
 import numpy as np
 
+from reid_tf.evaluate import calibration
 from reid_tf.evaluate import metrics as metrics_lib
 from reid_tf.evaluate import reranking
 from reid_tf.evaluate.extract import extract
@@ -77,3 +78,13 @@ def score(query_features, gallery_features, query, gallery, metric="cosine", rer
     if single_gallery_shot:
         return metrics_lib.evaluate_single_gallery_shot(distances, *labels), distances
     return metrics_lib.evaluate(distances, *labels, average_precision=average_precision), distances
+
+
+def calibrate(runtime, query, gallery, fars=calibration.FARS, batch_size=64, measured_on=None):
+    """The decision calibration (`calibration.fit`) of `runtime` on labelled query/gallery
+    splits of identities it did not train on (validation identities, or a labelled folder)."""
+    query_embeddings, gallery_embeddings = (
+        extract(runtime, split, ["embedding"], batch_size, description=name)["embedding"]
+        for name, split in (("calibration query", query), ("calibration gallery", gallery)))
+    return calibration.fit(query_embeddings, query, gallery_embeddings, gallery, fars,
+                           measured_on=measured_on)

@@ -119,6 +119,8 @@ class Evaluation:
         self.tag = config.dataset.replace("/", "_").replace(":", "_")
         self.validation = "val_query" in splits
         self.curve_path = os.path.join(workdir, "validation_curve.json")
+        self.calibration_path = os.path.join(workdir, "calibration.json")
+        self.dataset, self.validation_identities = config.dataset, config.validation_identities
         self.curve = []
 
     def resume(self, step):
@@ -174,6 +176,21 @@ class Evaluation:
         return {"rank1": metrics["rank1"], "mAP": metrics["mAP"], "mINP": metrics["mINP"],
                 "num_queries": metrics["num_valid"], "skipped_queries": metrics["num_skipped"],
                 "descriptors": metrics["descriptors"]}
+
+    def calibrate(self, step):
+        """Fits the decision thresholds on the validation identities with the final model
+        (`evaluate.calibration`), writes `<workdir>/calibration.json` (the export carries it)
+        and returns results.json's summary of it."""
+        fitted = evaluator.calibrate(
+            self.runtime, self.splits["val_query"], self.splits["val_gallery"],
+            batch_size=self.batch_size,
+            measured_on={"dataset": self.dataset, "split": "validation identities",
+                         "validation_identities": self.validation_identities, "step": step})
+        write_atomically(self.calibration_path, json.dumps(fitted, indent=2))
+        points = ", ".join(f"FAR {p['far']:g}: DIR {p['dir']:.3f}" for p in fitted["open_set"])
+        self.log(f"calibration ({len(self.splits['val_query'])} validation queries): {points}; "
+                 f"wrote {self.calibration_path}")
+        return {kind: fitted[kind] for kind in ("verification", "open_set")}
 
     def finish(self, step):
         """The final evaluations' part of results.json: validation (its last point, evaluated

@@ -170,6 +170,10 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
             checkpoint = checkpoint_of(model, optimizer)
         results = _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
                          log)
+    results["code"] = version.code()  # the commit that finished the run
+    results_path = os.path.join(workdir, "results.json")
+    if chief:  # before the export too: its model card carries the evaluation
+        workdir_lib.write_atomically(results_path, json.dumps(results, indent=2))
     if config.export and chief:  # in float32 whatever the training policy: reid-export's model
         path = os.path.join(workdir, "export", str(results["step"]))
         if os.path.exists(path):
@@ -178,10 +182,7 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
             path, _ = workdir_lib.export_latest(workdir, log=log)
             log(f"exported {path}")
         results["export"] = path
-    results["code"] = version.code()  # the commit that finished the run
-    if chief:
-        workdir_lib.write_atomically(os.path.join(workdir, "results.json"),
-                                     json.dumps(results, indent=2))
+        workdir_lib.write_atomically(results_path, json.dumps(results, indent=2))
     return results
 
 
@@ -276,6 +277,8 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
                            descriptors=metrics["descriptors"],
                            part_consistency=metrics.get("part_consistency"),
                            part_fallback=metrics.get("part_fallback"))
+        if evaluation.validation and config.final_eval:
+            results["calibration"] = evaluation.calibrate(step)
         if others:
             results["also_evaluated"] = {dataset: evaluation.run_other(step, dataset, other)
                                          for dataset, other in others.items()}

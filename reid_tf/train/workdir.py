@@ -188,10 +188,12 @@ def export_latest(workdir, export_dir=None, version=None, files=(), calibration_
     the run's training split (after its validation carve: never a test image) are drawn at
     random: `calibration_images` for full-integer quantisation and `parity_images` others on
     which each file is compared with the SavedModel. The model card gets the run's flags,
-    config and, if it finished, its evaluation (results.json).
+    config and, if it finished, its evaluation (results.json); the export carries the run's
+    `calibration.json` (decision thresholds) when it has one.
     """
     from reid_tf.deploy import export
     from reid_tf.deploy import formats
+    from reid_tf.evaluate import calibration as calibration_lib
 
     model, checkpoint = load_trained_model(workdir, log)
     version = checkpoint_step(checkpoint) if version is None else version
@@ -211,8 +213,11 @@ def export_latest(workdir, export_dir=None, version=None, files=(), calibration_
         images = training_images(card["training"]["config"], model.image_size,
                                  needs + parity_images, log)
         calibration, parity = images[:needs], images[needs:]
+    decisions = None
+    if os.path.exists(os.path.join(workdir, "calibration.json")):
+        decisions = calibration_lib.load(os.path.join(workdir, "calibration.json"))
     path = export.export_model(model, export_dir or os.path.join(workdir, "export"), version,
-                               files, calibration, parity, card, log)
+                               files, calibration, parity, card, log, decisions)
     return path, checkpoint
 
 

@@ -1,0 +1,225 @@
+"""Calibrated decisions: distance thresholds at a false-accept rate (FAR), fitted on labelled
+identities the model never trained on, and the open-set evaluation that checks them.
+
+    fitted = calibration.fit(query_embeddings, query, gallery_embeddings, gallery)
+    calibration.threshold(fitted, "open_set", far=1e-2)   # :search's in_gallery / match
+    calibration.evaluate_open_set(test_query, query, test_gallery, gallery, fitted)
+
+The distance is the gallery's: 1 - cosine similarity of the L2-normalised embeddings. A pair is
+accepted ("same person") when `distance < threshold`. Two operating points, because two
+questions are asked:
+
+- `verification` (a pair: `:verify`): the impostor pairs are every query/gallery pair of two
+  identities; the threshold at FAR f is the (floor(f·n)+1)-th smallest of the n impostor
+  distances, so that at most f·n of them fall below it (exactly that many without ties).
+  TAR: the share of genuine pairs (same identity, another camera, as the re-ID protocol
+  counts a match) below it.
+- `open_set` (a search: is the query's person in the gallery at all?): each query is asked
+  once as a stranger, against the gallery without its own identity; its nearest distance is
+  an impostor score, and the threshold at FAR f is chosen on those scores the same way. DIR
+  (detection and identification rate): the share of queries whose nearest gallery entry,
+  with their identity present, is a true match and below the threshold. This FAR is per query
+  and depends on the gallery's size (a larger gallery holds closer strangers): the gallery the
+  thresholds were measured on is recorded.
+
+`p_same` is a logistic regression of "same person" on the distance (scikit-learn), with both
+classes weighted equally: the probability at even prior odds, not at the validation set's
+rate of same-person pairs.
+"""
+
+import json
+import math
+
+import numpy as np
+
+from reid_tf.model.descriptors import unit_rows
+
+FARS = (1e-1, 1e-2, 1e-3)
+FORMAT = 1
+DISTANCE = "1 - cosine similarity of the L2-normalised embeddings (the gallery's distance)"
+KINDS = ("verification", "open_set")
+
+
+def cosine_distances(queries, gallery):
+    """`[Q, G]` float64: 1 - cosine similarity (what the gallery's search reports)."""
+    return 1.0 - unit_rows(np.asarray(queries, np.float32)).astype(np.float64) @ \
+        unit_rows(np.asarray(gallery, np.float32)).astype(np.float64).T
+
+
+def _labels(split):
+    return np.asarray(split.person_ids), np.asarray(split.camera_ids)
+
+
+def pair_distances(distances, query_ids, query_cameras, gallery_ids, gallery_cameras):
+    """`(genuine, impostor)` distances: same identity in another camera; other identities.
+    Same identity and camera is neither (the re-ID protocol ignores those pairs)."""
+    same = query_ids[:, None] == gallery_ids[None, :]
+    same_camera = query_cameras[:, None] == gallery_cameras[None, :]
+    return distances[same & ~same_camera], distances[~same]
+
+
+def far_threshold(impostor, far):
+    """The threshold accepting at most `far` of the impostor scores (`score < threshold`):
+    the (floor(far·n)+1)-th smallest; infinity when that is all of them."""
+    impostor = np.sort(np.asarray(impostor, np.float64))
+    allowed = math.floor(far * len(impostor) + 1e-9)
+    return float(impostor[allowed]) if allowed < len(impostor) else math.inf
+
+
+def open_set_scores(distances, query_ids, query_cameras, gallery_ids, gallery_cameras):
+    """Per query: `(stranger, nearest, correct)`: the nearest distance with the query's own
+    identity left out of the gallery (the score of a query that is not in the gallery), and,
+    with it present, the nearest distance and whether that entry is a true match. Entries of
+    the query's identity in its own camera are left out, as the re-ID protocol does; a query
+    without any entry left (no stranger, or nothing to find) gets NaN / False."""
+    same = query_ids[:, None] == gallery_ids[None, :]
+    junk = same & (query_cameras[:, None] == gallery_cameras[None, :])
+    stranger = np.where(same, np.inf, distances).min(axis=1)
+    kept = np.where(junk, np.inf, distances)
+    nearest_index = kept.argmin(axis=1)
+    nearest = kept[np.arange(len(kept)), nearest_index]
+    correct = same[np.arange(len(kept)), nearest_index] & np.isfinite(nearest)
+    return (np.where(np.isfinite(stranger), stranger, np.nan),
+            np.where(np.isfinite(nearest), nearest, np.nan), correct)
+
+
+def fit(query_embeddings, query, gallery_embeddings, gallery, fars=FARS, p_same=True,
+        measured_on=None):
+    """The calibration of a model (a dict, `calibration.json`'s content) from labelled
+    query/gallery splits of identities it did not train on (`query`, `gallery`: `Split`s, or
+    anything with `person_ids` and `camera_ids`)."""
+    query_ids, query_cameras = _labels(query)
+    gallery_ids, gallery_cameras = _labels(gallery)
+    distances = cosine_distances(query_embeddings, gallery_embeddings)
+    genuine, impostor = pair_distances(distances, query_ids, query_cameras, gallery_ids,
+                                       gallery_cameras)
+    if not len(genuine) or not len(impostor):
+        raise ValueError(f"calibration needs pairs of the same person in two cameras and of two "
+                         f"people; these splits give {len(genuine)} and {len(impostor)}.")
+    stranger, nearest, correct = open_set_scores(distances, query_ids, query_cameras,
+                                                 gallery_ids, gallery_cameras)
+    strangers = stranger[np.isfinite(stranger)]
+    verification, open_set = [], []
+    for far in sorted(fars, reverse=True):
+        if not 0 < far < 1:
+            raise ValueError(f"FAR {far}: expected a rate in (0, 1).")
+        t = far_threshold(impostor, far)
+        verification.append({"far": far, "threshold": t, "tar": float(np.mean(genuine < t)),
+                             "measured_far": float(np.mean(impostor < t)),
+                             "resolved": far * len(impostor) >= 1})
+        t = far_threshold(strangers, far)
+        open_set.append({"far": far, "threshold": t,
+                         "dir": float(np.mean(correct & (np.nan_to_num(nearest, nan=np.inf) < t))),
+                         "measured_far": float(np.mean(strangers < t)),
+                         "resolved": far * len(strangers) >= 1})
+    result = {"format": FORMAT, "distance": DISTANCE, "rule": "same person when distance < "
+              "threshold", "verification": verification, "open_set": open_set,
+              "measured_on": {**(measured_on or {}), "queries": len(query_ids),
+                              "gallery": len(gallery_ids),
+                              "identities": int(len(np.unique(query_ids))),
+                              "genuine_pairs": int(len(genuine)),
+                              "impostor_pairs": int(len(impostor)),
+                              "stranger_queries": int(len(strangers))}}
+    if p_same:
+        result["p_same"] = fit_p_same(genuine, impostor)
+    return result
+
+
+def fit_p_same(genuine, impostor):
+    """Logistic regression of "same person" on the distance, the classes weighted equally:
+    `{"kind": "logistic", "intercept", "coef"}` with p = 1 / (1 + exp(-(intercept + coef·d)))."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.concatenate([genuine, impostor])[:, None]
+    y = np.concatenate([np.ones(len(genuine)), np.zeros(len(impostor))])
+    model = LogisticRegression(class_weight="balanced", C=1e4).fit(x, y)
+    return {"kind": "logistic", "intercept": float(model.intercept_[0]),
+            "coef": float(model.coef_[0, 0]), "prior": 0.5}
+
+
+def p_same(calibration, distances):
+    """The fitted probability of "same person" at `distances` (None without a fit)."""
+    fitted = calibration.get("p_same") if calibration else None
+    if fitted is None:
+        return None
+    z = fitted["intercept"] + fitted["coef"] * np.asarray(distances, np.float64)
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def fars_of(calibration, kind="open_set"):
+    return [point["far"] for point in calibration[kind]]
+
+
+def threshold(calibration, kind, far):
+    """The fitted threshold of `kind` ("verification" or "open_set") at `far`; ValueError
+    naming the fitted rates for another."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: expected one of {KINDS}.")
+    for point in calibration[kind]:
+        if math.isclose(point["far"], far, rel_tol=1e-6):
+            return point["threshold"]
+    raise ValueError(f"FAR {far}: not fitted; the calibration has "
+                     f"{', '.join(f'{f:g}' for f in fars_of(calibration, kind))}.")
+
+
+def check(calibration, source="calibration"):
+    """Refuses a calibration this code cannot read, naming what is wrong."""
+    if not isinstance(calibration, dict) or calibration.get("format") != FORMAT:
+        raise ValueError(f"{source}: not a reid-tf calibration (format {FORMAT}).")
+    for kind in KINDS:
+        points = calibration.get(kind)
+        if not isinstance(points, list) or not points or not all(
+                isinstance(p, dict) and {"far", "threshold"} <= set(p) for p in points):
+            raise ValueError(f"{source}: '{kind}' needs a list of {{far, threshold}} points.")
+    return calibration
+
+
+def load(path):
+    with open(path) as f:
+        try:
+            return check(json.load(f), path)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not JSON ({error}).") from None
+
+
+def split_unknown(person_ids, share=1 / 3, seed=0):
+    """The identities taken out of the gallery for the open-set protocol: `share` of the query
+    identities, drawn with `seed`."""
+    identities = np.unique(person_ids)
+    count = int(round(share * len(identities)))
+    return set(np.random.default_rng(seed).choice(identities, count, replace=False).tolist())
+
+
+def evaluate_open_set(query_embeddings, query, gallery_embeddings, gallery, calibration,
+                      share=1 / 3, seed=0):
+    """Open-set identification on a test split with thresholds fitted elsewhere.
+
+    `share` of the query identities (seeded) are taken out of the gallery: their queries are
+    unknown. Per fitted FAR: DIR (known queries whose nearest entry is a true match, below the
+    open-set threshold), the FAR measured (unknown queries whose nearest entry is below it),
+    and, at the verification threshold, the pair FAR and TAR measured on the whole test split.
+    """
+    query_ids, query_cameras = _labels(query)
+    gallery_ids, gallery_cameras = _labels(gallery)
+    unknown_ids = split_unknown(query_ids, share, seed)
+    kept = ~np.isin(gallery_ids, list(unknown_ids))
+    unknown = np.isin(query_ids, list(unknown_ids))
+    distances = cosine_distances(query_embeddings, gallery_embeddings)
+    _, nearest, correct = open_set_scores(distances[:, kept], query_ids, query_cameras,
+                                          gallery_ids[kept], gallery_cameras[kept])
+    nearest = np.nan_to_num(nearest, nan=np.inf)
+    findable = ~unknown & np.isfinite(nearest)
+    genuine, impostor = pair_distances(distances, query_ids, query_cameras, gallery_ids,
+                                       gallery_cameras)
+    points = []
+    for point in calibration["open_set"]:
+        t, pair_t = point["threshold"], threshold(calibration, "verification", point["far"])
+        points.append({
+            "far": point["far"], "threshold": t,
+            "dir": float(np.mean(correct[findable] & (nearest[findable] < t))),
+            "measured_far": float(np.mean(nearest[unknown] < t)),
+            "pair_threshold": pair_t, "pair_far": float(np.mean(impostor < pair_t)),
+            "pair_tar": float(np.mean(genuine < pair_t))})
+    return {"known_queries": int(findable.sum()), "unknown_queries": int(unknown.sum()),
+            "unknown_identities": len(unknown_ids), "gallery": int(kept.sum()),
+            "closed_set_rank1": float(np.mean(correct[findable])), "points": points}
