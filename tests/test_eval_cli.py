@@ -12,7 +12,9 @@ import tensorflow as tf
 
 from reid_tf.data import pipeline
 from reid_tf.data import splits as splits_lib
+from reid_tf.evaluate import calibration
 from reid_tf.evaluate import metrics as metrics_lib
+from reid_tf.evaluate import visualize
 from reid_tf.evaluate import reranking
 from reid_tf.train import workdir as workdir_lib
 
@@ -52,8 +54,66 @@ def test_reid_eval_reproduces_the_training_evaluation(trained):
     assert len(pictures) == 3
     picture = np.asarray(Image.open(os.path.join(workdir, "eval", "ranked", pictures[0])))
     corner = picture[1, 76 + 6 + 1]  # border of the first gallery image (after the query cell)
-    assert tuple(corner) in {(40, 170, 60), (210, 40, 40)}
+    assert tuple(corner) in set(visualize.MATCH_COLOURS.values())
     assert os.listdir(os.path.join(workdir, "eval", "tensorboard"))
+
+
+def test_reid_eval_calibrates_scores_the_open_set_and_colours_the_decisions(trained, tmp_path):
+    workdir, data_dir = trained
+    # Thresholds from a labelled dataset (here the test split itself: the mechanics only).
+    result = run("reid_tf.cli.eval", f"--workdir={workdir}", f"--data_dir={data_dir}",
+                 "--calibrate", "--calibration_data=synthetic_persons/small", "--open_set",
+                 "--fars=0.2,0.05", "--plot_ranked=4", f"--output_dir={tmp_path}")
+    assert "| FAR | pair threshold | TAR | search threshold | DIR |" in result.stdout
+    assert "| FAR asked | DIR | FAR measured |" in result.stdout
+    fitted = calibration.load(os.path.join(tmp_path, "calibration.json"))
+    model, _ = workdir_lib.load_trained_model(workdir, log=lambda line: None)
+    splits = splits_lib.load_splits("synthetic_persons/small", data_dir=data_dir)
+    query, gallery = by_hand(lambda x: model(x, training=False)["embedding"], splits, False)
+    expected = calibration.fit(query, splits["query"], gallery, splits["gallery"], (0.2, 0.05))
+    for kind in ("verification", "open_set"):
+        for got, want in zip(fitted[kind], expected[kind]):
+            assert got["far"] == want["far"]
+            assert got["threshold"] == pytest.approx(want["threshold"], abs=1e-5)
+    report = json.load(open(os.path.join(tmp_path, "results.json")))["open_set"]
+    want = calibration.evaluate_open_set(query, splits["query"], gallery, splits["gallery"],
+                                         fitted)
+    assert report["unknown_identities"] == want["unknown_identities"] > 0
+    assert [p["dir"] for p in report["points"]] == pytest.approx(
+        [p["dir"] for p in want["points"]], abs=0.02)  # a near-tie may move with float noise
+    # Ranked lists: FAR 0.01 (the decisions' colours) is not fitted here, so the borders are
+    # the truth, in the same two colours.
+    picture = np.asarray(Image.open(sorted(
+        os.path.join(tmp_path, "ranked", n) for n in os.listdir(os.path.join(tmp_path, "ranked")))[0]))
+    assert tuple(picture[1, 76 + 6 + 1]) in set(visualize.MATCH_COLOURS.values())
+    # Without thresholds, --open_set is refused with one line.
+    refused = run("reid_tf.cli.eval", f"--workdir={workdir}", f"--data_dir={data_dir}",
+                  "--open_set", f"--output_dir={tmp_path}", check=False)
+    assert refused.returncode == 1 and "--open_set needs thresholds" in refused.stderr
+    refused = run("reid_tf.cli.eval", f"--workdir={workdir}", f"--data_dir={data_dir}",
+                  "--calibrate", f"--output_dir={tmp_path}", check=False)
+    assert refused.returncode == 1 and "held none out" in refused.stderr
+
+
+def test_ranked_list_borders_are_the_decisions_at_a_threshold():
+    import io
+    import types
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 4, 3), np.uint8)).save(buffer, format="PNG")
+    split = types.SimpleNamespace(
+        person_ids=np.array([0, 1, 0, 2]), camera_ids=np.array([0, 1, 1, 1]),
+        images=[buffer.getvalue()] * 4, are_paths=False, file_names=np.array(["a", "b", "c", "d"]))
+    query = types.SimpleNamespace(person_ids=np.array([0]), camera_ids=np.array([0]),
+                                  images=split.images, are_paths=False, file_names=np.array(["q"]))
+    distances = np.array([0.0, 0.3, 0.1, 0.6])  # gallery 0 is the query's camera: left out
+    picture = visualize.ranked_list_picture(distances, query, 0, split, top=3, size=(8, 4),
+                                            threshold=0.35)
+    cell = 4 + 2 * 4
+    borders = [tuple(picture[1, slot * cell + 6 + 1]) for slot in (1, 2, 3)]
+    # Nearest first: c (0.1, accepted), b (0.3, accepted though another person), d (rejected).
+    assert borders == [visualize.MATCH_COLOURS["match"], visualize.MATCH_COLOURS["match"],
+                       visualize.MATCH_COLOURS["no_match"]]
 
 
 @pytest.mark.parametrize("descriptor", ["global_embedding", "part_embeddings"])

@@ -3,9 +3,17 @@
     reid-eval --workdir=runs/demo                       # dataset and sizes from the workdir
     reid-eval --export=runs/demo/export/1140 --dataset=synthetic_persons --flip --rerank
     reid-eval --workdir=runs/demo --plot_ranked=8       # PNGs of ranked lists (+ TensorBoard)
+    reid-eval --workdir=runs/val --calibrate --open_set # thresholds on validation ids, DIR@FAR
+    reid-eval --export=x/1 --dataset=folder:test --calibrate --calibration_data=folder:labelled
 
 Prints rank-1/5/10/20, mAP and mINP, and writes results.json to --output_dir (default
-<workdir>/eval, or ./reid_eval for an export).
+<workdir>/eval, or ./reid_eval for an export). `--calibrate` fits the decision thresholds
+(`evaluate.calibration`) on identities the model did not train on: the workdir's validation
+identities (its --validation_identities, or this flag's), or the query/gallery of
+--calibration_data; it writes calibration.json to --output_dir (give it to reid-export or
+reid-serve with --calibration). `--open_set` scores open-set identification on the test split
+with those thresholds (or --calibration's, or the export's): a third of the test identities
+leave the gallery; DIR and the measured FAR at each fitted FAR.
 """
 
 import json
@@ -55,6 +63,21 @@ flags.DEFINE_bool("single_gallery_shot", False, "CUHK03's classic CMC: one rando
 options.define("batch_size", int, options.BATCH_SIZE)
 flags.DEFINE_integer("plot_ranked", 0, "Write ranked-list pictures of this many queries.")
 flags.DEFINE_string("output_dir", None, "Where results.json and pictures go.")
+flags.DEFINE_bool("calibrate", False, "Fit the decision thresholds (match / in gallery at each "
+                  "FAR) on identities the model did not train on; writes calibration.json.")
+flags.DEFINE_string("calibration_data", None, "--calibrate on this labelled dataset's "
+                    "query/gallery (a folder: or TFDS name) instead of validation identities.")
+flags.DEFINE_float("validation_identities", None, "With --export: --calibrate on this share "
+                   "(or number) of the training identities, as reid-train carved them (valid "
+                   "only if the export's run held them out). A workdir uses its own.")
+flags.DEFINE_list("fars", ["0.1", "0.01", "0.001"], "False-accept rates to fit thresholds at.")
+flags.DEFINE_bool("open_set", False, "Open-set identification on the test split: a third of "
+                  "the test identities (seeded) leave the gallery; DIR and FAR at each "
+                  "fitted FAR.")
+flags.DEFINE_string("calibration", None, "A calibration.json for --open_set and for "
+                    "--plot_ranked's match colours (default: the one --calibrate fits, or the "
+                    "export's).")
+flags.DEFINE_integer("open_set_seed", 0, "Which identities leave the gallery for --open_set.")
 
 
 def open_runtime():
@@ -99,6 +122,7 @@ def run_eval():
     import tensorflow as tf
 
     from reid_tf.data import splits as splits_lib
+    from reid_tf.evaluate import calibration as calibration_lib
     from reid_tf.evaluate import evaluator
     from reid_tf.evaluate import visualize
     from reid_tf.evaluate.extract import extract
@@ -126,6 +150,14 @@ def run_eval():
     features = [extract(runtime, split, [FLAGS.descriptor], FLAGS.batch_size, flip=FLAGS.flip,
                         description=name)[FLAGS.descriptor]
                 for name, split in (("query", query), ("gallery", gallery))]
+    decisions = calibrate(dataset, runtime) if FLAGS.calibrate else None
+    if decisions is None and FLAGS.calibration:
+        decisions = calibration_lib.load(FLAGS.calibration)
+    if decisions is None:
+        decisions = getattr(runtime, "calibration", None)
+    if FLAGS.open_set and decisions is None:
+        raise ValueError("--open_set needs thresholds: --calibrate, --calibration=<file> or an "
+                         "export that carries assets/calibration.json.")
     metrics, distances = evaluator.score(
         *features, query, gallery, FLAGS.metric, FLAGS.rerank, FLAGS.k1, FLAGS.k2,
         FLAGS.lambda_value, FLAGS.rerank_dense_max_gallery, FLAGS.single_gallery_shot,
@@ -147,14 +179,96 @@ def run_eval():
                "rank5": float(cmc[4]), "rank10": float(cmc[9]), "rank20": float(cmc[19]),
                "mAP": metrics["mAP"], "mINP": metrics["mINP"], "cmc": cmc.tolist(),
                "num_queries": metrics["num_valid"], "skipped_queries": metrics["num_skipped"]}
+    if FLAGS.calibrate:
+        path = os.path.join(output_dir, "calibration.json")
+        with open(path, "w") as f:
+            json.dump(decisions, f, indent=2)
+        results["calibration"] = {key: decisions[key] for key in ("verification", "open_set",
+                                                                  "measured_on")}
+        print_calibration(decisions)
+        print(f"wrote {path}")
+    if FLAGS.open_set:
+        if FLAGS.descriptor != "embedding" or FLAGS.flip or FLAGS.rerank:
+            raise ValueError("--open_set scores the served descriptor: --descriptor=embedding "
+                             "without --flip or --rerank (the thresholds are the gallery's).")
+        results["open_set"] = calibration_lib.evaluate_open_set(
+            *features[:1], query, features[1], gallery, decisions, seed=FLAGS.open_set_seed)
+        print_open_set(results["open_set"])
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     if FLAGS.plot_ranked:
+        threshold = (calibration_lib.threshold(decisions, "open_set", 0.01)
+                     if decisions is not None and 0.01 in calibration_lib.fars_of(decisions)
+                     else None)
         paths = visualize.plot_ranked_lists(distances, query, gallery, FLAGS.plot_ranked,
-                                            output_dir)
+                                            output_dir, threshold=threshold)
         print(f"wrote {len(paths)} ranked-list pictures to {output_dir}/ranked "
               f"(and {output_dir}/tensorboard)")
     return results
+
+
+def calibrate(dataset, runtime):
+    """--calibrate: the thresholds of `runtime` on --calibration_data's query/gallery, or on
+    validation identities of `dataset`'s training split."""
+    from reid_tf.data import splits as splits_lib
+    from reid_tf.evaluate import evaluator
+
+    fars = [float(far) for far in FLAGS.fars]
+    if FLAGS.calibration_data:
+        data = splits_lib.load_splits(FLAGS.calibration_data, FLAGS.data_dir, FLAGS.manual_dir,
+                                      FLAGS.skip_corrupt, splits=("query", "gallery"))
+        query, gallery = data["query"], data["gallery"]
+        measured_on = {"dataset": FLAGS.calibration_data, "split": "query/gallery"}
+    else:
+        config = {}
+        if FLAGS.workdir:
+            with open(os.path.join(FLAGS.workdir, "config.json")) as f:
+                config = json.load(f)
+        share = config.get("validation_identities", 0.0)
+        if FLAGS.workdir and FLAGS.validation_identities not in (None, share):
+            raise ValueError(f"--validation_identities={FLAGS.validation_identities}: this "
+                             f"workdir held out {share} of its training identities; only those "
+                             "were not trained on (leave the flag out).")
+        if FLAGS.export:
+            share = FLAGS.validation_identities or 0.0
+        if not share:
+            raise ValueError("--calibrate needs identities the model did not train on: "
+                             "--calibration_data=<labelled dataset>, or a workdir trained with "
+                             "--validation_identities (this one held none out).")
+        data = splits_lib.load_splits(dataset, FLAGS.data_dir, FLAGS.manual_dir,
+                                      FLAGS.skip_corrupt, validation_identities=share,
+                                      validation_seed=config.get("validation_seed", 0),
+                                      splits=("train",))
+        query, gallery = data["val_query"], data["val_gallery"]
+        measured_on = {"dataset": dataset, "split": "validation identities",
+                       "validation_identities": share}
+    return evaluator.calibrate(runtime, query, gallery, fars, FLAGS.batch_size,
+                               measured_on={**measured_on, "source": FLAGS.workdir or
+                                            FLAGS.export})
+
+
+def print_calibration(decisions):
+    on = decisions["measured_on"]
+    print(f"\ncalibration on {on['dataset']} ({on['split']}): {on['queries']} queries, "
+          f"{on['gallery']} gallery images, {on['genuine_pairs']} genuine and "
+          f"{on['impostor_pairs']} impostor pairs")
+    print("| FAR | pair threshold | TAR | search threshold | DIR |")
+    print("| --- | --- | --- | --- | --- |")
+    for pair, search in zip(decisions["verification"], decisions["open_set"]):
+        print(f"| {pair['far']:g} | {pair['threshold']:.4f} | {pair['tar']:.4f} | "
+              f"{search['threshold']:.4f} | {search['dir']:.4f} |")
+
+
+def print_open_set(report):
+    print(f"\nopen set: {report['unknown_identities']} identities out of the gallery "
+          f"({report['gallery']} images left); {report['known_queries']} known and "
+          f"{report['unknown_queries']} unknown queries; closed-set rank-1 "
+          f"{report['closed_set_rank1']:.4f}")
+    print("| FAR asked | DIR | FAR measured | pair FAR measured | pair TAR |")
+    print("| --- | --- | --- | --- | --- |")
+    for point in report["points"]:
+        print(f"| {point['far']:g} | {point['dir']:.4f} | {point['measured_far']:.4f} | "
+              f"{point['pair_far']:.5f} | {point['pair_tar']:.4f} |")
 
 
 def run():
