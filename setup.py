@@ -24,6 +24,7 @@ setuptools.setup(
         for sub in setuptools.find_packages(include=["datasets", "datasets.*"])
     ],
     package_dir={"reid_datasets": "datasets"},
+    package_data={"reid_tf.deploy.serving": ["ui/*"]},  # reid-serve's search page
     install_requires=[
         "keras>=3.10,<4",
         "numpy>=1.26",
@@ -51,9 +52,10 @@ setuptools.setup(
         # onnx: tf2onnx writes, ONNX Runtime reads; tflite: LiteRT reads (TensorFlow writes).
         "onnx": ["tf2onnx>=1.17", "onnxruntime>=1.20"],
         "tflite": ["ai-edge-litert>=2.0"],
-        # dill: tfds.testing; skimage: chelsea; the deploy formats' parity tests.
+        # dill: tfds.testing; skimage: chelsea; the deploy formats' parity tests; playwright:
+        # the search page's browser tests (driving the OS's chromium).
         "test": ["pytest>=8", "dill", "scikit-image>=0.22", "tf2onnx>=1.17", "onnxruntime>=1.20",
-                 "ai-edge-litert>=2.0"],
+                 "ai-edge-litert>=2.0", "playwright>=1.50"],
         "experiments": ["matplotlib>=3.8"],  # experiments/summarize.py --plot
     },
     entry_points={

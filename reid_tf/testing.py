@@ -89,6 +89,18 @@ def check_call_modes(layer, inputs, atol=1e-5):
     return eager
 
 
+def run_module(module, *flags, check=True, timeout=600):
+    """`python -m module *flags` on the CPU, its output captured; with `check`, a failure
+    asserts with the end of its stderr. (Tests never import a `reid_tf.cli` module: absl's flags
+    are process-wide.)"""
+    result = subprocess.run([sys.executable, "-m", module, *flags], capture_output=True,
+                            text=True, timeout=timeout,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @contextlib.contextmanager
 def free_port():
     """A loopback TCP port that was free a moment ago."""

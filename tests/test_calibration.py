@@ -95,10 +95,11 @@ def test_threshold_of_tied_scores_never_exceeds_the_far():
 
 def test_p_same_falls_with_distance_and_crosses_half_between_the_classes():
     rng = np.random.default_rng(0)
-    genuine, impostor = rng.normal(0.3, 0.05, 400), rng.normal(0.7, 0.05, 4000)
+    # Overlapping classes of equal spread, weighted equally: even odds half-way between them.
+    genuine, impostor = rng.normal(0.4, 0.1, 400), rng.normal(0.6, 0.1, 4000)
     fitted = calibration.fit_p_same(genuine, impostor)
-    p = calibration.p_same({"p_same": fitted}, [0.2, 0.5, 0.8])
-    assert p[0] > 0.99 and p[2] < 0.01 and abs(p[1] - 0.5) < 0.1
+    p = calibration.p_same({"p_same": fitted}, [0.1, 0.5, 0.9])
+    assert p[0] > 0.99 and p[2] < 0.01 and abs(p[1] - 0.5) < 0.05
     assert calibration.p_same({}, [0.2]) is None
 
 
@@ -136,3 +137,11 @@ def test_open_set_evaluation_matches_numpy(small_set):
         assert point["measured_far"] == pytest.approx(np.mean(accepted_unknown))
         assert point["dir"] == pytest.approx(np.mean(found_known))
     assert report["known_queries"] == 16 and report["unknown_queries"] == 8
+
+
+def test_p_same_separates_distances_on_any_scale():
+    """A model whose distances all lie within 0.05 still gets a sharp probability."""
+    rng = np.random.default_rng(1)
+    genuine, impostor = rng.normal(0.01, 0.002, 300), rng.normal(0.03, 0.002, 3000)
+    p = calibration.p_same({"p_same": calibration.fit_p_same(genuine, impostor)}, [0.005, 0.035])
+    assert p[0] > 0.99 and p[1] < 0.01

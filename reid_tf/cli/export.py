@@ -11,7 +11,9 @@ and model_int8.tflite (full-integer, calibrated on `--calibration_images` traini
 `--format=onnx` writes model.onnx. The SavedModel is always written: it is the reference every
 other file is measured against (model_card.json: `files.<name>.parity_with_saved_model`).
 Converters: `pip install 'reid-tf[onnx]'` (tf2onnx), `'reid-tf[tflite]'` (LiteRT, to check the
-files).
+files). The export carries the decision thresholds (`assets/calibration.json`) of the run's
+`calibration.json` (fitted at the end of a run with --validation_identities), or of
+`--calibration=<file>` (reid-eval --calibrate).
 """
 
 import os
@@ -37,6 +39,8 @@ flags.DEFINE_integer("calibration_images", 300, "Training images that calibrate 
 flags.DEFINE_integer("parity_images", 64, "Other training images on which each format file is "
                      "compared with the SavedModel (the model card's parity figures).",
                      lower_bound=1)
+flags.DEFINE_string("calibration", None, "A calibration.json (reid-eval --calibrate) to carry "
+                    "instead of the workdir's own.")
 
 
 def main(argv):
@@ -54,7 +58,7 @@ def main(argv):
         files = formats.files_of(FLAGS.format)  # before any work: unknown or not installed
         path, checkpoint = workdir_lib.export_latest(
             os.path.expanduser(FLAGS.workdir), FLAGS.export_dir, FLAGS.version, files,
-            FLAGS.calibration_images, FLAGS.parity_images)
+            FLAGS.calibration_images, FLAGS.parity_images, decisions=FLAGS.calibration)
     except (ValueError, FileNotFoundError, FileExistsError, MissingPackage) as error:
         print(f"reid-export: error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -9,9 +9,18 @@ Endpoints (`<name>` is --model_name; `/versions/<v>` may follow it, as in TF Ser
   `{"b64": "<JPEG/PNG base64>"}` or a nested uint8 array `[H][W][3]`; returns
   `{"predictions": [{"embedding": [...], "global_embedding": ..., ...}, ...]}`
   (`{"outputs": {...}}` for `inputs`), as TensorFlow Serving does.
-- `POST /v1/models/<name>:search`: the same images plus `"k"` (default 10); returns
-  `{"results": [[{"file_name", "person_id", "camera_id", "distance"}, ...], ...]}`, nearest first,
-  distance = 1 - cosine similarity; `:add` and `:remove` change the live gallery.
+- `POST /v1/models/<name>:search`: the same images (or `"embeddings"`, or gallery
+  `"entry_ids"`) plus `"k"` (default 10), `"exclude_camera"`, `"time_range"`; returns
+  `{"results": [[{"id", "person_id", "camera_id", "timestamp", "metadata", "thumbnail",
+  "distance", "match", "p_same"}, ...], ...], "in_gallery": [...], "operating_point": {...}}`,
+  nearest first, distance = 1 - cosine similarity. `match`/`in_gallery` are the decisions at
+  the export's calibrated open-set threshold for --far (or the request's `"far"`); without a
+  calibration they are left out. `:verify` takes two images (or embeddings): `{"distance",
+  "match", "p_same", "operating_point"}` at the pair threshold. `:add` and `:remove` change the
+  live gallery; `:add` from images stores a thumbnail with each entry.
+- `GET /v1/models/<name>/gallery` (size, cameras, time span, index state, operating points),
+  `/gallery/entries?offset=&limit=`, `/gallery/thumbnails/<id>` (JPEG).
+- `GET /`: the search page (--no_ui turns it off).
 
 Bad requests get 400 (413 for a body over --max_body_mb) with `{"error": ..., "field": ...}`;
 a request over --timeout_s gets 504. The server never stops on a bad request.
@@ -30,8 +39,10 @@ from absl import flags  # noqa: E402
 from reid_tf.extras import MissingPackage  # noqa: E402
 
 from reid_tf import options  # noqa: E402
+from reid_tf.deploy.gallery.thumbnails import DEFAULT_HEIGHT as DEFAULT_THUMBNAIL_HEIGHT  # noqa: E402,E501
 from reid_tf.deploy.serving.app import DEFAULT_MAX_CONNECTIONS  # noqa: E402
 from reid_tf.deploy.serving.requests import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
+from reid_tf.deploy.serving.server import DEFAULT_FAR  # noqa: E402
 
 FLAGS = flags.FLAGS
 options.define("export", str, options.EXPORT)
@@ -68,6 +79,15 @@ flags.DEFINE_integer("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS, "Largest enco
                      "declare a huge image).")
 flags.DEFINE_integer("max_connections", DEFAULT_MAX_CONNECTIONS, "Most open connections; "
                      "more get 503.")
+flags.DEFINE_string("calibration", None, "A calibration.json (reid-eval --calibrate) for the "
+                    "decisions, instead of the one the export carries.")
+flags.DEFINE_float("far", DEFAULT_FAR, "The default operating point: the false-accept rate "
+                   "whose calibrated thresholds decide match / in_gallery (one it was fitted "
+                   "at); a request may give its own \"far\".")
+flags.DEFINE_integer("thumbnail_size", DEFAULT_THUMBNAIL_HEIGHT, "Height in pixels of the "
+                     "thumbnail stored with each entry added from an image (0: none).",
+                     lower_bound=0)
+flags.DEFINE_bool("no_ui", False, "Do not serve the search page at /.")
 
 
 def main(argv):
@@ -84,6 +104,7 @@ def main(argv):
     from reid_tf.deploy.serving.app import make_app
     from reid_tf.deploy.serving.app import serve_forever
     from reid_tf.deploy.serving.server import Server
+    from reid_tf.evaluate import calibration
 
     for name in ("max_batch", "max_image_pixels", "max_connections", "threads",
                  "max_batch_size", "max_enqueued_batches"):
@@ -95,19 +116,28 @@ def main(argv):
     runtime.enable_memory_growth()
     try:
         export = runtime.open_runtime(FLAGS.export)
+        decisions = (calibration.load(FLAGS.calibration) if FLAGS.calibration
+                     else export.calibration)
+        if decisions is not None:  # a --far it was not fitted at: refused before any work
+            calibration.threshold(decisions, "open_set", FLAGS.far)
         gallery = None
         if FLAGS.gallery_db or FLAGS.gallery or FLAGS.gallery_images:
             gallery = open_gallery(
                 export, FLAGS.gallery_db, FLAGS.gallery, FLAGS.gallery_images,
                 index_spec(FLAGS.index, FLAGS.nlist), FLAGS.nprobe,
                 FLAGS.ef_search, FLAGS.persist_every,
-                log=lambda line: print(line, flush=True))
+                log=lambda line: print(line, flush=True), thumbnail_size=FLAGS.thumbnail_size)
     except (sqlite3.Error, ValueError, OSError, RuntimeError, MissingPackage) as problem:
         fail(start_error(problem, FLAGS.gallery_db))
+    if decisions is None:
+        print("no calibration: :search answers without match / in_gallery decisions (fit one: "
+              "reid-eval --calibrate, or train with --validation_identities)", flush=True)
     server = Server(export, gallery, FLAGS.model_name, FLAGS.max_batch, FLAGS.threads,
                     FLAGS.max_image_pixels, FLAGS.max_batch_size,
-                    FLAGS.batch_timeout_ms, FLAGS.max_enqueued_batches)
-    application = make_app(server, int(FLAGS.max_body_mb * (1 << 20)), FLAGS.timeout_s)
+                    FLAGS.batch_timeout_ms, FLAGS.max_enqueued_batches,
+                    calibration=decisions, far=FLAGS.far, thumbnail_size=FLAGS.thumbnail_size)
+    application = make_app(server, int(FLAGS.max_body_mb * (1 << 20)), FLAGS.timeout_s,
+                           ui=not FLAGS.no_ui)
     access = logging.getLogger("aiohttp.access")  # one line per request, on stdout
     access.setLevel(logging.INFO)
     access.addHandler(logging.StreamHandler(sys.stdout))

@@ -130,11 +130,16 @@ def fit_p_same(genuine, impostor):
     `{"kind": "logistic", "intercept", "coef"}` with p = 1 / (1 + exp(-(intercept + coef·d)))."""
     from sklearn.linear_model import LogisticRegression
 
-    x = np.concatenate([genuine, impostor])[:, None]
+    x = np.concatenate([genuine, impostor]).astype(np.float64)
     y = np.concatenate([np.ones(len(genuine)), np.zeros(len(impostor))])
-    model = LogisticRegression(class_weight="balanced", C=1e4).fit(x, y)
-    return {"kind": "logistic", "intercept": float(model.intercept_[0]),
-            "coef": float(model.coef_[0, 0]), "prior": 0.5}
+    # Fitted on standardised distances (a model's distances may all lie within 0.05), then
+    # written back in distance units.
+    centre, scale = x.mean(), max(x.std(), 1e-12)
+    model = LogisticRegression(class_weight="balanced", C=1e4).fit(((x - centre) / scale)[:, None],
+                                                                   y)
+    coef = float(model.coef_[0, 0]) / scale
+    return {"kind": "logistic", "intercept": float(model.intercept_[0]) - coef * centre,
+            "coef": coef, "prior": 0.5}
 
 
 def p_same(calibration, distances):

@@ -179,7 +179,7 @@ def load_trained_model(workdir, log=print):
 
 
 def export_latest(workdir, export_dir=None, version=None, files=(), calibration_images=300,
-                  parity_images=64, log=print):
+                  parity_images=64, log=print, decisions=None):
     """Exports a workdir's newest readable checkpoint as a float32 model; returns the export's
     path and the checkpoint's. `export_dir` defaults to `<workdir>/export`, `version` to the
     checkpoint's step.
@@ -189,7 +189,8 @@ def export_latest(workdir, export_dir=None, version=None, files=(), calibration_
     random: `calibration_images` for full-integer quantisation and `parity_images` others on
     which each file is compared with the SavedModel. The model card gets the run's flags,
     config and, if it finished, its evaluation (results.json); the export carries the run's
-    `calibration.json` (decision thresholds) when it has one.
+    `calibration.json` (decision thresholds) when it has one, or `decisions` (another
+    calibration.json's path).
     """
     from reid_tf.deploy import export
     from reid_tf.deploy import formats
@@ -213,9 +214,9 @@ def export_latest(workdir, export_dir=None, version=None, files=(), calibration_
         images = training_images(card["training"]["config"], model.image_size,
                                  needs + parity_images, log)
         calibration, parity = images[:needs], images[needs:]
-    decisions = None
-    if os.path.exists(os.path.join(workdir, "calibration.json")):
-        decisions = calibration_lib.load(os.path.join(workdir, "calibration.json"))
+    if decisions is None and os.path.exists(os.path.join(workdir, "calibration.json")):
+        decisions = os.path.join(workdir, "calibration.json")
+    decisions = calibration_lib.load(decisions) if decisions is not None else None
     path = export.export_model(model, export_dir or os.path.join(workdir, "export"), version,
                                files, calibration, parity, card, log, decisions)
     return path, checkpoint

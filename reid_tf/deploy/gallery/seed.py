@@ -4,6 +4,7 @@ features.npz or a folder of images."""
 import sqlite3
 
 from reid_tf.data import splits
+from reid_tf.deploy.gallery import thumbnails
 from reid_tf.deploy.gallery.store import GalleryStore
 from reid_tf.evaluate import extract
 from reid_tf.evaluate import features_npz
@@ -25,9 +26,11 @@ def index_spec(index, nlist):
 
 
 def open_gallery(export, gallery_db=None, npz=None, images=None, index="Flat", nprobe=16,
-                 ef_search=64, persist_every=1000, log=print):
-    """The server's GalleryStore (`export`: a `deploy.runtime.SavedModelRuntime`): `gallery_db` (durable; ":memory:" when None), seeded from a
-    features.npz or a folder of images when it is empty."""
+                 ef_search=64, persist_every=1000, log=print,
+                 thumbnail_size=thumbnails.DEFAULT_HEIGHT):
+    """The server's GalleryStore (`export`: a `deploy.runtime.SavedModelRuntime`): `gallery_db`
+    (durable; ":memory:" when None), seeded from a features.npz or a folder of images when it
+    is empty (images: with thumbnails `thumbnail_size` pixels high, 0 for none)."""
     if npz and images:
         raise ValueError("give one of --gallery and --gallery_images.")
     store = GalleryStore(gallery_db or ":memory:", dimension=export.embedding_width,
@@ -43,7 +46,7 @@ def open_gallery(export, gallery_db=None, npz=None, images=None, index="Flat", n
             log(f"gallery: {gallery_db} already holds {store.count()} entries; "
                 f"{source} not imported again")
             return store
-        arrays = _read_seed(export, npz, images)
+        arrays = _read_seed(export, npz, images, thumbnail_size)
         width = arrays["embeddings"].shape[1]
         if width != store.dimension:
             raise ValueError(f"{source}: embeddings of {width}, but the model and the gallery "
@@ -58,11 +61,14 @@ def open_gallery(export, gallery_db=None, npz=None, images=None, index="Flat", n
     return store
 
 
-def _read_seed(export, npz, images):
+def _read_seed(export, npz, images, thumbnail_size):
     if npz:
         return features_npz.load_features(npz)
     split = splits.load_split(images=images, split="gallery")
     embeddings = extract.extract(export, split, ["embedding"], encoded=True,
                                  description="extracting")["embedding"]
-    return features_npz.feature_arrays(embeddings, split.file_names, split.person_ids,
-                                       split.camera_ids)
+    arrays = dict(features_npz.feature_arrays(embeddings, split.file_names, split.person_ids,
+                                              split.camera_ids))
+    if thumbnail_size:
+        arrays["thumbnails"] = thumbnails.thumbnails_of(split, thumbnail_size)
+    return arrays

@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 CREATE INDEX IF NOT EXISTS entries_camera ON entries (camera_id);
 CREATE INDEX IF NOT EXISTS entries_timestamp ON entries (timestamp);
+CREATE TABLE IF NOT EXISTS thumbnails (row INTEGER PRIMARY KEY, jpeg BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     op TEXT NOT NULL CHECK (op IN ('add', 'remove')),
@@ -60,7 +61,8 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 """
 INDEX_FILE = re.compile(r"\.index-(\d+)\.faiss$")
-FIELDS = ("id", "person_id", "camera_id", "timestamp", "metadata")
+FIELDS = ("id", "person_id", "camera_id", "timestamp", "metadata", "thumbnail")
+MAX_THUMBNAIL_BYTES = 256 << 10
 
 
 class GalleryError(ValueError):
@@ -415,9 +417,14 @@ class GalleryStore:
             metadata = entry.get("metadata")
             if metadata is not None and not isinstance(metadata, dict):
                 raise GalleryError(f"{where}.metadata", "expected a JSON object.")
-            rows.append((entry_id, values["person_id"], values["camera_id"], timestamp,
-                         None if metadata is None else json.dumps(metadata),
-                         unit_rows(embedding[None])[0].tobytes()))
+            thumbnail = entry.get("thumbnail")
+            if thumbnail is not None and (not isinstance(thumbnail, bytes) or not thumbnail
+                                          or len(thumbnail) > MAX_THUMBNAIL_BYTES):
+                raise GalleryError(f"{where}.thumbnail", "expected JPEG bytes, at most "
+                                   f"{MAX_THUMBNAIL_BYTES} of them.")
+            rows.append(((entry_id, values["person_id"], values["camera_id"], timestamp,
+                          None if metadata is None else json.dumps(metadata),
+                          unit_rows(embedding[None])[0].tobytes()), thumbnail))
         return rows
 
     def _commit(self, write):
@@ -464,23 +471,29 @@ class GalleryStore:
         if not found:
             return []
         db.execute("DELETE FROM entries WHERE row = ?", found)
+        db.execute("DELETE FROM thumbnails WHERE row = ?", found)
         return [("remove", found[0])]
 
     def add(self, entries, meta=None):
         """Adds (or replaces, by id) `entries` in one transaction; returns once committed and
-        applied. GalleryError names a bad entry; nothing is written then. `meta`: `{key: value}`
-        written to the meta table in the same transaction."""
+        applied. GalleryError names a bad entry; nothing is written then. An entry's
+        `thumbnail` (JPEG bytes) is written in the same transaction: no entry is ever found
+        without the thumbnail it was added with. `meta`: `{key: value}` written to the meta
+        table in the same transaction."""
         rows = self._check_entries(entries)
 
         def write(db):
             for key, value in (meta or {}).items():
                 db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
             changes = []
-            for values in rows:
+            for values, thumbnail in rows:
                 changes += self._delete(db, values[0])
                 cursor = db.execute(
                     "INSERT INTO entries (id, person_id, camera_id, timestamp, metadata, "
                     "embedding) VALUES (?, ?, ?, ?, ?, ?)", values)
+                if thumbnail is not None:
+                    db.execute("INSERT INTO thumbnails VALUES (?, ?)",
+                               (cursor.lastrowid, thumbnail))
                 changes.append(("add", cursor.lastrowid))
             return changes
 
@@ -494,8 +507,8 @@ class GalleryStore:
         return len(self._commit(lambda db: [c for i in ids for c in self._delete(db, i)]))
 
     def import_features(self, arrays, id_prefix="", source=None, start=0, chunk=10000):
-        """Seeds the gallery from a reid-extract features.npz (ids: its file names), `chunk`
-        entries per transaction from entry `start`. Each transaction also records how far the
+        """Seeds the gallery from a reid-extract features.npz (ids: its file names; optional
+        `thumbnails`: JPEG bytes per entry), `chunk` entries per transaction from entry `start`. Each transaction also records how far the
         import of `source` got (`import_progress()`), so a killed import resumes where it
         stopped. Returns the entries imported by this call."""
         total = len(arrays["file_names"])
@@ -507,6 +520,8 @@ class GalleryStore:
                 for key in ("person_id", "camera_id"):
                     if f"{key}s" in arrays:
                         entry[key] = int(arrays[f"{key}s"][i])
+                if arrays.get("thumbnails") is not None and arrays["thumbnails"][i]:
+                    entry["thumbnail"] = arrays["thumbnails"][i]
                 entries.append(entry)
             progress = {"source": source, "total": total, "done": begin + len(entries)}
             self.add(entries, meta={"import": json.dumps(progress)})
@@ -657,26 +672,64 @@ class GalleryStore:
             chunk = rows[start:start + 900]
             marks = ",".join("?" * len(chunk))
             for row, *values in self._db.execute(
-                    f"SELECT row, id, person_id, camera_id, timestamp, metadata FROM entries "
-                    f"WHERE row IN ({marks})", chunk):
+                    f"SELECT {ENTRY_COLUMNS} FROM {ENTRIES} WHERE e.row IN ({marks})", chunk):
                 found[row] = _entry(values)
         return found
 
     def get(self, entry_id):
         """The entry with this id (with its embedding), or None."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT id, person_id, camera_id, timestamp, metadata, embedding FROM entries "
-                "WHERE id = ?", (entry_id,)).fetchone()
+            row = self._db.execute(f"SELECT {ENTRY_COLUMNS}, e.embedding FROM {ENTRIES} "
+                                   "WHERE e.id = ?",
+                                   (entry_id,)).fetchone()
         if row is None:
             return None
-        return {**_entry(row[:5]), "embedding": np.frombuffer(row[5], np.float32)}
+        return {**_entry(row[1:7]), "embedding": np.frombuffer(row[7], np.float32)}
+
+    def thumbnail(self, entry_id):
+        """The JPEG thumbnail stored with this entry, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT t.jpeg FROM entries e JOIN thumbnails t ON t.row = e.row WHERE e.id = ?",
+                (entry_id,)).fetchone()
+        return row[0] if row else None
+
+    def browse(self, offset=0, limit=50):
+        """`(entries, total)`: a page of entries, newest first (without embeddings)."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {ENTRY_COLUMNS} FROM {ENTRIES} ORDER BY e.row "
+                                    "DESC LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+        return [_entry(values) for _, *values in rows], self.size
+
+    def stats(self):
+        """What an operator sees of the gallery: size, entries per camera, time span,
+        thumbnails, and the index's state."""
+        with self._lock:
+            cameras = self._db.execute("SELECT camera_id, COUNT(*) FROM entries GROUP BY "
+                                       "camera_id ORDER BY camera_id").fetchall()
+            first, last = self._db.execute(
+                "SELECT MIN(timestamp), MAX(timestamp) FROM entries").fetchone()
+            thumbnails = self._db.execute("SELECT COUNT(*) FROM thumbnails").fetchone()[0]
+            index = {"spec": self.index_spec, "kind": type(self._inner()).__name__,
+                     "entries": int(self.index.ntotal) - len(self._deleted),
+                     "trained_on": self.trained_size, "stale": self.stale,
+                     "changes_not_persisted": self.staleness()}
+        return {"size": self.size, "dimension": self.dimension,
+                "cameras": [{"camera_id": c, "entries": n} for c, n in cameras],
+                "time_span": None if first is None else [first, last],
+                "thumbnails": thumbnails, "index": index}
+
+
+ENTRY_COLUMNS = "e.row, e.id, e.person_id, e.camera_id, e.timestamp, e.metadata, t.row IS NOT NULL"
+ENTRIES = "entries e LEFT JOIN thumbnails t ON t.row = e.row"
 
 
 def _entry(values):
-    """A table row `(id, person_id, camera_id, timestamp, metadata JSON)` as a dict."""
+    """A table row `(id, person_id, camera_id, timestamp, metadata JSON, has thumbnail)` as a
+    dict."""
     entry = dict(zip(FIELDS, values))
     entry["metadata"] = None if entry["metadata"] is None else json.loads(entry["metadata"])
+    entry["thumbnail"] = bool(entry["thumbnail"])
     return entry
 
 

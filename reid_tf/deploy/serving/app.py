@@ -1,8 +1,9 @@
-"""reid-serve over HTTP: the aiohttp application (routes, limits, errors) and the listener with
-its connection cap."""
+"""reid-serve over HTTP: the aiohttp application (routes, limits, errors), the search page
+(`ui/`, served at `/`) and the listener with its connection cap."""
 
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -14,11 +15,14 @@ from reid_tf.deploy.serving.requests import RequestTooLarge
 
 
 DEFAULT_MAX_CONNECTIONS = 256
-VERBS = ("predict", "search", "add", "remove")
+VERBS = ("predict", "search", "verify", "add", "remove")
+UI_DIR = os.path.join(os.path.dirname(__file__), "ui")
+UI_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css",
+            "placeholder.svg": "image/svg+xml"}
 
 
-def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
-    """The aiohttp application of `server`."""
+def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0, ui=True):
+    """The aiohttp application of `server` (`ui`: the search page at `/`)."""
     from aiohttp import web
 
     def error(status, message, field=None):
@@ -120,14 +124,50 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
         check_model(request)
         method = request.match_info["method"]
         if method not in VERBS:
-            raise BadRequest("method", f":{method}; expected :predict, :search, :add or "
-                             ":remove.")
+            raise BadRequest("method", f":{method}; expected :predict, :search, :verify, :add "
+                             "or :remove.")
         deadline = asyncio.get_running_loop().time() + timeout_s
         body = await read_json(request, deadline)
         result = await asyncio.wait_for(server.answer(method, body),
                                         max(deadline - asyncio.get_running_loop().time(), 0.001))
         data = await asyncio.get_running_loop().run_in_executor(server.pool, _dumps, result)
         return web.Response(body=data, content_type="application/json")
+
+    async def gallery_read(request, read, *arguments):
+        check_model(request)
+        loop = asyncio.get_running_loop()  # the store's lock may be held: never on the loop
+        return await asyncio.wait_for(loop.run_in_executor(server.gallery_pool, read,
+                                                           *arguments), timeout_s)
+
+    async def gallery(request):
+        return web.json_response(await gallery_read(request, server.gallery_stats),
+                                 dumps=_text_dumps)
+
+    async def entries(request):
+        return web.json_response(await gallery_read(request, server.gallery_entries,
+                                                    dict(request.query)), dumps=_text_dumps)
+
+    async def thumbnail(request):
+        entry_id = request.match_info["entry_id"]
+        data = await gallery_read(request, server.thumbnail, entry_id)
+        if data is None:
+            return error(404, f"entry {entry_id!r} has no thumbnail (absent, or added as an "
+                         "embedding)", "entry_id")
+        return web.Response(body=data, content_type="image/jpeg",
+                            headers={"Cache-Control": "no-cache"})
+
+    async def page(request):
+        name = request.match_info.get("file", "index.html")
+        if name == "config.json":  # what the page needs to address the API
+            return web.json_response({"model_name": server.model_name,
+                                      "version": str(server.export.version),
+                                      "gallery": server.gallery is not None})
+        if name not in UI_FILES:
+            raise web.HTTPNotFound()
+        with open(os.path.join(UI_DIR, name), "rb") as f:
+            body = f.read()
+        return web.Response(body=body, content_type=UI_FILES[name],
+                            headers={"Cache-Control": "no-cache"})
 
     async def exposition(request):
         body, content_type = server.metrics.exposition()
@@ -147,8 +187,15 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0):
         app.router.add_get(prefix, status)
         app.router.add_get(prefix + "/metadata", metadata)
         app.router.add_post(prefix + ":{method}", post)
+        app.router.add_get(prefix + "/gallery", gallery)
+        app.router.add_get(prefix + "/gallery/entries", entries)
+        app.router.add_get(prefix + "/gallery/thumbnails/{entry_id:.+}", thumbnail)
     app.router.add_get("/metrics", exposition)
-    ROUTES.update({status: "status", metadata: "metadata", exposition: "metrics"})
+    if ui:
+        app.router.add_get("/", page)
+        app.router.add_get("/ui/{file}", page)
+    ROUTES.update({status: "status", metadata: "metadata", exposition: "metrics",
+                   gallery: "gallery", entries: "entries", thumbnail: "thumbnail", page: "ui"})
     app.on_startup.append(start)
     app.on_cleanup.append(stop)
     return app
@@ -230,3 +277,7 @@ def _dumps(value):
     import orjson
 
     return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _text_dumps(value):
+    return _dumps(value).decode()

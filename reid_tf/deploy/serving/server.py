@@ -1,5 +1,5 @@
-"""The request handling of reid-serve, apart from HTTP: predict, search, add, remove, status,
-metadata."""
+"""The request handling of reid-serve, apart from HTTP: predict, search, verify, add, remove,
+status, metadata, and the gallery's reads (stats, entries, thumbnails)."""
 
 import asyncio
 import concurrent.futures
@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from reid_tf.deploy.gallery import store as gallery_store
+from reid_tf.deploy.gallery import thumbnails
 from reid_tf.deploy.serving import batching
 from reid_tf.deploy.serving.metrics import Metrics
 from reid_tf.deploy.serving.requests import MAX_RESULTS
@@ -19,6 +20,10 @@ from reid_tf.deploy.serving.requests import check_encoded_image
 from reid_tf.deploy.serving.requests import decode_b64
 from reid_tf.deploy.serving.requests import parse_images
 from reid_tf.deploy.serving.requests import uint8_image
+from reid_tf.evaluate import calibration as calibration_lib
+from reid_tf.model.descriptors import unit_rows
+
+DEFAULT_FAR = 1e-2
 
 
 class Server:
@@ -27,14 +32,27 @@ class Server:
     Requests are parsed and validated on `pool` (several at once; an image that is too large or
     does not decode is refused there, never reaching the model), then their images join the
     dynamic batcher, which merges concurrent requests into model calls run one at a time (each
-    already uses every core). The gallery is a `gallery.store.GalleryStore`; `export` a `deploy.runtime.SavedModelRuntime`.
+    already uses every core). The gallery is a `gallery.store.GalleryStore`; `export` a
+    `deploy.runtime` runtime.
+
+    Decisions (`evaluate.calibration`): with a `calibration`, `:search` marks each hit `match`
+    (and `p_same`) and each query `in_gallery` at the open-set threshold of `far` (or the
+    request's `"far"`), and `:verify` decides a pair at the verification threshold. `:add` from
+    images stores a JPEG thumbnail `thumbnail_size` pixels high with each entry (0: none).
     """
 
     def __init__(self, export, gallery=None, model_name="reid", max_batch=64, threads=2,
                  max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, max_batch_size=16,
-                 batch_timeout_ms=20.0, max_enqueued_batches=64):
+                 batch_timeout_ms=20.0, max_enqueued_batches=64, calibration=None,
+                 far=DEFAULT_FAR, thumbnail_size=thumbnails.DEFAULT_HEIGHT):
         self.export = export
         self.gallery = gallery
+        self.calibration = calibration
+        self.far = far
+        self.thumbnail_size = thumbnail_size
+        if calibration is not None:  # a FAR it was not fitted at is refused at start
+            for kind in calibration_lib.KINDS:
+                calibration_lib.threshold(calibration, kind, far)
         self.model_name = model_name
         self.max_batch = max_batch
         self.max_image_pixels = max_image_pixels
@@ -97,9 +115,41 @@ class Server:
                 raise BadRequest("time_range", "expected finite seconds (or null).")
             # [null, null] bounds nothing: no filter (entries without a timestamp stay in).
             time_range = None if time_range == [None, None] else tuple(time_range)
-        if "embeddings" in body and "instances" in body:
-            raise BadRequest("instances", "give one of \"embeddings\" and \"instances\".")
+        if sum(key in body for key in ("embeddings", "instances", "inputs", "entry_ids")) > 1:
+            raise BadRequest("instances", "give one of \"instances\", \"embeddings\" and "
+                             "\"entry_ids\".")
         return {"k": k, "exclude_camera": camera, "time_range": time_range}
+
+    def operating_point(self, body, kind):
+        """`{"kind", "far", "threshold"}` of a request's decisions (its `"far"`, or the
+        server's), or None without a calibration."""
+        far = body.get("far") if isinstance(body, dict) else None
+        if self.calibration is None:
+            if far is not None:
+                raise BadRequest("far", "this export carries no calibration, so there are no "
+                                 "operating points (fit one: reid-eval --calibrate).")
+            return None
+        if far is None:
+            far = self.far
+        if isinstance(far, bool) or not isinstance(far, (int, float)):
+            raise BadRequest("far", "expected a false-accept rate, e.g. 0.01.")
+        try:
+            threshold = calibration_lib.threshold(self.calibration, kind, far)
+        except ValueError as error:
+            raise BadRequest("far", str(error)) from None
+        return {"kind": kind, "far": far, "threshold": threshold}
+
+    def decide(self, results, point):
+        """Marks `:search` hits `match`/`p_same` and says per query whether it is in the
+        gallery (its nearest hit accepted)."""
+        for matches in results:
+            probabilities = calibration_lib.p_same(self.calibration,
+                                                   [m["distance"] for m in matches])
+            for i, match in enumerate(matches):
+                match["match"] = bool(match["distance"] < point["threshold"])
+                if probabilities is not None:
+                    match["p_same"] = float(probabilities[i])
+        return [bool(matches) and matches[0]["match"] for matches in results]
 
     async def _embed_batched(self, kind, images):
         try:
@@ -110,7 +160,8 @@ class Server:
             raise RequestTooLarge(str(error)) from None
 
     async def answer(self, method, body):
-        """The JSON answer of `:predict`, `:search`, `:add` or `:remove` for a JSON body."""
+        """The JSON answer of `:predict`, `:search`, `:verify`, `:add` or `:remove` for a JSON
+        body."""
         loop = asyncio.get_running_loop()
         if method == "remove":
             if not isinstance(body, dict) or "ids" not in body:
@@ -130,10 +181,17 @@ class Server:
                                                self.gallery.add,
                                                entries)
             return {"added": added}
+        if method == "verify":
+            return await self._verify(body)
         options = self.search_options(body) if method == "search" else None
-        if method == "search" and isinstance(body, dict) and "embeddings" in body:
+        point = self.operating_point(body, "open_set") if method == "search" else None
+        searched = method == "search" and isinstance(body, dict)
+        if searched and "embeddings" in body:
             outputs = {"embedding": await loop.run_in_executor(
-                self.pool, self._query_embeddings, body["embeddings"])}
+                self.pool, self._query_embeddings, body["embeddings"], self.gallery.dimension)}
+        elif searched and "entry_ids" in body:
+            outputs = {"embedding": await loop.run_in_executor(
+                self.gallery_pool, self._entry_embeddings, body["entry_ids"])}
         else:
             kind, images = await loop.run_in_executor(self.pool, parse_images, body,
                                                       self.max_batch, self.max_image_pixels)
@@ -146,24 +204,101 @@ class Server:
                 for match in matches:
                     match["file_name"] = match["id"]  # the name of the earlier API
             answer = {"results": results}
+            if point is not None:
+                answer["in_gallery"] = self.decide(results, point)
+                answer["operating_point"] = point
             if any(incomplete):  # a filter's bounded fetch ran out before k matches
                 answer["incomplete"] = incomplete
+            if body.get("return_masks") is True and "part_masks" in outputs:
+                answer["part_masks"] = outputs["part_masks"]  # [N,h,w,K], for the page
             return answer
         return await loop.run_in_executor(self.pool, self.predictions, outputs,
                                           isinstance(body, dict) and "inputs" in body)
 
-    def _query_embeddings(self, embeddings):
-        """`:search` by precomputed embeddings (e.g. from reid-extract) instead of images."""
+    async def _verify(self, body):
+        """`:verify`: are two images (or embeddings) of the same person?"""
+        loop = asyncio.get_running_loop()
+        point = self.operating_point(body, "verification")
+        if isinstance(body, dict) and "embeddings" in body:
+            pair = await loop.run_in_executor(self.pool, self._query_embeddings,
+                                              body["embeddings"], self.export.embedding_width)
+            field = "embeddings"
+        else:
+            kind, images = await loop.run_in_executor(self.pool, parse_images, body,
+                                                      self.max_batch, self.max_image_pixels)
+            pair = (await self._embed_batched(kind, images))["embedding"]
+            field = "instances"
+        if len(pair) != 2:
+            raise BadRequest(field, f"expected exactly 2 to compare, not {len(pair)}.")
+        pair = unit_rows(np.asarray(pair, np.float32))
+        distance = float(1.0 - pair[0] @ pair[1])
+        answer = {"distance": distance}
+        if point is not None:
+            answer["match"] = distance < point["threshold"]
+            probability = calibration_lib.p_same(self.calibration, [distance])
+            if probability is not None:
+                answer["p_same"] = float(probability[0])
+            answer["operating_point"] = point
+        return answer
+
+    def _query_embeddings(self, embeddings, width):
+        """`:search`/`:verify` by precomputed embeddings (e.g. from reid-extract)."""
         try:
             array = np.asarray(embeddings, np.float32)
         except (ValueError, TypeError, RecursionError):
             raise BadRequest("embeddings", "expected a list of embeddings.") from None
-        width = self.gallery.dimension
         if array.ndim != 2 or array.shape[1] != width or not len(array) \
                 or len(array) > self.max_batch or not np.isfinite(array).all():
             raise BadRequest("embeddings", f"expected 1..{self.max_batch} rows of {width} "
                              "finite numbers.")
         return array
+
+    def _entry_embeddings(self, entry_ids):
+        """`:search` with gallery entries as the queries (the page's "search with this")."""
+        if not isinstance(entry_ids, list) or not entry_ids or len(entry_ids) > self.max_batch \
+                or not all(isinstance(i, str) for i in entry_ids):
+            raise BadRequest("entry_ids", f"expected 1..{self.max_batch} entry ids (strings).")
+        rows = []
+        for i, entry_id in enumerate(entry_ids):
+            entry = self.gallery.get(entry_id)
+            if entry is None:
+                raise BadRequest(f"entry_ids[{i}]", f"no gallery entry {entry_id!r}.")
+            rows.append(entry["embedding"])
+        return np.stack(rows)
+
+    # ---------------------------------------------------------------- the gallery's reads
+
+    def gallery_stats(self):
+        self._need_gallery()
+        return {**self.gallery.stats(), "decisions": self.decisions()}
+
+    def decisions(self):
+        """What the page shows of the operating points: None without a calibration."""
+        if self.calibration is None:
+            return None
+        return {"far": self.far, "fars": calibration_lib.fars_of(self.calibration),
+                "p_same": "p_same" in self.calibration,
+                "open_set": self.calibration["open_set"],
+                "verification": self.calibration["verification"],
+                "measured_on": self.calibration.get("measured_on")}
+
+    def gallery_entries(self, query):
+        """A page of entries (`offset`, `limit` from the query string), newest first."""
+        self._need_gallery()
+        values = {}
+        for name, default, most in (("offset", 0, 1 << 62), ("limit", 50, MAX_RESULTS)):
+            try:
+                values[name] = int(query.get(name, default))
+            except ValueError:
+                raise BadRequest(name, "expected an integer.") from None
+            if not 0 <= values[name] <= most:
+                raise BadRequest(name, f"expected 0..{most}.")
+        entries, total = self.gallery.browse(values["offset"], values["limit"])
+        return {"entries": entries, "total": total, **values}
+
+    def thumbnail(self, entry_id):
+        self._need_gallery()
+        return self.gallery.thumbnail(entry_id)
 
     def _need_gallery(self):
         if self.gallery is None:
@@ -194,15 +329,23 @@ class Server:
             sources = [key for key in ("b64", "image", "embedding") if key in item]
             if len(sources) != 1:
                 raise BadRequest(field, "expected exactly one of 'b64', 'image', 'embedding'.")
+            if "thumbnail" in item:
+                raise BadRequest(f"{field}.thumbnail", "made by the server from the image "
+                                 "(--thumbnail_size); not accepted.")
             entry = {key: value for key, value in item.items()
                      if key not in ("b64", "image")}
+            image = None
             if sources == ["b64"]:
-                data = decode_b64({"b64": item["b64"]}, field)
+                data = image = decode_b64({"b64": item["b64"]}, field)
                 check_encoded_image(data, f"{field}.b64", self.max_image_pixels)
                 encoded.append((i, data))
             elif sources == ["image"]:
                 image = uint8_image(item["image"], f"{field}.image")
                 arrays.setdefault(image.shape, []).append((i, image))
+            if image is not None and self.thumbnail_size:
+                entry["thumbnail"] = thumbnails.thumbnail(image, self.thumbnail_size)
+                if entry["thumbnail"] is None:
+                    del entry["thumbnail"]
             entries.append(entry)
         groups = []
         if encoded:

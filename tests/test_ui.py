@@ -1,0 +1,199 @@
+"""The search page in a real browser: headless Chromium (the OS's package) driven by Playwright,
+acting as an operator would on reid-serve with a tiny export and a gallery seeded from images.
+
+Each run saves screenshots of the results view under $REID_TF_ARTEFACTS (default
+test-artefacts/, not committed)."""
+
+import io
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reid_tf import testing
+
+ARTEFACTS = os.environ.get("REID_TF_ARTEFACTS", "test-artefacts")
+
+
+def chromium_path():
+    for name in (os.environ.get("REID_TF_CHROMIUM"), "chromium", "chromium-browser",
+                 "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (make test installs it)")
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("no Chromium on this machine (apt-get install -y chromium; .ci/run does)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, headless=True,
+                                             args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def write_image(path, data):
+    """The split's encoded image as a real file of its extension's kind."""
+    Image.open(io.BytesIO(data)).convert("RGB").save(path)
+
+
+@pytest.fixture(scope="module")
+def page_server(trained, tmp_path_factory):
+    """reid-serve with a gallery seeded from 30 of the test gallery's images (with thumbnails),
+    and a query image, a new image and a text file on disk."""
+    root = tmp_path_factory.mktemp("site")
+    folder = root / "bounding_box_test"
+    folder.mkdir()
+    gallery = trained["splits"]["gallery"]
+    for name, data in list(zip(gallery.file_names, gallery.images))[:30]:
+        write_image(folder / name, data)
+    query = trained["splits"]["query"]
+    files = {"query": root / query.file_names[0], "new": root / "0999_c7s1_000001_00.jpg",
+             "text": root / "notes.txt"}
+    write_image(files["query"], query.images[0])
+    write_image(files["new"], gallery.images[40])
+    files["text"].write_text("not an image\n")
+    log = open(root / "serve.log", "w+")
+    try:
+        with testing.serve(trained["export"], f"--gallery_images={root}",
+                           f"--gallery_db={root / 'gallery.sqlite'}", log=log) as client:
+            yield client, files
+    except RuntimeError as error:
+        log.seek(0)
+        pytest.fail(f"{error}: {log.read()[-3000:]}")
+
+
+def result_cards(page):
+    return page.locator("#result-list > li")
+
+
+def camera_of(card):
+    return card.locator(".camera").inner_text().split(": ")[1]
+
+
+def test_an_operator_searches_filters_adds_removes_and_reads_errors(browser, page_server):
+    client, files = page_server
+    os.makedirs(ARTEFACTS, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(f"http://127.0.0.1:{client.port}/")
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.locator("#stat-entries").inner_text() == "30"
+    assert page.locator("#stat-thumbnails").inner_text() == "30"
+    assert "calibrated on validation identities" in page.locator("#stat-decisions").inner_text()
+    # Every control has a label (screen readers name it).
+    unlabelled = page.evaluate("[...document.querySelectorAll('input, select')]"
+                               ".filter(e => !e.labels.length).map(e => e.id)")
+    assert unlabelled == []
+
+    # Upload a query: ranked results with thumbnails and decisions; focus moves to them.
+    page.set_input_files("#query-file", str(files["query"]))
+    page.click("#search-button")
+    page.wait_for_function("document.querySelectorAll('#result-list > li').length == 10")
+    assert page.evaluate("document.activeElement.id") == "results-heading"
+    cards = result_cards(page)
+    for i in range(10):
+        card = cards.nth(i)
+        thumbnail = card.locator("img.thumbnail")
+        assert thumbnail.count() == 1
+        assert thumbnail.evaluate("img => img.complete && img.naturalHeight") > 0
+        decision = card.locator(".decision").inner_text()
+        assert decision in ("Match", "No match")
+        assert ("no-match" if decision == "No match" else "match") in card.get_attribute("class")
+        assert card.locator(".distance").inner_text().startswith("distance ")
+    distances = [float(cards.nth(i).locator(".distance").inner_text().split()[1].rstrip(","))
+                 for i in range(10)]
+    assert distances == sorted(distances)
+    verdict = page.locator("#verdict").inner_text()
+    assert verdict.startswith(("In the gallery", "Not in the gallery"))
+    # The query is drawn with its part masks over it (coloured, not the bare image).
+    tinted = page.evaluate("""() => {
+        const c = document.getElementById('query-canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 0; i < d.length; i += 4) n += d[i] + d[i+1] + d[i+2] > 0;
+        return n; }""")
+    assert tinted > 0
+    page.locator("#results").screenshot(path=os.path.join(ARTEFACTS, "results.png"))
+
+    # A camera filter: the top hit's camera leaves the results.
+    camera = camera_of(cards.nth(0))
+    page.fill("#exclude-camera", camera)
+    page.click("#search-button")
+    page.wait_for_function(f"![...document.querySelectorAll('#result-list .camera')]"
+                           f".some(e => e.textContent == 'camera: {camera}')")
+    assert result_cards(page).count() == 10
+    assert all(camera_of(result_cards(page).nth(i)) != camera for i in range(10))
+    page.fill("#exclude-camera", "")
+
+    # Add an image, then find it by searching with it.
+    page.set_input_files("#add-files", str(files["new"]))
+    page.fill("#add-prefix", "added/")
+    page.fill("#add-camera", "7")
+    page.click("#add-button")
+    added_id = "added/" + files["new"].name
+    page.wait_for_function("document.getElementById('add-status').textContent"
+                           ".startsWith('Added 1')")
+    page.wait_for_function("document.getElementById('stat-entries').textContent == '31'")
+    first_entry = page.locator("#entry-list > li").first
+    assert first_entry.locator(".id").inner_text() == f"id: {added_id}"
+    page.click(f"button[aria-label='Search with {added_id}']")
+    page.wait_for_function(f"document.querySelector('#result-list > li .id')?.textContent"
+                           f" == 'id: {added_id}'")
+    top = result_cards(page).nth(0)
+    assert top.locator(".decision").inner_text() == "Match"
+    assert float(top.locator(".distance").inner_text().split()[1].rstrip(",")) < 1e-3
+    assert top.locator("img.thumbnail").evaluate("img => img.naturalHeight") > 0
+    page.locator("#results").screenshot(path=os.path.join(ARTEFACTS, "results_added.png"))
+
+    # Remove it: gone from the gallery and its list.
+    page.click(f"#entry-list button[aria-label='Remove {added_id}']")
+    page.wait_for_function(f"document.getElementById('add-status').textContent"
+                           f" == 'Removed {added_id}.'")
+    page.wait_for_function("document.getElementById('stat-entries').textContent == '30'")
+    assert added_id not in page.locator("#entry-list").inner_text()
+
+    # A file that is not an image: one readable line, not raw JSON.
+    page.set_input_files("#query-file", str(files["text"]))
+    page.click("#search-button")
+    error = page.locator("#error")
+    error.wait_for(state="visible")
+    message = error.inner_text()
+    assert message.startswith("The server refused this:")
+    assert "not a decodable JPEG/PNG/BMP/GIF image" in message and "{" not in message
+    page.screenshot(path=os.path.join(ARTEFACTS, "page.png"), full_page=True)
+    page.close()
+
+
+def test_no_ui_turns_the_page_off(trained):
+    with testing.serve(trained["export"], "--no_ui") as client:
+        status, answer = client.request("GET", "/")
+        assert status == 404 and "error" in answer
+    with testing.serve(trained["export"]) as client:
+        status, body = client.request("GET", "/", parse=False)
+        assert status == 200 and b"<h1>Person search</h1>" in body
+        status, config = client.request("GET", "/ui/config.json")
+        assert config == {"model_name": "reid", "version": "20", "gallery": False}
+        status, _ = client.request("GET", "/ui/../server.py", parse=False)
+        assert status == 404
+
+
+def test_the_page_uses_the_match_colours_of_the_ranked_pictures():
+    from reid_tf.evaluate import visualize
+
+    css = open(os.path.join(os.path.dirname(testing.__file__), "deploy", "serving", "ui",
+                            "style.css")).read()
+    for name, variable in (("match", "--match"), ("no_match", "--no-match")):
+        hex_colour = "#%02x%02x%02x" % visualize.MATCH_COLOURS[name]
+        assert f"{variable}: {hex_colour};" in css
+    script = open(os.path.join(os.path.dirname(testing.__file__), "deploy", "serving", "ui",
+                               "app.js")).read()
+    first = visualize.PART_COLOURS[:4].astype(int).tolist()
+    assert str(first)[1:-1].replace(" ", "") in script.replace(" ", "").replace("\n", "")
