@@ -20,6 +20,7 @@
 #   KL="K lambda" bash experiments/run_cuhk03_pair1.sh strong  # rows (f)-(h), 3 seeds, both data
 #   bash experiments/run_cuhk03_pair1.sh rerun        # (a), (b) labeled again, also on detected
 #   PEER_TRIPLET=1 bash experiments/run_cuhk03_pair1.sh peer  # the peer of (f)
+#   bash experiments/run_cuhk03_pair1.sh openset      # thresholds on validation ids, DIR@FAR
 #   .venv/bin/python experiments/summarize.py         # the tables of RESULTS.md
 #   ONLY=_s0 bash experiments/run_cuhk03_pair1.sh wide # only runs whose name matches (regex)
 set -euo pipefail
@@ -100,6 +101,15 @@ if [[ $WHICH == rerun ]]; then
   for seed in 0 1 2; do
     RUNS+=("${R}_labeled_baseline_rerun_s${seed}|${R}_labeled_mobilenetv2_128x64|--num_parts=0 --seed=${seed} $ALSO")
     RUNS+=("${R}_labeled_plnet_rerun_s${seed}|${R}_labeled_mobilenetv2_128x64|--seed=${seed} $ALSO")
+  done
+fi
+# Open-set identification (issue 27): the baseline and PL-Net trained with 20 % of the
+# training identities held out; the run fits its decision thresholds on them and scores the
+# test split open set with them (results.json `calibration`, `open_set`).
+if [[ $WHICH == openset ]]; then
+  for data in labeled detected; do
+    RUNS+=("${R}_${data}_openset_baseline_s0|${R}_${data}_mobilenetv2_128x64|--num_parts=0 --validation_identities=0.2 --seed=0")
+    RUNS+=("${R}_${data}_openset_plnet_s0|${R}_${data}_mobilenetv2_128x64|--validation_identities=0.2 --seed=0")
   done
 fi
 if [[ $WHICH == wide ]]; then

@@ -483,6 +483,9 @@ def test_a_validated_run_fits_its_decisions_and_its_export_carries_them_and_its_
     assert [p["far"] for p in fitted["open_set"]] == [0.1, 0.01, 0.001]
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert results["calibration"]["open_set"] == fitted["open_set"]
+    # And the test split, open set, at those thresholds.
+    assert [p["far"] for p in results["open_set"]["points"]] == [0.1, 0.01, 0.001]
+    assert results["open_set"]["unknown_queries"] > 0 and "open set (test" in log
     export = os.path.join(workdir, "export", "4")
     assert json.load(open(os.path.join(export, "assets", "calibration.json"))) == fitted
     card = json.load(open(os.path.join(export, "model_card.json")))

@@ -11,7 +11,9 @@ import time
 import tensorflow as tf
 
 from reid_tf.deploy.runtime import KerasRuntime
+from reid_tf.evaluate import calibration
 from reid_tf.evaluate import evaluator
+from reid_tf.evaluate.extract import extract
 from reid_tf.evaluate import visualize
 from reid_tf.files import write_atomically
 
@@ -190,7 +192,20 @@ class Evaluation:
         points = ", ".join(f"FAR {p['far']:g}: DIR {p['dir']:.3f}" for p in fitted["open_set"])
         self.log(f"calibration ({len(self.splits['val_query'])} validation queries): {points}; "
                  f"wrote {self.calibration_path}")
-        return {kind: fitted[kind] for kind in ("verification", "open_set")}
+        return {kind: fitted[kind] for kind in ("verification", "open_set")}, fitted
+
+    def open_set(self, fitted):
+        """Open-set identification on the test split at the validation thresholds
+        (`calibration.evaluate_open_set`: a third of the test identities out of the gallery)."""
+        query, gallery = self.splits["query"], self.splits["gallery"]
+        embeddings = [extract(self.runtime, split, ["embedding"], self.batch_size)["embedding"]
+                      for split in (query, gallery)]
+        report = calibration.evaluate_open_set(embeddings[0], query, embeddings[1], gallery,
+                                               fitted)
+        self.log("open set (test, validation thresholds): " + ", ".join(
+            f"FAR {p['far']:g}: DIR {p['dir']:.3f}, measured FAR {p['measured_far']:.3f}"
+            for p in report["points"]))
+        return report
 
     def finish(self, step):
         """The final evaluations' part of results.json: validation (its last point, evaluated

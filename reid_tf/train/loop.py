@@ -278,7 +278,8 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
                            part_consistency=metrics.get("part_consistency"),
                            part_fallback=metrics.get("part_fallback"))
         if evaluation.validation and config.final_eval:
-            results["calibration"] = evaluation.calibrate(step)
+            results["calibration"], fitted = evaluation.calibrate(step)
+            results["open_set"] = evaluation.open_set(fitted)
         if others:
             results["also_evaluated"] = {dataset: evaluation.run_other(step, dataset, other)
                                          for dataset, other in others.items()}
