@@ -13,7 +13,6 @@ data, right after.
 
 import os
 import subprocess
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

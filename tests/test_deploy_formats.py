@@ -4,8 +4,6 @@ getting it wrong gives one line."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -29,12 +27,7 @@ TRAIN_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_
 FILES = list(formats.FILES)
 
 
-def python(module, *flags, check=True):
-    result = subprocess.run([sys.executable, "-m", module, *flags], capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+python = testing.run_module  # python -m <module> <flags>, checked
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
 
+from reid_tf import testing
 from reid_tf.data import pipeline
 from reid_tf.data import splits as splits_lib
 from reid_tf.evaluate import calibration
@@ -24,12 +23,7 @@ TRAIN_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_
                "--log_every=10", "--checkpoint_every=10", "--image_summary_every=0"]
 
 
-def run(module, *flags, check=True):
-    result = subprocess.run([sys.executable, "-m", module, *flags], capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+run = testing.run_module  # python -m <module> <flags>, checked
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import io
 import os
 import shutil
 
-import numpy as np
 import pytest
 from PIL import Image
 

@@ -244,7 +244,7 @@ def calibrate(dataset, runtime):
                        "validation_identities": share}
     return evaluator.calibrate(runtime, query, gallery, fars, FLAGS.batch_size,
                                measured_on={**measured_on, "source": FLAGS.workdir or
-                                            FLAGS.export})
+                                            FLAGS.export}, progress=True)
 
 
 def print_calibration(decisions):

@@ -80,11 +80,14 @@ def score(query_features, gallery_features, query, gallery, metric="cosine", rer
     return metrics_lib.evaluate(distances, *labels, average_precision=average_precision), distances
 
 
-def calibrate(runtime, query, gallery, fars=calibration.FARS, batch_size=64, measured_on=None):
+def calibrate(runtime, query, gallery, fars=calibration.FARS, batch_size=64, measured_on=None,
+              progress=False):
     """The decision calibration (`calibration.fit`) of `runtime` on labelled query/gallery
-    splits of identities it did not train on (validation identities, or a labelled folder)."""
+    splits of identities it did not train on (validation identities, or a labelled folder);
+    `progress`: progress bars while extracting (reid-eval's)."""
     query_embeddings, gallery_embeddings = (
-        extract(runtime, split, ["embedding"], batch_size, description=name)["embedding"]
+        extract(runtime, split, ["embedding"], batch_size,
+                description=name if progress else None)["embedding"]
         for name, split in (("calibration query", query), ("calibration gallery", gallery)))
     return calibration.fit(query_embeddings, query, gallery_embeddings, gallery, fars,
                            measured_on=measured_on)

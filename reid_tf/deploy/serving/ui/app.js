@@ -139,7 +139,7 @@ function showResults(answer, queryImage, caption) {
     const distance = document.createElement("div");
     distance.className = "distance";
     distance.textContent = `distance ${hit.distance.toFixed(4)}` +
-      (hit.p_same !== undefined ? `, p(same) ${hit.p_same.toFixed(2)}` : "");
+      (hit.p_same !== undefined ? `, pair p(same) ${hit.p_same.toFixed(2)}` : "");
     card.append(distance);
     describe(hit, card);
     card.append(searchWithButton(hit));
