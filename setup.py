@@ -52,10 +52,12 @@ setuptools.setup(
         # onnx: tf2onnx writes, ONNX Runtime reads; tflite: LiteRT reads (TensorFlow writes).
         "onnx": ["tf2onnx>=1.17", "onnxruntime>=1.20"],
         "tflite": ["ai-edge-litert>=2.0"],
+        # The gallery on Milvus (reid-serve --gallery_uri): Milvus Lite embedded, or a server.
+        "milvus": ["pymilvus>=2.5", "milvus-lite>=2.5"],
         # dill: tfds.testing; skimage: chelsea; the deploy formats' parity tests; playwright:
         # the search page's browser tests (driving the OS's chromium).
         "test": ["pytest>=8", "dill", "scikit-image>=0.22", "tf2onnx>=1.17", "onnxruntime>=1.20",
-                 "ai-edge-litert>=2.0", "playwright>=1.50"],
+                 "ai-edge-litert>=2.0", "playwright>=1.50", "pymilvus>=2.5", "milvus-lite>=2.5"],
         "experiments": ["matplotlib>=3.8"],  # experiments/summarize.py --plot
     },
     entry_points={

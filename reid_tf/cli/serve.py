@@ -52,6 +52,16 @@ flags.DEFINE_integer("port", 8501, "Port (TF Serving's REST port is 8501).")
 flags.DEFINE_string("gallery_db", None, "The live gallery's SQLite file (created if missing; "
                     "the source of truth, survives restarts). Without it the gallery lives "
                     "in memory only.")
+flags.DEFINE_string("gallery_uri", None, "Another gallery backend: milvus:PATH (Milvus Lite, "
+                    "embedded, one local file), http://host:19530 (a Milvus server or cluster), "
+                    "or sqlite:PATH (= --gallery_db). Needs pip install 'reid-tf[milvus]' for "
+                    "Milvus.")
+flags.DEFINE_enum("milvus_index", "FLAT", ["FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW"], "The Milvus "
+                  "gallery's vector index (with --nlist, --nprobe, --ef_search), set when its "
+                  "collection is created.")
+flags.DEFINE_string("milvus_collection", "reid_gallery", "The Milvus collection.")
+flags.DEFINE_string("milvus_token", "", "A Milvus server's credentials (user:password or an "
+                    "API key).")
 flags.DEFINE_string("gallery", None, "A features.npz (reid-extract) that seeds an empty "
                     "gallery.")
 flags.DEFINE_string("gallery_images", None, "Or a folder of gallery images, extracted at "
@@ -121,12 +131,15 @@ def main(argv):
         if decisions is not None:  # a --far it was not fitted at: refused before any work
             calibration.threshold(decisions, "open_set", FLAGS.far)
         gallery = None
-        if FLAGS.gallery_db or FLAGS.gallery or FLAGS.gallery_images:
+        if FLAGS.gallery_db or FLAGS.gallery_uri or FLAGS.gallery or FLAGS.gallery_images:
             gallery = open_gallery(
                 export, FLAGS.gallery_db, FLAGS.gallery, FLAGS.gallery_images,
                 index_spec(FLAGS.index, FLAGS.nlist), FLAGS.nprobe,
                 FLAGS.ef_search, FLAGS.persist_every,
-                log=lambda line: print(line, flush=True), thumbnail_size=FLAGS.thumbnail_size)
+                log=lambda line: print(line, flush=True), thumbnail_size=FLAGS.thumbnail_size,
+                uri=FLAGS.gallery_uri,
+                milvus={"index": FLAGS.milvus_index, "nlist": FLAGS.nlist,
+                        "collection": FLAGS.milvus_collection, "token": FLAGS.milvus_token})
     except (sqlite3.Error, ValueError, OSError, RuntimeError, MissingPackage) as problem:
         fail(start_error(problem, FLAGS.gallery_db))
     if decisions is None:

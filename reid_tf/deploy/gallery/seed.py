@@ -25,18 +25,45 @@ def index_spec(index, nlist):
     return {"flat": "Flat", "ivf": f"IVF{nlist},Flat"}.get(index, index)
 
 
+def backend_of(uri):
+    """`(backend, location)` of --gallery_uri: `sqlite:PATH` (the SQLite + faiss store),
+    `milvus:PATH` (Milvus Lite on a local file) or `http(s)://host:port` (a Milvus server)."""
+    if uri.startswith(("http://", "https://")):
+        return "milvus", uri
+    for scheme in ("sqlite", "milvus"):
+        if uri.startswith(scheme + ":"):
+            location = uri[len(scheme) + 1:]
+            location = location[2:] if location.startswith("//") else location
+            if not location:
+                break
+            return scheme, location
+    raise ValueError(f"--gallery_uri={uri}: expected sqlite:PATH, milvus:PATH (Milvus Lite) or "
+                     "http://host:19530 (a Milvus server).")
+
+
 def open_gallery(export, gallery_db=None, npz=None, images=None, index="Flat", nprobe=16,
                  ef_search=64, persist_every=1000, log=print,
-                 thumbnail_size=thumbnails.DEFAULT_HEIGHT):
-    """The server's GalleryStore (`export`: a `deploy.runtime.SavedModelRuntime`): `gallery_db`
-    (durable; ":memory:" when None), seeded from a features.npz or a folder of images when it
-    is empty (images: with thumbnails `thumbnail_size` pixels high, 0 for none)."""
+                 thumbnail_size=thumbnails.DEFAULT_HEIGHT, uri=None, milvus=None):
+    """The server's gallery (`export`: a runtime): `gallery_db` (the SQLite store, durable;
+    ":memory:" when None) or `uri` (`backend_of`; `milvus`: MilvusGallery's options), seeded
+    from a features.npz or a folder of images when it is empty (images: with thumbnails
+    `thumbnail_size` pixels high, 0 for none)."""
     if npz and images:
         raise ValueError("give one of --gallery and --gallery_images.")
-    store = GalleryStore(gallery_db or ":memory:", dimension=export.embedding_width,
-                         index=index, nprobe=nprobe, ef_search=ef_search,
-                         persist_every=persist_every, log=log,
-                         model=getattr(export, "model_id", None))
+    if uri and gallery_db:
+        raise ValueError("give one of --gallery_db and --gallery_uri.")
+    backend, location = backend_of(uri) if uri else ("sqlite", gallery_db or ":memory:")
+    model = getattr(export, "model_id", None)
+    if backend == "sqlite":
+        store = GalleryStore(location, dimension=export.embedding_width, index=index,
+                             nprobe=nprobe, ef_search=ef_search, persist_every=persist_every,
+                             log=log, model=model)
+    else:
+        from reid_tf.deploy.gallery.milvus import MilvusGallery
+
+        store = MilvusGallery(location, dimension=export.embedding_width, nprobe=nprobe,
+                              ef_search=ef_search, model=model, log=log, **(milvus or {}))
+    gallery_db = uri or gallery_db
     source = npz or images
     if source:
         progress = store.import_progress()

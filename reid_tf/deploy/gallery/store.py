@@ -29,7 +29,6 @@ a tenth of it (amortised O(1) per removal).
 
 import glob
 import json
-import math
 import os
 import re
 import sqlite3
@@ -38,6 +37,12 @@ import time
 
 import numpy as np
 
+from reid_tf.deploy.gallery.contract import FIELDS
+from reid_tf.deploy.gallery.contract import Gallery
+from reid_tf.deploy.gallery.contract import GalleryError  # noqa: F401 - the store's errors
+from reid_tf.deploy.gallery.contract import GalleryUnavailable
+from reid_tf.deploy.gallery.contract import check_entries
+from reid_tf.deploy.gallery.contract import check_ids
 from reid_tf.model.descriptors import unit_rows
 
 SCHEMA = """
@@ -61,24 +66,9 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 """
 INDEX_FILE = re.compile(r"\.index-(\d+)\.faiss$")
-FIELDS = ("id", "person_id", "camera_id", "timestamp", "metadata", "thumbnail")
-MAX_THUMBNAIL_BYTES = 256 << 10
 
 
-class GalleryError(ValueError):
-    """A bad entry or request: `field` names it (e.g. `entries[3].id`)."""
-
-    def __init__(self, field, message):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-class GalleryUnavailable(RuntimeError):
-    """The index could not be rebuilt after a failure: searching would hide entries."""
-
-
-class GalleryStore:
+class GalleryStore(Gallery):
     """Entries (id, embedding, optional person id, camera, timestamp, JSON metadata) in SQLite,
     searched through a derived faiss index (inner product of L2-normalised embeddings).
 
@@ -368,64 +358,12 @@ class GalleryStore:
 
     # ------------------------------------------------------------------ changes
 
-    def _check_entries(self, entries, field="entries"):
-        rows, seen = [], set()
-        for i, entry in enumerate(entries):
-            where = f"{field}[{i}]"
-            if not isinstance(entry, dict):
-                raise GalleryError(where, "expected an object with 'id' and an embedding.")
-            entry_id = entry.get("id")
-            if not isinstance(entry_id, str) or not entry_id:
-                raise GalleryError(f"{where}.id", "expected a non-empty string.")
-            try:
-                entry_id.encode("utf-8")
-            except UnicodeEncodeError:
-                raise GalleryError(f"{where}.id", "not valid Unicode (a lone surrogate?).") \
-                    from None
-            if entry_id in seen:
-                raise GalleryError(f"{where}.id", f"{entry_id!r} appears twice in the request.")
-            seen.add(entry_id)
-            try:
-                with np.errstate(over="ignore"):
-                    embedding = np.asarray(entry.get("embedding"), np.float32)
-            except (OverflowError, ValueError, TypeError):
-                embedding = None
-            if embedding is None or embedding.shape != (self.dimension,) \
-                    or not np.isfinite(embedding).all():
-                raise GalleryError(f"{where}.embedding",
-                                   f"expected {self.dimension} finite numbers.")
-            if not np.any(embedding):
-                raise GalleryError(f"{where}.embedding", "all zeros: it has no direction.")
-            values = {}
-            for name in ("person_id", "camera_id"):
-                value = entry.get(name)
-                if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                          or not -2 ** 63 <= value < 2 ** 63):
-                    raise GalleryError(f"{where}.{name}", "expected an integer (64-bit).")
-                values[name] = value
-            timestamp = entry.get("timestamp")
-            if timestamp is not None:
-                try:
-                    valid = (isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool)
-                             and math.isfinite(float(timestamp)))
-                except (OverflowError, TypeError, ValueError):
-                    valid = False
-                if not valid:
-                    raise GalleryError(f"{where}.timestamp", "expected a finite number "
-                                       "(seconds).")
-                timestamp = float(timestamp)
-            metadata = entry.get("metadata")
-            if metadata is not None and not isinstance(metadata, dict):
-                raise GalleryError(f"{where}.metadata", "expected a JSON object.")
-            thumbnail = entry.get("thumbnail")
-            if thumbnail is not None and (not isinstance(thumbnail, bytes) or not thumbnail
-                                          or len(thumbnail) > MAX_THUMBNAIL_BYTES):
-                raise GalleryError(f"{where}.thumbnail", "expected JPEG bytes, at most "
-                                   f"{MAX_THUMBNAIL_BYTES} of them.")
-            rows.append(((entry_id, values["person_id"], values["camera_id"], timestamp,
-                          None if metadata is None else json.dumps(metadata),
-                          unit_rows(embedding[None])[0].tobytes()), thumbnail))
-        return rows
+    def _check_entries(self, entries):
+        """Checked entries (`contract.check_entries`) as table rows and thumbnails."""
+        return [((e["id"], e["person_id"], e["camera_id"], e["timestamp"],
+                  None if e["metadata"] is None else json.dumps(e["metadata"]),
+                  e["embedding"].tobytes()), e["thumbnail"])
+                for e in check_entries(entries, self.dimension)]
 
     def _commit(self, write):
         """Runs `write(db) -> [(op, row)]` in one transaction with its change-log rows; after
@@ -502,30 +440,8 @@ class GalleryStore:
 
     def remove(self, ids):
         """Removes the entries with these ids in one transaction; returns how many existed."""
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise GalleryError("ids", "expected a list of entry ids (strings).")
+        check_ids(ids)
         return len(self._commit(lambda db: [c for i in ids for c in self._delete(db, i)]))
-
-    def import_features(self, arrays, id_prefix="", source=None, start=0, chunk=10000):
-        """Seeds the gallery from a reid-extract features.npz (ids: its file names; optional
-        `thumbnails`: JPEG bytes per entry), `chunk` entries per transaction from entry `start`. Each transaction also records how far the
-        import of `source` got (`import_progress()`), so a killed import resumes where it
-        stopped. Returns the entries imported by this call."""
-        total = len(arrays["file_names"])
-        for begin in range(start, total, chunk):
-            entries = []
-            for i in range(begin, min(begin + chunk, total)):
-                entry = {"id": id_prefix + str(arrays["file_names"][i]),
-                         "embedding": arrays["embeddings"][i]}
-                for key in ("person_id", "camera_id"):
-                    if f"{key}s" in arrays:
-                        entry[key] = int(arrays[f"{key}s"][i])
-                if arrays.get("thumbnails") is not None and arrays["thumbnails"][i]:
-                    entry["thumbnail"] = arrays["thumbnails"][i]
-                entries.append(entry)
-            progress = {"source": source, "total": total, "done": begin + len(entries)}
-            self.add(entries, meta={"import": json.dumps(progress)})
-        return total - start
 
     def import_progress(self):
         """`{"source", "total", "done"}` of the last seed import, or None."""

@@ -1,0 +1,320 @@
+"""The live gallery on Milvus, through pymilvus: the same contract as the SQLite + faiss store
+(`contract`), for galleries that outgrow one machine.
+
+    MilvusGallery("gallery_milvus.db", dimension=1280)         # Milvus Lite, embedded, one file
+    MilvusGallery("http://milvus:19530", dimension=1280, index="HNSW")   # a server or cluster
+
+One collection holds every entry: `id` (the primary key, VARCHAR), `embedding` (FLOAT_VECTOR,
+L2-normalised; inner-product metric, so distance = 1 - score), and scalar fields `person_id`,
+`camera_id` (INT64), `timestamp` (DOUBLE), `metadata` (JSON), each nullable, `thumbnail`
+(VARCHAR: the JPEG in base64, since a VARCHAR holds at most 65,535 bytes: thumbnails up to
+`MAX_THUMBNAIL_BYTES`, a 128-pixel-high JPEG is 2-8 KB), `has_thumbnail` (BOOL, what a search
+returns instead of the bytes) and `added` (INT64 nanoseconds, the order of `browse`). The
+filters of a search are pushed down as a Milvus boolean expression on the scalar fields, never
+applied afterwards in Python, so a filtered search is never incomplete. A second collection,
+`<name>_meta`, keeps the model's identity and the seed import's progress.
+
+Durability: `add` returns after Milvus acknowledges the upsert. Milvus Lite writes it to its
+local file before answering (tests/test_gallery_contract.py kills the serving process during a
+stream of adds and finds every acknowledged entry after a restart); a Milvus server or cluster
+acknowledges an insert once its write-ahead log (the message queue: Pulsar, Kafka or the
+Woodpecker log) holds it, and `flush` seals segments to object storage, which a restart does not
+need. Replacing by id is Milvus's upsert (a delete and an insert, atomic per entity).
+"""
+
+import base64
+import contextlib
+import json
+import threading
+import time
+
+import numpy as np
+
+from reid_tf.deploy.gallery.contract import FIELDS
+from reid_tf.deploy.gallery.contract import Gallery
+from reid_tf.deploy.gallery.contract import GalleryError
+from reid_tf.deploy.gallery.contract import GalleryUnavailable
+from reid_tf.deploy.gallery.contract import MAX_ID_BYTES
+from reid_tf.deploy.gallery.contract import check_entries
+from reid_tf.deploy.gallery.contract import check_ids
+from reid_tf.deploy.gallery.contract import no_filter
+from reid_tf.extras import require
+from reid_tf.model.descriptors import unit_rows
+
+MAX_THUMBNAIL_BYTES = 48 << 10  # its base64 fits a VARCHAR (65,535 bytes)
+INDEXES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW")
+SCALARS = ("person_id", "camera_id", "timestamp", "metadata", "has_thumbnail")
+
+
+def index_parameters(index, nlist=128, hnsw_m=32):
+    """`(index_type, build params)` of --milvus_index."""
+    if index not in INDEXES:
+        raise ValueError(f"--milvus_index={index}: expected one of {', '.join(INDEXES)}.")
+    if index.startswith("IVF"):
+        return index, {"nlist": nlist}
+    if index == "HNSW":
+        return index, {"M": hnsw_m, "efConstruction": 200}
+    return index, {}
+
+
+def filter_expression(exclude_camera=None, time_range=None):
+    """The Milvus boolean expression of the search filters (numbers only: nothing a client sends
+    is pasted in as text), or "" for none; the same test as the SQLite store's."""
+    clauses = []
+    if exclude_camera is not None:
+        clauses.append(f"(camera_id is null or camera_id != {int(exclude_camera)})")
+    if time_range is not None:
+        start, end = time_range
+        clauses.append("timestamp is not null")
+        if start is not None:
+            clauses.append(f"timestamp >= {float(start)!r}")
+        if end is not None:
+            clauses.append(f"timestamp <= {float(end)!r}")
+    return " and ".join(clauses)
+
+
+def _milvus_call(method):
+    """Runs a gallery method with Milvus's errors as GalleryUnavailable (`_errors`)."""
+    def call(self, *args, **kwargs):
+        with self._errors():
+            return method(self, *args, **kwargs)
+    call.__name__, call.__doc__ = method.__name__, method.__doc__
+    return call
+
+
+class MilvusGallery(Gallery):
+    """A gallery in a Milvus collection (the module docstring says what is stored where).
+
+    Args:
+        uri: a local file path (Milvus Lite) or `http://host:19530` (a Milvus server).
+        dimension: embedding width; taken from the collection when it exists.
+        collection: the collection's name.
+        index, nlist, nprobe, ef_search: the vector index (`INDEXES`) and its parameters.
+        model: the export's `model_id`; a collection of another model's embeddings is refused.
+        token: a server's credentials ("user:password" or an API key).
+    """
+
+    def __init__(self, uri, dimension=None, collection="reid_gallery", index="FLAT", nlist=128,
+                 nprobe=16, ef_search=64, model=None, log=print, token=""):
+        pymilvus = require("pymilvus")
+        self._types = pymilvus.DataType
+        self.uri, self.collection, self.log = uri, collection, log
+        self.meta_collection = f"{collection}_meta"
+        self.index_spec = index
+        self.search_params = {"metric_type": "IP", "params": {"nprobe": nprobe, "ef": ef_search}}
+        self._lock = threading.Lock()  # one writer at a time keeps replace-by-id ordered
+        self._exception = pymilvus.exceptions.MilvusException
+        with self._errors():
+            self.client = pymilvus.MilvusClient(uri, token=token)
+            self._open(collection, dimension, index, nlist, model)
+
+    @contextlib.contextmanager
+    def _errors(self):
+        """Milvus's own errors (a server down, a timeout) as GalleryUnavailable: reid-serve
+        answers 503 with Retry-After, and names the gallery at start."""
+        try:
+            yield
+        except self._exception as error:
+            raise GalleryUnavailable(f"Milvus at {self.uri}: {error.message}") from None
+
+    def _open(self, collection, dimension, index, nlist, model):
+        uri = self.uri
+        if self.client.has_collection(collection):
+            fields = {f["name"]: f for f in self.client.describe_collection(collection)["fields"]}
+            stored = int(fields["embedding"]["params"]["dim"])
+            if dimension is not None and stored != dimension:
+                raise ValueError(f"{uri} ({collection}): holds embeddings of {stored}, not "
+                                 f"{dimension}.")
+            self.dimension = stored
+        else:
+            if dimension is None:
+                raise ValueError(f"{uri}: an empty gallery needs its embedding dimension.")
+            self.dimension = dimension
+            self._create(index, nlist)
+        self.client.load_collection(collection)
+        self.client.load_collection(self.meta_collection)
+        self._check_model(model)
+
+    # ---------------------------------------------------------------- set-up
+
+    def _create(self, index, nlist):
+        types = self._types
+        schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", types.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
+        schema.add_field("embedding", types.FLOAT_VECTOR, dim=self.dimension)
+        schema.add_field("person_id", types.INT64, nullable=True)
+        schema.add_field("camera_id", types.INT64, nullable=True)
+        schema.add_field("timestamp", types.DOUBLE, nullable=True)
+        schema.add_field("metadata", types.JSON, nullable=True)
+        schema.add_field("thumbnail", types.VARCHAR, max_length=65535, nullable=True)
+        schema.add_field("has_thumbnail", types.BOOL)
+        schema.add_field("added", types.INT64)
+        index_type, params = index_parameters(index, nlist)
+        indexes = self.client.prepare_index_params()
+        indexes.add_index("embedding", index_type=index_type, metric_type="IP", params=params)
+        self.client.create_collection(self.collection, schema=schema, index_params=indexes,
+                                      consistency_level="Strong")
+        meta = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+        meta.add_field("key", types.VARCHAR, is_primary=True, max_length=64)
+        meta.add_field("value", types.VARCHAR, max_length=65535)
+        meta.add_field("vector", types.FLOAT_VECTOR, dim=2)  # Milvus needs one per collection
+        meta_index = self.client.prepare_index_params()
+        meta_index.add_index("vector", index_type="FLAT", metric_type="L2")
+        self.client.create_collection(self.meta_collection, schema=meta, index_params=meta_index,
+                                      consistency_level="Strong")
+
+    def _meta(self, key):
+        found = self.client.get(self.meta_collection, ids=[key], output_fields=["value"])
+        return found[0]["value"] if found else None
+
+    def _set_meta(self, values):
+        self.client.upsert(self.meta_collection, [
+            {"key": key, "value": value, "vector": [0.0, 0.0]} for key, value in values.items()])
+
+    def _check_model(self, model):
+        if model is None:
+            return
+        stored = self._meta("model")
+        if stored is not None and stored != model:
+            raise ValueError(f"{self.uri} ({self.collection}): holds embeddings of model "
+                             f"{stored}, not of this export's {model}.")
+        if stored is None:
+            self._set_meta({"model": model})
+
+    # ---------------------------------------------------------------- changes
+
+    @_milvus_call
+    def add(self, entries, meta=None):
+        """Adds (or replaces, by id) `entries` in one upsert; returns once Milvus acknowledged
+        it. GalleryError names a bad entry; nothing is written then."""
+        checked = check_entries(entries, self.dimension)
+        rows, now = [], time.time_ns()
+        for i, entry in enumerate(checked):
+            thumbnail = entry["thumbnail"]
+            if thumbnail is not None and len(thumbnail) > MAX_THUMBNAIL_BYTES:
+                raise GalleryError(f"entries[{i}].thumbnail", f"{len(thumbnail)} bytes; the "
+                                   f"Milvus gallery keeps at most {MAX_THUMBNAIL_BYTES}.")
+            rows.append({"id": entry["id"], "embedding": entry["embedding"].tolist(),
+                         "person_id": entry["person_id"], "camera_id": entry["camera_id"],
+                         "timestamp": entry["timestamp"], "metadata": entry["metadata"],
+                         "thumbnail": None if thumbnail is None
+                         else base64.b64encode(thumbnail).decode(),
+                         "has_thumbnail": thumbnail is not None, "added": now + i})
+        with self._lock:
+            if rows:
+                self.client.upsert(self.collection, rows)
+            if meta:
+                self._set_meta(meta)
+        return len(rows)
+
+    @_milvus_call
+    def remove(self, ids):
+        """Removes the entries with these ids; returns how many existed."""
+        check_ids(ids)
+        if not ids:
+            return 0
+        with self._lock:
+            existing = [row["id"] for row in self.client.get(self.collection, ids=list(set(ids)),
+                                                             output_fields=["id"])]
+            if existing:
+                self.client.delete(self.collection, ids=existing)
+        return len(existing)
+
+    @_milvus_call
+    def import_progress(self):
+        value = self._meta("import")
+        return None if value is None else json.loads(value)
+
+    # ---------------------------------------------------------------- reads
+
+    @_milvus_call
+    def count(self):
+        return int(self.client.query(self.collection, filter="",
+                                     output_fields=["count(*)"])[0]["count(*)"])
+
+    @_milvus_call
+    def search(self, queries, k=10, exclude_camera=None, time_range=None, report=False):
+        """Top-k entries per query among those passing the filters, nearest first; the filters
+        go to Milvus as an expression, so nothing is ever incomplete."""
+        queries = unit_rows(np.atleast_2d(np.asarray(queries, np.float32)))
+        if queries.shape[1] != self.dimension:
+            raise GalleryError("queries", f"width {queries.shape[1]}, gallery {self.dimension}.")
+        hits = self.client.search(
+            self.collection, data=queries.tolist(), limit=k,
+            filter=filter_expression(exclude_camera, no_filter(time_range)),
+            output_fields=list(SCALARS), search_params=self.search_params)
+        results = [[_entry({"id": hit["id"], **hit["entity"]}, 1.0 - hit["distance"])
+                    for hit in matches] for matches in hits]
+        return (results, [False] * len(results)) if report else results
+
+    @_milvus_call
+    def get(self, entry_id):
+        found = self.client.get(self.collection, ids=[entry_id],
+                                output_fields=["id", "embedding", *SCALARS])
+        if not found:
+            return None
+        return {**_entry(found[0]), "embedding": np.asarray(found[0]["embedding"], np.float32)}
+
+    @_milvus_call
+    def thumbnail(self, entry_id):
+        found = self.client.get(self.collection, ids=[entry_id], output_fields=["thumbnail"])
+        if not found or found[0].get("thumbnail") is None:
+            return None
+        return base64.b64decode(found[0]["thumbnail"])
+
+    def _scan(self, fields, batch=4096):
+        """Every entry's `fields` (a query iterator: what browse and stats read)."""
+        iterator = self.client.query_iterator(self.collection, batch_size=batch, filter="",
+                                              output_fields=fields)
+        try:
+            while True:
+                rows = iterator.next()
+                if not rows:
+                    return
+                yield from rows
+        finally:
+            iterator.close()
+
+    @_milvus_call
+    def browse(self, offset=0, limit=50):
+        """A page of entries, newest first. It reads every id and time added (Milvus has no
+        ordered scan): fine for the page's use up to a few hundred thousand entries."""
+        order = sorted(((row["added"], row["id"]) for row in self._scan(["id", "added"])),
+                       reverse=True)
+        chosen = [entry_id for _, entry_id in order[offset:offset + limit]]
+        found = {row["id"]: row for row in self.client.get(
+            self.collection, ids=chosen, output_fields=["id", *SCALARS])} if chosen else {}
+        return [_entry(found[i]) for i in chosen if i in found], len(order)
+
+    @_milvus_call
+    def stats(self):
+        """Size, entries per camera, time span, thumbnails, index; reads every entry's scalars
+        (as `browse`)."""
+        cameras, thumbnails, first, last, size = {}, 0, None, None, 0
+        for row in self._scan(["camera_id", "timestamp", "has_thumbnail"]):
+            size += 1
+            cameras[row["camera_id"]] = cameras.get(row["camera_id"], 0) + 1
+            thumbnails += bool(row["has_thumbnail"])
+            t = row["timestamp"]
+            if t is not None:
+                first, last = (t, t) if first is None else (min(first, t), max(last, t))
+        return {"size": size, "dimension": self.dimension,
+                "cameras": [{"camera_id": c, "entries": n} for c, n in
+                            sorted(cameras.items(), key=lambda item: (item[0] is not None,
+                                                                      item[0] or 0))],
+                "time_span": None if first is None else [first, last],
+                "thumbnails": thumbnails,
+                "index": {"spec": self.index_spec, "kind": f"Milvus ({self.uri})",
+                          "entries": size, "trained_on": size, "stale": False,
+                          "changes_not_persisted": 0}}
+
+    def close(self):
+        self.client.close()
+
+
+def _entry(row, distance=None):
+    entry = {name: row.get(name) for name in FIELDS if name != "thumbnail"}
+    entry["thumbnail"] = bool(row.get("has_thumbnail"))
+    if distance is not None:
+        entry["distance"] = float(distance)
+    return entry
