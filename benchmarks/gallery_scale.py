@@ -2,7 +2,9 @@
 
 --size synthetic embeddings of --dim (1280 = PL-Net K=4 x 256, the export's width), clustered as
 ReID galleries are (--identities centres, each entry a centre plus noise), are added to a
-`GalleryStore` (SQLite + faiss `--index`) in batches; the store trains the index itself. Then
+gallery (`--backend`: the SQLite + faiss store with `--index`, Milvus Lite with
+`--milvus_index`, or both, one after the other on the same data) in batches; each trains its
+index itself. Then
 --queries held-out queries (new views of gallery identities) and their exact top 10
 (inner product over the same vectors, in blocks) are written next to the database, and a fresh
 process, as a restarted server would, opens the store from its persisted index file (start-up
@@ -10,6 +12,10 @@ time), searches (recall@10 against exact, per-query latency of single-query sear
 and reports its own peak RSS: what a serving process holds, not the generator's arrays.
 
     python benchmarks/gallery_scale.py [--size=1000000] [--index=IVF1024,SQ8] [--nprobe=16]
+    python benchmarks/gallery_scale.py --backend=both --milvus_index=IVF_SQ8   # side by side
+
+Reported per backend: ingest rate, build time, recall@10, p50/p99 per query, filtered search,
+peak RSS of the searching process.
 """
 
 import os
@@ -34,6 +40,23 @@ flags.DEFINE_integer("nprobe", 16, "IVF lists searched.")
 flags.DEFINE_integer("queries", 1000, "Queries for recall; 200 of them timed one by one.")
 flags.DEFINE_string("workdir", None, "Where the database goes (default: a temporary folder).")
 flags.DEFINE_bool("search_only", False, "Internal: open the store in --workdir and search.")
+flags.DEFINE_enum("backend", "sqlite", ["sqlite", "milvus", "both"], "Gallery backend(s).")
+flags.DEFINE_string("milvus_index", "IVF_SQ8", "Milvus Lite's vector index (with --nlist, "
+                    "--nprobe).")
+flags.DEFINE_integer("nlist", 1024, "IVF lists of the Milvus index.")
+
+
+def open_gallery(backend, folder, dim=None, log=print):
+    """The benchmark's gallery of `backend` in `folder` (created with `dim`, or reopened)."""
+    if backend == "sqlite":
+        return gallery_store.GalleryStore(os.path.join(folder, "gallery.sqlite"), dim,
+                                          index=FLAGS.index, nprobe=FLAGS.nprobe,
+                                          persist_every=0, log=log)
+    from reid_tf.deploy.gallery import milvus
+
+    return milvus.MilvusGallery(os.path.join(folder, "gallery_milvus.db"), dim,
+                                index=FLAGS.milvus_index, nlist=FLAGS.nlist,
+                                nprobe=FLAGS.nprobe, log=log)
 
 
 def embeddings(rng, centres, count):
@@ -61,8 +84,7 @@ def exact_top(gallery_chunks, queries, k=10):
 def search_phase(folder):
     """In a fresh process: open the persisted store, search, report."""
     begin = time.perf_counter()
-    store = gallery_store.GalleryStore(os.path.join(folder, "gallery.sqlite"), index=FLAGS.index,
-                                       nprobe=FLAGS.nprobe, log=lambda line: print(line, flush=True))
+    store = open_gallery(FLAGS.backend, folder, log=lambda line: print(line, flush=True))
     startup = time.perf_counter() - begin
     assert len(store) == FLAGS.size, len(store)
     data = np.load(os.path.join(folder, "queries.npz"))
@@ -76,7 +98,7 @@ def search_phase(folder):
         store.search(query[None], k=10)
         latencies.append(time.perf_counter() - begin)
     p50, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 99])
-    print(f"recall@10 vs exact: {recall:.4f}; search p50 {p50:.2f} ms, p99 {p99:.2f} ms per "
+    print(f"[{FLAGS.backend}] recall@10 vs exact: {recall:.4f}; search p50 {p50:.2f} ms, p99 {p99:.2f} ms per "
           f"query (1 query per call, k=10); start-up from the index file {startup:.1f} s; peak "
           f"RSS of this process {testing.peak_rss_gib():.2f} GiB", flush=True)
     filtered_phase(store, queries)
@@ -102,7 +124,7 @@ def filtered_phase(store, queries):
             short += len(results[0]) < 10
             incomplete += flags_[0]
         p50, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 99])
-        print(f"filtered search ({name}): p50 {p50:.2f} ms, p99 {p99:.2f} ms per query; "
+        print(f"[{FLAGS.backend}] filtered search ({name}): p50 {p50:.2f} ms, p99 {p99:.2f} ms per query; "
               f"{short} of 200 with fewer than 10 matches, {incomplete} flagged incomplete; "
               f"peak RSS {testing.peak_rss_gib():.2f} GiB", flush=True)
 
@@ -112,17 +134,10 @@ def main(argv):
     if FLAGS.search_only:
         search_phase(FLAGS.workdir)
         return
-    import subprocess
-    import sys
-
     folder = FLAGS.workdir or tempfile.mkdtemp(prefix="gallery_scale_")
-    path = os.path.join(folder, "gallery.sqlite")
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(FLAGS.identities, FLAGS.dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    store = gallery_store.GalleryStore(path, FLAGS.dim, index=FLAGS.index, nprobe=FLAGS.nprobe,
-                                       persist_every=0, log=lambda line: print(line, flush=True))
-    start = time.perf_counter()
     chunk_size = 50_000
     offsets = range(0, FLAGS.size, chunk_size)
 
@@ -131,29 +146,47 @@ def main(argv):
             yield offset, embeddings(np.random.default_rng([1, offset]), centres,
                                      min(chunk_size, FLAGS.size - offset))
 
+    print(f"machine: {os.cpu_count()} CPU cores; {FLAGS.size} x {FLAGS.dim} embeddings, "
+          f"{FLAGS.identities} clusters; faiss index {FLAGS.index}, Milvus index "
+          f"{FLAGS.milvus_index} (nlist {FLAGS.nlist}); nprobe {FLAGS.nprobe}")
+    queries = embeddings(np.random.default_rng(2), centres, FLAGS.queries)
+    np.savez(os.path.join(folder, "queries.npz"), queries=queries,
+             truth=exact_top(gallery_chunks(), queries))
+    for backend in (("sqlite", "milvus") if FLAGS.backend == "both" else (FLAGS.backend,)):
+        build(backend, folder, gallery_chunks)
+    if not FLAGS.workdir:
+        shutil.rmtree(folder)  # the database alone is size x dim x 4 bytes
+
+
+def build(backend, folder, gallery_chunks):
+    """Adds every entry to a new gallery of `backend`, then searches it from a fresh process."""
+    import subprocess
+    import sys
+
+    store = open_gallery(backend, folder, FLAGS.dim, log=lambda line: print(line, flush=True))
+    start = time.perf_counter()
     for offset, chunk in gallery_chunks():
         for start_row in range(0, len(chunk), 10_000):
             store.add([{"id": str(row), "embedding": e, "timestamp": float(row),
                         "camera_id": row % 8}  # timestamps 0..size-1, 8 cameras, for filters
                        for row, e in enumerate(chunk[start_row:start_row + 10_000],
                                                offset + start_row)])
-        print(f"added {offset + len(chunk)} in {time.perf_counter() - start:.0f} s "
+        print(f"[{backend}] added {offset + len(chunk)} in {time.perf_counter() - start:.0f} s "
               f"(RSS peak {testing.peak_rss_gib():.2f} GiB)", flush=True)
-    store.close()  # writes the index file
+    store.close()  # the SQLite store writes its index file
     build_seconds = time.perf_counter() - start
-    queries = embeddings(np.random.default_rng(2), centres, FLAGS.queries)
-    np.savez(os.path.join(folder, "queries.npz"), queries=queries,
-             truth=exact_top(gallery_chunks(), queries))
-    print(f"machine: {os.cpu_count()} CPU cores; {FLAGS.size} x {FLAGS.dim} embeddings, "
-          f"{FLAGS.identities} clusters; index {FLAGS.index}, nprobe {FLAGS.nprobe}")
-    print(f"build (SQLite + index, training included, index file written): {build_seconds:.0f} s;"
-          f" database {os.path.getsize(path) / 2**30:.2f} GiB", flush=True)
+    files = [os.path.join(folder, name) for name in os.listdir(folder)
+             if name.startswith("gallery_milvus" if backend == "milvus" else "gallery.sqlite")]
+    size = sum(os.path.getsize(f) if os.path.isfile(f) else sum(
+        os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(f) for n in names)
+        for f in files)
+    print(f"[{backend}] ingest {FLAGS.size / build_seconds:.0f} entries/s; build (index "
+          f"training included, written): {build_seconds:.0f} s; on disk {size / 2**30:.2f} GiB",
+          flush=True)
     subprocess.run([sys.executable, __file__, f"--workdir={folder}", "--search_only",
-                    f"--size={FLAGS.size}", f"--index={FLAGS.index}", f"--nprobe={FLAGS.nprobe}",
-                    f"--dim={FLAGS.dim}"],
-                   check=True)
-    if not FLAGS.workdir:
-        shutil.rmtree(folder)  # the database alone is size x dim x 4 bytes
+                    f"--backend={backend}", f"--size={FLAGS.size}", f"--index={FLAGS.index}",
+                    f"--milvus_index={FLAGS.milvus_index}", f"--nlist={FLAGS.nlist}",
+                    f"--nprobe={FLAGS.nprobe}", f"--dim={FLAGS.dim}"], check=True)
 
 
 if __name__ == "__main__":

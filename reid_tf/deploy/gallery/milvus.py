@@ -11,7 +11,11 @@ L2-normalised; inner-product metric, so distance = 1 - score), and scalar fields
 `MAX_THUMBNAIL_BYTES`, a 128-pixel-high JPEG is 2-8 KB), `has_thumbnail` (BOOL, what a search
 returns instead of the bytes) and `added` (INT64 nanoseconds, the order of `browse`). The
 filters of a search are pushed down as a Milvus boolean expression on the scalar fields, never
-applied afterwards in Python, so a filtered search is never incomplete. A second collection,
+applied afterwards in Python. An approximate index (IVF, HNSW) searches only part of the
+collection, so a filter passing few entries can leave a query short of k: then the passing
+entries are counted, up to `EXACT_FILTER_LIMIT` of them are searched exactly (read back with
+their embeddings), and a query still short with more passing is flagged incomplete. A second
+collection,
 `<name>_meta`, keeps the model's identity and the seed import's progress.
 
 Durability: `add` returns after Milvus acknowledges the upsert. Milvus Lite writes it to its
@@ -25,6 +29,7 @@ need. Replacing by id is Milvus's upsert (a delete and an insert, atomic per ent
 import base64
 import contextlib
 import json
+import logging
 import threading
 import time
 
@@ -44,6 +49,7 @@ from reid_tf.model.descriptors import unit_rows
 MAX_THUMBNAIL_BYTES = 48 << 10  # its base64 fits a VARCHAR (65,535 bytes)
 INDEXES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW")
 SCALARS = ("person_id", "camera_id", "timestamp", "metadata", "has_thumbnail")
+EXACT_FILTER_LIMIT = 4096  # a short filtered query passing at most this many is searched exactly
 
 
 def index_parameters(index, nlist=128, hnsw_m=32):
@@ -104,6 +110,11 @@ class MilvusGallery(Gallery):
         self.search_params = {"metric_type": "IP", "params": {"nprobe": nprobe, "ef": ef_search}}
         self._lock = threading.Lock()  # one writer at a time keeps replace-by-id ordered
         self._exception = pymilvus.exceptions.MilvusException
+        self.local = not uri.startswith(("http://", "https://", "tcp://", "unix:"))
+        if self.local:
+            # Milvus Lite's in-process gRPC server logs a traceback for each call it does not
+            # implement (pymilvus 3 asks it for timestamps first); the calls go on regardless.
+            logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
         with self._errors():
             self.client = pymilvus.MilvusClient(uri, token=token)
             self._open(collection, dimension, index, nlist, model)
@@ -234,18 +245,40 @@ class MilvusGallery(Gallery):
 
     @_milvus_call
     def search(self, queries, k=10, exclude_camera=None, time_range=None, report=False):
-        """Top-k entries per query among those passing the filters, nearest first; the filters
-        go to Milvus as an expression, so nothing is ever incomplete."""
+        """Top-k entries per query among those passing the filters, nearest first (the filters
+        go to Milvus as an expression; a query an approximate index left short is searched
+        exactly when few entries pass, else flagged incomplete)."""
         queries = unit_rows(np.atleast_2d(np.asarray(queries, np.float32)))
         if queries.shape[1] != self.dimension:
             raise GalleryError("queries", f"width {queries.shape[1]}, gallery {self.dimension}.")
+        expression = filter_expression(exclude_camera, no_filter(time_range))
         hits = self.client.search(
-            self.collection, data=queries.tolist(), limit=k,
-            filter=filter_expression(exclude_camera, no_filter(time_range)),
+            self.collection, data=queries.tolist(), limit=k, filter=expression,
             output_fields=list(SCALARS), search_params=self.search_params)
         results = [[_entry({"id": hit["id"], **hit["entity"]}, 1.0 - hit["distance"])
                     for hit in matches] for matches in hits]
-        return (results, [False] * len(results)) if report else results
+        incomplete = [False] * len(results)
+        short = [q for q, matches in enumerate(results) if len(matches) < k]
+        if short:
+            passing = int(self.client.query(self.collection, filter=expression,
+                                            output_fields=["count(*)"])[0]["count(*)"])
+            if passing <= EXACT_FILTER_LIMIT:
+                for q, matches in zip(short, self._exact(queries[short], k, expression)):
+                    results[q] = matches
+            else:
+                for q in short:
+                    incomplete[q] = len(results[q]) < min(k, passing)
+        return (results, incomplete) if report else results
+
+    def _exact(self, queries, k, expression):
+        """Exact top-k among the (few) entries passing `expression`."""
+        rows = list(self._scan(["id", "embedding", *SCALARS], expression))
+        if not rows:
+            return [[] for _ in queries]
+        similarity = queries @ np.asarray([row["embedding"] for row in rows], np.float32).T
+        order = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+        return [[_entry(rows[i], 1.0 - similarity[q, i]) for i in order[q]]
+                for q in range(len(queries))]
 
     @_milvus_call
     def get(self, entry_id):
@@ -262,10 +295,11 @@ class MilvusGallery(Gallery):
             return None
         return base64.b64decode(found[0]["thumbnail"])
 
-    def _scan(self, fields, batch=4096):
-        """Every entry's `fields` (a query iterator: what browse and stats read)."""
-        iterator = self.client.query_iterator(self.collection, batch_size=batch, filter="",
-                                              output_fields=fields)
+    def _scan(self, fields, expression="", batch=4096):
+        """The `fields` of every entry passing `expression` (a query iterator: what browse,
+        stats and the exact fallback read)."""
+        iterator = self.client.query_iterator(self.collection, batch_size=batch,
+                                              filter=expression, output_fields=fields)
         try:
             while True:
                 rows = iterator.next()
@@ -310,6 +344,10 @@ class MilvusGallery(Gallery):
 
     def close(self):
         self.client.close()
+        if self.local:  # Milvus Lite's embedded server holds the file's lock until released
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(self.uri)
 
 
 def _entry(row, distance=None):
