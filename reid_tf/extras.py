@@ -4,7 +4,8 @@ when missing. Imports nothing heavy, so a command-line tool can name `MissingPac
 import importlib
 
 # module -> the extra that installs it
-EXTRAS = {"onnxruntime": "onnx", "tf2onnx": "onnx", "ai_edge_litert": "tflite", "pymilvus": "milvus"}
+EXTRAS = {"onnxruntime": "onnx", "tf2onnx": "onnx", "ai_edge_litert": "tflite", "pymilvus": "milvus",
+          "apache_beam": "beam"}
 
 
 class MissingPackage(ImportError):

@@ -122,6 +122,54 @@ def test_workers_read_disjoint_slots_of_the_same_schedule(splits):
         assert not set(halves[0]["label"]) & set(halves[1]["label"])
 
 
+class WorkerContext:  # what tf.distribute.InputContext tells worker w of W (one replica each)
+    def __init__(self, worker, workers=2):
+        self.num_input_pipelines, self.input_pipeline_id = workers, worker
+        self.num_replicas_in_sync = workers
+
+
+def epoch_of_each_worker(labels, P, K, seed, workers, epoch=0):
+    """(positions, indices) that each worker's `pipeline.schedule` reads in epoch `epoch`."""
+    length = len(pipeline.pk_epoch(labels, P, K, np.random.default_rng([seed, epoch])))
+    before = sum(len(pipeline.pk_epoch(labels, P, K, np.random.default_rng([seed, e])))
+                 for e in range(epoch))
+    read = []
+    for worker in range(workers):
+        stream = pipeline.schedule(labels, P, K, seed, WorkerContext(worker, workers),
+                                   start_batch=before // (P * K))
+        pairs = np.array([(int(p), int(i)) for p, i in stream.take(length // workers)])
+        read.append((pairs[:, 0], pairs[:, 1]))
+    return read, before, length
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_share_out_each_epoch_without_overlap_and_use_every_image(workers):
+    # 12 identities of 6 images, K=3: the schedule draws each image exactly once per epoch.
+    labels = np.repeat(np.arange(12), 6)
+    for epoch in (0, 1):
+        read, before, length = epoch_of_each_worker(labels, 6, 3, 7, workers, epoch)
+        positions = np.concatenate([p for p, _ in read])
+        assert sorted(positions) == list(range(before, before + length))  # each slot once
+        indices = [set(i) for _, i in read]
+        for a in range(workers):
+            for b in range(a + 1, workers):
+                assert not indices[a] & indices[b], (epoch, a, b)  # no image on two workers
+        assert set().union(*indices) == set(range(len(labels)))  # every image used
+        assert sum(len(i) for _, i in read) == len(labels)
+
+
+def test_with_uneven_identities_only_images_the_sampler_redraws_reach_two_workers():
+    labels = np.repeat(np.arange(8), [1, 2, 3, 4, 5, 7, 9, 13])  # P×K pads short identities
+    read, before, length = epoch_of_each_worker(labels, 4, 4, 3, 2)
+    schedule = pipeline.pk_epoch(labels, 4, 4, np.random.default_rng([3, 0]))
+    positions = np.concatenate([p for p, _ in read])
+    assert sorted(positions) == list(range(length))  # each slot of the epoch read once
+    assert set(read[0][1]) | set(read[1][1]) == set(range(len(labels)))
+    drawn = np.bincount(schedule, minlength=len(labels))
+    for image in set(read[0][1]) & set(read[1][1]):
+        assert drawn[image] > 1  # a re-drawn image, never an image's only draw
+
+
 def test_eval_dataset_keeps_order_and_labels(splits):
     batches = take(pipeline.eval_dataset(splits["gallery"], (64, 32), 7), 100)
     names = np.concatenate([b["file_name"] for b in batches]).astype(str)

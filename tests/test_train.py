@@ -142,28 +142,89 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_workers_train_to_identical_weights(tmp_path, data_dir):
-    workdir = str(tmp_path / "multi")
+MULTI_WORKER_STEPS = 24
+
+
+def start_workers(workdir, data_dir, *extra):
+    """Two local workers of one multi-worker run (TF_CONFIG each, fresh ports)."""
     cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
-    workers = []
-    for index in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        workers.append(reid_train(workdir, data_dir, "--strategy=multi_worker",
-                                  "--train_steps=4", env={"TF_CONFIG": tf_config},
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return [reid_train(workdir, data_dir, "--strategy=multi_worker",
+                       f"--train_steps={MULTI_WORKER_STEPS}", "--checkpoint_every=4", *extra,
+                       env={"TF_CONFIG": json.dumps({"cluster": cluster,
+                                                     "task": {"type": "worker", "index": i}})},
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+
+
+def finish(workers):
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs[0][-2000:] + outputs[1][-2000:]
-    assert "on 2 replica(s)" in outputs[0]
-    chief = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints", "ckpt-4"))
-    other = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints", ".worker_1", "ckpt-4"))
-    # Every saved tensor: model weights (stored via the optimizer's variable list), BatchNorm
-    # statistics, optimizer slots and step.
-    names = [n for n in chief.get_variable_to_shape_map() if n != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    return outputs
+
+
+def saved_tensors(path):
+    """Every saved tensor of a checkpoint: model weights (through the optimizer's variable
+    list), BatchNorm statistics, optimizer slots and the step."""
+    reader = tf.train.load_checkpoint(path)
+    names = [n for n in reader.get_variable_to_shape_map() if n != "_CHECKPOINTABLE_OBJECT_GRAPH"]
     assert len(names) > 40 and any("_trainable_variables" in n for n in names)
-    for name in names:
-        np.testing.assert_array_equal(chief.get_tensor(name), other.get_tensor(name), err_msg=name)
-    assert os.path.isdir(os.path.join(workdir, "export", "4"))  # only the chief's export stays
+    return {name: reader.get_tensor(name) for name in names}
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(tmp_path_factory, data_dir):
+    """An uninterrupted run on two local workers: `(workdir, outputs)`."""
+    workdir = str(tmp_path_factory.mktemp("multi") / "run")
+    return workdir, finish(start_workers(workdir, data_dir))
+
+
+def test_two_workers_train_to_identical_weights(two_worker_run):
+    workdir, outputs = two_worker_run
+    assert "on 2 replica(s)" in outputs[0]
+    final = f"ckpt-{MULTI_WORKER_STEPS}"
+    chief = saved_tensors(os.path.join(workdir, "checkpoints", final))
+    other = saved_tensors(os.path.join(workdir, "checkpoints", ".worker_1", final))
+    for name, value in chief.items():
+        np.testing.assert_array_equal(value, other[name], err_msg=name)
+    # only the chief's export stays
+    assert os.path.isdir(os.path.join(workdir, "export", str(MULTI_WORKER_STEPS)))
     assert not [n for n in os.listdir(workdir) if n.startswith(".export_worker")]
+
+
+def test_a_lost_worker_costs_only_the_steps_since_the_last_checkpoint(
+        two_worker_run, tmp_path, data_dir):
+    """SIGKILL one worker mid-run; the survivor stops too (TF's collectives cannot go on
+    without it: it fails, or the job's supervisor kills it, as here); both start again, resume
+    from the last checkpoint and end on the uninterrupted run's weights."""
+    workdir = str(tmp_path / "run")
+    workers = start_workers(workdir, data_dir, "--noexport")
+    output = ""
+    while "step 12/" not in output:  # the checkpoint of step 8 is written by then
+        line = workers[0].stdout.readline()
+        assert line, output[-3000:]
+        output += line
+    time.sleep(random.Random(0).uniform(0.0, 0.5))
+    workers[1].send_signal(signal.SIGKILL)
+    try:
+        workers[0].wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        workers[0].send_signal(signal.SIGKILL)
+    for worker in workers:
+        worker.communicate(timeout=60)
+    assert workers[1].returncode == -signal.SIGKILL
+    _, latest = restore_model(workdir)
+    lost_at = int(latest.rsplit("-", 1)[1])
+    assert 8 <= lost_at < MULTI_WORKER_STEPS, latest
+
+    outputs = finish(start_workers(workdir, data_dir, "--noexport"))
+    for output in outputs:
+        assert f"resumed from {latest} at step {lost_at}" in output, output[-2000:]
+    reference = saved_tensors(os.path.join(two_worker_run[0], "checkpoints",
+                                           f"ckpt-{MULTI_WORKER_STEPS}"))
+    resumed = saved_tensors(os.path.join(workdir, "checkpoints", f"ckpt-{MULTI_WORKER_STEPS}"))
+    for name, value in reference.items():
+        # The same batches and updates as the uninterrupted run: equal to float32 rounding.
+        np.testing.assert_allclose(resumed[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -114,6 +114,41 @@ def augment(image, seed, image_size, augmentation):
     return image
 
 
+def schedule(labels, identities_per_batch, images_per_identity, seed=0, input_context=None,
+             start_batch=0):
+    """The endless P×K schedule one input pipeline reads: `(position, index)` int64 pairs, where
+    `position` counts images in the global stream (it seeds the image's augmentation) and
+    `index` is the training image.
+
+    Epoch e is `pk_epoch(labels, P, K, rng([seed, e]))`. With an `input_context`, pipeline w of
+    W takes the w-th of W equal slices of every global batch of P*K, so within an epoch the W
+    pipelines (one per worker) read disjoint positions that together cover the whole schedule,
+    and therefore every training image. `start_batch` skips that many global batches before
+    anything is read (a resumed run continues the same schedule).
+    """
+    global_batch = identities_per_batch * images_per_identity
+
+    def epoch_indices(epoch):
+        return pk_epoch(labels, identities_per_batch, images_per_identity,
+                        np.random.default_rng([seed, int(epoch)]))
+
+    stream = tf.data.Dataset.counter().map(
+        lambda epoch: tf.ensure_shape(tf.numpy_function(epoch_indices, [epoch], tf.int64), [None])
+    ).unbatch().enumerate()  # (position in the global stream, image index)
+    stream = stream.skip(start_batch * global_batch)
+    if input_context is None:
+        return stream
+    pipelines, pipeline = input_context.num_input_pipelines, input_context.input_pipeline_id
+    if global_batch % input_context.num_replicas_in_sync:
+        raise ValueError(f"batch P*K={global_batch} does not divide over "
+                         f"{input_context.num_replicas_in_sync} replicas.")
+    share = global_batch // pipelines
+    return stream.batch(global_batch, drop_remainder=True).map(
+        lambda positions, indices: (positions[pipeline * share:(pipeline + 1) * share],
+                                    indices[pipeline * share:(pipeline + 1) * share])
+    ).unbatch()
+
+
 def train_dataset(split, image_size, identities_per_batch=8, images_per_identity=4, seed=0,
                   augmentation=Augmentation(), input_context=None, start_batch=0):
     """Endless P×K training batches: {"image" [b,H,W,3] float32 0..255, "label" [b] int32}.
@@ -127,29 +162,12 @@ def train_dataset(split, image_size, identities_per_batch=8, images_per_identity
     so a resumed run sees exactly the batches an uninterrupted run would have.
     """
     P, K = identities_per_batch, images_per_identity
-    global_batch = P * K
     image_size = tuple(image_size)
     labels, _ = relabel(split.person_ids)
-
-    def epoch_indices(epoch):
-        return pk_epoch(labels, P, K, np.random.default_rng([seed, int(epoch)]))
-
-    stream = tf.data.Dataset.counter().map(
-        lambda epoch: tf.ensure_shape(tf.numpy_function(epoch_indices, [epoch], tf.int64), [None])
-    ).unbatch().enumerate()  # (position in the global stream, image index)
-    stream = stream.skip(start_batch * global_batch)
-    batch_size = global_batch
+    stream = schedule(labels, P, K, seed, input_context, start_batch)
+    batch_size = P * K
     if input_context is not None:
-        pipelines, pipeline = input_context.num_input_pipelines, input_context.input_pipeline_id
-        if global_batch % input_context.num_replicas_in_sync:
-            raise ValueError(f"batch P*K={global_batch} does not divide over "
-                             f"{input_context.num_replicas_in_sync} replicas.")
-        share = global_batch // pipelines
-        stream = stream.batch(global_batch, drop_remainder=True).map(
-            lambda positions, indices: (positions[pipeline * share:(pipeline + 1) * share],
-                                        indices[pipeline * share:(pipeline + 1) * share])
-        ).unbatch()
-        batch_size = input_context.get_per_replica_batch_size(global_batch)
+        batch_size = input_context.get_per_replica_batch_size(P * K)
 
     read = encoded_reader(split)
     label_table = tf.constant(labels)
