@@ -12,9 +12,16 @@ best of --repeats timed runs over --batches batches (plain forward and reid-extr
 timed in turns), after one warm-up run.
 
     python benchmarks/extract.py [--backbones=resnet50,mobilenet_v2] [--batches=5]
+
+`--runner=DirectRunner`: instead, reid-extract as a Beam pipeline with 2 worker processes
+(`--direct_num_workers=2 --direct_running_mode=multi_processing`) against single-process
+reid-extract over the same folder of `--beam_images` JPEGs (mobilenet_v2 PL-Net K=4, 256x128);
+both timed as whole commands (start-up, model loading and writing included), best of --repeats.
 """
 
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -38,6 +45,10 @@ flags.DEFINE_list("backbones", ["mobilenet_v2", "resnet50"], "Backbones to time.
 flags.DEFINE_integer("batches", 5, "Timed batches of 64.")
 flags.DEFINE_integer("repeats", 3, "Timed runs (best kept).")
 flags.DEFINE_string("images", None, "A folder of images (default: generated JPEGs).")
+flags.DEFINE_string("runner", None, "Time the Beam pipeline on this runner (DirectRunner) "
+                    "against single-process reid-extract instead.")
+flags.DEFINE_integer("beam_images", 1280, "Images for --runner.")
+flags.DEFINE_integer("beam_workers", 2, "DirectRunner worker processes for --runner.")
 
 SIZE = (256, 128)
 BATCH = 64
@@ -58,6 +69,7 @@ def best_rates(functions, images_per_call):
 
 
 def write_jpegs(folder, count):
+    os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(count):
         # Smooth random pictures (JPEG of pure noise is unusually slow to decode).
@@ -68,6 +80,40 @@ def write_jpegs(folder, count):
     return folder
 
 
+def command_seconds(command):
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    return time.perf_counter() - start
+
+
+def beam_against_single_process(scratch):
+    count = FLAGS.beam_images
+    folder = FLAGS.images or write_jpegs(os.path.join(scratch, "images"), count)
+    count = len(splits_lib.folder_split(folder))
+    net = model_lib.PartLossNet(num_classes=751, num_parts=4, backbone="mobilenet_v2",
+                                image_size=SIZE)
+    net.build()
+    export = export_lib.export_model(net, os.path.join(scratch, "export"), 1)
+    extract = [sys.executable, "-m", "reid_tf.cli.extract", f"--export={export}",
+               f"--images={folder}", f"--batch_size={BATCH}"]
+    single = extract + [f"--output={os.path.join(scratch, 'single.npz')}"]
+    beam = extract + [f"--runner={FLAGS.runner}", f"--output={os.path.join(scratch, 'beam')}",
+                      "--", f"--direct_num_workers={FLAGS.beam_workers}",
+                      "--direct_running_mode=multi_processing"]
+    times = {"single": [], "beam": []}
+    for _ in range(FLAGS.repeats):  # in turns, so that a slow spell hits both
+        times["single"].append(command_seconds(single))
+        times["beam"].append(command_seconds(beam))
+    single_rate, beam_rate = (count / min(times[k]) for k in ("single", "beam"))
+    print(f"{count} images, mobilenet_v2 PL-Net K=4 {SIZE[0]}x{SIZE[1]}, whole commands, best "
+          f"of {FLAGS.repeats}", flush=True)
+    print(f"reid-extract (one process)             {single_rate:7.1f} images/s "
+          f"({min(times['single']):.1f} s)", flush=True)
+    print(f"reid-extract --runner={FLAGS.runner} ({FLAGS.beam_workers} workers) {beam_rate:7.1f} "
+          f"images/s ({min(times['beam']):.1f} s; {beam_rate / single_rate:.2f}x)", flush=True)
+
+
 def main(argv):
     del argv
     tf.get_logger().setLevel("ERROR")
@@ -76,6 +122,8 @@ def main(argv):
     print(f"machine: {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}; {SIZE[0]}x{SIZE[1]},"
           f" batch {BATCH}, {count} images per timed run", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
+        if FLAGS.runner:
+            return beam_against_single_process(scratch)
         if FLAGS.images:
             folder = FLAGS.images
         else:

@@ -38,7 +38,8 @@ def main(argv):
                                           os.path.expanduser(FLAGS.workdir),
                                           log=lambda line: print(line, flush=True),
                                           flags_text=FLAGS.flags_into_string())
-    except (ValueError, OSError, FloatingPointError) as error:  # OSError: names its path
+    except (ValueError, OSError, FloatingPointError, loop.LostWorker) as error:  # OSError: names
+        # its path; LostWorker: exit 1, so that a supervisor restarts this worker
         print(f"reid-train: error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
     if "rank1" in results:

@@ -142,6 +142,10 @@ def restore(checkpoint, checkpoint_dir, chief, log):
     return latest
 
 
+class LostWorker(RuntimeError):
+    """Another worker of a multi-worker run stopped: the collectives cannot go on."""
+
+
 def train_and_evaluate(config, workdir, log=print, flags_text=None):
     """Trains PL-Net as `config` says, evaluates, exports; resumes from `workdir` if it can.
 
@@ -247,7 +251,15 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
         num_steps = steps_to_next(step, [hook.every for hook in hooks]
                                   + [config.max_steps_per_call], total)
         call_start = time.perf_counter()
-        metrics = train_step(iterator, tf.constant(num_steps))
+        try:
+            metrics = train_step(iterator, tf.constant(num_steps))
+        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
+            # Under MultiWorkerMirroredStrategy, a lost peer aborts every collective: this
+            # worker cannot go on alone, and every worker must start again together.
+            reason = str(error.message).strip().splitlines()[0]
+            raise LostWorker(
+                f"a worker was lost after step {step} ({reason}); start every worker again "
+                f"with the same command: they resume from {manager.latest_checkpoint}.") from None
         first_bad = int(metrics["first_bad_step"])
         if first_bad >= 0:
             raise FloatingPointError(
