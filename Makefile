@@ -24,8 +24,10 @@ demo: install
 	$(BIN)/reid-train --flagfile=experiments/synthetic_persons_plnet_tiny_128x64.flags \
 		--workdir=$(DEMO_WORKDIR)
 
+# Two processes, whole files each (module fixtures built once): the suite is mostly
+# subprocesses starting TensorFlow, so it takes about half the time of one process.
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 benchmarks: install
 	$(BIN)/python benchmarks/part_partition.py

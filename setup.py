@@ -56,9 +56,9 @@ setuptools.setup(
         "milvus": ["pymilvus>=2.5", "milvus-lite>=2.5"],
         # reid-extract --runner: extraction as an Apache Beam pipeline (RunInference).
         "beam": ["apache-beam>=2.77"],
-        # dill: tfds.testing; skimage: chelsea; the deploy formats' parity tests; playwright:
+        # pytest-xdist: make test runs the suite in 2 processes, a file each; dill: tfds.testing; skimage: chelsea; the deploy formats' parity tests; playwright:
         # the search page's browser tests (driving the OS's chromium); the Milvus and Beam extras.
-        "test": ["pytest>=8", "dill", "scikit-image>=0.22", "tf2onnx>=1.17", "onnxruntime>=1.20",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "dill", "scikit-image>=0.22", "tf2onnx>=1.17", "onnxruntime>=1.20",
                  "ai-edge-litert>=2.0", "playwright>=1.50", "pymilvus>=2.5", "milvus-lite>=2.5",
                  "apache-beam>=2.77"],
         "experiments": ["matplotlib>=3.8"],  # experiments/summarize.py --plot

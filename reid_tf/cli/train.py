@@ -41,7 +41,12 @@ def main(argv):
     except (ValueError, OSError, FloatingPointError, loop.LostWorker) as error:  # OSError: names
         # its path; LostWorker: exit 1, so that a supervisor restarts this worker
         print(f"reid-train: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.stdout.flush()
+        # Not sys.exit: once, the interpreter's shutdown after this line hung for good inside
+        # TensorFlow, freeing the training input pipeline while it was still busy (the stack:
+        # the map-and-batch iterator's destructor waiting for its calls). Everything
+        # reid-train writes is complete by now (checkpoints; summaries flushed by the loop).
+        os._exit(1)
     if "rank1" in results:
         print(f"final: rank-1 {results['rank1']:.4f}  mAP {results['mAP']:.4f}  "
               f"mINP {results['mINP']:.4f}  export {results.get('export')}")

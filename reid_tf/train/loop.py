@@ -247,30 +247,12 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
              evaluation]
 
     start_step, train_seconds = step, 0.0  # in training steps only: no hooks
-    while step < total:
-        num_steps = steps_to_next(step, [hook.every for hook in hooks]
-                                  + [config.max_steps_per_call], total)
-        call_start = time.perf_counter()
-        try:
-            metrics = train_step(iterator, tf.constant(num_steps))
-        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
-            # Under MultiWorkerMirroredStrategy, a lost peer aborts every collective: this
-            # worker cannot go on alone, and every worker must start again together.
-            reason = str(error.message).strip().splitlines()[0]
-            raise LostWorker(
-                f"a worker was lost after step {step} ({reason}); start every worker again "
-                f"with the same command: they resume from {manager.latest_checkpoint}.") from None
-        first_bad = int(metrics["first_bad_step"])
-        if first_bad >= 0:
-            raise FloatingPointError(
-                f"non-finite loss at step {step + first_bad + 1}: training stopped; the last "
-                f"checkpoint ({manager.latest_checkpoint}) is intact.")
-        step += num_steps
-        call_seconds = time.perf_counter() - call_start
-        train_seconds += call_seconds
-        skipped_steps.assign_add(metrics["skipped_steps"])
-        for hook in hooks:
-            hook.after_steps(step, metrics, num_steps * config.global_batch_size / call_seconds)
+    try:
+        step, train_seconds = _steps(step, total, train_seconds, config, hooks, iterator,
+                                     train_step, manager, skipped_steps)
+    finally:  # what was logged up to a failure is on disk (reid-train then ends at once)
+        for writer in writers.values():
+            writer.flush()
 
     results = {"step": step, "epochs": step / data.steps_per_epoch, "dataset": config.dataset,
                "num_parts": config.num_parts, "part_strategy": config.part_strategy,
@@ -298,3 +280,34 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
     for writer in writers.values():
         writer.flush()
     return results
+
+
+def _steps(step, total, train_seconds, config, hooks, iterator, train_step, manager,
+           skipped_steps):
+    """Training steps from `step` to `total`, the hooks at their boundaries; returns
+    `(step, seconds spent in training steps)`."""
+    while step < total:
+        num_steps = steps_to_next(step, [hook.every for hook in hooks]
+                                  + [config.max_steps_per_call], total)
+        call_start = time.perf_counter()
+        try:
+            metrics = train_step(iterator, tf.constant(num_steps))
+        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
+            # Under MultiWorkerMirroredStrategy, a lost peer aborts every collective: this
+            # worker cannot go on alone, and every worker must start again together.
+            reason = str(error.message).strip().splitlines()[0]
+            raise LostWorker(
+                f"a worker was lost after step {step} ({reason}); start every worker again "
+                f"with the same command: they resume from {manager.latest_checkpoint}.") from None
+        first_bad = int(metrics["first_bad_step"])
+        if first_bad >= 0:
+            raise FloatingPointError(
+                f"non-finite loss at step {step + first_bad + 1}: training stopped; the last "
+                f"checkpoint ({manager.latest_checkpoint}) is intact.")
+        step += num_steps
+        call_seconds = time.perf_counter() - call_start
+        train_seconds += call_seconds
+        skipped_steps.assign_add(metrics["skipped_steps"])
+        for hook in hooks:
+            hook.after_steps(step, metrics, num_steps * config.global_batch_size / call_seconds)
+    return step, train_seconds
