@@ -199,14 +199,53 @@ def test_an_interrupted_seed_import_resumes_and_says_so(tmp_path, monkeypatch):
     assert again.count() == 25_000 and any("not imported again" in line for line in lines)
 
 
+def killed_seed_import_then_restart(tmp_path, path, index, ids, data, monkeypatch):
+    """reid-serve --gallery=seed.npz killed after two of its transactions, then started again
+    with the same flags: the store it opens (the import resumed)."""
+    from reid_tf.evaluate import features_npz
+
+    npz = str(tmp_path / "seed.npz")
+    features_npz.save_features(npz, data, np.array(ids))
+    monkeypatch.setattr(seed_lib, "IMPORT_CHUNK", 10)
+    original = gallery_store.GalleryStore.add
+    calls = []
+
+    def dying_add(self, entries, meta=None):
+        calls.append(self)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return original(self, entries, meta)
+
+    options = dict(index=index, nprobe=2, ef_search=1024, log=quiet)
+    monkeypatch.setattr(gallery_store.GalleryStore, "add", dying_add)
+    with pytest.raises(KeyboardInterrupt):
+        seed_lib.open_gallery(FakeExport(), str(path), npz=npz, **options)
+    calls[-1]._db.close()  # the killed process's connection goes with it
+    monkeypatch.setattr(gallery_store.GalleryStore, "add", original)
+    lines = []
+    store = seed_lib.open_gallery(FakeExport(), str(path), npz=npz, **{**options,
+                                                                       "log": lines.append})
+    assert any(f"resuming the interrupted import of {npz}: 20 of {len(ids)}" in line
+               for line in lines), lines
+    assert store.import_progress()["done"] == len(ids)
+    return store
+
+
 @pytest.mark.parametrize("index", ["Flat", "HNSW16", "IVF2,Flat"])
-def test_randomised_operations_with_failures_and_crashes_match_a_dictionary(tmp_path, index):
-    """A few hundred adds, replaces, removes, persists, injected index failures, crashes,
-    restarts and database restores: search returns exactly the committed entries."""
+def test_randomised_operations_with_failures_and_crashes_match_a_dictionary(tmp_path, index,
+                                                                              monkeypatch):
+    """A killed --gallery import resumed, then a few hundred adds, replaces, removes, persists,
+    injected index failures, crashes, restarts and database restores: search returns exactly
+    the committed entries."""
     rng = np.random.default_rng(7)
     path = tmp_path / "g.sqlite"
     pool = [f"r{i}" for i in range(120)]
-    model, snapshot = {}, None
+    seeded = rng.normal(size=(35, DIM)).astype(np.float32)
+    store = killed_seed_import_then_restart(tmp_path, path, index, pool[:35], seeded,
+                                            monkeypatch)
+    model, snapshot = dict(zip(pool[:35], seeded)), None
+    assert store.count() == 35 and found_ids(store, vectors(1, 99))[0] == set(model)
+    store._db.close()
     store = open_store(path, index, persist_every=int(rng.integers(5, 30)))
     for step in range(300):
         action = rng.choice(["add", "add", "add", "remove", "persist", "fail", "crash",

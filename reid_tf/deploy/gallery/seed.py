@@ -41,6 +41,9 @@ def backend_of(uri):
                      "http://host:19530 (a Milvus server).")
 
 
+IMPORT_CHUNK = 10_000  # entries per transaction of a seed import (its unit of resumption)
+
+
 def open_gallery(export, gallery_db=None, npz=None, images=None, index="Flat", nprobe=16,
                  ef_search=64, persist_every=1000, log=print,
                  thumbnail_size=thumbnails.DEFAULT_HEIGHT, uri=None, milvus=None):
@@ -83,7 +86,8 @@ def open_gallery(export, gallery_db=None, npz=None, images=None, index="Flat", n
             log(f"gallery: resuming the interrupted import of {source}: {start} of "
                 f"{progress['total']} entries were in; importing the other "
                 f"{progress['total'] - start}")
-        imported = store.import_features(arrays, source=source, start=start)
+        imported = store.import_features(arrays, source=source, start=start,
+                                         chunk=IMPORT_CHUNK)
         log(f"gallery: imported {imported} entries from {source}")
     return store
 
