@@ -89,6 +89,20 @@ def check_call_modes(layer, inputs, atol=1e-5):
     return eager
 
 
+def hide_package(monkeypatch, package):
+    """Makes `extras.require` find `package` missing (as if not installed) for one test."""
+    from reid_tf import extras
+
+    real_import = extras.importlib.import_module
+
+    def without(module):
+        if module.split(".")[0] == package:
+            raise ImportError(f"No module named {package!r}")
+        return real_import(module)
+
+    monkeypatch.setattr(extras.importlib, "import_module", without)
+
+
 def run_module(module, *flags, check=True, timeout=600):
     """`python -m module *flags` on the CPU, its output captured; with `check`, a failure
     asserts with the end of its stderr. (Tests never import a `reid_tf.cli` module: absl's flags

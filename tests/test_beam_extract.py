@@ -81,14 +81,7 @@ def test_a_glob_reads_only_what_it_matches(trained, folder, tmp_path):
 
 
 def test_without_apache_beam_one_line_names_the_extra(monkeypatch, tmp_path):
-    real_import = extras.importlib.import_module
-
-    def without_beam(module):
-        if module.startswith("apache_beam"):
-            raise ImportError("No module named 'apache_beam'")
-        return real_import(module)
-
-    monkeypatch.setattr(extras.importlib, "import_module", without_beam)
+    testing.hide_package(monkeypatch, "apache_beam")
     with pytest.raises(extras.MissingPackage, match=r"apache_beam is not installed; install it "
                                                     r"with pip install 'reid-tf\[beam\]'"):
         beam.run("export", str(tmp_path), str(tmp_path / "out"))

@@ -177,14 +177,7 @@ def test_a_missing_package_a_wrong_file_and_a_damaged_file_each_give_one_line(
         damaged.write_bytes(open(os.path.join(exported["path"], name), "rb").read()[:5000])
         with pytest.raises(ValueError, match=f"{name}: not a readable"):
             runtime.open_runtime(str(damaged))
-    real_import = extras.importlib.import_module
-
-    def without_onnxruntime(module):
-        if module.startswith("onnxruntime"):
-            raise ImportError("No module named 'onnxruntime'")
-        return real_import(module)
-
-    monkeypatch.setattr(extras.importlib, "import_module", without_onnxruntime)
+    testing.hide_package(monkeypatch, "onnxruntime")
     with pytest.raises(extras.MissingPackage,
                        match=r"onnxruntime is not installed; install it with pip install "
                              r"'reid-tf\[onnx\]'"):
