@@ -4,19 +4,27 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= cpu,test
+EXTRAS ?= cpu
 
-.PHONY: install demo test benchmarks clean
+.PHONY: install install-test demo test benchmarks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# reid-tf and TensorFlow only: what the demo and the tools need (no optional engine).
 $(VENV)/.installed: $(BIN)/python setup.py
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
+# The test extra on top: pytest and every optional engine the tests exercise (ONNX, LiteRT,
+# Milvus Lite, Apache Beam, Playwright).
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS),test]'
+	touch $@
+
 install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
 
 DEMO_WORKDIR ?= runs/synthetic_persons_plnet_tiny_128x64
 
@@ -26,10 +34,10 @@ demo: install
 
 # Two processes, whole files each (module fixtures built once): the suite is mostly
 # subprocesses starting TensorFlow, so it takes about half the time of one process.
-test: install
+test: install-test
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
-benchmarks: install
+benchmarks: install-test
 	$(BIN)/python benchmarks/part_partition.py
 	REID_TF_SHARED_DIR=$${REID_TF_SHARED_DIR:-../shared} $(BIN)/python benchmarks/input_pipeline.py
 	$(BIN)/python benchmarks/train_throughput.py
