@@ -1,5 +1,5 @@
 # Two commands on a fresh machine with Python 3.11, bash and make:
-#   make demo   train PL-Net on the built-in synthetic_persons, evaluate and export (~6 min)
+#   make demo   train PL-Net on the built-in synthetic_persons, evaluate and export (minutes)
 #   make test   install what the tests need and run the whole suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
