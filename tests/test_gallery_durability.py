@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+from reid_tf.deploy.gallery import faiss_index
 from reid_tf.deploy.gallery import seed as seed_lib
 from reid_tf.deploy.gallery import store as gallery_store
 
@@ -302,9 +303,9 @@ def test_a_gallery_that_cannot_rebuild_refuses_searches_and_writes_no_index_file
     store.add(entries(["a", "b"], data[:2]))
     store._index_add = lambda v, rows: (_ for _ in ()).throw(RuntimeError("index broken"))
     store._new_index = lambda: (_ for _ in ()).throw(MemoryError("no memory to rebuild"))
-    files = store._index_files()
+    files = faiss_index.files(str(path))
     assert store.add(entries(["c"], data[2:3])) == 1  # committed, and said so
-    assert store.stale and store._index_files() == files  # nothing persisted while stale
+    assert store.stale and faiss_index.files(str(path)) == files  # nothing persisted while stale
     with pytest.raises(gallery_store.GalleryUnavailable, match="being rebuilt"):
         store.search(data[:1], k=3)
     del store._index_add, store._new_index  # the fault goes away: the next search rebuilds

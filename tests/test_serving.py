@@ -15,6 +15,7 @@ from PIL import Image
 from reid_tf import testing
 from reid_tf.data import preprocessing
 from reid_tf.deploy import runtime
+from reid_tf.deploy.gallery import faiss_index
 from reid_tf.deploy.gallery import seed
 from reid_tf.deploy.gallery import store as gallery_store
 from reid_tf.evaluate import extract as extract_lib
@@ -200,7 +201,7 @@ def test_gallery_index_ivf_finds_the_exact_neighbours_when_probing_every_list(tm
     ivf = gallery_store.GalleryStore(":memory:", 32, index=seed.index_spec("ivf", 8),
                                      nprobe=8, log=lambda line: None)
     ivf.import_features(arrays)
-    assert "IVF" in type(ivf._inner()).__name__
+    assert "IVF" in type(faiss_index.inner_of(ivf.index)).__name__
     queries = embeddings[:20] + 0.01 * rng.normal(size=(20, 32)).astype(np.float32)
     for exact, approximate in zip(flat.search(queries, 5), ivf.search(queries, 5)):
         assert [m["id"] for m in exact] == [m["id"] for m in approximate]

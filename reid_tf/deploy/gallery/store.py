@@ -21,23 +21,23 @@ The index only claims what it holds:
 - on open, an index file whose `seq` is beyond the database's (a restored backup) is ignored,
   and a loaded index that does not hold exactly the database's entries is rebuilt.
 
-IVF indexes take the entries' row ids natively (an `IndexIDMap` around one would shift ids on
-removal); Flat and HNSW are wrapped in an `IndexIDMap2`. HNSW cannot remove: a removed row is
-marked deleted and filtered out at search, and the index is rebuilt once the marked rows pass
-a tenth of it (amortised O(1) per removal).
+HNSW cannot remove: a removed row is marked deleted and filtered out at search, and the index is
+rebuilt once the marked rows pass a tenth of it (amortised O(1) per removal).
+
+The SQLite tables and reads are in `tables`, the faiss index kinds and files in `faiss_index`;
+this class holds the connection, the lock and the index, and decides when each is used.
 """
 
-import glob
 import json
 import os
-import re
 import sqlite3
 import threading
 import time
 
 import numpy as np
 
-from reid_tf.deploy.gallery.contract import FIELDS
+from reid_tf.deploy.gallery import faiss_index
+from reid_tf.deploy.gallery import tables
 from reid_tf.deploy.gallery.contract import Gallery
 from reid_tf.deploy.gallery.contract import GalleryError  # noqa: F401 - the store's errors
 from reid_tf.deploy.gallery.contract import GalleryUnavailable
@@ -45,27 +45,7 @@ from reid_tf.deploy.gallery.contract import check_entries
 from reid_tf.deploy.gallery.contract import check_ids
 from reid_tf.model.descriptors import unit_rows
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS entries (
-    row INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    person_id INTEGER,
-    camera_id INTEGER,
-    timestamp REAL,
-    metadata TEXT,
-    embedding BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS entries_camera ON entries (camera_id);
-CREATE INDEX IF NOT EXISTS entries_timestamp ON entries (timestamp);
-CREATE TABLE IF NOT EXISTS thumbnails (row INTEGER PRIMARY KEY, jpeg BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS changes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    op TEXT NOT NULL CHECK (op IN ('add', 'remove')),
-    row INTEGER NOT NULL
-);
-"""
-INDEX_FILE = re.compile(r"\.index-(\d+)\.faiss$")
+EXACT_FILTER_LIMIT = 50_000  # a filter passing at most this many entries is searched exactly
 
 
 class GalleryStore(Gallery):
@@ -86,9 +66,6 @@ class GalleryStore(Gallery):
 
     def __init__(self, path, dimension=None, index="Flat", nprobe=16, ef_search=64,
                  persist_every=1000, log=print, training_sample=200_000, model=None):
-        import faiss
-
-        self._faiss = faiss
         self.path = path
         self.index_spec = index
         self.nprobe = nprobe
@@ -101,7 +78,7 @@ class GalleryStore(Gallery):
         if path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged add survives power loss
-        self._db.executescript(SCHEMA)
+        self._db.executescript(tables.SCHEMA)
         stored = self._meta("dimension")
         if stored is not None and dimension is not None and int(stored) != dimension:
             raise ValueError(f"{path}: holds embeddings of {stored}, not {dimension}.")
@@ -112,8 +89,8 @@ class GalleryStore(Gallery):
             self._db.execute("INSERT INTO meta VALUES ('dimension', ?)", (str(self.dimension),))
         self._check_model(model)
         # Entries an untrained index_factory spec needs before it can be trained (0: none).
-        probe = faiss.index_factory(self.dimension, index, faiss.METRIC_INNER_PRODUCT)
-        self.needed_for_training = 0 if probe.is_trained else self._training_size(probe)
+        probe = faiss_index.empty(self.dimension, index)
+        self.needed_for_training = 0 if probe.is_trained else faiss_index.training_size(probe)
         self.applied_seq = 0  # the last change in the in-memory index
         self.persisted_seq = 0  # the last change in the newest index file
         self.trained_size = 0  # the gallery's size when the index was trained (0: untrained)
@@ -140,43 +117,29 @@ class GalleryStore(Gallery):
     # ------------------------------------------------------------------ index upkeep
 
     def _meta(self, key):
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
+        return tables.meta(self._db, key)
 
     def _new_index(self):
         """An empty index of `index_spec`, trained on a sample of the gallery if it needs
         training (a Flat index while the gallery is too small to train it)."""
-        faiss = self._faiss
-        inner = faiss.index_factory(self.dimension, self.index_spec, faiss.METRIC_INNER_PRODUCT)
+        inner = faiss_index.empty(self.dimension, self.index_spec)
         if not inner.is_trained:
             needed = self.needed_for_training
             size = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
             if size < needed:
                 self.log(f"gallery: {size} entries, fewer than the {needed} that "
                          f"{self.index_spec} needs to train; exact search until then")
-                inner = faiss.IndexFlatIP(self.dimension)
+                inner = faiss_index.empty(self.dimension, "Flat")
                 self.trained_size = 0
             else:
                 start = time.perf_counter()
-                sample = self._sample(self.training_sample)
+                sample = tables.sample(self._db, self.training_sample, self.dimension)
                 inner.train(sample)
                 self.trained_size = size
                 self.log(f"gallery: trained {self.index_spec} on {len(sample)} of {size} "
                          f"entries in {time.perf_counter() - start:.1f} s")
-        self._set_search_parameters(inner)
-        if faiss.try_extract_index_ivf(inner) is not None:
-            return inner  # IVF lists hold the ids themselves
-        return faiss.IndexIDMap2(inner)
-
-    def _inner(self):
-        """The index under the id map (the index itself for IVF)."""
-        index = self._faiss.downcast_index(self.index)
-        if isinstance(index, (self._faiss.IndexIDMap, self._faiss.IndexIDMap2)):
-            return self._faiss.downcast_index(index.index)
-        return index
-
-    def _can_remove(self):
-        return not hasattr(self._inner(), "hnsw")
+        faiss_index.set_search_parameters(inner, self.nprobe, self.ef_search)
+        return faiss_index.with_ids(inner)
 
     def _index_add(self, embeddings, rows):
         self.index.add_with_ids(embeddings, rows)
@@ -184,44 +147,9 @@ class GalleryStore(Gallery):
     def _index_remove(self, rows):
         self.index.remove_ids(rows)
 
-    def _training_size(self, inner):
-        ivf = self._faiss.try_extract_index_ivf(inner)
-        return 39 * ivf.nlist if ivf is not None else 256 * 39
-
-    def _set_search_parameters(self, inner):
-        ivf = self._faiss.try_extract_index_ivf(inner)
-        if ivf is not None:
-            ivf.nprobe = self.nprobe
-        if hasattr(inner, "hnsw"):
-            inner.hnsw.efSearch = self.ef_search
-
-    def _sample(self, limit):
-        """At most `limit` embeddings drawn at random; reads only the rows drawn (a million
-        embeddings would not fit in memory as floats next to their index)."""
-        rows = np.array([r for (r,) in self._db.execute("SELECT row FROM entries")], np.int64)
-        if len(rows) > limit:
-            rows = np.sort(np.random.default_rng(len(rows)).choice(rows, limit, replace=False))
-        sample = np.zeros([len(rows), self.dimension], np.float32)
-        for start in range(0, len(rows), 512):
-            chunk = rows[start:start + 512].tolist()
-            marks = ",".join("?" * len(chunk))
-            found = dict(self._db.execute(
-                f"SELECT row, embedding FROM entries WHERE row IN ({marks})", chunk))
-            for i, row in enumerate(chunk):
-                sample[start + i] = np.frombuffer(found[row], np.float32)
-        return sample
-
-    def _index_files(self):
-        if self.path == ":memory:":
-            return []
-        files = [(int(INDEX_FILE.search(p).group(1)), p)
-                 for p in glob.glob(glob.escape(self.path) + ".index-*.faiss")
-                 if INDEX_FILE.search(p)]
-        return sorted(files)
-
     def _open_index(self):
-        last_seq = self._last_seq()
-        files = self._index_files()
+        last_seq = tables.last_seq(self._db)
+        files = faiss_index.files(self.path)
         for seq, path in [f for f in files if f[0] > last_seq]:
             self.log(f"gallery: {path} is newer than {self.path} (its last change is {last_seq}:"
                      f" a restored backup?); ignored, the index is rebuilt from the database")
@@ -231,8 +159,9 @@ class GalleryStore(Gallery):
         if files and spec == self.index_spec:
             seq, path = files[-1]
             try:
-                self.index = self._faiss.read_index(path)
-                self._set_search_parameters(self._inner())
+                self.index = faiss_index.read(path)
+                faiss_index.set_search_parameters(faiss_index.inner_of(self.index), self.nprobe,
+                                                  self.ef_search)
                 self.applied_seq = self.persisted_seq = seq
                 self.trained_size = int(self._meta("trained_size") or 0)
                 self._deleted = self._stale_rows()
@@ -251,29 +180,20 @@ class GalleryStore(Gallery):
     def _stale_rows(self):
         """Rows an HNSW index file holds that the database no longer does (removed after it
         was marked deleted, then persisted)."""
-        if self._can_remove():
+        if faiss_index.can_remove(self.index):
             return set()
-        held = set(self._faiss.vector_to_array(self._faiss.downcast_index(self.index).id_map)
-                   .tolist())
         live = {row for (row,) in self._db.execute("SELECT row FROM entries")}
-        return held - live
+        return faiss_index.ids(self.index) - live
 
     def _rebuild(self, last_seq=None):
         """The index from every entry of the database (under the lock or at open)."""
-        last_seq = self._last_seq() if last_seq is None else last_seq
+        last_seq = tables.last_seq(self._db) if last_seq is None else last_seq
         start = time.perf_counter()
         self.stale = True  # until the new index holds every entry
         self.index = self._new_index()
         self._deleted = set()
-        rows, embeddings = [], []
-        for row, blob in self._db.execute("SELECT row, embedding FROM entries ORDER BY row"):
-            rows.append(row)
-            embeddings.append(np.frombuffer(blob, np.float32))
-            if len(rows) == 65536:
-                self.index.add_with_ids(np.stack(embeddings), np.array(rows, np.int64))
-                rows, embeddings = [], []
-        if rows:
-            self.index.add_with_ids(np.stack(embeddings), np.array(rows, np.int64))
+        for embeddings, rows in tables.all_embeddings(self._db):
+            self.index.add_with_ids(embeddings, rows)
         self.applied_seq = last_seq
         self.stale = False
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('index', ?)", (self.index_spec,))
@@ -282,11 +202,6 @@ class GalleryStore(Gallery):
         if self.index.ntotal:
             self.log(f"gallery: built {self.index_spec} over {self.index.ntotal} entries in "
                      f"{time.perf_counter() - start:.1f} s")
-
-    def _last_seq(self):
-        """The last change ever logged (the log is trimmed; its AUTOINCREMENT counter is not)."""
-        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
-        return row[0] if row else 0
 
     def _replay(self, after_seq):
         """Applies the logged changes after `after_seq` to the index; returns how many."""
@@ -300,23 +215,14 @@ class GalleryStore(Gallery):
         if not changes:
             return
         removed = [row for _, op, row in changes if op == "remove"]
-        if removed and self._can_remove():
+        if removed and faiss_index.can_remove(self.index):
             self._index_remove(np.array(removed, np.int64))
         elif removed:  # HNSW: marked deleted, filtered at search
             self._deleted.update(removed)
         added = [row for _, op, row in changes if op == "add"]
-        if added:  # rows removed by a later change of the same batch are gone from the table
-            found = []
-            for start in range(0, len(added), 900):  # SQLite's bound-parameter limit
-                chunk = added[start:start + 900]
-                marks = ",".join("?" * len(chunk))
-                found += self._db.execute(
-                    f"SELECT row, embedding FROM entries WHERE row IN ({marks})",
-                    chunk).fetchall()
-            if found:
-                self._index_add(
-                    np.stack([np.frombuffer(blob, np.float32) for _, blob in found]),
-                    np.array([row for row, _ in found], np.int64))
+        found = tables.embeddings(self._db, added) if added else None
+        if found is not None:
+            self._index_add(*found)
         self.applied_seq = changes[-1][0]
         if self._deleted and len(self._deleted) > max(64, self.index.ntotal // 10):
             self._rebuild()
@@ -333,14 +239,7 @@ class GalleryStore(Gallery):
     def _persist(self):
         if self.path == ":memory:" or self.applied_seq == self.persisted_seq or self.stale:
             return None
-        final = f"{self.path}.index-{self.applied_seq}.faiss"
-        temporary = final + ".tmp"
-        self._faiss.write_index(self.index, temporary)
-        with open(temporary, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, final)  # a file under its seq is always complete
-        for _, older in self._index_files()[:-1]:
-            os.remove(older)
+        final = faiss_index.write(self.index, self.path, self.applied_seq)
         self.persisted_seq = self.applied_seq
         # The file holds every change up to its seq: their log rows are not needed to restart.
         self._db.execute("DELETE FROM changes WHERE seq <= ?", (self.persisted_seq,))
@@ -360,10 +259,7 @@ class GalleryStore(Gallery):
 
     def _check_entries(self, entries):
         """Checked entries (`contract.check_entries`) as table rows and thumbnails."""
-        return [((e["id"], e["person_id"], e["camera_id"], e["timestamp"],
-                  None if e["metadata"] is None else json.dumps(e["metadata"]),
-                  e["embedding"].tobytes()), e["thumbnail"])
-                for e in check_entries(entries, self.dimension)]
+        return [tables.as_row(e) for e in check_entries(entries, self.dimension)]
 
     def _commit(self, write):
         """Runs `write(db) -> [(op, row)]` in one transaction with its change-log rows; after
@@ -497,11 +393,16 @@ class GalleryStore(Gallery):
                     self._nearest(queries, k, min(total, k + len(self._deleted)), results,
                                   incomplete, None, None)
                 else:
-                    where, values = _filter_sql(exclude_camera, time_range)
+                    where, values = tables.filter_sql(exclude_camera, time_range)
                     passing = self._db.execute(
                         f"SELECT COUNT(*) FROM entries WHERE {where}", values).fetchone()[0]
                     if passing <= EXACT_FILTER_LIMIT:
-                        self._exact(queries, k, where, values, results)
+                        similarities, rows = tables.exact_top_k(self._db, queries, k, where,
+                                                                values)
+                        entries = tables.entries(self._db, set(rows.ravel().tolist()))
+                        for query, (near, found) in enumerate(zip(similarities, rows)):
+                            results[query] = [{**entries[int(row)], "distance": float(1 - s)}
+                                              for s, row in zip(near, found)]
                     else:
                         limit = min(total, max(1024, -(-16 * k * total // passing))
                                     + len(self._deleted))
@@ -518,13 +419,13 @@ class GalleryStore(Gallery):
         pending = list(range(len(queries)))
         while pending:
             similarities, rows = self._index_search(queries[pending], fetch)
-            entries = self._entries({int(r) for r in rows.ravel() if r >= 0})
+            entries = tables.entries(self._db, {int(r) for r in rows.ravel() if r >= 0})
             retry = []
             for position, query in enumerate(pending):
                 matches = []
                 for similarity, row in zip(similarities[position], rows[position]):
                     entry = entries.get(int(row))  # None: removed (HNSW) or no row
-                    if entry is None or not _passes(entry, exclude_camera, time_range):
+                    if entry is None or not tables.passes(entry, exclude_camera, time_range):
                         continue
                     matches.append({**entry, "distance": float(1.0 - similarity)})
                     if len(matches) == k:
@@ -536,71 +437,19 @@ class GalleryStore(Gallery):
                     incomplete[query] = True  # the bound stopped it, not the gallery
             pending, fetch = retry, min(limit, fetch * 4)
 
-    def _exact(self, queries, k, where, values, results, chunk=4096):
-        """Exact top-k among the rows passing `where`, streamed in chunks (memory bounded by
-        the chunk and k, not by how many rows pass)."""
-        best_similarity = np.full((len(queries), 0), -np.inf, np.float32)
-        best_row = np.zeros((len(queries), 0), np.int64)
-        cursor = self._db.execute(f"SELECT row, embedding FROM entries WHERE {where}", values)
-        while True:
-            fetched = cursor.fetchmany(chunk)
-            if not fetched:
-                break
-            rows = np.array([row for row, _ in fetched], np.int64)
-            embeddings = np.frombuffer(b"".join(blob for _, blob in fetched),
-                                       np.float32).reshape(len(fetched), self.dimension)
-            similarity = np.concatenate([best_similarity, queries @ embeddings.T], axis=1)
-            candidates = np.concatenate([best_row, np.broadcast_to(rows, (len(queries),
-                                                                          len(rows)))], axis=1)
-            keep = min(k, similarity.shape[1])
-            top = np.argpartition(-similarity, keep - 1, axis=1)[:, :keep]
-            best_similarity = np.take_along_axis(similarity, top, axis=1)
-            best_row = np.take_along_axis(candidates, top, axis=1)
-        order = np.argsort(-best_similarity, axis=1, kind="stable")
-        best_similarity = np.take_along_axis(best_similarity, order, axis=1)
-        best_row = np.take_along_axis(best_row, order, axis=1)
-        entries = self._entries(set(best_row.ravel().tolist()))
-        for query in range(len(queries)):
-            results[query] = [{**entries[int(row)], "distance": float(1.0 - similarity)}
-                              for similarity, row in zip(best_similarity[query],
-                                                         best_row[query])]
-
     def _index_search(self, queries, k):
-        """faiss search; a few queries on one OpenMP thread. faiss would split a single query's
-        lists over every core, and next to a model call busy on those cores its threads wait on
-        each other: 4.1 ms p50 and 13 ms p99 against 1.5 and 2.0 on one thread (100,000 x 1,280
-        entries, IVF256,SQ8, nprobe 16, 2 cores with a training job running)."""
-        if len(queries) >= 8:
-            return self.index.search(queries, k)
-        threads = self._faiss.omp_get_max_threads()
-        self._faiss.omp_set_num_threads(1)
-        try:
-            return self.index.search(queries, k)
-        finally:
-            self._faiss.omp_set_num_threads(threads)
-
-    def _entries(self, rows):
-        if not rows:
-            return {}
-        rows = list(rows)
-        found = {}
-        for start in range(0, len(rows), 900):  # SQLite's bound-parameter limit
-            chunk = rows[start:start + 900]
-            marks = ",".join("?" * len(chunk))
-            for row, *values in self._db.execute(
-                    f"SELECT {ENTRY_COLUMNS} FROM {ENTRIES} WHERE e.row IN ({marks})", chunk):
-                found[row] = _entry(values)
-        return found
+        return faiss_index.search(self.index, queries, k)
 
     def get(self, entry_id):
         """The entry with this id (with its embedding), or None."""
         with self._lock:
-            row = self._db.execute(f"SELECT {ENTRY_COLUMNS}, e.embedding FROM {ENTRIES} "
+            row = self._db.execute(f"SELECT {tables.ENTRY_COLUMNS}, e.embedding "
+                                   f"FROM {tables.ENTRIES} "
                                    "WHERE e.id = ?",
                                    (entry_id,)).fetchone()
         if row is None:
             return None
-        return {**_entry(row[1:7]), "embedding": np.frombuffer(row[7], np.float32)}
+        return {**tables.as_entry(row[1:7]), "embedding": np.frombuffer(row[7], np.float32)}
 
     def thumbnail(self, entry_id):
         """The JPEG thumbnail stored with this entry, or None."""
@@ -613,9 +462,10 @@ class GalleryStore(Gallery):
     def browse(self, offset=0, limit=50):
         """`(entries, total)`: a page of entries, newest first (without embeddings)."""
         with self._lock:
-            rows = self._db.execute(f"SELECT {ENTRY_COLUMNS} FROM {ENTRIES} ORDER BY e.row "
+            rows = self._db.execute(f"SELECT {tables.ENTRY_COLUMNS} FROM {tables.ENTRIES} "
+                                    "ORDER BY e.row "
                                     "DESC LIMIT ? OFFSET ?", (limit, offset)).fetchall()
-        return [_entry(values) for _, *values in rows], self.size
+        return [tables.as_entry(values) for _, *values in rows], self.size
 
     def stats(self):
         """What an operator sees of the gallery: size, entries per camera, time span,
@@ -626,7 +476,8 @@ class GalleryStore(Gallery):
             first, last = self._db.execute(
                 "SELECT MIN(timestamp), MAX(timestamp) FROM entries").fetchone()
             thumbnails = self._db.execute("SELECT COUNT(*) FROM thumbnails").fetchone()[0]
-            index = {"spec": self.index_spec, "kind": type(self._inner()).__name__,
+            kind = type(faiss_index.inner_of(self.index)).__name__
+            index = {"spec": self.index_spec, "kind": kind,
                      "entries": int(self.index.ntotal) - len(self._deleted),
                      "trained_on": self.trained_size, "stale": self.stale,
                      "changes_not_persisted": self.staleness()}
@@ -635,50 +486,3 @@ class GalleryStore(Gallery):
                 "time_span": None if first is None else [first, last],
                 "thumbnails": thumbnails, "index": index}
 
-
-ENTRY_COLUMNS = "e.row, e.id, e.person_id, e.camera_id, e.timestamp, e.metadata, t.row IS NOT NULL"
-ENTRIES = "entries e LEFT JOIN thumbnails t ON t.row = e.row"
-
-
-def _entry(values):
-    """A table row `(id, person_id, camera_id, timestamp, metadata JSON, has thumbnail)` as a
-    dict."""
-    entry = dict(zip(FIELDS, values))
-    entry["metadata"] = None if entry["metadata"] is None else json.loads(entry["metadata"])
-    entry["thumbnail"] = bool(entry["thumbnail"])
-    return entry
-
-
-EXACT_FILTER_LIMIT = 50_000  # a filter passing at most this many entries is searched exactly
-
-
-def _filter_sql(exclude_camera, time_range):
-    """The SQL `WHERE` clause and its values of the search filters (the same test as
-    `_passes`)."""
-    clauses, values = [], []
-    if exclude_camera is not None:
-        clauses.append("(camera_id IS NULL OR camera_id != ?)")
-        values.append(exclude_camera)
-    if time_range is not None:
-        start, end = time_range
-        clauses.append("timestamp IS NOT NULL")
-        if start is not None:
-            clauses.append("timestamp >= ?")
-            values.append(start)
-        if end is not None:
-            clauses.append("timestamp <= ?")
-            values.append(end)
-    return " AND ".join(clauses) or "1", values
-
-
-def _passes(entry, exclude_camera, time_range):
-    if exclude_camera is not None and entry["camera_id"] == exclude_camera:
-        return False
-    if time_range is not None:
-        start, end = time_range
-        timestamp = entry["timestamp"]
-        if timestamp is None:
-            return False
-        if (start is not None and timestamp < start) or (end is not None and timestamp > end):
-            return False
-    return True

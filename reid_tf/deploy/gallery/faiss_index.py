@@ -1,0 +1,110 @@
+"""The gallery's faiss side: which index an `index_factory` spec makes and how it is searched,
+and its files `<db>.index-<seq>.faiss`, `seq` being the last change the file holds. Plain
+functions; `store.GalleryStore` decides when an index is built, applied to, written and read.
+
+IVF indexes take the entries' row ids natively (an `IndexIDMap` around one would shift ids on
+removal); Flat and HNSW are wrapped in an `IndexIDMap2`. HNSW cannot remove entries."""
+
+import glob
+import os
+import re
+
+INDEX_FILE = re.compile(r"\.index-(\d+)\.faiss$")
+
+
+def faiss_module():
+    import faiss  # a dependency of the gallery only, imported when a store opens
+
+    return faiss
+
+
+def empty(dimension, spec):
+    """An empty, untrained index of `spec` over inner products."""
+    faiss = faiss_module()
+    return faiss.index_factory(dimension, spec, faiss.METRIC_INNER_PRODUCT)
+
+
+def training_size(inner):
+    """Entries an untrained index needs to train: 39 per IVF list (faiss's own minimum)."""
+    ivf = faiss_module().try_extract_index_ivf(inner)
+    return 39 * ivf.nlist if ivf is not None else 256 * 39
+
+
+def set_search_parameters(inner, nprobe, ef_search):
+    ivf = faiss_module().try_extract_index_ivf(inner)
+    if ivf is not None:
+        ivf.nprobe = nprobe
+    if hasattr(inner, "hnsw"):
+        inner.hnsw.efSearch = ef_search
+
+
+def with_ids(inner):
+    """The index that takes the entries' row ids: IVF lists hold ids themselves, the others
+    are wrapped in an `IndexIDMap2`."""
+    faiss = faiss_module()
+    if faiss.try_extract_index_ivf(inner) is not None:
+        return inner
+    return faiss.IndexIDMap2(inner)
+
+
+def inner_of(index):
+    """The index under the id map (the index itself for IVF)."""
+    faiss = faiss_module()
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return faiss.downcast_index(index.index)
+    return index
+
+
+def can_remove(index):
+    return not hasattr(inner_of(index), "hnsw")
+
+
+def ids(index):
+    """The row ids an id-mapped index holds."""
+    faiss = faiss_module()
+    return set(faiss.vector_to_array(faiss.downcast_index(index).id_map).tolist())
+
+
+def files(db_path):
+    """`[(seq, path)]` of the index files of this database, oldest first."""
+    if db_path == ":memory:":
+        return []
+    found = [(int(INDEX_FILE.search(p).group(1)), p)
+             for p in glob.glob(glob.escape(db_path) + ".index-*.faiss")
+             if INDEX_FILE.search(p)]
+    return sorted(found)
+
+
+def read(path):
+    return faiss_module().read_index(path)
+
+
+def write(index, db_path, seq):
+    """Writes `index` as the file of change `seq`, whole or not at all (written aside, synced,
+    renamed), and removes the older files; returns its path."""
+    final = f"{db_path}.index-{seq}.faiss"
+    temporary = final + ".tmp"
+    faiss_module().write_index(index, temporary)
+    with open(temporary, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(temporary, final)  # a file under its seq is always complete
+    for _, older in files(db_path)[:-1]:
+        os.remove(older)
+    return final
+
+
+def search(index, queries, k):
+    """faiss search; a few queries on one OpenMP thread. faiss would split a single query's
+    lists over every core, and next to a model call busy on those cores its threads wait on
+    each other: 4.1 ms p50 and 13 ms p99 against 1.5 and 2.0 on one thread (100,000 x 1,280
+    entries, IVF256,SQ8, nprobe 16, 2 cores with a training job running)."""
+    if len(queries) >= 8:
+        return index.search(queries, k)
+    faiss = faiss_module()
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(queries, k)
+    finally:
+        faiss.omp_set_num_threads(threads)
