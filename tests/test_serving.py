@@ -433,6 +433,24 @@ def test_a_full_queue_answers_503_with_retry_after(trained, tmp_path):
     assert any(status == 503 and retry == "1" for status, retry in answers), answers
 
 
+def test_each_route_is_counted_under_its_own_label(server):
+    def counts():
+        counted = {}
+        for name, labels, value in scrape(server):
+            if name == "reid_requests_total":
+                counted[labels["route"]] = counted.get(labels["route"], 0) + value
+        return counted
+
+    before = counts()
+    for path in ("/v1/models/reid", "/v1/models/reid/metadata", "/", "/ui/config.json"):
+        status, _ = server.request("GET", path, parse=False)
+        assert status == 200, path
+    after = counts()
+    assert {route: after.get(route, 0) - before.get(route, 0)
+            for route in ("status", "metadata", "ui", "metrics", "unknown")} == {
+        "status": 1, "metadata": 1, "ui": 2, "metrics": 1, "unknown": 0}
+
+
 def test_made_up_verbs_share_one_metrics_label(server):
     for i in range(30):
         status, answer = server.request("POST", f"/v1/models/reid:x{i}", {})

@@ -147,8 +147,8 @@ def open_runtime(path):
     elif path.endswith((".onnx", ".tflite")):
         runtime = formats.open_file(path)
     else:
-        raise ValueError(f"{path}: not an export reid-tf reads; expected a SavedModel export folder "
-                         "(<export_dir>/<version>), a .onnx or a .tflite file.")
+        raise ValueError(f"{path}: not an export reid-tf reads; expected a SavedModel export "
+                         "folder (<export_dir>/<version>), a .onnx or a .tflite file.")
     runtime.calibration = export.calibration_of(path)  # the decision thresholds, if fitted
     return runtime
 

@@ -9,8 +9,9 @@ load: the requests answered by one call come back a few milliseconds later, and 
 always miss the next one, so closed-loop clients would settle into two half-full batches.
 A request waits for company only when there is concurrency (the last call served several
 requests, others queued behind it, or several are queued now): a lone client is never held back
-by the timeout, and merging starts with the first request that had to queue. A request whose caller has given up (its
-future cancelled, e.g. by a timeout) is dropped before its batch runs, not computed for nothing.
+by the timeout, and merging starts with the first request that had to queue. A request whose
+caller has given up (its future cancelled, e.g. by a timeout) is dropped before its batch runs,
+not computed for nothing.
 Over `max_enqueued_batches` x `max_batch_size` queued images, `submit` raises QueueFull (503);
 a request larger than that whole capacity could never fit and raises TooLarge (413) instead.
 When a merged call fails, its requests are run again one by one, so that only the request at
