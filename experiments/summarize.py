@@ -269,7 +269,9 @@ def feature_levels_table(results_dir=RESULTS_DIR, prefix="cuhk03_pair1"):
     for data in ("labeled", "detected"):
         for kind, label in (("baseline", "(a) baseline, 256-d"),
                             ("plnet", "PL-Net (global branch)"),
-                            ("baseline1280", "(e) baseline, 1280-d")):
+                            ("baseline1280", "(e) baseline, 1280-d"),
+                            ("baseline_triplet", "(f) baseline + triplet, 256-d"),
+                            ("plnet_triplet", "(g) PL-Net + triplet (global branch)")):
             runs = [r for name, r in sorted(levels.items())
                     if name.startswith(f"{prefix}_{data}_{kind}_s")]
             if not runs:
