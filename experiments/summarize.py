@@ -368,7 +368,8 @@ def grid_table(records, prefix="cuhk03_pair1_labeled_val_"):
 ROBUSTNESS_ROWS = [("(a) global baseline", "{R}_labeled_baseline_rerun_s{seed}", "(a)"),
                    ("(b) PL-Net", "{R}_labeled_plnet_rerun_s{seed}", "(b)"),
                    ("(f) baseline + triplet", "{R}_labeled_baseline_triplet_s{seed}", "(f)"),
-                   ("(g) PL-Net + triplet", "{R}_labeled_plnet_triplet_s{seed}", "(g)")]
+                   ("(g) PL-Net + triplet", "{R}_labeled_plnet_triplet_s{seed}", "(g)"),
+                   ("(h) PL-Net, fixed stripes", "{R}_labeled_stripes_s{seed}", "(h)")]
 DETECTED = "folder:../shared/data/cuhk03_pair1_detected"
 
 
