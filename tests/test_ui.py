@@ -136,7 +136,20 @@ def test_an_operator_searches_filters_adds_removes_and_reads_errors(browser, pag
     page.set_input_files("#add-files", str(files["new"]))
     page.fill("#add-prefix", "added/")
     page.fill("#add-camera", "7")
+    # The count and the list change together: with the list's page held back by the test (so
+    # this cannot pass by luck of timing), the count still says 30; released, both move.
+    held = []
+    page.route("**/gallery/entries*", lambda route: held.append(route))
     page.click("#add-button")
+    for _ in range(500):
+        if held:
+            break
+        page.wait_for_timeout(20)
+    assert held, "the page did not ask for its list of entries after adding"
+    assert page.locator("#stat-entries").inner_text() == "30"
+    for route in held:
+        route.continue_()
+    page.unroute("**/gallery/entries*")
     added_id = "added/" + files["new"].name
     page.wait_for_function("document.getElementById('add-status').textContent"
                            ".startsWith('Added 1')")

@@ -188,48 +188,61 @@ async function searchWithFile(file) {
   await search({instances: [{b64}], return_masks: true}, image, `Query: ${file.name}`);
 }
 
+// The gallery's figures and its list of entries are fetched together and drawn in one go, so the
+// page never shows a count that its list does not match yet.
 async function refreshGallery() {
   try {
-    const stats = await call("GET", "/gallery");
-    const cameras = stats.cameras.map(
-      (c) => `${c.camera_id === null ? "unknown" : c.camera_id} (${c.entries})`).join(", ");
-    const span = stats.time_span
-      ? `${formatTime(stats.time_span[0])} to ${formatTime(stats.time_span[1])}` : "none";
-    const index = stats.index;
-    const rows = [["Entries", stats.size], ["Cameras", cameras || "none"], ["Time span", span],
-      ["Thumbnails", stats.thumbnails],
-      ["Index", `${index.spec} (${index.kind}), ${index.entries} entries` +
-        (index.stale ? ", being rebuilt" : "") +
-        `, ${index.changes_not_persisted} changes not yet in its file`],
-      ["Decisions", stats.decisions ? `calibrated on ${stats.decisions.measured_on?.split ||
-        "labelled data"}, FAR ${stats.decisions.fars.join(" / ")}` : "no calibration"]];
-    const list = $("gallery-stats");
-    list.replaceChildren();
-    for (const [name, value] of rows) {
-      const term = document.createElement("dt");
-      term.textContent = name;
-      const detail = document.createElement("dd");
-      detail.textContent = value;
-      detail.id = "stat-" + name.toLowerCase().replace(" ", "-");
-      list.append(term, detail);
-    }
-    const far = $("far");
-    if (!far.options.length && stats.decisions) {
-      for (const rate of stats.decisions.fars) {
-        const option = new Option(`${rate}`, `${rate}`, false, rate === stats.decisions.far);
-        far.append(option);
-      }
-    } else if (!stats.decisions) {
-      far.disabled = true;
-    }
-    await refreshEntries();
+    const [stats, page] = await Promise.all([call("GET", "/gallery"), fetchEntries()]);
+    showStats(stats);
+    showEntries(page);
   } catch (problem) {
     showError(problem.message);
   }
 }
 
+function showStats(stats) {
+  const cameras = stats.cameras.map(
+    (c) => `${c.camera_id === null ? "unknown" : c.camera_id} (${c.entries})`).join(", ");
+  const span = stats.time_span
+    ? `${formatTime(stats.time_span[0])} to ${formatTime(stats.time_span[1])}` : "none";
+  const index = stats.index;
+  const rows = [["Entries", stats.size], ["Cameras", cameras || "none"], ["Time span", span],
+    ["Thumbnails", stats.thumbnails],
+    ["Index", `${index.spec} (${index.kind}), ${index.entries} entries` +
+      (index.stale ? ", being rebuilt" : "") +
+      `, ${index.changes_not_persisted} changes not yet in its file`],
+    ["Decisions", stats.decisions ? `calibrated on ${stats.decisions.measured_on?.split ||
+      "labelled data"}, FAR ${stats.decisions.fars.join(" / ")}` : "no calibration"]];
+  const list = $("gallery-stats");
+  list.replaceChildren();
+  for (const [name, value] of rows) {
+    const term = document.createElement("dt");
+    term.textContent = name;
+    const detail = document.createElement("dd");
+    detail.textContent = value;
+    detail.id = "stat-" + name.toLowerCase().replace(" ", "-");
+    list.append(term, detail);
+  }
+  const far = $("far");
+  if (!far.options.length && stats.decisions) {
+    for (const rate of stats.decisions.fars) {
+      const option = new Option(`${rate}`, `${rate}`, false, rate === stats.decisions.far);
+      far.append(option);
+    }
+  } else if (!stats.decisions) {
+    far.disabled = true;
+  }
+}
+
+function fetchEntries() {
+  return call("GET", `/gallery/entries?offset=${entriesOffset}&limit=${PAGE}`);
+}
+
 async function refreshEntries() {
-  const page = await call("GET", `/gallery/entries?offset=${entriesOffset}&limit=${PAGE}`);
+  showEntries(await fetchEntries());
+}
+
+function showEntries(page) {
   const list = $("entry-list");
   list.replaceChildren();
   for (const entry of page.entries) {
