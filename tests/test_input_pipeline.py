@@ -221,6 +221,68 @@ def test_streamed_tfds_images_give_the_same_batches_as_images_held_in_memory(tmp
     np.testing.assert_array_equal(first["file_name"], first_cached["file_name"])
 
 
+def test_a_streamed_split_keeps_its_labels_in_an_index_that_must_match_the_records(
+        tmp_path, monkeypatch):
+    lines = []
+    first = splits_lib.load_splits("synthetic_persons/small", data_dir=str(tmp_path),
+                                   log=lines.append)
+    assert sum("reading the labels of 160 records" in line for line in lines) == 1, lines
+    index = next(tmp_path.rglob("reid_tf_labels.train.npz"))
+    source_type = type(first["train"].images.source)
+    batch_reads = []
+    original = source_type.__getitems__
+    monkeypatch.setattr(source_type, "__getitems__",
+                        lambda self, keys: batch_reads.append(len(keys)) or original(self, keys))
+
+    def load():
+        lines.clear()
+        return splits_lib.load_splits("synthetic_persons/small", data_dir=str(tmp_path),
+                                      log=lines.append)
+
+    def assert_same_columns(loaded):
+        for name in ("train", "query", "gallery"):
+            for column in ("person_ids", "camera_ids", "file_names"):
+                np.testing.assert_array_equal(getattr(loaded[name], column),
+                                              getattr(first[name], column))
+            assert loaded[name].file_names.dtype == object
+            assert isinstance(loaded[name].file_names[0], str)
+
+    # Loaded again: from the index, not one batch read of the records.
+    again = load()
+    assert batch_reads == [] and lines == [], (batch_reads, lines)
+    assert_same_columns(again)
+    assert again["train"].images[7] == first["train"].images[7]
+
+    # An index that does not match its records is read from the records again, and rewritten.
+    with np.load(index) as kept:
+        columns = {key: kept[key] for key in kept.files}
+    columns["person_ids"] = columns["person_ids"][::-1].copy()
+    np.savez(index, **columns)
+    assert_same_columns(load())
+    assert any("does not match record 0, rebuilt" in line for line in lines), lines
+    assert batch_reads and sum(batch_reads) == 160
+    batch_reads.clear()
+    load()
+    assert batch_reads == [] and lines == []
+    np.savez(index, **{key: value[:-1] for key, value in columns.items()})
+    assert_same_columns(load())
+    assert any("of 159 rows for 160 records, rebuilt" in line for line in lines), lines
+    index.write_bytes(b"not an npz file")
+    assert_same_columns(load())
+    assert any("unreadable label index" in line for line in lines), lines
+
+    # A folder that cannot be written: the labels still load, and say the next load reads again.
+    index.unlink()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(splits_lib.tempfile, "mkstemp", refuse)
+    assert_same_columns(load())
+    assert any("could not keep the label index" in line for line in lines), lines
+    assert not index.exists() and not list(tmp_path.rglob("*.npz.tmp"))
+
+
 def test_a_tfds_dataset_prepared_as_tfrecord_is_loaded_into_memory(tmp_path):
     import reid_datasets
     import tensorflow_datasets as tfds
