@@ -483,6 +483,7 @@ def plot_validation(records, path, prefix="cuhk03_pair1_labeled_val_"):
     from matplotlib import pyplot
 
     figure, axis = pyplot.subplots(figsize=(7, 4.2), dpi=120)
+    axis.set_prop_cycle(color=pyplot.cm.tab20.colors)  # more runs than the default 10 colours
     for name, record in sorted(records.items()):
         if not name.startswith(prefix) or re.search(r"_k\d+_l[\d.]+_e12$", name):
             continue  # the K x lambda grid (a table; its curves are coarse) is left out
