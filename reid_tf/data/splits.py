@@ -235,8 +235,9 @@ def _label_columns(source, path, name, log):
     try:
         handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
         with os.fdopen(handle, "wb") as f:
-            np.savez(f, person_ids=columns["person_ids"], camera_ids=columns["camera_ids"],
-                     file_names=columns["file_names"].astype(str))
+            np.savez_compressed(f, person_ids=columns["person_ids"],
+                                camera_ids=columns["camera_ids"],
+                                file_names=columns["file_names"].astype(str))
         os.chmod(temporary, 0o644)  # readable by whoever reads the records
         os.replace(temporary, path)
     except OSError as error:
