@@ -53,10 +53,11 @@ def tfds_rates():
     data_dir = FLAGS.data_dir or tempfile.mkdtemp(prefix="tfds_")
     splits_lib.load_splits(FLAGS.tfds_dataset, data_dir=data_dir)  # prepare
     results = []
-    for how, cache in (("streamed, first load (labels read from every record)", False),
-                       ("streamed by index (labels from the label index)", False),
-                       ("held in memory", True)):
-        if how.startswith("streamed, first load"):
+    for how, cache, first_load in (
+            ("streamed, first load (labels read from every record)", False, True),
+            ("streamed by index (labels from the label index)", False, False),
+            ("held in memory", True, False)):
+        if first_load:
             for index in glob.glob(os.path.join(data_dir, "**", splits_lib.LABEL_INDEX.format(
                     split="*")), recursive=True):
                 os.remove(index)
@@ -65,7 +66,7 @@ def tfds_rates():
         split = splits_lib.load_splits(FLAGS.tfds_dataset, data_dir=data_dir,
                                        cache_in_memory=cache, log=lambda line: None)["train"]
         loading = time.perf_counter() - start
-        rate = None if how.startswith("streamed, first load") else pipeline_rate(split)
+        rate = None if first_load else pipeline_rate(split)
         results.append((how, rate, rss_gib() - before, loading, len(split)))
         del split
     return results

@@ -13,6 +13,25 @@ def write_atomically(path, text):
     os.replace(temporary, path)
 
 
+def save_npz_atomically(path, arrays, compressed=False):
+    """Writes `arrays` as an .npz at `path` through a temporary file in the same folder, renamed
+    when complete (never half a file, never an orphan temporary file), with the mode the umask
+    gives any file the user creates (not tempfile's 0600)."""
+    import numpy as np
+
+    save = np.savez_compressed if compressed else np.savez
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)),
+                                     suffix=".npz.tmp", delete=False) as file:
+        try:
+            save(file, **arrays)
+            file.close()
+            os.chmod(file.name, umask_mode())
+            os.replace(file.name, path)
+        except BaseException:
+            os.unlink(file.name)
+            raise
+
+
 def umask_mode(mode=0o666):
     """`mode` as the process's umask leaves it: what `open()` would have created (a
     `tempfile` file is always 0600, whatever the umask)."""

@@ -277,7 +277,7 @@ def test_a_streamed_split_keeps_its_labels_in_an_index_that_must_match_the_recor
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(splits_lib.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(splits_lib.files.tempfile, "NamedTemporaryFile", refuse)
     assert_same_columns(load())
     assert any("could not keep the label index" in line for line in lines), lines
     assert not index.exists() and not list(tmp_path.rglob("*.npz.tmp"))

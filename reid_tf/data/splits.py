@@ -9,12 +9,12 @@ both give the same `Split`.
 import dataclasses
 import io
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 from PIL import Image
 
+from reid_tf import files
 from reid_tf.data import sources
 
 
@@ -197,15 +197,34 @@ def _load_tfds(dataset, data_dir, manual_dir, skip_corrupt, log, cache_in_memory
             splits[split] = Split(images=RecordImages(source), are_paths=False,
                                   **_label_columns(source, index, f"{dataset} {split}", log))
             continue
-        columns = {key: [] for key in ("person_id", "camera_id", "file_name")}
-        images = []
-        for start in range(0, len(source), 4096):
-            for row in source.__getitems__(list(range(start, min(start + 4096, len(source))))):
-                for key in columns:
-                    columns[key].append(row[key])
-                images.append(row["image"])
-        splits[split] = _tfds_split(np.array(images, dtype=object), columns)
+        columns = _columns(_rows(source), ("image",) + LABEL_KEYS)
+        splits[split] = _tfds_split(np.array(columns["image"], dtype=object), columns)
     return splits
+
+
+LABEL_KEYS = ("person_id", "camera_id", "file_name")
+
+
+def _rows(source):
+    """Every row of a TFDS data source, read 4,096 at a time."""
+    for start in range(0, len(source), 4096):
+        yield from source.__getitems__(list(range(start, min(start + 4096, len(source)))))
+
+
+def _columns(rows, keys):
+    """{key: [each row's value]} over `rows`."""
+    columns = {key: [] for key in keys}
+    for row in rows:
+        for key in keys:
+            columns[key].append(row[key])
+    return columns
+
+
+def _label_arrays(columns):
+    """A Split's `person_ids`, `camera_ids` and `file_names` from TFDS rows' columns (lists)."""
+    return {"person_ids": np.array(columns["person_id"], np.int64),
+            "camera_ids": np.array(columns["camera_id"], np.int64),
+            "file_names": np.array([n.decode() for n in columns["file_name"]], dtype=object)}
 
 
 # A streamed split's labels and names, kept beside its records after the first load, so that
@@ -222,27 +241,11 @@ def _label_columns(source, path, name, log):
     if columns is not None:
         return columns
     log(f"{name}: reading the labels of {len(source)} records (once: kept in {path})")
-    person_ids, camera_ids, file_names = [], [], []
-    for start in range(0, len(source), 4096):
-        for row in source.__getitems__(list(range(start, min(start + 4096, len(source))))):
-            person_ids.append(row["person_id"])
-            camera_ids.append(row["camera_id"])
-            file_names.append(row["file_name"].decode())
-    columns = {"person_ids": np.array(person_ids, np.int64),
-               "camera_ids": np.array(camera_ids, np.int64),
-               "file_names": np.array(file_names, dtype=object)}
-    temporary = None
+    columns = _label_arrays(_columns(_rows(source), LABEL_KEYS))
     try:
-        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
-        with os.fdopen(handle, "wb") as f:
-            np.savez_compressed(f, person_ids=columns["person_ids"],
-                                camera_ids=columns["camera_ids"],
-                                file_names=columns["file_names"].astype(str))
-        os.chmod(temporary, 0o644)  # readable by whoever reads the records
-        os.replace(temporary, path)
+        names = columns["file_names"].astype(str)  # no pickled objects in the file
+        files.save_npz_atomically(path, {**columns, "file_names": names}, compressed=True)
     except OSError as error:
-        if temporary is not None and os.path.exists(temporary):
-            os.remove(temporary)
         log(f"{name}: could not keep the label index ({error}); the next load reads the "
             "records again")
     return columns
@@ -274,10 +277,7 @@ def _read_label_index(path, source, log):
 
 def _tfds_split(images, columns):
     """A Split from TFDS rows' label columns (lists) and its images."""
-    return Split(images=images, are_paths=False,
-                 person_ids=np.array(columns["person_id"], np.int64),
-                 camera_ids=np.array(columns["camera_id"], np.int64),
-                 file_names=np.array([n.decode() for n in columns["file_name"]], dtype=object))
+    return Split(images=images, are_paths=False, **_label_arrays(columns))
 
 
 def _load_tfds_in_memory(builder):
@@ -287,10 +287,7 @@ def _load_tfds_in_memory(builder):
     for split in builder.info.splits:
         rows = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False,
                                                 decoders={"image": tfds.decode.SkipDecoding()}))
-        columns = {key: [] for key in ("image", "person_id", "camera_id", "file_name")}
-        for row in rows:
-            for key in columns:
-                columns[key].append(row[key])
+        columns = _columns(rows, ("image",) + LABEL_KEYS)
         splits[split] = _tfds_split(np.array(columns["image"], dtype=object), columns)
     return splits
 

@@ -5,12 +5,11 @@ carries them (Market's `PPPP_cC...`), `person_ids` and `camera_ids` int64 `[N]`.
 """
 
 import os
-import tempfile
 
 import numpy as np
 
 from reid_tf.files import check_can_create
-from reid_tf.files import umask_mode
+from reid_tf.files import save_npz_atomically
 
 
 FEATURE_KEYS = ("embeddings", "file_names", "person_ids", "camera_ids")
@@ -32,17 +31,8 @@ def save_features(path, embeddings, file_names, person_ids=None, camera_ids=None
     complete)."""
     arrays = feature_arrays(embeddings, file_names, person_ids, camera_ids)
     check_output_path(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz.tmp", delete=False) as file:
-        try:
-            np.savez(file, **arrays)
-            file.close()
-            os.chmod(file.name, umask_mode())  # as any file the user creates, not 0600
-            os.replace(file.name, path)
-        except BaseException:
-            os.unlink(file.name)  # never an orphan temporary file
-            raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_npz_atomically(path, arrays)
     return arrays
 
 
