@@ -60,8 +60,9 @@ setuptools.setup(
         # the search page's browser tests (driving the OS's chromium); the Milvus and Beam extras.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "dill", "scikit-image>=0.22", "tf2onnx>=1.17", "onnxruntime>=1.20",
                  "ai-edge-litert>=2.0", "playwright>=1.50", "pymilvus>=2.5", "milvus-lite>=2.5",
-                 "apache-beam>=2.77"],
-        "experiments": ["matplotlib>=3.8"],  # experiments/summarize.py --plot
+                 "apache-beam>=2.77", "optuna>=4.5"],
+        # experiments/summarize.py --plot; experiments/search.py (the hyper-parameter search).
+        "experiments": ["matplotlib>=3.8", "optuna>=4.5"],
     },
     entry_points={
         "console_scripts": [

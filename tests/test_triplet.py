@@ -37,6 +37,28 @@ def test_batch_hard_equals_a_direct_numpy_computation(margin):
     assert (expected > 0).sum() >= 6  # the hinge is active on these random points
 
 
+def test_normalised_mining_equals_numpy_on_unit_vectors_and_differs_from_raw():
+    # Rows of very different lengths: raw mining is dominated by the norms, cosine is not.
+    rng = np.random.default_rng(2)
+    embeddings = (rng.normal(size=(12, 6)) * rng.uniform(0.2, 5.0, size=(12, 1))).astype(
+        np.float32)
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    got = losses.batch_hard_triplet_loss(tf.constant(LABELS), tf.constant(embeddings), 0.3,
+                                         normalize=True)
+    np.testing.assert_allclose(got, numpy_batch_hard(LABELS, unit, 0.3), rtol=1e-5, atol=1e-5)
+    raw = numpy_batch_hard(LABELS, embeddings, 0.3)
+    assert np.abs(raw - got.numpy()).max() > 0.5
+    # Through plnet_loss: the option reaches the loss (scale-free: x10 changes nothing).
+    outputs = {"global_logits": tf.zeros((12, 4)), "part_logits": tf.zeros((12, 0, 4)),
+               "global_features": tf.constant(embeddings),
+               "part_features": tf.zeros((12, 0, 6))}
+    scaled = dict(outputs, global_features=tf.constant(10 * embeddings))
+    terms = [losses.plnet_loss(tf.constant(LABELS), o, triplet_weight=1.0,
+                               triplet_normalize=True)["triplet_loss"] for o in (outputs, scaled)]
+    np.testing.assert_allclose(terms[0], got, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(terms[1], got, rtol=1e-4, atol=1e-5)
+
+
 def test_batch_hard_mines_in_the_references_and_per_part():
     rng = np.random.default_rng(2)
     references = rng.normal(size=(12, 3, 6)).astype(np.float32)

@@ -60,7 +60,7 @@ def euclidean_distances(a, b):
 
 
 def batch_hard_triplet_loss(labels, embeddings, margin=0.3, reference_labels=None,
-                            reference_embeddings=None):
+                            reference_embeddings=None, normalize=False):
     """Batch-hard triplet loss (Hermans et al. 2017), one value per anchor.
 
     For each anchor, its hardest positive (the farthest reference of its identity, itself
@@ -76,6 +76,8 @@ def batch_hard_triplet_loss(labels, embeddings, margin=0.3, reference_labels=Non
         reference_labels, reference_embeddings: the batch the hardest examples are mined in
             (`[M]`, `[M, D]` or `[M, K, D]`); default the anchors themselves. Under a
             distribution strategy these are the all-gathered global batch.
+        normalize: mine and score on L2-normalised embeddings (distances in [0, 2], the
+            cosine geometry the test descriptor is ranked in) instead of the raw ones.
 
     Returns:
         float32 `[B]`, or `[B, K]` for parts.
@@ -84,6 +86,10 @@ def batch_hard_triplet_loss(labels, embeddings, margin=0.3, reference_labels=Non
     if reference_labels is None:
         reference_labels, reference_embeddings = labels, embeddings
     parts = embeddings.shape.rank == 3
+    if normalize:
+        embeddings = tf.math.l2_normalize(tf.cast(embeddings, tf.float32), axis=-1)
+        reference_embeddings = tf.math.l2_normalize(
+            tf.cast(reference_embeddings, tf.float32), axis=-1)
     if parts:  # [K, B, D] x [K, M, D] -> [K, B, M]
         embeddings = tf.transpose(embeddings, [1, 0, 2])
         reference_embeddings = tf.transpose(reference_embeddings, [1, 0, 2])
@@ -99,7 +105,7 @@ def batch_hard_triplet_loss(labels, embeddings, margin=0.3, reference_labels=Non
 
 
 def plnet_loss(labels, outputs, part_loss_weight=1.0, label_smoothing=0.0, triplet_weight=0.0,
-               triplet_margin=0.3, part_triplet=False, gather=None):
+               triplet_margin=0.3, part_triplet=False, gather=None, triplet_normalize=False):
     """Total PL-Net loss and its pieces, per example.
 
     Args:
@@ -115,6 +121,7 @@ def plnet_loss(labels, outputs, part_loss_weight=1.0, label_smoothing=0.0, tripl
         gather: maps a replica's `[B, ...]` tensor to the global batch's `[B*R, ...]` (an
             all-gather with a gradient, see `train.step`), so that the hardest examples are
             mined over the global batch; None mines within `labels`.
+        triplet_normalize: mine and score the triplets on L2-normalised features.
 
     Returns:
         dict of `loss [B]`, `global_loss [B]`, `part_loss [B]`, `part_losses [B,K]`, and with a
@@ -137,7 +144,7 @@ def plnet_loss(labels, outputs, part_loss_weight=1.0, label_smoothing=0.0, tripl
     def triplet(features):
         features = tf.cast(features, tf.float32)
         return batch_hard_triplet_loss(labels, features, triplet_margin, all_labels,
-                                       gather(features))
+                                       gather(features), normalize=triplet_normalize)
 
     terms["triplet_loss"] = triplet(outputs["global_features"])
     metric = terms["triplet_loss"]

@@ -67,6 +67,9 @@ class TrainConfig:
     triplet_margin: float = Option(
         0.3, "Triplet hinge margin; 0 selects the soft margin log(1 + exp(d_ap - d_an)).",
         resume=True, minimum=0.0).field()
+    triplet_normalize: bool = Option(
+        False, "Mine and score the triplets on L2-normalised embeddings (cosine geometry, "
+        "distances in [0, 2]) instead of the raw ones.", resume=True).field()
     part_triplet: bool = Option(
         False, "Also a triplet loss on each part's embedding, mined per part (with "
         "--triplet_weight).", resume=True).field()

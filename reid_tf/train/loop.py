@@ -57,11 +57,17 @@ class Data:
 
 def build_data(config, log=print):
     """The splits of `config.dataset` (with validation identities held out) and the schedule's
-    length. ValueError names a missing split."""
+    length. ValueError names a missing split. A run that evaluates on validation only
+    (`--validation_identities` with `--nofinal_eval`: a hyper-parameter search trial) never
+    opens the test split: a folder dataset's query and gallery are not even listed."""
+    needed = ("train", "query", "gallery")
+    if config.validation_identities and not config.final_eval:
+        needed = ("train",)
     splits = splits_lib.load_splits(config.dataset, config.data_dir, config.manual_dir,
                                     config.skip_corrupt, log, config.validation_identities,
-                                    config.validation_seed, config.cache_in_memory)
-    for split in ("train", "query", "gallery"):
+                                    config.validation_seed, config.cache_in_memory,
+                                    splits=needed)
+    for split in needed:
         if split not in splits:
             raise ValueError(f"--dataset={config.dataset}: has no {split!r} split.")
     train_labels, num_classes = splits_lib.relabel(splits["train"].person_ids)
@@ -216,7 +222,8 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
                                  jit_compile=config.jit_compile,
                                  triplet_weight=config.triplet_weight,
                                  triplet_margin=config.triplet_margin,
-                                 part_triplet=config.part_triplet)
+                                 part_triplet=config.part_triplet,
+                                 triplet_normalize=config.triplet_normalize)
     writers = {name: tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", name))
                if chief else tf.summary.create_noop_writer() for name in ("train", "eval")}
     splits, total = data.splits, data.total_steps

@@ -9,7 +9,7 @@ from reid_tf.model import losses
 
 def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_weight=1.0,
                     label_smoothing=0.0, jit_compile=False, triplet_weight=0.0,
-                    triplet_margin=0.3, part_triplet=False):
+                    triplet_margin=0.3, part_triplet=False, triplet_normalize=False):
     """Builds `train_step(iterator, num_steps)`: `num_steps` distributed steps in one tf.function.
 
     Returns the metrics averaged over those steps: `loss`, `global_loss`, `part_loss`,
@@ -50,7 +50,8 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
         with tf.GradientTape() as tape:
             outputs = model(images, training=True)
             terms = losses.plnet_loss(labels, outputs, part_loss_weight, label_smoothing,
-                                      triplet_weight, triplet_margin, part_triplet, gather)
+                                      triplet_weight, triplet_margin, part_triplet, gather,
+                                      triplet_normalize)
             loss = tf.nn.compute_average_loss(terms["loss"], global_batch_size=global_batch_size)
             objective = optimizer.scale_loss(loss) if scaled else loss
         variables = model.trainable_variables

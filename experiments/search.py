@@ -1,0 +1,426 @@
+"""Hyper-parameter search on validation identities (issue 37): Optuna studies over reid-train.
+
+    .venv/bin/python experiments/search.py --studies=plnet,baseline --trials=24
+    .venv/bin/python experiments/search.py --studies=plnet --confirm --top=3 --seeds=0,1,2
+    .venv/bin/python experiments/search.py --studies=plnet,baseline --export_only
+
+Each trial is one `reid-train` run of the labeled CUHK03 pair-1 recipe on
+`--validation_identities=0.2` of the training identities, `--nofinal_eval`: the run never
+opens the test split (`train.loop.build_data` then lists the training folder only). It is
+evaluated on validation at every tenth of its schedule; each point is reported to the trial
+(step = percent of the schedule, so trials of different lengths are compared at the same
+point of their own schedule) and a median pruner stops the trials below the median of the
+finished ones. The objective is the validation mAP at the *end* of the schedule: a recipe that
+peaks and collapses scores what it collapses to.
+
+Why Optuna (not KerasTuner): a trial here is a whole `reid-train` process with its own
+distribution strategy, resume and evaluation hooks, not a `model.fit`; Optuna's define-by-run
+space takes the conditional parameters (the triplet settings only with a triplet weight, each
+optimizer with its own learning-rate range), its SQLite storage makes the study resumable
+across sessions and auditable, and its pruners take any reported metric.
+
+Resuming. The study lives in SQLite (`--storage`); every trial's workdir is named by a hash of
+its flags. A driver that is killed leaves its trial RUNNING; its heartbeat stops, and the next
+driver marks it failed and enqueues it again with the same parameters
+(`RetryFailedTrialCallback`), so the retry finds the same workdir and reid-train resumes from
+its checkpoint. After every trial the study is exported to `--export_dir/<study>.json` (every
+trial's flags, validation curve, state and value) and the database is copied there: commit both.
+
+`--confirm` reruns the `--top` best finished configurations of each study at `--seeds`
+(the trial itself is seed 0) on validation and writes `<study>_confirm.json`: the recipe is
+chosen by the mean over seeds, never by one run.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import warnings
+
+from absl import app
+from absl import flags
+
+import optuna
+
+RECIPE = "experiments/cuhk03_pair1_labeled_mobilenetv2_128x64.flags"
+STUDIES = ("plnet", "baseline")
+STUDY_PREFIX = "cuhk03_pair1_labeled_"
+EVALUATIONS = 10  # validation points per trial: one every tenth of the schedule
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("studies", ["plnet", "baseline"], f"Studies to run, from {STUDIES}; one "
+                  "trial of each in turn until each has --trials finished trials.")
+flags.DEFINE_integer("trials", 24, "Finished (complete or pruned) trials wanted per study.")
+flags.DEFINE_string("storage", "sqlite:///runs/search/search.db", "Optuna storage URL.")
+flags.DEFINE_string("recipe", RECIPE, "The flagfile every trial starts from.")
+flags.DEFINE_string("runs_dir", "runs/search", "Trials' workdirs: <runs_dir>/<study>/<key>.")
+flags.DEFINE_string("export_dir", "experiments/search", "Where the study's record goes.")
+flags.DEFINE_list("train_command", [sys.executable, "-m", "reid_tf.cli.train"],
+                  "The reid-train command (tests put a stand-in here).")
+flags.DEFINE_float("validation_identities", 0.2, "Held-out share of training identities.")
+flags.DEFINE_integer("steps_per_epoch", 0, "Steps per epoch of the validation-carved "
+                     "training split (0: computed from --recipe's dataset).")
+flags.DEFINE_integer("startup_trials", 10, "Random trials before TPE models the space.")
+flags.DEFINE_integer("prune_after", 8, "Finished trials before the pruner may prune.")
+flags.DEFINE_integer("sampler_seed", 0, "TPE's seed.")
+flags.DEFINE_float("poll_seconds", 10.0, "How often a running trial's curve is read.")
+flags.DEFINE_integer("heartbeat_seconds", 60, "Optuna heartbeat of a running trial.")
+flags.DEFINE_list("extra_flags", [], "Flags added to every trial (tests: tiny shapes).")
+flags.DEFINE_bool("keep_checkpoints", False, "Keep finished trials' checkpoints.")
+flags.DEFINE_bool("confirm", False, "Rerun the --top configurations at --seeds.")
+flags.DEFINE_integer("top", 3, "Configurations --confirm reruns.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of --confirm (0: the trial itself).")
+flags.DEFINE_bool("export_only", False, "Only write the record of the studies.")
+
+
+def suggest(trial, kind):
+    """The search space: `{reid-train option: value}` for one trial of study `kind`."""
+    optimizer = trial.suggest_categorical("optimizer", ["adam", "sgd"])
+    # Keras's Adam with weight_decay already decays decoupled (AdamW): "adamw" would search the
+    # same optimizer twice. Each optimizer has its own learning-rate and decay range.
+    learning_rates = {"adam": (1e-4, 3e-3), "sgd": (3e-3, 0.1)}[optimizer]
+    decays = {"adam": (1e-4, 0.1), "sgd": (1e-5, 5e-3)}[optimizer]
+    values = {
+        "optimizer": optimizer,
+        "learning_rate": trial.suggest_float(f"{optimizer}_learning_rate", *learning_rates,
+                                             log=True),
+        "weight_decay": trial.suggest_float(f"{optimizer}_weight_decay", *decays, log=True),
+        "backbone_lr_multiplier": trial.suggest_float("backbone_lr_multiplier", 0.05, 1.0,
+                                                      log=True),
+        "epochs": trial.suggest_int("epochs", 12, 60, step=6),
+        "schedule": trial.suggest_categorical("schedule", ["cosine", "step"]),
+        "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.3),
+        "random_erasing": trial.suggest_float("random_erasing", 0.0, 0.8),
+        "pad": trial.suggest_categorical("pad", [0, 5, 10]),
+        "warmup_fraction": trial.suggest_float("warmup_fraction", 0.0, 0.2),
+        "triplet_weight": 0.0,
+    }
+    if trial.suggest_categorical("triplet", [False, True]):
+        values["triplet_weight"] = trial.suggest_float("triplet_weight", 0.1, 2.0, log=True)
+        soft = trial.suggest_categorical("soft_margin", [False, True])
+        values["triplet_margin"] = 0.0 if soft else trial.suggest_float("triplet_margin",
+                                                                        0.1, 0.6)
+        values["triplet_normalize"] = trial.suggest_categorical("triplet_normalize",
+                                                                [False, True])
+    if kind == "plnet":
+        values["num_parts"] = trial.suggest_categorical("num_parts", [2, 3, 4, 6])
+        values["part_loss_weight"] = trial.suggest_float("part_loss_weight", 0.25, 4.0, log=True)
+    else:
+        values["num_parts"] = 0
+    return values
+
+
+def trial_flags(values, steps_per_epoch, seed=0, extra=()):
+    """reid-train's flags for `values` (from `suggest`): the recipe's settings overridden,
+    validation only, an evaluation every tenth of the schedule."""
+    values = dict(values)
+    total = values["epochs"] * steps_per_epoch
+    values["warmup_steps"] = int(round(values.pop("warmup_fraction") * total))
+    every = math.ceil(total / EVALUATIONS)
+    command = [f"--{name}={_flag_value(value)}" if not isinstance(value, bool)
+               else f"--{'' if value else 'no'}{name}" for name, value in sorted(values.items())]
+    return command + [f"--validation_identities={FLAGS.validation_identities}",
+                      "--validation_seed=0", f"--seed={seed}", "--nofinal_eval", "--noexport",
+                      "--also_evaluate_on=", f"--eval_every={every}",
+                      f"--checkpoint_every={every}", "--image_summary_every=0",
+                      "--log_every=50", *extra]
+
+
+def _flag_value(value):
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def percent(step, total):
+    """A validation point's step as the percent of the schedule, in tenths: the step the
+    trial reports, the same for every trial length."""
+    return 10 * round(EVALUATIONS * step / total)
+
+
+def workdir_of(study_name, flags_list):
+    key = hashlib.sha1(" ".join(flags_list).encode()).hexdigest()[:12]
+    return os.path.join(FLAGS.runs_dir, study_name, key)
+
+
+class TrialFailed(RuntimeError):
+    """reid-train ended with an error that is not a divergence."""
+
+
+def run_trial(trial, command, workdir, total, log=print):
+    """Runs reid-train, reports its validation points to `trial` as they appear, stops it when
+    the pruner says so. Returns `(final validation metrics, curve, outcome)`."""
+    os.makedirs(workdir, exist_ok=True)
+    curve_path = os.path.join(workdir, "validation_curve.json")
+    reported = set()
+    with open(os.path.join(workdir, "train.log"), "a") as train_log:
+        process = subprocess.Popen(command, stdout=train_log, stderr=subprocess.STDOUT,
+                                   start_new_session=True, preexec_fn=_die_with_parent)
+        _RUNNING.add(process)
+        try:
+            while True:
+                finished = process.poll() is not None
+                curve = _read_json(curve_path) or []
+                for point in curve:
+                    step = percent(point["step"], total)
+                    if step in reported or point["step"] >= total:
+                        continue  # the last point is the objective, told at completion
+                    reported.add(step)
+                    trial.report(point["mAP"], step)
+                    log(f"  trial {trial.number} at {step}% (epoch {point['epoch']:.1f}): "
+                        f"validation mAP {point['mAP']:.4f} rank-1 {point['rank1']:.4f}")
+                    if trial.should_prune():
+                        _stop(process)
+                        return point, curve, "pruned"
+                if finished:
+                    break
+                time.sleep(FLAGS.poll_seconds)
+        finally:
+            _stop(process)
+            _RUNNING.discard(process)
+    results = _read_json(os.path.join(workdir, "results.json"))
+    if process.returncode == 0 and results and "validation" in results:
+        return results["validation"], results.get("validation_curve", curve), "complete"
+    with open(os.path.join(workdir, "train.log"), errors="replace") as train_log:
+        tail = train_log.read()[-2000:]
+    if "non-finite loss" in tail:
+        return None, curve, "diverged"
+    raise TrialFailed(f"reid-train exited {process.returncode} in {workdir}: "
+                      f"{tail.strip().splitlines()[-1] if tail.strip() else '(no output)'}")
+
+
+_RUNNING = set()  # the reid-train processes of this driver
+
+
+def _die_with_parent():
+    """In the child before exec: SIGKILL when the driver dies (PR_SET_PDEATHSIG), so a killed
+    driver never leaves a trial training on that a retry would then train beside."""
+    import ctypes
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def _stop_and_exit(*_):
+    """SIGTERM/SIGINT: stop reid-train, leave the trial RUNNING (no FAIL is written), exit. Its
+    heartbeat then goes stale and the next driver retries it from its checkpoint."""
+    for process in list(_RUNNING):
+        _stop(process)
+    print("search: stopped; the running trial is retried from its checkpoint next time",
+          flush=True)
+    os._exit(1)
+
+
+def _stop(process):
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None  # not written yet (writes are atomic, so never half)
+
+
+def objective(kind, steps_per_epoch, log=print):
+    def run(trial):
+        values = suggest(trial, kind)
+        command_flags = trial_flags(values, steps_per_epoch, extra=FLAGS.extra_flags)
+        workdir = workdir_of(trial.study.study_name, command_flags)
+        total = values["epochs"] * steps_per_epoch
+        trial.set_user_attr("flags", command_flags)
+        trial.set_user_attr("workdir", workdir)
+        log(f"trial {trial.number} of {trial.study.study_name}: {' '.join(command_flags)}")
+        started = time.time()
+        command = FLAGS.train_command + [f"--flagfile={FLAGS.recipe}", f"--workdir={workdir}",
+                                         *command_flags]
+        final, curve, outcome = run_trial(trial, command, workdir, total, log)
+        trial.set_user_attr("outcome", outcome)
+        trial.set_user_attr("wall_seconds", round(time.time() - started))
+        trial.set_user_attr("validation_curve", [
+            {k: point[k] for k in ("step", "epoch", "rank1", "mAP")} for point in curve])
+        results = _read_json(os.path.join(workdir, "results.json")) or {}
+        for key in ("code", "train_images_per_second"):
+            if key in results:
+                trial.set_user_attr(key, results[key])
+        if not FLAGS.keep_checkpoints:
+            shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+        if outcome != "complete":
+            log(f"trial {trial.number}: {outcome}")
+            raise optuna.TrialPruned()
+        trial.set_user_attr("rank1", final["rank1"])
+        log(f"trial {trial.number}: validation mAP {final['mAP']:.4f} rank-1 "
+            f"{final['rank1']:.4f} at the end ({outcome}, {trial.user_attrs['wall_seconds']} s)")
+        return final["mAP"]
+    return run
+
+
+def open_study(kind):
+    storage = optuna.storages.RDBStorage(
+        FLAGS.storage, heartbeat_interval=FLAGS.heartbeat_seconds,
+        grace_period=2 * FLAGS.heartbeat_seconds,
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(
+            n_startup_trials=FLAGS.startup_trials, multivariate=True, group=True,
+            seed=FLAGS.sampler_seed)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=FLAGS.prune_after,
+                                         n_warmup_steps=30)
+    return optuna.create_study(study_name=STUDY_PREFIX + kind, storage=storage,
+                               direction="maximize", sampler=sampler, pruner=pruner,
+                               load_if_exists=True)
+
+
+def finished(study):
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def export(study):
+    """`<export_dir>/<study>.json`: every trial, and a consistent copy of the database."""
+    os.makedirs(FLAGS.export_dir, exist_ok=True)
+    trials = [{"number": t.number, "state": t.state.name, "value": t.value,
+               "params": t.params, "intermediate_values": {str(k): v for k, v in
+                                                           sorted(t.intermediate_values.items())},
+               "retry_of": t.system_attrs.get("failed_trial"),
+               "started": t.datetime_start.isoformat() if t.datetime_start else None,
+               "finished": t.datetime_complete.isoformat() if t.datetime_complete else None,
+               **t.user_attrs} for t in study.get_trials(deepcopy=False)]
+    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    best = max(complete, key=lambda t: t["value"]) if complete else None
+    record = {"study": study.study_name, "direction": "maximize",
+              "objective": "validation mAP at the end of the schedule",
+              "finished": finished(study), "best": best and {k: best[k] for k in
+                                                              ("number", "value", "flags")},
+              "trials": trials}
+    path = os.path.join(FLAGS.export_dir, f"{study.study_name}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+    if FLAGS.storage.startswith("sqlite:///"):  # sqlite's backup: consistent while in use
+        target = os.path.join(FLAGS.export_dir, "search.db")
+        source = sqlite3.connect(FLAGS.storage[len("sqlite:///"):])
+        copy = sqlite3.connect(target + ".tmp")
+        with copy:
+            source.backup(copy)
+        copy.close()
+        source.close()
+        os.replace(target + ".tmp", target)
+    return record
+
+
+def steps_per_epoch_of_recipe():
+    """Steps per epoch of the recipe's training split once validation identities are carved
+    out (what reid-train will compute), read with the library's own `build_data`."""
+    from reid_tf import options
+    from reid_tf.train.config import TrainConfig
+    from reid_tf.train.loop import build_data
+
+    flags_file = flags.FlagValues()
+    options.define_flags(TrainConfig, flags_file)
+    flags_file([sys.argv[0], f"--flagfile={FLAGS.recipe}",
+                f"--validation_identities={FLAGS.validation_identities}", "--nofinal_eval",
+                *FLAGS.extra_flags])
+    return build_data(options.from_flags(TrainConfig, flags_file), log=lambda line: None
+                      ).steps_per_epoch
+
+
+def confirm(study, steps_per_epoch, log=print):
+    """Reruns the `--top` best complete trials at `--seeds` (0: the trial's own run)."""
+    complete = sorted(study.get_trials(deepcopy=False,
+                                       states=(optuna.trial.TrialState.COMPLETE,)),
+                      key=lambda t: -t.value)[:FLAGS.top]
+    rows = []
+    for trial in complete:
+        runs = {}
+        for seed in map(int, FLAGS.seeds):
+            if seed == 0:
+                runs[seed] = {"mAP": trial.value, "rank1": trial.user_attrs.get("rank1")}
+                continue
+            command_flags = [f for f in trial.user_attrs["flags"] if not f.startswith("--seed=")]
+            command_flags.append(f"--seed={seed}")
+            workdir = workdir_of(study.study_name + "_confirm", command_flags)
+            results = _read_json(os.path.join(workdir, "results.json"))
+            if not results:
+                log(f"confirm trial {trial.number} seed {seed}: {' '.join(command_flags)}")
+                command = FLAGS.train_command + [f"--flagfile={FLAGS.recipe}",
+                                                 f"--workdir={workdir}", *command_flags]
+                with open(os.path.join(_made(workdir), "train.log"), "a") as train_log:
+                    subprocess.run(command, stdout=train_log, stderr=subprocess.STDOUT,
+                                   check=True)
+                results = _read_json(os.path.join(workdir, "results.json"))
+            runs[seed] = {k: results["validation"][k] for k in ("mAP", "rank1")}
+        maps = [run["mAP"] for run in runs.values()]
+        mean = sum(maps) / len(maps)
+        std = math.sqrt(sum((m - mean) ** 2 for m in maps) / max(1, len(maps) - 1))
+        rows.append({"trial": trial.number, "flags": trial.user_attrs["flags"], "runs": runs,
+                     "mean_mAP": mean, "std_mAP": std})
+        log(f"trial {trial.number}: validation mAP {mean:.4f} +- {std:.4f} over seeds "
+            f"{sorted(runs)}")
+    rows.sort(key=lambda row: -row["mean_mAP"])
+    record = {"study": study.study_name, "seeds": sorted(map(int, FLAGS.seeds)),
+              "chosen": rows[0]["trial"] if rows else None, "configurations": rows}
+    path = os.path.join(_made(FLAGS.export_dir), f"{study.study_name}_confirm.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def _made(folder):
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def main(argv):
+    del argv
+    unknown = sorted(set(FLAGS.studies) - set(STUDIES))
+    if unknown:
+        raise app.UsageError(f"--studies: {unknown} not in {STUDIES}")
+    if FLAGS.storage.startswith("sqlite:///"):
+        _made(os.path.dirname(os.path.abspath(FLAGS.storage[len("sqlite:///"):])))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    log = lambda line: print(time.strftime("%H:%M:%S ") + line, flush=True)  # noqa: E731
+    studies = {kind: open_study(kind) for kind in FLAGS.studies}
+    if FLAGS.export_only:
+        for study in studies.values():
+            record = export(study)
+            log(f"{study.study_name}: {record['finished']} finished trials exported")
+        return
+    steps_per_epoch = FLAGS.steps_per_epoch or steps_per_epoch_of_recipe()
+    log(f"{steps_per_epoch} steps per epoch on the validation-carved training split")
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, _stop_and_exit)
+    if FLAGS.confirm:
+        for study in studies.values():
+            confirm(study, steps_per_epoch, log)
+        return
+    failures = 0
+    while any(finished(study) < FLAGS.trials for study in studies.values()):
+        for kind, study in studies.items():
+            if finished(study) >= FLAGS.trials:
+                continue
+            before = len(study.get_trials(deepcopy=False,
+                                          states=(optuna.trial.TrialState.FAIL,)))
+            study.optimize(objective(kind, steps_per_epoch, log), n_trials=1,
+                           catch=(TrialFailed,))
+            export(study)
+            failed = len(study.get_trials(deepcopy=False,
+                                          states=(optuna.trial.TrialState.FAIL,))) > before
+            failures = failures + 1 if failed else 0
+            if failures >= 3:
+                raise SystemExit("search: 3 trials in a row failed; see their train.log")
+            log(f"{study.study_name}: {finished(study)}/{FLAGS.trials} finished")
+
+
+if __name__ == "__main__":
+    app.run(main)
