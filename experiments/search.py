@@ -52,6 +52,7 @@ RECIPE = "experiments/cuhk03_pair1_labeled_mobilenetv2_128x64.flags"
 STUDIES = ("plnet", "baseline")
 STUDY_PREFIX = "cuhk03_pair1_labeled_"
 EVALUATIONS = 10  # validation points per trial: one every tenth of the schedule
+VALIDATION_IDENTITIES = 0.2  # of the labeled training identities (the test split is never read)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("studies", ["plnet", "baseline"], f"Studies to run, from {STUDIES}; one "
@@ -63,7 +64,6 @@ flags.DEFINE_string("runs_dir", "runs/search", "Trials' workdirs: <runs_dir>/<st
 flags.DEFINE_string("export_dir", "experiments/search", "Where the study's record goes.")
 flags.DEFINE_list("train_command", [sys.executable, "-m", "reid_tf.cli.train"],
                   "The reid-train command (tests put a stand-in here).")
-flags.DEFINE_float("validation_identities", 0.2, "Held-out share of training identities.")
 flags.DEFINE_integer("steps_per_epoch", 0, "Steps per epoch of the validation-carved "
                      "training split (0: computed from --recipe's dataset).")
 flags.DEFINE_integer("startup_trials", 10, "Random trials before TPE models the space.")
@@ -125,7 +125,7 @@ def trial_flags(values, steps_per_epoch, seed=0, extra=()):
     every = math.ceil(total / EVALUATIONS)
     command = [f"--{name}={_flag_value(value)}" if not isinstance(value, bool)
                else f"--{'' if value else 'no'}{name}" for name, value in sorted(values.items())]
-    return command + [f"--validation_identities={FLAGS.validation_identities}",
+    return command + [f"--validation_identities={VALIDATION_IDENTITIES}",
                       "--validation_seed=0", f"--seed={seed}", "--nofinal_eval", "--noexport",
                       "--also_evaluate_on=", f"--eval_every={every}",
                       f"--checkpoint_every={every}", "--image_summary_every=0",
@@ -137,14 +137,16 @@ def _flag_value(value):
 
 
 def percent(step, total):
-    """A validation point's step as the percent of the schedule, in tenths: the step the
-    trial reports, the same for every trial length."""
-    return 10 * round(EVALUATIONS * step / total)
+    """The step a trial reports for its validation point at `step` of `total`: 10 × the
+    point's number (reid-train evaluates every `ceil(total / 10)` steps), 100 at the end; so
+    every trial length reports the same tenths of its own schedule."""
+    return 100 if step >= total else 10 * (step // math.ceil(total / EVALUATIONS))
 
 
-def workdir_of(study_name, flags_list):
+def workdir_of(runs_dir, study_name, flags_list):
+    """A trial's workdir, named by its flags: a retried trial finds its own checkpoints."""
     key = hashlib.sha1(" ".join(flags_list).encode()).hexdigest()[:12]
-    return os.path.join(FLAGS.runs_dir, study_name, key)
+    return os.path.join(runs_dir, study_name, key)
 
 
 class TrialFailed(RuntimeError):
@@ -174,8 +176,8 @@ def run_trial(trial, command, workdir, total, log=print):
                     log(f"  trial {trial.number} at {step}% (epoch {point['epoch']:.1f}): "
                         f"validation mAP {point['mAP']:.4f} rank-1 {point['rank1']:.4f}")
                     if trial.should_prune():
-                        _stop(process)
-                        return point, curve, "pruned"
+                        _stop(process)  # then the curve as it stands on disk, for the record
+                        return point, _read_json(curve_path) or curve, "pruned"
                 if finished:
                     break
                 time.sleep(FLAGS.poll_seconds)
@@ -235,7 +237,7 @@ def objective(kind, steps_per_epoch, log=print):
     def run(trial):
         values = suggest(trial, kind)
         command_flags = trial_flags(values, steps_per_epoch, extra=FLAGS.extra_flags)
-        workdir = workdir_of(trial.study.study_name, command_flags)
+        workdir = workdir_of(FLAGS.runs_dir, trial.study.study_name, command_flags)
         total = values["epochs"] * steps_per_epoch
         trial.set_user_attr("flags", command_flags)
         trial.set_user_attr("workdir", workdir)
@@ -265,12 +267,13 @@ def objective(kind, steps_per_epoch, log=print):
 
 
 def open_study(kind):
-    storage = optuna.storages.RDBStorage(
-        FLAGS.storage, heartbeat_interval=FLAGS.heartbeat_seconds,
-        grace_period=2 * FLAGS.heartbeat_seconds,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # heartbeats and multivariate TPE are "experimental"
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            FLAGS.storage, heartbeat_interval=FLAGS.heartbeat_seconds,
+            grace_period=2 * FLAGS.heartbeat_seconds,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=3))
         sampler = optuna.samplers.TPESampler(
             n_startup_trials=FLAGS.startup_trials, multivariate=True, group=True,
             seed=FLAGS.sampler_seed)
@@ -329,7 +332,7 @@ def steps_per_epoch_of_recipe():
     flags_file = flags.FlagValues()
     options.define_flags(TrainConfig, flags_file)
     flags_file([sys.argv[0], f"--flagfile={FLAGS.recipe}",
-                f"--validation_identities={FLAGS.validation_identities}", "--nofinal_eval",
+                f"--validation_identities={VALIDATION_IDENTITIES}", "--nofinal_eval",
                 *FLAGS.extra_flags])
     return build_data(options.from_flags(TrainConfig, flags_file), log=lambda line: None
                       ).steps_per_epoch
@@ -349,7 +352,7 @@ def confirm(study, steps_per_epoch, log=print):
                 continue
             command_flags = [f for f in trial.user_attrs["flags"] if not f.startswith("--seed=")]
             command_flags.append(f"--seed={seed}")
-            workdir = workdir_of(study.study_name + "_confirm", command_flags)
+            workdir = workdir_of(FLAGS.runs_dir, study.study_name + "_confirm", command_flags)
             results = _read_json(os.path.join(workdir, "results.json"))
             if not results:
                 log(f"confirm trial {trial.number} seed {seed}: {' '.join(command_flags)}")

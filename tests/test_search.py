@@ -1,0 +1,227 @@
+"""experiments/search.py: the search space, the pruned and resumable study, its record, the
+3-seed confirmation, and one real reid-train trial that never opens the test split."""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import optuna
+import pytest
+from absl import flags
+
+from reid_tf import options
+from reid_tf.data import synthetic
+from reid_tf.train.config import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "experiments", "search.py")
+STAND_IN = os.path.join(ROOT, "tests", "search_stand_in.py")
+spec = importlib.util.spec_from_file_location("search_driver", SCRIPT)
+search = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(search)
+
+
+def parse_trial(command_flags):
+    """The TrainConfig reid-train would build from the recipe plus a trial's flags."""
+    flag_values = flags.FlagValues()
+    options.define_flags(TrainConfig, flag_values)
+    flag_values(["reid-train", f"--flagfile={os.path.join(ROOT, search.RECIPE)}",
+                 *command_flags])
+    config = options.from_flags(TrainConfig, flag_values)
+    config.validate()
+    return config
+
+
+@pytest.mark.parametrize("kind", search.STUDIES)
+def test_every_point_of_the_space_is_a_valid_validation_only_reid_train_run(kind):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3),
+                                direction="maximize")
+    seen = {"optimizer": set(), "triplet": set(), "margin0": set(), "normalize": set()}
+    for _ in range(60):
+        trial = study.ask()
+        values = search.suggest(trial, kind)
+        config = parse_trial(search.trial_flags(values, steps_per_epoch=62))
+        total = config.epochs * 62
+        # Validation only: the held-out identities, no test evaluation, no export.
+        assert config.validation_identities == 0.2 and not config.final_eval
+        assert not config.export and config.also_evaluate_on == ()
+        assert config.eval_every == -(-total // 10) and 12 <= config.epochs <= 60
+        assert 0 <= config.warmup_steps <= 0.2 * total + 1
+        assert config.num_parts == (0 if kind == "baseline" else values["num_parts"])
+        assert config.learning_rate == values["learning_rate"]  # the recipe's value overridden
+        assert config.random_erasing == values["random_erasing"]
+        if config.triplet_weight == 0:
+            assert "triplet_margin" not in trial.params
+        seen["optimizer"].add(config.optimizer)
+        seen["triplet"].add(config.triplet_weight > 0)
+        seen["margin0"].add(config.triplet_margin == 0)
+        seen["normalize"].add(config.triplet_normalize)
+        study.tell(trial, 0.0)
+    assert all(len(values) == 2 for values in seen.values()), seen
+
+
+def test_every_trial_length_reports_the_same_tenths_of_its_schedule():
+    for epochs in range(12, 61, 6):
+        for steps_per_epoch in (3, 51, 62, 97):
+            total = epochs * steps_per_epoch
+            every = -(-total // search.EVALUATIONS)
+            steps = [search.percent(k * every, total) for k in range(1, 11) if k * every < total]
+            assert steps == list(range(10, 10 * len(steps) + 1, 10)), (epochs, steps_per_epoch)
+            assert len(steps) >= 8
+            assert search.percent(total, total) == 100
+
+
+def driver(tmp_path, *extra, env=None, **popen):
+    command = [sys.executable, SCRIPT, f"--storage=sqlite:///{tmp_path}/study.db",
+               f"--runs_dir={tmp_path}/runs", f"--export_dir={tmp_path}/export",
+               f"--train_command={sys.executable},{STAND_IN}", "--steps_per_epoch=10",
+               "--poll_seconds=0.05", "--startup_trials=3", "--prune_after=3", *extra]
+    environment = {**os.environ, **(env or {})}
+    if popen:
+        return subprocess.Popen(command, env=environment, cwd=ROOT, text=True, **popen)
+    result = subprocess.run(command, env=environment, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_a_study_prunes_records_every_trial_and_resumes_to_more_trials(tmp_path):
+    # Learning rates above 10^-1.5 diverge in the stand-in: such trials end pruned, "diverged".
+    env = {"DIVERGE_ABOVE": "0.03"}
+    driver(tmp_path, "--studies=baseline", "--trials=10", env=env)
+    record = json.load(open(tmp_path / "export" / "cuhk03_pair1_labeled_baseline.json"))
+    trials = record["trials"]
+    assert record["finished"] == 10 and len(trials) == 10
+    states = [t["state"] for t in trials]
+    assert states.count("PRUNED") >= 1 and states.count("COMPLETE") >= 3, states
+    for t in trials:
+        assert t["flags"] and os.path.basename(t["workdir"]) in os.listdir(
+            tmp_path / "runs" / "cuhk03_pair1_labeled_baseline")
+        curve = json.load(open(os.path.join(t["workdir"], "validation_curve.json"))) \
+            if os.path.exists(os.path.join(t["workdir"], "validation_curve.json")) else []
+        assert t["validation_curve"] == curve  # the record holds the whole curve
+        learning_rate = t["params"][f"{t['params']['optimizer']}_learning_rate"]
+        if learning_rate > 0.03:
+            assert t["state"] == "PRUNED" and t["outcome"] == "diverged"
+        elif t["state"] == "COMPLETE":
+            # The objective is the last validation point, reported at 10 %, 20 %, ... before.
+            expected = 1 / (1 + abs(np.log10(learning_rate) + 2.5))
+            assert t["value"] == pytest.approx(expected) == curve[-1]["mAP"]
+            assert list(t["intermediate_values"]) == [str(p) for p in range(10, 100, 10)]
+        elif t["outcome"] == "pruned":  # stopped by the pruner, before the end of its schedule
+            assert curve[-1]["step"] < t["params"]["epochs"] * 10
+            assert max(map(int, t["intermediate_values"])) >= 30  # n_warmup_steps
+    best = max((t for t in trials if t["state"] == "COMPLETE"), key=lambda t: t["value"])
+    assert record["best"]["number"] == best["number"]
+    # The copied database is the study: it loads in Optuna and resumes to more trials.
+    copy = optuna.load_study(study_name="cuhk03_pair1_labeled_baseline",
+                             storage=f"sqlite:///{tmp_path}/export/search.db")
+    assert len(copy.trials) == 10
+    driver(tmp_path, "--studies=baseline", "--trials=12", env=env)
+    record = json.load(open(tmp_path / "export" / "cuhk03_pair1_labeled_baseline.json"))
+    assert record["finished"] == 12 and [t["number"] for t in record["trials"]] == list(range(12))
+
+
+def test_a_killed_driver_leaves_no_trainer_and_its_trial_resumes_from_its_checkpoint(tmp_path):
+    env = {"STAND_IN_SECONDS": "0.5"}
+    first = driver(tmp_path, "--studies=plnet", "--trials=1", "--heartbeat_seconds=1",
+                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    runs = tmp_path / "runs" / "cuhk03_pair1_labeled_plnet"
+    deadline = time.time() + 120
+    curve = []
+    while time.time() < deadline and len(curve) < 3:
+        time.sleep(0.2)
+        for path in runs.glob("*/validation_curve.json") if runs.exists() else []:
+            curve = json.load(open(path))
+    assert len(curve) >= 3, first.stdout.read() if first.poll() is not None else "timeout"
+    workdir = path.parent
+    first.send_signal(signal.SIGKILL)  # as a stopped session: no handler runs
+    first.wait()
+    # The trainer died with the driver (PR_SET_PDEATHSIG): its curve stops growing.
+    time.sleep(1.5)
+    stopped = len(json.load(open(path)))
+    time.sleep(1.5)
+    assert len(json.load(open(path))) == stopped
+    time.sleep(1.0)  # the heartbeat's grace period (2 s) has passed
+    result = driver(tmp_path, "--studies=plnet", "--trials=1", "--heartbeat_seconds=1",
+                    env={"STAND_IN_SECONDS": "0.01"})
+    record = json.load(open(tmp_path / "export" / "cuhk03_pair1_labeled_plnet.json"))
+    states = {t["number"]: t for t in record["trials"]}
+    assert states[0]["state"] == "FAIL" and states[1]["state"] == "COMPLETE", result.stdout
+    assert states[1]["retry_of"] == 0 and states[1]["params"] == states[0]["params"]
+    assert states[1]["workdir"] == states[0]["workdir"] == str(workdir)
+    starts = [line for line in open(workdir / "train.log") if line.startswith("started at")]
+    assert starts[0] == "started at step 0\n"
+    assert int(starts[1].split()[-1]) >= 2 * (states[0]["params"]["epochs"] * 10 // 10)
+    # The resumed curve is whole: every tenth once, ending at the schedule's end.
+    steps = [point["step"] for point in states[1]["validation_curve"]]
+    assert steps == sorted(set(steps)) and steps[-1] == states[1]["params"]["epochs"] * 10
+
+
+def test_confirmation_reruns_the_best_configurations_at_more_seeds(tmp_path):
+    driver(tmp_path, "--studies=baseline", "--trials=5", "--prune_after=100")
+    driver(tmp_path, "--studies=baseline", "--confirm", "--top=2", "--seeds=0,1")
+    study = json.load(open(tmp_path / "export" / "cuhk03_pair1_labeled_baseline.json"))
+    record = json.load(open(tmp_path / "export" / "cuhk03_pair1_labeled_baseline_confirm.json"))
+    best = sorted((t for t in study["trials"] if t["state"] == "COMPLETE"),
+                  key=lambda t: -t["value"])[:2]
+    assert sorted(row["trial"] for row in record["configurations"]) == sorted(
+        t["number"] for t in best)
+    for row in record["configurations"]:
+        trial = next(t for t in best if t["number"] == row["trial"])
+        assert row["runs"]["0"]["mAP"] == trial["value"]  # seed 0 is the trial itself
+        # Seed 1 ran with the trial's flags and --seed=1 (the stand-in ignores the seed).
+        assert row["runs"]["1"]["mAP"] == pytest.approx(trial["value"])
+        assert row["mean_mAP"] == pytest.approx(trial["value"])
+    assert record["chosen"] == record["configurations"][0]["trial"]
+    confirm_runs = os.listdir(tmp_path / "runs" / "cuhk03_pair1_labeled_baseline_confirm")
+    assert len(confirm_runs) == 2
+
+
+def test_a_real_trial_trains_on_validation_without_a_test_split(tmp_path):
+    """reid-train itself, tiny: the data folder has no query or gallery at all, so a trial that
+    opened the test split would fail."""
+    data = tmp_path / "data"
+    synthetic.write_market_folder(synthetic.generate(synthetic.SyntheticConfig(
+        num_train_ids=10, num_test_ids=2, images_per_id=6, height=64, width=32)), str(data))
+    for folder in ("query", "bounding_box_test"):
+        shutil.rmtree(data / folder)
+    storage = f"sqlite:///{tmp_path}/study.db"
+    study = optuna.create_study(study_name="cuhk03_pair1_labeled_plnet", storage=storage,
+                                direction="maximize")
+    study.enqueue_trial({"optimizer": "adam", "adam_learning_rate": 1e-3,
+                         "adam_weight_decay": 1e-3, "backbone_lr_multiplier": 0.5,
+                         "epochs": 12, "schedule": "cosine", "label_smoothing": 0.1,
+                         "random_erasing": 0.5, "pad": 5, "warmup_fraction": 0.1,
+                         "triplet": True, "triplet_weight": 0.5, "soft_margin": True,
+                         "triplet_normalize": True, "num_parts": 2, "part_loss_weight": 1.0})
+    tiny = [f"--dataset=folder:{data}", "--backbone=tiny", "--weights=", "--image_height=64",
+            "--image_width=32", "--embedding_dim=16", "--identities_per_batch=4",
+            "--images_per_identity=4", "--eval_batch_size=16"]
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--studies=plnet", "--trials=1", f"--storage={storage}",
+         f"--runs_dir={tmp_path}/runs", f"--export_dir={tmp_path}/export", "--poll_seconds=1",
+         f"--extra_flags={','.join(tiny)}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    trial = json.load(open(tmp_path / "export" / "cuhk03_pair1_labeled_plnet.json"))["trials"][0]
+    assert trial["state"] == "COMPLETE", trial
+    results = json.load(open(os.path.join(trial["workdir"], "results.json")))
+    assert "rank1" not in results and "calibration" not in results  # no test evaluation
+    assert 0.0 < trial["value"] <= 1.0 and trial["value"] == results["validation"]["mAP"]
+    total = results["step"]  # 12 epochs; a point every tenth of it, and the end
+    every = -(-total // 10)
+    assert total % 12 == 0 and total >= 36
+    assert [p["step"] for p in trial["validation_curve"]] == list(range(every, total, every)) + [
+        total]
+    assert trial["code"]["commit"]  # the code of the trial is recorded
+    config = json.load(open(os.path.join(trial["workdir"], "config.json")))
+    assert config["triplet_normalize"] and config["triplet_margin"] == 0.0
+    assert config["warmup_steps"] == round(0.1 * total)
+    assert not os.path.exists(os.path.join(trial["workdir"], "checkpoints"))  # removed after
