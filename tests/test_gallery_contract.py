@@ -199,3 +199,41 @@ def test_a_narrow_filter_on_an_approximate_index_still_finds_every_passing_entry
         assert [m["id"] for m in matches] == exact(data, [f"e{i}" for i in range(5000)], query,
                                                    10, keep)[0]
     gallery.close()
+
+
+# Ids a client may send: quotes, backslashes, brackets, wildcards, filter syntax, unicode, and
+# an id built to widen a pasted `id in ['...']` filter to every entry.
+HOSTILE_IDS = ["o'brien", "a\\b", "a\\", 'q"q', "x] y", "[", "%", "_", "*", "'", '"', "\\'",
+               "ü/dätä.jpg", "😀", "a\nb", "t\tb", "id in ['e0']", "e0' or id like '%",
+               "x'] or id like '%' or id in ['y", 'x"] or id like "%" or id in ["y',
+               "e0\") or (id != \"", "e0 || true", "id > ''", "a\x00b", "\x7f"]
+INJECTION = "x'] or id like '%' or id in ['y"
+
+
+def test_hostile_ids_are_plain_ids_on_every_backend(backend):
+    _, make = backend
+    gallery = make()
+    data = vectors(len(HOSTILE_IDS) + 2, seed=5)
+    plain = entries(data[:2])  # e0, e1
+    gallery.add(plain + [{"id": entry_id, "embedding": data[2 + i], "thumbnail": b"\xff\xd8" +
+                          entry_id.encode() + b"\xff\xd9"} for i, entry_id in
+                         enumerate(HOSTILE_IDS)])
+    count = gallery.count()
+    assert count == len(HOSTILE_IDS) + 2
+    # Removing ids that are not there (a filter-injection attempt among them) removes nothing.
+    missing = [INJECTION + "!", "nope' or '1'='1", "\\", "%%"]
+    assert gallery.remove(missing) == 0 and gallery.count() == count
+    assert gallery.get(INJECTION + "!") is None and gallery.thumbnail("nope' or '1'='1") is None
+    for i, entry_id in enumerate(HOSTILE_IDS):
+        found = gallery.get(entry_id)
+        assert found is not None and found["id"] == entry_id, entry_id
+        np.testing.assert_allclose(found["embedding"], data[2 + i], atol=1e-6)
+        assert gallery.thumbnail(entry_id) == b"\xff\xd8" + entry_id.encode() + b"\xff\xd9"
+        assert gallery.search(data[2 + i], k=1)[0][0]["id"] == entry_id
+    # Each removal removes exactly its own entry.
+    for removed, entry_id in enumerate(HOSTILE_IDS, start=1):
+        assert gallery.remove([entry_id]) == 1, entry_id
+        assert gallery.get(entry_id) is None and gallery.count() == count - removed
+    assert gallery.get("e0") is not None and gallery.get("e1") is not None
+    page, total = gallery.browse(0, 10)
+    assert total == 2 and sorted(e["id"] for e in page) == ["e0", "e1"]

@@ -79,6 +79,25 @@ def filter_expression(exclude_camera=None, time_range=None):
     return " and ".join(clauses)
 
 
+# Escapes inside a double-quoted literal of Milvus's expression grammar: everything else stands
+# for itself there, so an id can never end its literal and add a clause.
+_LITERAL_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def string_literal(value):
+    """`value` as a Milvus expression string literal. pymilvus's `get`/`delete(ids=...)` paste
+    ids between single quotes unescaped (`x'] or id like '%' ...` matched every entry), and
+    filter templates (`id in {ids}` with `filter_params`) are refused by Milvus Lite 3.2
+    ("unexpected character '{'"), so every id goes through this one encoder instead
+    (tests/test_gallery_contract.py: quotes, backslashes, brackets, wildcards, filter syntax)."""
+    return '"' + "".join(_LITERAL_ESCAPES.get(ch, ch) for ch in value) + '"'
+
+
+def in_expression(field, values):
+    """`field in ["...", ...]`: the rows whose string `field` is one of `values`."""
+    return f"{field} in [{', '.join(string_literal(v) for v in values)}]"
+
+
 def _milvus_call(method):
     """Runs a gallery method with Milvus's errors as GalleryUnavailable (`_errors`)."""
     def call(self, *args, **kwargs):
@@ -175,8 +194,14 @@ class MilvusGallery(Gallery):
                                       consistency_level="Strong")
 
     def _meta(self, key):
-        found = self.client.get(self.meta_collection, ids=[key], output_fields=["value"])
+        found = self._by_key(self.meta_collection, "key", [key], ["value"])
         return found[0]["value"] if found else None
+
+    def _by_key(self, collection, field, values, output_fields):
+        """The rows of `collection` whose primary key `field` is one of `values` (never
+        pymilvus's `get`, which pastes the keys in unescaped)."""
+        return self.client.query(collection, filter=in_expression(field, values),
+                                 output_fields=output_fields) if values else []
 
     def _set_meta(self, values):
         self.client.upsert(self.meta_collection, [
@@ -225,10 +250,10 @@ class MilvusGallery(Gallery):
         if not ids:
             return 0
         with self._lock:
-            existing = [row["id"] for row in self.client.get(self.collection, ids=list(set(ids)),
-                                                             output_fields=["id"])]
+            existing = [row["id"] for row in self._by_key(self.collection, "id", list(set(ids)),
+                                                          ["id"])]
             if existing:
-                self.client.delete(self.collection, ids=existing)
+                self.client.delete(self.collection, filter=in_expression("id", existing))
         return len(existing)
 
     @_milvus_call
@@ -282,15 +307,14 @@ class MilvusGallery(Gallery):
 
     @_milvus_call
     def get(self, entry_id):
-        found = self.client.get(self.collection, ids=[entry_id],
-                                output_fields=["id", "embedding", *SCALARS])
+        found = self._by_key(self.collection, "id", [entry_id], ["id", "embedding", *SCALARS])
         if not found:
             return None
         return {**_entry(found[0]), "embedding": np.asarray(found[0]["embedding"], np.float32)}
 
     @_milvus_call
     def thumbnail(self, entry_id):
-        found = self.client.get(self.collection, ids=[entry_id], output_fields=["thumbnail"])
+        found = self._by_key(self.collection, "id", [entry_id], ["thumbnail"])
         if not found or found[0].get("thumbnail") is None:
             return None
         return base64.b64decode(found[0]["thumbnail"])
@@ -316,8 +340,8 @@ class MilvusGallery(Gallery):
         order = sorted(((row["added"], row["id"]) for row in self._scan(["id", "added"])),
                        reverse=True)
         chosen = [entry_id for _, entry_id in order[offset:offset + limit]]
-        found = {row["id"]: row for row in self.client.get(
-            self.collection, ids=chosen, output_fields=["id", *SCALARS])} if chosen else {}
+        found = {row["id"]: row for row in self._by_key(self.collection, "id", chosen,
+                                                        ["id", *SCALARS])}
         return [_entry(found[i]) for i in chosen if i in found], len(order)
 
     @_milvus_call
