@@ -173,16 +173,17 @@ class JsonClient:
         finally:
             connection.close()
 
-    def request(self, method, path, body=None, parse=True):
+    def request(self, method, path, body=None, parse=True, headers=None):
+        """`headers` are added to (or replace) the JSON Content-Type, e.g. a key or a Host."""
         if body is not None and not isinstance(body, bytes):
             body = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **(headers or {})}
         for attempt in range(2):  # a kept-alive connection the server closed: reconnect once
             if self.connection is None:
                 self.connection = http.client.HTTPConnection(self.host, self.port,
                                                              timeout=self.timeout)
             try:
-                self.connection.request(method, path, body=body,
-                                        headers={"Content-Type": "application/json"})
+                self.connection.request(method, path, body=body, headers=headers)
                 response = self.connection.getresponse()
                 data = response.read()
                 break

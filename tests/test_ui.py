@@ -14,6 +14,7 @@ from PIL import Image
 from reid_tf import testing
 
 ARTEFACTS = os.environ.get("REID_TF_ARTEFACTS", "test-artefacts")
+API_KEY = "page-test-key"  # the page server's: gallery changes need it
 
 
 def chromium_path():
@@ -61,10 +62,13 @@ def page_server(trained, tmp_path_factory):
     write_image(files["query"], query.images[0])
     write_image(files["new"], gallery.images[40])
     files["text"].write_text("not an image\n")
+    key_file = root / "key.txt"
+    key_file.write_text(API_KEY + "\n")
     log = open(root / "serve.log", "w+")
     try:
         with testing.serve(trained["export"], f"--gallery_images={root}",
-                           f"--gallery_db={root / 'gallery.sqlite'}", log=log) as client:
+                           f"--gallery_db={root / 'gallery.sqlite'}",
+                           f"--api_key_file={key_file}", log=log) as client:
             yield client, files
     except RuntimeError as error:
         log.seek(0)
@@ -82,7 +86,10 @@ def camera_of(card):
 def test_an_operator_searches_filters_adds_removes_and_reads_errors(browser, page_server):
     client, files = page_server
     os.makedirs(ARTEFACTS, exist_ok=True)
-    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    # Playwright's waiting on page functions evaluates strings, which the page's
+    # Content-Security-Policy forbids: this test bypasses it, and the next one runs the page
+    # under it.
+    page = browser.new_page(viewport={"width": 1280, "height": 1100}, bypass_csp=True)
     page.goto(f"http://127.0.0.1:{client.port}/")
     page.wait_for_selector("body[data-ready=true]")
     assert page.locator("#stat-entries").inner_text() == "30"
@@ -132,7 +139,15 @@ def test_an_operator_searches_filters_adds_removes_and_reads_errors(browser, pag
     assert all(camera_of(result_cards(page).nth(i)) != camera for i in range(10))
     page.fill("#exclude-camera", "")
 
-    # Add an image, then find it by searching with it.
+    # Add an image, then find it by searching with it. The server has an API key: the page
+    # asks for it once (this tab keeps it) and sends it with every change.
+    prompts = []
+
+    def answer_prompt(dialog):
+        prompts.append(dialog.message)
+        dialog.accept(API_KEY)
+
+    page.on("dialog", answer_prompt)
     page.set_input_files("#add-files", str(files["new"]))
     page.fill("#add-prefix", "added/")
     page.fill("#add-camera", "7")
@@ -171,6 +186,7 @@ def test_an_operator_searches_filters_adds_removes_and_reads_errors(browser, pag
                            f" == 'Removed {added_id}.'")
     page.wait_for_function("document.getElementById('stat-entries').textContent == '30'")
     assert added_id not in page.locator("#entry-list").inner_text()
+    assert len(prompts) == 1 and "API key" in prompts[0]  # asked once for the add and remove
 
     # A file that is not an image: one readable line, not raw JSON.
     page.set_input_files("#query-file", str(files["text"]))
@@ -182,6 +198,118 @@ def test_an_operator_searches_filters_adds_removes_and_reads_errors(browser, pag
     assert "not a decodable JPEG/PNG/BMP/GIF image" in message and "{" not in message
     page.screenshot(path=os.path.join(ARTEFACTS, "page.png"), full_page=True)
     page.close()
+
+
+def test_the_page_works_under_its_content_security_policy(browser, page_server):
+    """Every file the page needs is its own: loaded and searching under the server's CSP,
+    with no violation reported."""
+    client, files = page_server
+    page = browser.new_page()
+    messages = []
+    page.on("console", lambda message: messages.append(message.text))
+    response = page.goto(f"http://127.0.0.1:{client.port}/")
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    page.wait_for_selector("body[data-ready=true]")
+    page.set_input_files("#query-file", str(files["query"]))
+    page.click("#search-button")
+    page.wait_for_selector("#result-list > li:nth-child(10) img.thumbnail")
+    assert result_cards(page).count() == 10
+    page.close()
+    violations = [m for m in messages if "Content Security Policy" in m]
+    assert not violations, violations
+
+
+ATTACKER_PAGE = """<!doctype html><html><body><script>
+const target = "TARGET";
+const results = {};
+async function attempt(name, run) {
+  try { const r = await run(); results[name] = r && r.type === "opaque" ? "sent" : r.status; }
+  catch (e) { results[name] = "blocked: " + e.message; }
+}
+(async () => {
+  const remove = JSON.stringify({ids: ["VICTIM"]});
+  const add = JSON.stringify({entries: [{id: "planted", embedding: Array(DIM).fill(0.1)}]});
+  // "Simple" requests need no preflight: the browser sends them, only the answer is hidden.
+  await attempt("remove_text_plain", () => fetch(target + ":remove", {method: "POST",
+    mode: "no-cors", headers: {"Content-Type": "text/plain"}, body: remove}));
+  await attempt("add_text_plain", () => fetch(target + ":add", {method: "POST",
+    mode: "no-cors", headers: {"Content-Type": "text/plain"}, body: add}));
+  // JSON needs a preflight, which this server never grants.
+  await attempt("remove_json", () => fetch(target + ":remove", {method: "POST",
+    headers: {"Content-Type": "application/json"}, body: remove}));
+  // Reading the gallery's entries.
+  await attempt("read_entries", async () => {
+    const r = await fetch(target + "/gallery/entries"); return {status: await r.text()}; });
+  // A form post (text/plain encoding) in a hidden frame.
+  const frame = document.createElement("iframe"); frame.name = "sink";
+  document.body.appendChild(frame);
+  const form = document.createElement("form");
+  form.method = "POST"; form.action = target + ":remove"; form.enctype = "text/plain";
+  form.target = "sink";
+  const field = document.createElement("input");
+  field.name = '{"ids": ["VICTIM"], "x": "'; field.value = '"}';
+  form.appendChild(field); document.body.appendChild(form); form.submit();
+  await new Promise(resolve => setTimeout(resolve, 1500));
+  // A thumbnail drawn on a canvas and read back.
+  await attempt("read_thumbnail", () => new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => { const c = document.createElement("canvas");
+      c.width = img.width; c.height = img.height; const g = c.getContext("2d");
+      g.drawImage(img, 0, 0); g.getImageData(0, 0, 1, 1); resolve({status: "read"}); };
+    img.onerror = () => reject(new Error("image refused"));
+    img.src = target + "/gallery/thumbnails/" + encodeURIComponent("VICTIM"); }));
+  document.body.dataset.results = JSON.stringify(results);
+})();
+</script></body></html>"""
+
+
+def test_a_page_on_another_origin_can_neither_change_nor_read_the_gallery(browser, page_server):
+    """The attack of issue 39 in a real browser: a page served from a second local port,
+    opened by the operator, tries every way a web page has to call reid-serve."""
+    import http.server
+    import threading
+
+    client, _ = page_server
+    status, listing = client.request("GET", "/v1/models/reid/gallery/entries?limit=500")
+    ids_before = sorted(entry["id"] for entry in listing["entries"])
+    victim = ids_before[0]
+    dimension = client.request("GET", "/v1/models/reid/gallery")[1]["dimension"]
+    html = (ATTACKER_PAGE.replace("TARGET", f"http://127.0.0.1:{client.port}/v1/models/reid")
+            .replace("VICTIM", victim).replace("DIM", str(dimension))).encode()
+
+    class Attacker(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, *args):
+            pass
+
+    with testing.free_port() as port:
+        pass
+    attacker = http.server.ThreadingHTTPServer(("127.0.0.1", port), Attacker)
+    threading.Thread(target=attacker.serve_forever, daemon=True).start()
+    try:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_function("document.body.dataset.results !== undefined", timeout=30000)
+        results = page.evaluate("JSON.parse(document.body.dataset.results)")
+        page.close()
+    finally:
+        attacker.shutdown()
+    status, listing = client.request("GET", "/v1/models/reid/gallery/entries?limit=500")
+    assert sorted(entry["id"] for entry in listing["entries"]) == ids_before, results
+    assert results["remove_json"].startswith("blocked")  # the preflight failed
+    assert results["read_entries"].startswith("blocked")
+    assert results["read_thumbnail"].startswith("blocked")
+    # The simple requests left the browser (opaque answers): the server refused them.
+    assert results["remove_text_plain"] == "sent" and results["add_text_plain"] == "sent"
+    metrics = client.raw("/metrics")
+    refused = [line for line in metrics.splitlines()
+               if line.startswith("reid_requests_total") and 'status="403"' in line]
+    assert refused, metrics[-2000:]
 
 
 def test_no_ui_turns_the_page_off(trained):

@@ -42,7 +42,10 @@ from reid_tf import options  # noqa: E402
 from reid_tf.deploy.gallery.thumbnails import DEFAULT_HEIGHT as DEFAULT_THUMBNAIL_HEIGHT  # noqa: E402,E501
 from reid_tf.deploy.serving.app import DEFAULT_MAX_CONNECTIONS  # noqa: E402
 from reid_tf.deploy.serving.requests import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
+from reid_tf.deploy.gallery.contract import EntryLimits  # noqa: E402
 from reid_tf.deploy.serving.server import DEFAULT_FAR  # noqa: E402
+
+DEFAULT_LIMITS = EntryLimits()
 
 FLAGS = flags.FLAGS
 options.define("export", str, options.EXPORT)
@@ -98,6 +101,19 @@ flags.DEFINE_integer("thumbnail_size", DEFAULT_THUMBNAIL_HEIGHT, "Height in pixe
                      "thumbnail stored with each entry added from an image (0: none).",
                      lower_bound=0)
 flags.DEFINE_bool("no_ui", False, "Do not serve the search page at /.")
+flags.DEFINE_list("allowed_hosts", [], "Host names (or addresses) clients may call this server "
+                  "by, besides loopback (DNS-rebinding guard); * allows any.")
+flags.DEFINE_list("allowed_origins", [], "Other web origins allowed to call it (e.g. "
+                  "https://ops.example.org); every other origin and cross-site request gets 403.")
+flags.DEFINE_string("api_key_file", None, "A file whose first line is the key every gallery "
+                    "change (:add, :remove) must carry (Authorization: Bearer <key>); or set "
+                    "REID_SERVE_API_KEY. Never logged.")
+flags.DEFINE_bool("allow_unauthenticated", False, "Listen beyond loopback (--host) without an "
+                  "API key: anyone who reaches the port may change the gallery.")
+flags.DEFINE_integer("max_metadata_bytes", DEFAULT_LIMITS.max_metadata_bytes, "Largest "
+                     "metadata of one :add entry, bytes of JSON.", lower_bound=2)
+flags.DEFINE_integer("max_metadata_depth", DEFAULT_LIMITS.max_metadata_depth, "Deepest "
+                     "nesting of an entry's metadata (objects and lists).", lower_bound=1)
 
 
 def main(argv):
@@ -123,6 +139,17 @@ def main(argv):
     # Pillow only reads headers here (TensorFlow decodes), and --max_image_pixels is the
     # limit: Pillow's own bomb check would refuse before the size could be reported.
     Image.MAX_IMAGE_PIXELS = None
+    from reid_tf.deploy.serving import security
+
+    try:  # who may call, before any work
+        api_key = security.load_api_key(FLAGS.api_key_file)
+    except ValueError as problem:
+        fail(str(problem))
+    refused = security.bind_refusal(FLAGS.host, api_key, FLAGS.allow_unauthenticated)
+    if refused:
+        fail(refused)
+    policy = security.Policy(tuple(h.lower() for h in FLAGS.allowed_hosts),
+                             tuple(FLAGS.allowed_origins), api_key)
     runtime.enable_memory_growth()
     try:
         export = runtime.open_runtime(FLAGS.export)
@@ -148,9 +175,10 @@ def main(argv):
     server = Server(export, gallery, FLAGS.model_name, FLAGS.max_batch, FLAGS.threads,
                     FLAGS.max_image_pixels, FLAGS.max_batch_size,
                     FLAGS.batch_timeout_ms, FLAGS.max_enqueued_batches,
-                    calibration=decisions, far=FLAGS.far, thumbnail_size=FLAGS.thumbnail_size)
+                    calibration=decisions, far=FLAGS.far, thumbnail_size=FLAGS.thumbnail_size,
+                    limits=EntryLimits(FLAGS.max_metadata_bytes, FLAGS.max_metadata_depth))
     application = make_app(server, int(FLAGS.max_body_mb * (1 << 20)), FLAGS.timeout_s,
-                           ui=not FLAGS.no_ui)
+                           ui=not FLAGS.no_ui, policy=policy)
     access = logging.getLogger("aiohttp.access")  # one line per request, on stdout
     access.setLevel(logging.INFO)
     access.addHandler(logging.StreamHandler(sys.stdout))
@@ -161,7 +189,8 @@ def main(argv):
             started=lambda: print(
                 f"serving {export.path} as '{FLAGS.model_name}' (version {export.version})"
                 + (f" with a gallery of {len(gallery)}" if gallery else "")
-                + f" on http://{FLAGS.host}:{FLAGS.port}", flush=True)))
+                + f" on http://{FLAGS.host}:{FLAGS.port}"
+                + ("; gallery changes need the API key" if api_key else ""), flush=True)))
     except OSError as problem:  # the port is taken, or the host is not this machine's
         if gallery is not None:
             gallery.close()

@@ -22,6 +22,7 @@ reid-serve only calls what is here; tests/test_gallery_contract.py runs one suit
 """
 
 import abc
+import dataclasses
 import json
 import math
 
@@ -108,6 +109,35 @@ def check_entries(entries, dimension, field="entries"):
         values["thumbnail"] = thumbnail
         checked.append(values)
     return checked
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryLimits:
+    """Bounds on what one entry may carry (reid-serve's --max_metadata_bytes and
+    --max_metadata_depth): metadata nested 256 deep was accepted once and then broke every
+    answer that returned it (the JSON writer's depth limit), and 1 MB of it rode with every
+    hit."""
+
+    max_metadata_bytes: int = 16 << 10
+    max_metadata_depth: int = 16
+
+
+def check_metadata(metadata, field, limits=EntryLimits()):
+    """GalleryError naming `field` and the limit when `metadata` is nested deeper or is larger
+    (as JSON) than `limits` allow. The depth is measured without recursion."""
+    depth, level = 0, [metadata]
+    while level:
+        depth += 1
+        if depth > limits.max_metadata_depth:
+            raise GalleryError(field, f"nested deeper than {limits.max_metadata_depth} levels "
+                               "(--max_metadata_depth).")
+        level = [child for value in level
+                 for child in (value.values() if isinstance(value, dict) else value)
+                 if isinstance(child, (dict, list))]
+    size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > limits.max_metadata_bytes:
+        raise GalleryError(field, f"{size} bytes of JSON; at most {limits.max_metadata_bytes} "
+                           "(--max_metadata_bytes).")
 
 
 def check_ids(ids):

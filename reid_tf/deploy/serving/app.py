@@ -6,15 +6,18 @@ import asyncio
 DEFAULT_MAX_CONNECTIONS = 256
 
 
-def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0, ui=True):
-    """The aiohttp application of `server` (`ui`: the search page at `/`)."""
+def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0, ui=True, policy=None):
+    """The aiohttp application of `server` (`ui`: the search page at `/`; `policy`: a
+    `security.Policy`, default loopback names only and no key)."""
     from aiohttp import web
 
     from reid_tf.deploy.serving import routes
+    from reid_tf.deploy.serving import security
 
     handlers = routes.Handlers(server, timeout_s)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
-        routes.metrics_middleware(handlers), routes.errors_middleware(max_body_bytes, timeout_s)])
+        routes.metrics_middleware(handlers), security.middleware(policy or security.Policy()),
+        routes.errors_middleware(max_body_bytes, timeout_s)])
     for prefix in ("/v1/models/{name}", "/v1/models/{name}/versions/{version}"):
         app.router.add_get(prefix, handlers.status)
         app.router.add_get(prefix + "/metadata", handlers.metadata)

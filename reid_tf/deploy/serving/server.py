@@ -9,6 +9,9 @@ import numpy as np
 
 from reid_tf.deploy.gallery import store as gallery_store
 from reid_tf.deploy.gallery import thumbnails
+from reid_tf.deploy.gallery.contract import EntryLimits
+from reid_tf.deploy.gallery.contract import GalleryError
+from reid_tf.deploy.gallery.contract import check_metadata
 from reid_tf.deploy.serving import batching
 from reid_tf.deploy.serving.metrics import Metrics
 from reid_tf.deploy.serving.requests import MAX_RESULTS
@@ -44,8 +47,10 @@ class Server:
     def __init__(self, export, gallery=None, model_name="reid", max_batch=64, threads=2,
                  max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, max_batch_size=16,
                  batch_timeout_ms=20.0, max_enqueued_batches=64, calibration=None,
-                 far=DEFAULT_FAR, thumbnail_size=thumbnails.DEFAULT_HEIGHT):
+                 far=DEFAULT_FAR, thumbnail_size=thumbnails.DEFAULT_HEIGHT,
+                 limits=EntryLimits()):
         self.export = export
+        self.limits = limits
         self.gallery = gallery
         self.calibration = calibration
         self.far = far
@@ -308,7 +313,7 @@ class Server:
     def _store_call(function, argument):
         try:
             return function(argument)
-        except gallery_store.GalleryError as error:
+        except GalleryError as error:
             raise BadRequest(error.field, error.message) from None
 
     def parse_entries(self, body):
@@ -332,6 +337,11 @@ class Server:
             if "thumbnail" in item:
                 raise BadRequest(f"{field}.thumbnail", "made by the server from the image "
                                  "(--thumbnail_size); not accepted.")
+            if item.get("metadata") is not None:
+                try:
+                    check_metadata(item["metadata"], f"{field}.metadata", self.limits)
+                except GalleryError as error:
+                    raise BadRequest(error.field, error.message) from None
             entry = {key: value for key, value in item.items()
                      if key not in ("b64", "image")}
             image = None

@@ -18,16 +18,33 @@ function showError(message) {
   if (message) box.focus?.();
 }
 
-// One readable line for any failed call: the server's {"error", "field"}, or what went wrong.
-async function call(method, path, body) {
-  let response;
+// A server started with an API key asks for it on gallery changes (401): the page asks the
+// operator once, keeps it for this tab only (sessionStorage), and sends it with every call.
+const KEY_ITEM = "reid-serve-api-key";
+
+async function send(method, path, body) {
+  const headers = body ? {"Content-Type": "application/json"} : {};
+  const key = sessionStorage.getItem(KEY_ITEM);
+  if (key) headers["Authorization"] = `Bearer ${key}`;
   try {
-    response = await fetch(api + path, {
-      method, headers: body ? {"Content-Type": "application/json"} : {},
-      body: body ? JSON.stringify(body) : undefined});
+    return await fetch(api + path, {
+      method, headers, body: body ? JSON.stringify(body) : undefined});
   } catch (problem) {
     throw new Error(`The server did not answer (${problem.message}).`);
   }
+}
+
+// One readable line for any failed call: the server's {"error", "field"}, or what went wrong.
+async function call(method, path, body) {
+  let response = await send(method, path, body);
+  if (response.status === 401) {
+    const key = window.prompt("This server needs its API key to change the gallery:");
+    if (key) {
+      sessionStorage.setItem(KEY_ITEM, key.trim());
+      response = await send(method, path, body);
+    }
+  }
+  if (response.status === 401) sessionStorage.removeItem(KEY_ITEM);  // ask again next time
   let data = null;
   try { data = await response.json(); } catch (_) { /* not JSON */ }
   if (!response.ok) {
