@@ -57,7 +57,8 @@ def main(argv):
     try:
         files = formats.files_of(FLAGS.format)  # before any work: unknown or not installed
         path, checkpoint = workdir_lib.export_latest(
-            os.path.expanduser(FLAGS.workdir), FLAGS.export_dir, FLAGS.version, files,
+            os.path.expanduser(FLAGS.workdir),
+            FLAGS.export_dir and os.path.expanduser(FLAGS.export_dir), FLAGS.version, files,
             FLAGS.calibration_images, FLAGS.parity_images, decisions=FLAGS.calibration)
     except (ValueError, FileNotFoundError, FileExistsError, MissingPackage) as error:
         print(f"reid-export: error: {error}", file=sys.stderr, flush=True)

@@ -6,6 +6,8 @@ Both read a `splits.Split` by index (`encoded_reader`), decode and resize with
 
 import dataclasses
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
@@ -62,8 +64,8 @@ def encoded_reader(split):
     if split.are_paths:
         paths = split.images
 
-        def path(index):
-            return np.asarray(paths[index], dtype=object).astype(bytes)
+        def path(index):  # the file system's bytes of the name: any name the OS gave us
+            return np.asarray(os.fsencode(paths[index]), dtype=object)
 
         return lambda index: tf.io.read_file(tf.ensure_shape(
             tf.numpy_function(path, [index], tf.string, stateful=False), []))
