@@ -2,6 +2,7 @@
 path can be created before any work starts."""
 
 import os
+import shutil
 import tempfile
 
 
@@ -55,3 +56,15 @@ def check_can_create(path, flag):
     except OSError as error:
         raise ValueError(f"{flag}={path}: {existing} is not writable "
                          f"({error.strerror or error}).") from None
+
+
+def check_free_space(path, needed_bytes, flag):
+    """Refuses, with one line naming `flag`, a path whose file system has less than
+    `needed_bytes` free (an estimate of what the work will write)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        raise ValueError(f"{flag}={path}: {free / 2**20:.1f} MiB free on its disk, about "
+                         f"{needed_bytes / 2**20:.1f} MiB needed.")

@@ -18,6 +18,7 @@ evaluation), and for each format file its size, digest and parity with the Saved
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -127,6 +128,7 @@ def export_model(model, export_dir, version=None, files=(), calibration=None,
     if os.path.exists(final):
         raise FileExistsError(f"{final}: an export with this version already exists.")
     os.makedirs(export_dir, exist_ok=True)
+    remove_abandoned(export_dir, log)
     temporary = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     try:
@@ -153,6 +155,27 @@ def export_model(model, export_dir, version=None, files=(), calibration=None,
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return final
+
+
+def remove_abandoned(export_dir, log=print):
+    """Removes the `.tmp-<version>-<pid>/` folders of exports whose process is gone (killed
+    mid-export); an export still running keeps its own."""
+    for name in os.listdir(export_dir):
+        match = re.fullmatch(r"\.tmp-\d+-(\d+)", name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(os.path.join(export_dir, name), ignore_errors=True)
+        log(f"removed {os.path.join(export_dir, name)}, left by an interrupted export")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _write_formats(module, folder, files, calibration, parity_images, log):

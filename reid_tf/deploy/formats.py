@@ -124,7 +124,10 @@ def write_tflite(model, path, quantization="float32", calibration=None):
     if quantization == "int8" and (calibration is None or not len(calibration)):
         raise ValueError("int8 quantisation needs calibration images.")
     module = frozen_module(model)
-    with tempfile.TemporaryDirectory() as folder:
+    # Beside the file (inside the export's temporary folder), not in /tmp: a killed export then
+    # leaves nothing that the next export's clean-up does not remove.
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path)),
+                                     prefix=".converting-") as folder:
         tf.saved_model.save(module, folder, signatures={"serving_default": module.pixels})
         converter = tf.lite.TFLiteConverter.from_saved_model(folder)
         if quantization == "float32":

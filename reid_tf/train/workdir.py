@@ -18,6 +18,7 @@ import shutil
 
 from reid_tf import options
 from reid_tf.files import check_can_create
+from reid_tf.files import check_free_space
 from reid_tf.files import write_atomically
 
 CHECKPOINT_PATTERN = re.compile(r"ckpt-(\d+)$")
@@ -196,6 +197,15 @@ def export_latest(workdir, export_dir=None, version=None, files=(), calibration_
     from reid_tf.deploy import formats
     from reid_tf.evaluate import calibration as calibration_lib
 
+    # Where it goes is checked before the model loads: one line, not a traceback after it.
+    target = export_dir or os.path.join(workdir, "export")
+    check_can_create(target, "--export_dir")
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    if latest:  # the SavedModel and each file hold about the checkpoint's weights
+        weights = sum(os.path.getsize(p) for p in glob.glob(latest + ".data-*"))
+        check_free_space(target, weights * (1 + len(files)), "--export_dir")
     model, checkpoint = load_trained_model(workdir, log)
     version = checkpoint_step(checkpoint) if version is None else version
     card = {"training": {"checkpoint": os.path.basename(checkpoint),
@@ -213,13 +223,32 @@ def export_latest(workdir, export_dir=None, version=None, files=(), calibration_
                  else 0)
         images = training_images(card["training"]["config"], model.image_size,
                                  needs + parity_images, log)
-        calibration, parity = images[:needs], images[needs:]
+        calibration, parity = split_images(images, needs, parity_images, log)
     if decisions is None and os.path.exists(os.path.join(workdir, "calibration.json")):
         decisions = os.path.join(workdir, "calibration.json")
     decisions = calibration_lib.load(decisions) if decisions is not None else None
     path = export.export_model(model, export_dir or os.path.join(workdir, "export"), version,
                                files, calibration, parity, card, log, decisions)
     return path, checkpoint
+
+
+def split_images(images, calibration_count, parity_count, log=print):
+    """The training images an export has, split into int8 calibration and parity checks. A
+    small run has fewer than asked for: the parity check keeps what the calibration leaves, or
+    half of them when it would leave less (at least one), and the calibration the rest; ValueError (one line) when there are too few for both."""
+    available = len(images)
+    if available >= calibration_count + parity_count:
+        return (images[:calibration_count],
+                images[calibration_count:calibration_count + parity_count])
+    if available < (2 if calibration_count else 1):
+        raise ValueError(f"the run's training split has {available} image(s): too few to "
+                         + ("calibrate int8 and check the files' parity" if calibration_count
+                            else "check the format files' parity") + ".")
+    parity = min(parity_count, max(available - calibration_count, available // 2, 1))
+    calibration = images[:min(calibration_count, available - parity)]
+    log(f"the run has {available} training images: {len(calibration)} calibrate int8 (asked "
+        f"{calibration_count}), {parity} check the files' parity (asked {parity_count})")
+    return calibration, images[available - parity:]
 
 
 def training_images(config, image_size, count, log=print, seed=0):

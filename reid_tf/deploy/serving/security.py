@@ -114,8 +114,9 @@ def _refuse(status, message, field, headers=None):
 
 def refusal(policy, request):
     """The answer refusing `request`, or None when it may go on."""
-    if not policy.host_allowed(request.host):
-        return _refuse(403, f"Host {request.host!r} is not served here (loopback names, and "
+    host = request.headers.get("Host")  # absent: not a browser (they always send it)
+    if host is not None and not policy.host_allowed(host):
+        return _refuse(403, f"Host {host!r} is not served here (loopback names, and "
                        "--allowed_hosts)", "host")
     origin = request.headers.get("Origin")
     # The origin's host:port against the Host header (already checked): a TLS proxy in front
