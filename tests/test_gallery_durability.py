@@ -2,6 +2,7 @@
 backups, interrupted imports, every --index kind's removals, a bounded change log, and a
 randomised check against a plain dictionary."""
 
+import os
 import shutil
 import sqlite3
 import threading
@@ -382,3 +383,39 @@ def test_a_gallery_built_with_one_model_refuses_another_of_the_same_width(tmp_pa
     assert any("records no model" in line and "cccc" in line for line in lines)
     with pytest.raises(ValueError, match="model cccc"):
         gallery_store.GalleryStore(old, DIM, log=quiet, model="dddd")
+
+
+def test_a_full_disk_refuses_the_change_whole_and_closing_leaves_no_half_file(tmp_path):
+    """SQLite's max_page_count makes the database file full, as a full disk does: the add is
+    refused whole (GalleryFull, which reid-serve answers with 507), earlier entries stay, and
+    an index file that cannot be written at close leaves no `.tmp` and no traceback."""
+    from reid_tf.deploy.gallery import contract
+    from reid_tf.deploy.gallery import faiss_index
+
+    lines = []
+    store = gallery_store.GalleryStore(str(tmp_path / "g.sqlite"), 8, log=lines.append)
+    data = np.random.default_rng(0).normal(size=(400, 8)).astype(np.float32)
+    store.add([{"id": "first", "embedding": data[0]}])
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages + 1}")
+    with pytest.raises(contract.GalleryFull, match="disk is full"):
+        store.add([{"id": f"e{i}", "embedding": data[i], "metadata": {"pad": "x" * 2000}}
+                   for i in range(1, 400)])
+    assert store.count() == 1 and store.get("e1") is None and store.get("first") is not None
+
+    def full_disk(index, path):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("Error: 'ret == (size_t)1' failed: write error")
+
+    original = faiss_index.faiss_module().write_index
+    faiss_index.faiss_module().write_index = full_disk
+    try:
+        store.close()  # persists at close: fails, says so, closes anyway
+    finally:
+        faiss_index.faiss_module().write_index = original
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    assert any("index file was not written" in line for line in lines)
+    reopened = gallery_store.GalleryStore(str(tmp_path / "g.sqlite"), 8, log=lines.append)
+    assert reopened.count() == 1 and reopened.search(data[0], k=1)[0][0]["id"] == "first"
+    reopened.close()

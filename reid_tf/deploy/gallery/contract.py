@@ -48,6 +48,10 @@ class GalleryUnavailable(RuntimeError):
     """The gallery cannot answer right now without hiding entries (retry shortly)."""
 
 
+class GalleryFull(RuntimeError):
+    """The gallery's disk is full: the change was not written (HTTP 507)."""
+
+
 def check_entries(entries, dimension, field="entries"):
     """Every entry of an `add`, checked (GalleryError names the first bad one): dicts of
     `FIELDS` plus `embedding` (float32, L2-normalised), absent fields None."""

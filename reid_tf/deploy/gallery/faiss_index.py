@@ -85,10 +85,15 @@ def write(index, db_path, seq):
     renamed), and removes the older files; returns its path."""
     final = f"{db_path}.index-{seq}.faiss"
     temporary = final + ".tmp"
-    faiss_module().write_index(index, temporary)
-    with open(temporary, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(temporary, final)  # a file under its seq is always complete
+    try:
+        faiss_module().write_index(index, temporary)
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, final)  # a file under its seq is always complete
+    except BaseException:  # a full disk: no half file left behind
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
     for _, older in files(db_path)[:-1]:
         os.remove(older)
     return final

@@ -40,6 +40,7 @@ from reid_tf.deploy.gallery import faiss_index
 from reid_tf.deploy.gallery import tables
 from reid_tf.deploy.gallery.contract import Gallery
 from reid_tf.deploy.gallery.contract import GalleryError  # noqa: F401 - the store's errors
+from reid_tf.deploy.gallery.contract import GalleryFull
 from reid_tf.deploy.gallery.contract import GalleryUnavailable
 from reid_tf.deploy.gallery.contract import check_entries
 from reid_tf.deploy.gallery.contract import check_ids
@@ -234,7 +235,7 @@ class GalleryStore(Gallery):
               and self.index.ntotal >= self.needed_for_training):
             self._rebuild()
         if self.persist_every and self.applied_seq - self.persisted_seq >= self.persist_every:
-            self._persist()
+            self._persist_or_log()
 
     def _persist(self):
         if self.path == ":memory:" or self.applied_seq == self.persisted_seq or self.stale:
@@ -250,9 +251,20 @@ class GalleryStore(Gallery):
         with self._lock:
             return self._persist()
 
+    def _persist_or_log(self):
+        """`_persist`, where a failure (a full disk) costs only the file: the change log keeps
+        what it lacks, and the next start replays it."""
+        try:
+            return self._persist()
+        except (OSError, RuntimeError, sqlite3.Error) as error:
+            self.log(f"gallery: the index file was not written ({type(error).__name__}: "
+                     f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+                     "the next start rebuilds it from the change log")
+            return None
+
     def close(self):
         with self._lock:
-            self._persist()
+            self._persist_or_log()
             self._db.close()
 
     # ------------------------------------------------------------------ changes
@@ -273,8 +285,12 @@ class GalleryStore(Gallery):
                     cursor = db.execute("INSERT INTO changes (op, row) VALUES (?, ?)", (op, row))
                     logged.append((cursor.lastrowid, op, row))
                 db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
+            except BaseException as error:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if isinstance(error, sqlite3.OperationalError) and "full" in str(error):
+                    raise GalleryFull(f"the gallery's disk is full ({error}): nothing was "
+                                      "written; free some space and retry") from None
                 raise
             self.size += sum(1 if op == "add" else -1 for _, op, _ in logged)
             try:

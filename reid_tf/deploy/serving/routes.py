@@ -10,6 +10,7 @@ import time
 
 from aiohttp import web
 
+from reid_tf.deploy.gallery.contract import GalleryFull
 from reid_tf.deploy.gallery.contract import GalleryUnavailable
 from reid_tf.deploy.serving.requests import BadRequest
 from reid_tf.deploy.serving.requests import BodyTimeout
@@ -176,6 +177,8 @@ def errors_middleware(max_body_bytes, timeout_s):
             return response
         except RequestTooLarge as problem:
             return error(413, str(problem), "instances")
+        except GalleryFull as problem:  # 507 Insufficient Storage: nothing was written
+            return error(507, str(problem), "gallery")
         except GalleryUnavailable as problem:
             response = error(503, str(problem), "gallery")
             response.headers["Retry-After"] = "1"
