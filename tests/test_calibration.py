@@ -145,3 +145,22 @@ def test_p_same_separates_distances_on_any_scale():
     genuine, impostor = rng.normal(0.01, 0.002, 300), rng.normal(0.03, 0.002, 3000)
     p = calibration.p_same({"p_same": calibration.fit_p_same(genuine, impostor)}, [0.005, 0.035])
     assert p[0] > 0.99 and p[1] < 0.01
+
+
+def test_an_inverted_p_same_fit_is_refused_at_fit_and_at_load(small_set, tmp_path):
+    """A model whose validation genuine pairs lie no nearer than its impostors would get a
+    p_same that rises with distance: the fit records why it has none, and a file that carries
+    one is refused."""
+    query_embeddings, query, gallery_embeddings, gallery = small_set
+    good = calibration.fit(query_embeddings, query, gallery_embeddings, gallery)
+    assert good["p_same"]["coef"] < 0 and "p_same_refused" not in good
+    # Each gallery image moved to another person's direction: genuine pairs now lie far.
+    shuffled = np.roll(gallery_embeddings, 3, axis=0)
+    inverted = calibration.fit(query_embeddings, query, shuffled, gallery)
+    assert "p_same" not in inverted and "inverted fit" in inverted["p_same_refused"]
+    calibration.check(inverted)  # thresholds alone are still a calibration
+    bad = dict(good, p_same=dict(good["p_same"], coef=-good["p_same"]["coef"]))
+    with pytest.raises(ValueError, match="p_same is inverted"):
+        calibration.check(bad)
+    with pytest.raises(ValueError, match=r"open_set\[0\]\.threshold"):
+        calibration.check(dict(good, open_set=[dict(good["open_set"][0], threshold="0.2")]))

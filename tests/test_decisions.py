@@ -28,19 +28,34 @@ def decoded(split, count):
 
 
 @pytest.fixture(scope="module")
-def served(trained, tmp_path_factory):
+def served_calibration(trained, tmp_path_factory):
+    """The export's calibration with a p_same of the right sign: the tiny model's own fit may
+    be refused as inverted (its genuine pairs no nearer than impostors), and these tests check
+    how a fitted p_same is applied."""
+    with open(os.path.join(trained["export"], "assets", "calibration.json")) as f:
+        fitted = json.load(f)
+    assert ("p_same" in fitted) != ("p_same_refused" in fitted)
+    fitted["p_same"] = {"kind": "logistic", "intercept": 3.0, "coef": -6.0, "prior": 0.5}
+    path = tmp_path_factory.mktemp("calibration") / "calibration.json"
+    path.write_text(json.dumps(fitted))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def served(trained, served_calibration, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
     try:
         with testing.serve(trained["export"], f"--gallery={trained['gallery_npz']}",
-                           log=log) as client:
+                           f"--calibration={served_calibration}", log=log) as client:
             yield client
     except RuntimeError as error:
         log.seek(0)
         pytest.fail(f"{error}: {log.read()[-3000:]}")
 
 
-def test_search_decides_each_hit_and_query_at_the_calibrated_threshold(trained, served):
-    fitted = calibration.load(os.path.join(trained["export"], "assets", "calibration.json"))
+def test_search_decides_each_hit_and_query_at_the_calibrated_threshold(trained, served,
+                                                                       served_calibration):
+    fitted = calibration.load(served_calibration)
     queries = decoded(trained["splits"]["query"], 6)
     status, answer = served.request("POST", "/v1/models/reid:search", {
         "k": 20, "instances": [{"b64": b64_png(q)} for q in queries]})
@@ -74,8 +89,8 @@ def test_search_decides_each_hit_and_query_at_the_calibrated_threshold(trained, 
     np.testing.assert_allclose(masks.sum(-1), 1)  # every cell in exactly one part
 
 
-def test_verify_compares_two_images_or_embeddings(trained, served):
-    fitted = calibration.load(os.path.join(trained["export"], "assets", "calibration.json"))
+def test_verify_compares_two_images_or_embeddings(trained, served, served_calibration):
+    fitted = calibration.load(served_calibration)
     images = decoded(trained["splits"]["gallery"], 3)
     embeddings = runtime.SavedModelRuntime(trained["export"]).predict_images(images)["embedding"]
     status, answer = served.request("POST", "/v1/models/reid:verify", {

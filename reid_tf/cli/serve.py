@@ -156,7 +156,8 @@ def main(argv):
         decisions = (calibration.load(FLAGS.calibration) if FLAGS.calibration
                      else export.calibration)
         if decisions is not None:  # a --far it was not fitted at: refused before any work
-            calibration.threshold(decisions, "open_set", FLAGS.far)
+            for kind in calibration.KINDS:
+                calibration.threshold(decisions, kind, FLAGS.far)
         gallery = None
         if FLAGS.gallery_db or FLAGS.gallery_uri or FLAGS.gallery or FLAGS.gallery_images:
             gallery = open_gallery(

@@ -76,7 +76,13 @@ class SavedModelRuntime:
                                     "folder, <export_dir>/<version> as reid-train writes it.")
         self.path = path
         self.version = int(os.path.basename(path)) if os.path.basename(path).isdigit() else 1
-        self.module = tf.saved_model.load(path)
+        try:
+            self.module = tf.saved_model.load(path)
+        except Exception as error:  # noqa: BLE001 - truncated variables.data: IndexError, OpError
+            reason = str(getattr(error, "message", error)).strip().splitlines()
+            raise ValueError(f"{path}: the SavedModel cannot be loaded ("
+                             f"{reason[0] if reason else type(error).__name__}); is it damaged? "
+                             "Export it again (reid-export).") from None
         self.signatures = dict(self.module.signatures)
         missing = {"serving_default", "serve_encoded"} - set(self.signatures)
         if missing:

@@ -121,7 +121,12 @@ def fit(query_embeddings, query, gallery_embeddings, gallery, fars=FARS, p_same=
                               "impostor_pairs": int(len(impostor)),
                               "stranger_queries": int(len(strangers))}}
     if p_same:
-        result["p_same"] = fit_p_same(genuine, impostor)
+        fitted = fit_p_same(genuine, impostor)
+        if fitted["coef"] < 0:
+            result["p_same"] = fitted
+        else:  # genuine pairs no nearer than impostors: a probability would say the opposite
+            result["p_same_refused"] = (f"inverted fit (coef {fitted['coef']:g} >= 0): on "
+                                        "these validation pairs the same person is not nearer")
     return result
 
 
@@ -176,7 +181,25 @@ def check(calibration, source="calibration"):
         if not isinstance(points, list) or not points or not all(
                 isinstance(p, dict) and {"far", "threshold"} <= set(p) for p in points):
             raise ValueError(f"{source}: '{kind}' needs a list of {{far, threshold}} points.")
+        for i, point in enumerate(points):
+            for key in ("far", "threshold"):
+                if not _is_number(point[key]):
+                    raise ValueError(f"{source}: {kind}[{i}].{key} is {point[key]!r}; expected "
+                                     "a finite number.")
+    fitted = calibration.get("p_same")
+    if fitted is not None:
+        if not isinstance(fitted, dict) or not all(
+                _is_number(fitted.get(key)) for key in ("intercept", "coef")):
+            raise ValueError(f"{source}: p_same needs numbers 'intercept' and 'coef'.")
+        if fitted["coef"] >= 0:  # p(same) must fall as the distance grows
+            raise ValueError(f"{source}: p_same is inverted (coef {fitted['coef']:g} >= 0: "
+                             "farther pairs would be likelier the same person); refit it.")
     return calibration
+
+
+def _is_number(value):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def load(path):

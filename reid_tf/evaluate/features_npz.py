@@ -5,6 +5,8 @@ carries them (Market's `PPPP_cC...`), `person_ids` and `camera_ids` int64 `[N]`.
 """
 
 import os
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -54,7 +56,8 @@ def load_features(path):
             arrays = {key: data[key] for key in FEATURE_KEYS if key in data}
     except FileNotFoundError:
         raise ValueError(f"{path}: not found.") from None
-    except (ValueError, OSError, EOFError):  # numpy's pickle message names no file
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error):  # a truncated or
+        # damaged file; numpy's pickle message names no file
         raise ValueError(f"{path}: not a features .npz (reid-extract's output).") from None
     for key in ("embeddings", "file_names"):
         if key not in arrays:
