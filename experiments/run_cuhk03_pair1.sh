@@ -22,6 +22,8 @@
 #   PEER_TRIPLET=1 bash experiments/run_cuhk03_pair1.sh peer  # the peer of (f)
 #   bash experiments/run_cuhk03_pair1.sh openset      # thresholds on validation ids, DIR@FAR
 #   bash experiments/run_cuhk03_pair1.sh triplet_probe  # triplet weight 0.1, soft margin (val)
+#   bash experiments/run_cuhk03_pair1.sh search       # the Optuna studies (issue 37), resumable
+#   bash experiments/run_cuhk03_pair1.sh search_confirm  # their best 3 configurations, 3 seeds
 #   .venv/bin/python experiments/summarize.py         # the tables of RESULTS.md
 #   ONLY=_s0 bash experiments/run_cuhk03_pair1.sh wide # only runs whose name matches (regex)
 set -euo pipefail
@@ -36,6 +38,14 @@ R=cuhk03_pair1
 # (~0.8 epoch). `validation`: the budget (30 and 12 epochs, baseline and PL-Net with bands);
 # `strategies`: part strategies at the recipe's budget.
 V="--validation_identities=0.2 --eval_every=50 --seed=0"
+# The hyper-parameter search (experiments/search.py): one trial of each study in turn until each
+# has TRIALS finished; the study is resumed from runs/search/search.db, or from the committed
+# experiments/search/search.db on a fresh checkout. Commit experiments/search/ as it grows.
+if [[ $WHICH == search || $WHICH == search_confirm ]]; then
+  confirm=$([[ $WHICH == search_confirm ]] && echo "--confirm" || echo "")
+  exec "$PYTHON" experiments/search.py --studies="${STUDIES:-plnet,baseline}" \
+    --trials="${TRIALS:-24}" $confirm
+fi
 L=${R}_labeled_mobilenetv2_128x64
 if [[ $WHICH == validation ]]; then
   RUNS+=("${R}_labeled_val_baseline|$L|--num_parts=0 --epochs=30 $V")

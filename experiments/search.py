@@ -175,9 +175,11 @@ def run_trial(trial, command, workdir, total, log=print):
                     trial.report(point["mAP"], step)
                     log(f"  trial {trial.number} at {step}% (epoch {point['epoch']:.1f}): "
                         f"validation mAP {point['mAP']:.4f} rank-1 {point['rank1']:.4f}")
-                    if trial.should_prune():
-                        _stop(process)  # then the curve as it stands on disk, for the record
-                        return point, _read_json(curve_path) or curve, "pruned"
+                    if not finished and trial.should_prune():
+                        stopped = _stop(process)
+                        if stopped:  # else it ended on its own meanwhile: a complete trial
+                            # The curve as it stands on disk, for the record.
+                            return point, _read_json(curve_path) or curve, "pruned"
                 if finished:
                     break
                 time.sleep(FLAGS.poll_seconds)
@@ -216,13 +218,16 @@ def _stop_and_exit(*_):
 
 
 def _stop(process):
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    """Stops reid-train; True when it was still running (False: it had ended by itself)."""
+    if process.poll() is not None:
+        return False
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return True
 
 
 def _read_json(path):
@@ -390,7 +395,12 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"--studies: {unknown} not in {STUDIES}")
     if FLAGS.storage.startswith("sqlite:///"):
-        _made(os.path.dirname(os.path.abspath(FLAGS.storage[len("sqlite:///"):])))
+        database = FLAGS.storage[len("sqlite:///"):]
+        _made(os.path.dirname(os.path.abspath(database)))
+        committed = os.path.join(FLAGS.export_dir, "search.db")
+        if not os.path.exists(database) and os.path.exists(committed):
+            shutil.copyfile(committed, database)  # a fresh checkout resumes the committed study
+            print(f"search: resuming the study committed in {committed}", flush=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     log = lambda line: print(time.strftime("%H:%M:%S ") + line, flush=True)  # noqa: E731
     studies = {kind: open_study(kind) for kind in FLAGS.studies}
