@@ -8,6 +8,8 @@ Every function returns per-example values, so a distribution strategy reduces th
 
 import tensorflow as tf
 
+from reid_tf.model import learned_parts
+
 
 def identity_loss(labels, logits, label_smoothing=0.0):
     """Softmax cross-entropy with optional label smoothing.
@@ -105,7 +107,8 @@ def batch_hard_triplet_loss(labels, embeddings, margin=0.3, reference_labels=Non
 
 
 def plnet_loss(labels, outputs, part_loss_weight=1.0, label_smoothing=0.0, triplet_weight=0.0,
-               triplet_margin=0.3, part_triplet=False, gather=None, triplet_normalize=False):
+               triplet_margin=0.3, part_triplet=False, gather=None, triplet_normalize=False,
+               part_assignment_weight=0.0):
     """Total PL-Net loss and its pieces, per example.
 
     Args:
@@ -122,6 +125,9 @@ def plnet_loss(labels, outputs, part_loss_weight=1.0, label_smoothing=0.0, tripl
             all-gather with a gradient, see `train.step`), so that the hardest examples are
             mined over the global batch; None mines within `labels`.
         triplet_normalize: mine and score the triplets on L2-normalised features.
+        part_assignment_weight: weight of a learned partition's teacher loss
+            (`learned_parts.assignment_loss` of `part_targets` and `part_assignment_logits`);
+            0 computes none.
 
     Returns:
         dict of `loss [B]`, `global_loss [B]`, `part_loss [B]`, `part_losses [B,K]`, and with a
@@ -136,6 +142,10 @@ def plnet_loss(labels, outputs, part_loss_weight=1.0, label_smoothing=0.0, tripl
         "part_loss": mean_part,
         "part_losses": part_losses(labels, outputs["part_logits"], label_smoothing),
     }
+    if part_assignment_weight:
+        terms["part_assignment_loss"] = learned_parts.assignment_loss(
+            outputs["part_targets"], outputs["part_assignment_logits"])
+        terms["loss"] = terms["loss"] + part_assignment_weight * terms["part_assignment_loss"]
     if not triplet_weight:
         return terms
     gather = gather or (lambda value: value)

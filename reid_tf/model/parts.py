@@ -199,8 +199,9 @@ class ActivationPartPartition(keras.layers.Layer):
 class MaskedAveragePooling(keras.layers.Layer):
     """Average-pools a feature map over each part mask.
 
-    Shapes: `([B,h,w,C], [B,h,w,K]) -> [B,K,C]`. Parts are never empty (see
-    `ActivationPartPartition`); an empty mask would still give zeros, not NaN.
+    Shapes: `([B,h,w,C], [B,h,w,K]) -> [B,K,C]`: `sum(mask * features) / sum(mask)` per part,
+    for hard (one-hot) or soft masks. Parts are never empty (see `ActivationPartPartition`);
+    an empty mask would still give zeros, not NaN.
 
     Example:
     >>> pooled = MaskedAveragePooling()([tf.ones([2, 8, 4, 16]), tf.ones([2, 8, 4, 1])])
@@ -213,7 +214,9 @@ class MaskedAveragePooling(keras.layers.Layer):
         masks = tf.cast(masks, features.dtype)
         sums = tf.einsum("bhwc,bhwk->bkc", features, masks)
         counts = tf.reduce_sum(masks, axis=[1, 2])[..., None]
-        return sums / tf.maximum(counts, tf.ones_like(counts))
+        # Hard masks count whole cells (>= 1: parts are never empty); a soft mask (a learned
+        # partition) may hold less than one cell's weight and is still an average.
+        return sums / tf.maximum(counts, tf.cast(1e-6, counts.dtype))
 
     def compute_output_shape(self, input_shape):
         features_shape, masks_shape = input_shape

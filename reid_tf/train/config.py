@@ -13,7 +13,7 @@ import os
 
 from reid_tf import options
 from reid_tf.model import backbones
-from reid_tf.model import parts
+from reid_tf.model import learned_parts
 from reid_tf.options import Option
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
@@ -49,8 +49,19 @@ class TrainConfig:
                           "download) or the path of a torchvision checkpoint (.pth; "
                           "mobilenet_v2 then uses torchvision's layout).", resume=True).field()
     num_parts: int = Option(4, "K parts; 0 = global-loss baseline.", resume=True).field()
-    part_strategy: str = Option("bands", "How parts are found.", resume=True,
-                                choices=parts.PART_STRATEGIES).field()
+    part_strategy: str = Option("bands", "How parts are found: from the activations (bands, "
+                                "peaks, activation), fixed stripes, or learned (a per-cell "
+                                "classifier taught by --part_teacher).", resume=True,
+                                choices=learned_parts.STRATEGIES).field()
+    part_teacher: str = Option("bands", "What a learned partition learns from.", resume=True,
+                               choices=learned_parts.TEACHERS).field()
+    part_assignment_weight: float = Option(
+        1.0, "Weight of a learned partition's teacher loss (cross-entropy per cell).",
+        resume=True, minimum=0.0).field()
+    part_induction: float = Option(
+        0.0, "A learned partition pools with its teacher's masks for this share of training "
+        "(RPP's induction), then with its own; 0: its own from the start (ISP-style).",
+        resume=True, minimum=0.0).field()
     embedding_dim: int = Option(256, "Size of each embedding.", resume=True, minimum=1).field()
     image_height: int = options.IMAGE_HEIGHT.field()
     image_width: int = options.IMAGE_WIDTH.field()

@@ -34,7 +34,8 @@ def flags_markdown(config):
     return "| flag | value |\n| --- | --- |\n" + rows
 
 
-TRIPLET_TERMS = (("triplet_loss", "triplet"), ("part_triplet_loss", "part triplet"))
+TRIPLET_TERMS = (("triplet_loss", "triplet"), ("part_triplet_loss", "part triplet"),
+                 ("part_assignment_loss", "assign"))  # the optional terms of the loss
 
 
 class Progress:
@@ -93,6 +94,21 @@ class PartMaskPictures:
         with self.writer.as_default(step=step):
             tf.summary.image("train/part_masks",
                              visualize.overlay_part_masks(self.preview, masks), max_outputs=8)
+
+
+class PartInduction:
+    """A learned partition pools with its teacher's masks until `switch_step` (RPP's induction
+    from a trained partition), then with its own: sets the model's `teacher_pooling`."""
+
+    def __init__(self, switch_step, total_steps, model):
+        self.every, self.total_steps, self.model = switch_step, total_steps, model
+
+    def start(self, step):
+        self.model.teacher_pooling.assign(1.0 if step < self.every else 0.0)
+
+    def after_steps(self, step, metrics, images_per_second):
+        if step >= self.every:
+            self.model.teacher_pooling.assign(0.0)
 
 
 class Checkpoints:

@@ -106,7 +106,7 @@ def build_model(config, num_classes, replicas=1):
         part_strategy=config.part_strategy, embedding_dim=config.embedding_dim,
         backbone=config.backbone, image_size=config.image_size,
         backbone_weights=config.weights, last_stride=config.last_stride,
-        kmeans_iterations=config.kmeans_iterations,
+        kmeans_iterations=config.kmeans_iterations, part_teacher=config.part_teacher,
         # The P×K batch is split across replicas: normalise over the whole batch, and keep one
         # set of moving statistics on every replica and worker.
         sync_batch_norm=replicas > 1)
@@ -223,7 +223,9 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
                                  triplet_weight=config.triplet_weight,
                                  triplet_margin=config.triplet_margin,
                                  part_triplet=config.part_triplet,
-                                 triplet_normalize=config.triplet_normalize)
+                                 triplet_normalize=config.triplet_normalize,
+                                 part_assignment_weight=config.part_assignment_weight
+                                 if model.learned else 0.0)
     writers = {name: tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", name))
                if chief else tf.summary.create_noop_writer() for name in ("train", "eval")}
     splits, total = data.splits, data.total_steps
@@ -252,6 +254,11 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
                                         writers["train"]),
              hooks_lib.Checkpoints(config.checkpoint_every, total, manager),
              evaluation]
+    if model.learned:
+        induction = hooks_lib.PartInduction(int(round(config.part_induction * total)), total,
+                                            model)
+        induction.start(step)
+        hooks.append(induction)
 
     start_step, train_seconds = step, 0.0  # in training steps only: no hooks
     try:

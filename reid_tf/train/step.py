@@ -8,8 +8,7 @@ from reid_tf.model import losses
 
 
 def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_weight=1.0,
-                    label_smoothing=0.0, jit_compile=False, triplet_weight=0.0,
-                    triplet_margin=0.3, part_triplet=False, triplet_normalize=False):
+                    label_smoothing=0.0, jit_compile=False, **loss_options):
     """Builds `train_step(iterator, num_steps)`: `num_steps` distributed steps in one tf.function.
 
     Returns the metrics averaged over those steps: `loss`, `global_loss`, `part_loss`,
@@ -21,8 +20,9 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
     step counter stays the number of batches consumed (the resume position and the schedule).
     `jit_compile` compiles the replica step with XLA.
 
-    With a `triplet_weight` (see `losses.plnet_loss`), the metrics add `triplet_loss` (and
-    `part_triplet_loss` with `part_triplet`). The hardest positives and negatives are mined over
+    `loss_options` go to `losses.plnet_loss` (the triplet settings, `part_assignment_weight`).
+    With a `triplet_weight`, the metrics add `triplet_loss` (and `part_triplet_loss` with
+    `part_triplet`); with a `part_assignment_weight`, `part_assignment_loss`. The hardest positives and negatives are mined over
     the global batch, not per replica: each replica all-gathers the features and labels of every
     replica (an all-gather whose gradient sums back to each replica's own rows), so a run on R
     replicas computes the loss and gradients of the same run on one device. Mining per replica
@@ -50,8 +50,7 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
         with tf.GradientTape() as tape:
             outputs = model(images, training=True)
             terms = losses.plnet_loss(labels, outputs, part_loss_weight, label_smoothing,
-                                      triplet_weight, triplet_margin, part_triplet, gather,
-                                      triplet_normalize)
+                                      gather=gather, **loss_options)
             loss = tf.nn.compute_average_loss(terms["loss"], global_batch_size=global_batch_size)
             objective = optimizer.scale_loss(loss) if scaled else loss
         variables = model.trainable_variables
@@ -73,7 +72,7 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
             "part_accuracies": batch_mean(part_hits),
             "part_fallback": batch_mean(outputs["part_fallback"]),  # share fallen back to stripes
         }
-        for name in ("triplet_loss", "part_triplet_loss"):
+        for name in ("triplet_loss", "part_triplet_loss", "part_assignment_loss"):
             if name in terms:
                 sums[name] = batch_mean(terms[name])
         return sums, skipped
