@@ -191,6 +191,7 @@ def profile():
 
 def main(argv):
     del argv
+    print(testing.cpu_line(), flush=True)  # every figure below depends on it
     if FLAGS.profile:
         profile()
         return
@@ -228,7 +229,8 @@ def main(argv):
         print(f"| {row['file']} | {accuracy} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
               f"{row['batch32_per_s']:.0f} | {row['batch32_per_s'] / base['batch32_per_s']:.2f} "
               f"| {size} | {row['peak_rss_gib']:.2f} |")
-    print(json.dumps(rows))
+    print(json.dumps({"cpu": testing.cpu_facts(), "date": time.strftime("%Y-%m-%d"),
+                      "rows": rows}))
 
 
 if __name__ == "__main__":

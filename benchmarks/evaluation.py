@@ -22,6 +22,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from reid_tf import testing  # noqa: E402
 from reid_tf.evaluate import metrics as metrics_lib
 from reid_tf.evaluate import reranking
 
@@ -62,6 +63,7 @@ def measured(function, *args, **kwargs):
 
 def main(argv):
     del argv
+    print(testing.cpu_line(), flush=True)  # every figure below depends on it
     from test_evaluation import reference_evaluate
     from test_reranking import dense_reference
 

@@ -34,6 +34,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from reid_tf import testing  # noqa: E402
 from reid_tf import model as model_lib  # noqa: E402
 from reid_tf.data import splits as splits_lib  # noqa: E402
 from reid_tf.deploy import export as export_lib  # noqa: E402
@@ -116,6 +117,7 @@ def beam_against_single_process(scratch):
 
 def main(argv):
     del argv
+    print(testing.cpu_line(), flush=True)  # every figure below depends on it
     tf.get_logger().setLevel("ERROR")
     logging.set_verbosity(logging.WARNING)  # SavedModel writing logs at INFO
     count = FLAGS.batches * BATCH

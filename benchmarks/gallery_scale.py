@@ -131,6 +131,7 @@ def filtered_phase(store, queries):
 
 def main(argv):
     del argv
+    print(testing.cpu_line(), flush=True)  # every figure below depends on it
     if FLAGS.search_only:
         search_phase(FLAGS.workdir)
         return

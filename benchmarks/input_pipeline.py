@@ -20,6 +20,7 @@ from absl import flags
 import keras
 import tensorflow as tf
 
+from reid_tf import testing  # noqa: E402
 from reid_tf import model as model_lib
 from reid_tf.data import pipeline
 from reid_tf.data import splits as splits_lib
@@ -108,6 +109,7 @@ def train_step_rate(split):
 
 def main(argv):
     del argv
+    print(testing.cpu_line(), flush=True)  # every figure below depends on it
     folder = FLAGS.data or os.path.join(os.environ["REID_TF_SHARED_DIR"], "data",
                                         "cuhk03_pair1_labeled")
     split = splits_lib.load_splits(f"folder:{folder}")["train"]

@@ -12,6 +12,7 @@ from absl import app
 from absl import flags
 import tensorflow as tf
 
+from reid_tf import testing  # noqa: E402
 from reid_tf.model import backbones
 from reid_tf.model import parts
 
@@ -36,6 +37,7 @@ def median_ms(fn, *args):
 
 def main(argv):
     del argv
+    print(testing.cpu_line(), flush=True)  # every figure below depends on it
     net = backbones.build_backbone(FLAGS.backbone, (FLAGS.height, FLAGS.width, 3))
     images = tf.random.uniform([FLAGS.batch, FLAGS.height, FLAGS.width, 3], 0, 255)
     forward = tf.function(lambda x: net(x, training=False))

@@ -26,6 +26,7 @@ from absl import flags  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from reid_tf import testing  # noqa: E402
 from reid_tf import model as model_lib  # noqa: E402
 from reid_tf.model import normalization  # noqa: E402
 from reid_tf.train import step as step_lib  # noqa: E402
@@ -64,6 +65,7 @@ def op_type_self_times(logdir):
 
 def main(argv):
     del argv
+    print(testing.cpu_line(), flush=True)  # every figure below depends on it
     if FLAGS.keras_batch_norm:
         normalization.FusedBatchNormalization._fusable = lambda self, inputs, mask: False
     net = model_lib.PartLossNet(num_classes=600, num_parts=0, backbone="torchvision_mobilenet_v2",

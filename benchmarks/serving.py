@@ -203,6 +203,7 @@ def rebuild_phase(path, width, scratch):
 
 def main(argv):
     del argv
+    print(testing.cpu_line(), flush=True)  # every figure below depends on it
     tf.get_logger().setLevel("ERROR")
     logging.set_verbosity(logging.WARNING)  # SavedModel writing logs at INFO
     with tempfile.TemporaryDirectory() as scratch:

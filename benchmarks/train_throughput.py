@@ -20,6 +20,7 @@ from absl import flags  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from reid_tf import testing  # noqa: E402
 from reid_tf import model as model_lib  # noqa: E402
 from reid_tf.train import distribute  # noqa: E402
 from reid_tf.train import step as step_lib  # noqa: E402
@@ -77,6 +78,7 @@ def measure(replicas):
 
 def main(argv):
     del argv
+    print(testing.cpu_line(), flush=True)  # every figure below depends on it
     tf.get_logger().setLevel("ERROR")
     if FLAGS.child_replicas:
         return measure(FLAGS.child_replicas)

@@ -22,6 +22,7 @@ from absl import flags  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from reid_tf import testing  # noqa: E402
 from reid_tf import model as model_lib  # noqa: E402
 from reid_tf.data import pipeline  # noqa: E402
 from reid_tf.data import splits as splits_lib  # noqa: E402
@@ -62,6 +63,7 @@ def ours(shared, num_parts):
 
 def main(argv):
     del argv
+    print(testing.cpu_line(), flush=True)  # every figure below depends on it
     tf.get_logger().setLevel("ERROR")
     keras.utils.set_random_seed(0)
     shared = os.environ.get("REID_TF_SHARED_DIR", os.path.join(HERE, "..", "..", "shared"))

@@ -21,6 +21,41 @@ import numpy as np
 import tensorflow as tf
 
 
+# The reduced-precision and vector units a CPU timing depends on (Linux /proc/cpuinfo names).
+CPU_UNITS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
+             "amx_int8")
+
+
+def cpu_facts(cpuinfo="/proc/cpuinfo"):
+    """`{"model", "cores", "units": {flag: bool}}` of this machine's CPU, for every benchmark's
+    figures (machines here differ: AVX2 only, AVX-512, AMX + VNNI). `cpuinfo`: a path, or the
+    text itself (tests)."""
+    text = cpuinfo
+    if "\n" not in cpuinfo:
+        try:
+            with open(cpuinfo) as f:
+                text = f.read()
+        except OSError:
+            text = ""
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name", "unknown"), "cores": os.cpu_count(),
+            "units": {unit: unit in flags for unit in CPU_UNITS}}
+
+
+def cpu_line(facts=None):
+    """One line naming the CPU and which units it has, e.g. for a benchmark's output."""
+    facts = facts or cpu_facts()
+    present = [unit for unit, there in facts["units"].items() if there]
+    missing = [unit for unit, there in facts["units"].items() if not there]
+    return (f"CPU: {facts['model']}, {facts['cores']} cores; has "
+            f"{', '.join(present) or 'none of ' + ', '.join(CPU_UNITS)}"
+            + (f"; lacks {', '.join(missing)}" if missing and present else ""))
+
+
 def peak_rss_gib():
     """This process's peak RSS in GiB: VmHWM, which starts afresh at exec (ru_maxrss would carry
     over a forking parent's peak into a child); ru_maxrss where /proc is missing."""
