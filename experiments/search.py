@@ -327,6 +327,34 @@ def export(study):
     return record
 
 
+def table(record):
+    """A study's trials as a markdown table (what experiments/RESULTS.md shows)."""
+    rows = ["| trial | state | optimizer | lr | backbone × | epochs | schedule | erasing | "
+            "smoothing | triplet | K | λ | last val mAP | best val mAP |",
+            "| --- " * 14 + "|"]
+    for t in record["trials"]:
+        p, curve = t["params"], t.get("validation_curve") or []
+        if not p:
+            continue
+        optimizer = p["optimizer"]
+        triplet = "–" if not p.get("triplet") else (
+            f"{p['triplet_weight']:.2f}, " + ("soft" if p.get("soft_margin") else
+                                              f"m {p.get('triplet_margin', 0):.2f}")
+            + (", norm" if p.get("triplet_normalize") else ""))
+        last = curve[-1]["mAP"] if curve else None
+        best = max(point["mAP"] for point in curve) if curve else None
+        outcome = t.get("outcome", t["state"].lower())
+        rows.append(
+            f"| {t['number']} | {outcome} | {optimizer} | {p[optimizer + '_learning_rate']:.2g} "
+            f"| {p['backbone_lr_multiplier']:.2f} | {p['epochs']} | {p['schedule']} | "
+            f"{p['random_erasing']:.2f} | {p['label_smoothing']:.2f} | {triplet} | "
+            f"{p.get('num_parts', 0)} | "
+            + (f"{p['part_loss_weight']:.2f}" if "part_loss_weight" in p else "–")
+            + " | " + (f"{100 * last:.1f}" if last is not None else "–") + " | "
+            + (f"{100 * best:.1f}" if best is not None else "–") + " |")
+    return "\n".join(rows)
+
+
 def steps_per_epoch_of_recipe():
     """Steps per epoch of the recipe's training split once validation identities are carved
     out (what reid-train will compute), read with the library's own `build_data`."""
@@ -408,6 +436,7 @@ def main(argv):
         for study in studies.values():
             record = export(study)
             log(f"{study.study_name}: {record['finished']} finished trials exported")
+            print(table(record), flush=True)
         return
     steps_per_epoch = FLAGS.steps_per_epoch or steps_per_epoch_of_recipe()
     log(f"{steps_per_epoch} steps per epoch on the validation-carved training split")
