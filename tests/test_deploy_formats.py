@@ -4,6 +4,7 @@ getting it wrong gives one line."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -147,8 +148,16 @@ def test_a_baseline_exports_its_embeddings_without_the_empty_part_outputs(tmp_pa
                                    parity_images=images, log=lambda line: None)
     card = json.load(open(os.path.join(path, "model_card.json")))
     assert card["format_file_outputs"] == ["embedding", "global_embedding"]
+    # No parts, no part figure: the card says so instead of "same part in 100 % of cells".
+    assert card["files"]["model.tflite"]["parity_with_saved_model"]["same_part_cells"] is None
     candidate = runtime.open_runtime(os.path.join(path, "model.tflite"))
     assert candidate.num_parts == 0 and candidate.embedding_width == 16
+    assert candidate.version == 1  # its folder's, as the SavedModel beside it
+    # A file in export/7/ is version 7, as the SavedModel beside it.
+    other = os.path.join(str(tmp_path), "7")
+    os.makedirs(other)
+    shutil.copy(os.path.join(path, "model.tflite"), other)
+    assert runtime.open_runtime(os.path.join(other, "model.tflite")).version == 7
     expected = runtime.open_runtime(path).predict_images(images)["embedding"]
     np.testing.assert_allclose(candidate.predict_images(images)["embedding"], expected,
                                atol=1e-6)

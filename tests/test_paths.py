@@ -66,3 +66,20 @@ def test_train_eval_extract_and_export_under_unicode_names_and_a_tilde(unicode_d
         env={"HOME": str(home)})
     assert os.path.isfile(home / "models" / "7" / "saved_model.pb")
     assert not os.path.exists(os.path.join(os.getcwd(), "~"))
+
+
+def test_gif_and_webp_files_are_read_like_the_server_reads_them(tmp_path):
+    from PIL import Image
+
+    image = (np.random.default_rng(0).uniform(0, 255, size=(64, 32, 3))).astype(np.uint8)
+    for name, kind in (("0001_c1s1_000001_00.gif", "GIF"), ("0001_c2s1_000002_00.webp", "WEBP"),
+                       ("0002_c1s1_000003_00.png", "PNG")):
+        Image.fromarray(image).save(tmp_path / name, kind, **({"lossless": True}
+                                                              if kind == "WEBP" else {}))
+    split = splits_lib.load_split(images=str(tmp_path))
+    assert sorted(split.file_names) == ["0001_c1s1_000001_00.gif", "0001_c2s1_000002_00.webp",
+                                        "0002_c1s1_000003_00.png"]
+    batch = next(iter(pipeline.eval_dataset(split, (64, 32), 3)))["image"].numpy()
+    png = batch[list(split.file_names).index("0002_c1s1_000003_00.png")]
+    webp = batch[list(split.file_names).index("0001_c2s1_000002_00.webp")]
+    np.testing.assert_allclose(webp, png)  # lossless: the same pixels

@@ -219,3 +219,13 @@ def test_an_empty_or_missing_key_file_is_refused_in_one_line(trained, tmp_path):
             [sys.executable, "-m", "reid_tf.cli.serve", f"--export={trained['export']}",
              f"--api_key_file={path}"], capture_output=True, text=True, timeout=120)
         assert reason in one_line_error(result)
+
+
+def test_an_all_zero_embedding_is_refused_by_search_and_verify_as_by_add(keyed):
+    client, _ = keyed
+    zero = [0.0] * DIMENSION
+    for verb, body in (("search", {"embeddings": [embedding(3), zero]}),
+                       ("verify", {"embeddings": [zero, embedding(4)]})):
+        status, answer = client.request("POST", f"/v1/models/reid:{verb}", body)
+        assert status == 400 and "no direction" in answer["error"], answer
+    assert add(client, "zero", embedding=zero)[0] == 400

@@ -15,7 +15,8 @@ import re
 import numpy as np
 
 SPLITS = ("train", "query", "gallery")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+# Every kind TensorFlow's decoder (and so reid-serve) reads.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 MARKET_LAYOUT = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 MARKET_PATTERN = re.compile(r"^(-?\d+)_c(\d+)")

@@ -203,8 +203,9 @@ def _write_formats(module, folder, files, calibration, parity_images, log):
         formats.check_parity(name, figures)
         log(f"wrote {name} ({entries[name]['bytes'] / 1e6:.1f} MB, "
             f"{time.perf_counter() - started:.0f} s): cosine with the SavedModel >= "
-            f"{figures['cosine_min']:.6f} on {figures['images']} images, same part in "
-            f"{100 * figures['same_part_cells']:.1f} % of cells")
+            f"{figures['cosine_min']:.6f} on {figures['images']} images"
+            + ("" if figures["same_part_cells"] is None else
+               f", same part in {100 * figures['same_part_cells']:.1f} % of cells"))
     return entries
 
 

@@ -209,7 +209,7 @@ def parity(reference, candidate):
     cosine = np.sum(a * b, 1) / np.maximum(
         np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
     if "part_masks" not in candidate or np.shape(reference["part_masks"])[-1] == 0:
-        same_part = 1.0  # a baseline: no parts
+        same_part = None  # a baseline: no parts, no figure
     else:
         same_part = float(np.mean(np.argmax(reference["part_masks"], -1)
                                   == np.argmax(candidate["part_masks"], -1)))
@@ -260,6 +260,10 @@ class PixelRuntime:
     def __init__(self, path, input_shape, output_shapes):
         self.path = path
         self.file = os.path.basename(path)
+        # The version is the export folder's (`<export_dir>/<version>/model.onnx`), as the
+        # SavedModel beside it reports.
+        folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        self.version = int(folder) if folder.isdigit() else 1
         _, height, width, channels = input_shape
         if channels != 3 or not height or not width:
             raise ValueError(f"{path}: input shape {input_shape}; expected [N,H,W,3] at a "

@@ -256,6 +256,9 @@ class Server:
                 or len(array) > self.max_batch or not np.isfinite(array).all():
             raise BadRequest("embeddings", f"expected 1..{self.max_batch} rows of {width} "
                              "finite numbers.")
+        for i, row in enumerate(array):  # as :add refuses it: a zero vector has no direction
+            if not row.any():
+                raise BadRequest(f"embeddings[{i}]", "all zeros: it has no direction.")
         return array
 
     def _entry_embeddings(self, entry_ids):
