@@ -164,3 +164,28 @@ def test_an_inverted_p_same_fit_is_refused_at_fit_and_at_load(small_set, tmp_pat
         calibration.check(bad)
     with pytest.raises(ValueError, match=r"open_set\[0\]\.threshold"):
         calibration.check(dict(good, open_set=[dict(good["open_set"][0], threshold="0.2")]))
+
+
+def test_each_operating_point_carries_exact_binomial_intervals(small_set):
+    from scipy.stats import binomtest
+
+    query_embeddings, query, gallery_embeddings, gallery = small_set
+    fitted = calibration.fit(query_embeddings, query, gallery_embeddings, gallery)
+    counts = fitted["measured_on"]
+    for point in fitted["open_set"]:
+        n = counts["stranger_queries"]
+        k = round(point["measured_far"] * n)
+        expected = binomtest(k, n).proportion_ci(0.95, method="exact")
+        assert point["far_interval"] == pytest.approx([expected.low, expected.high])
+        found = round(point["dir"] * counts["queries"])
+        expected = binomtest(found, counts["queries"]).proportion_ci(0.95, method="exact")
+        assert point["dir_interval"] == pytest.approx([expected.low, expected.high])
+    for point in fitted["verification"]:
+        n = counts["impostor_pairs"]
+        k = round(point["measured_far"] * n)
+        expected = binomtest(k, n).proportion_ci(0.95, method="exact")
+        assert point["far_interval"] == pytest.approx([expected.low, expected.high])
+    # 24 stranger queries cannot pin a FAR of 0.001: the interval says so.
+    loosest = fitted["open_set"][-1]
+    assert loosest["far"] == 0.001 and loosest["far_interval"][1] > 0.1
+    assert calibration.interval(0, 0) == [0.0, 1.0]

@@ -61,8 +61,13 @@ def test_search_decides_each_hit_and_query_at_the_calibrated_threshold(trained, 
         "k": 20, "instances": [{"b64": b64_png(q)} for q in queries]})
     assert status == 200, answer
     point = answer["operating_point"]
+    fitted_point = next(p for p in fitted["open_set"] if p["far"] == 0.01)
     assert point == {"kind": "open_set", "far": 0.01,
-                     "threshold": calibration.threshold(fitted, "open_set", 0.01)}
+                     "threshold": calibration.threshold(fitted, "open_set", 0.01),
+                     "measured_far": fitted_point["measured_far"],
+                     "far_interval": fitted_point["far_interval"]}
+    low, high = point["far_interval"]  # how sure the calibration is, from its query count
+    assert 0 <= low <= point["measured_far"] <= high <= 1 and high - low > 0.01
     for hits, in_gallery in zip(answer["results"], answer["in_gallery"]):
         assert [hit["match"] for hit in hits] == [hit["distance"] < point["threshold"]
                                                   for hit in hits]
@@ -99,8 +104,11 @@ def test_verify_compares_two_images_or_embeddings(trained, served, served_calibr
     distance = 1 - embeddings[0] @ embeddings[1]
     assert answer["distance"] == pytest.approx(distance, abs=1e-5)
     threshold = calibration.threshold(fitted, "verification", 0.01)
+    fitted_point = next(p for p in fitted["verification"] if p["far"] == 0.01)
     assert answer["operating_point"] == {"kind": "verification", "far": 0.01,
-                                         "threshold": threshold}
+                                         "threshold": threshold,
+                                         "measured_far": fitted_point["measured_far"],
+                                         "far_interval": fitted_point["far_interval"]}
     assert answer["match"] == (answer["distance"] < threshold)
     assert answer["p_same"] == pytest.approx(float(calibration.p_same(fitted, [distance])[0]),
                                              abs=1e-4)

@@ -120,6 +120,7 @@ def test_an_operator_searches_filters_adds_removes_and_reads_errors(browser, pag
     assert distances == sorted(distances)
     verdict = page.locator("#verdict").inner_text()
     assert verdict.startswith(("In the gallery", "Not in the gallery"))
+    assert "measured on validation" in verdict and "95 % interval" in verdict  # how sure
     # The query is drawn with its part masks over it (coloured, not the bare image).
     tinted = page.evaluate("""() => {
         const c = document.getElementById('query-canvas');

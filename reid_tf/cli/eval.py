@@ -17,6 +17,7 @@ leave the gallery; DIR and the measured FAR at each fitted FAR.
 """
 
 import json
+import math
 import os
 import sys
 
@@ -252,11 +253,14 @@ def print_calibration(decisions):
     print(f"\ncalibration on {on['dataset']} ({on['split']}): {on['queries']} queries, "
           f"{on['gallery']} gallery images, {on['genuine_pairs']} genuine and "
           f"{on['impostor_pairs']} impostor pairs")
-    print("| FAR | pair threshold | TAR | search threshold | DIR |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| FAR | pair threshold | TAR | search threshold | DIR | search FAR measured "
+          "(95 % interval) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for pair, search in zip(decisions["verification"], decisions["open_set"]):
+        low, high = search.get("far_interval", [math.nan, math.nan])
         print(f"| {pair['far']:g} | {pair['threshold']:.4f} | {pair['tar']:.4f} | "
-              f"{search['threshold']:.4f} | {search['dir']:.4f} |")
+              f"{search['threshold']:.4f} | {search['dir']:.4f} | "
+              f"{search['measured_far']:.4f} ({low:.4f}-{high:.4f}) |")
 
 
 def print_open_set(report):

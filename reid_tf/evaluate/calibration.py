@@ -58,6 +58,25 @@ def pair_distances(distances, query_ids, query_cameras, gallery_ids, gallery_cam
     return distances[same & ~same_camera], distances[~same]
 
 
+CONFIDENCE = 0.95  # of the intervals calibration.json gives beside each measured rate
+
+
+def interval(successes, trials, confidence=CONFIDENCE):
+    """The exact (Clopper-Pearson) two-sided interval of a rate measured as `successes` of
+    `trials`: `[low, high]`; `[0, 1]` with no trials. Pairs that share an image are not
+    independent, so for pair rates it is optimistic; for per-query rates (open set) it is
+    what the validation set supports."""
+    from scipy.stats import beta
+
+    if trials <= 0:
+        return [0.0, 1.0]
+    alpha = 1 - confidence
+    low = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, trials - successes + 1))
+    high = 1.0 if successes == trials else float(beta.ppf(1 - alpha / 2, successes + 1,
+                                                          trials - successes))
+    return [low, high]
+
+
 def far_threshold(impostor, far):
     """The threshold accepting at most `far` of the impostor scores (`score < threshold`):
     the (floor(far·n)+1)-th smallest; infinity when that is all of them."""
@@ -104,13 +123,19 @@ def fit(query_embeddings, query, gallery_embeddings, gallery, fars=FARS, p_same=
         if not 0 < far < 1:
             raise ValueError(f"FAR {far}: expected a rate in (0, 1).")
         t = far_threshold(impostor, far)
-        verification.append({"far": far, "threshold": t, "tar": float(np.mean(genuine < t)),
-                             "measured_far": float(np.mean(impostor < t)),
+        accepted, hits = int(np.sum(impostor < t)), int(np.sum(genuine < t))
+        verification.append({"far": far, "threshold": t, "tar": hits / len(genuine),
+                             "measured_far": accepted / len(impostor),
+                             "far_interval": interval(accepted, len(impostor)),
+                             "tar_interval": interval(hits, len(genuine)),
                              "resolved": far * len(impostor) >= 1})
         t = far_threshold(strangers, far)
-        open_set.append({"far": far, "threshold": t,
-                         "dir": float(np.mean(correct & (np.nan_to_num(nearest, nan=np.inf) < t))),
-                         "measured_far": float(np.mean(strangers < t)),
+        found = int(np.sum(correct & (np.nan_to_num(nearest, nan=np.inf) < t)))
+        accepted = int(np.sum(strangers < t))
+        open_set.append({"far": far, "threshold": t, "dir": found / len(correct),
+                         "measured_far": accepted / max(len(strangers), 1),
+                         "far_interval": interval(accepted, len(strangers)),
+                         "dir_interval": interval(found, len(correct)),
                          "resolved": far * len(strangers) >= 1})
     result = {"format": FORMAT, "distance": DISTANCE, "rule": "same person when distance < "
               "threshold", "verification": verification, "open_set": open_set,

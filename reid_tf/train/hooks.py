@@ -205,7 +205,9 @@ class Evaluation:
             measured_on={"dataset": self.dataset, "split": "validation identities",
                          "validation_identities": self.validation_identities, "step": step})
         write_atomically(self.calibration_path, json.dumps(fitted, indent=2))
-        points = ", ".join(f"FAR {p['far']:g}: DIR {p['dir']:.3f}" for p in fitted["open_set"])
+        points = ", ".join(f"FAR {p['far']:g}: DIR {p['dir']:.3f} (FAR measured "
+                           f"{p['measured_far']:.3f}, 95 % interval {p['far_interval'][0]:.3f}-"
+                           f"{p['far_interval'][1]:.3f})" for p in fitted["open_set"])
         self.log(f"calibration ({len(self.splits['val_query'])} validation queries): {points}; "
                  f"wrote {self.calibration_path}")
         return {kind: fitted[kind] for kind in ("verification", "open_set")}, fitted

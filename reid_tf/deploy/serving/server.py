@@ -142,7 +142,13 @@ class Server:
             threshold = calibration_lib.threshold(self.calibration, kind, far)
         except ValueError as error:
             raise BadRequest("far", str(error)) from None
-        return {"kind": kind, "far": far, "threshold": threshold}
+        point = {"kind": kind, "far": far, "threshold": threshold}
+        fitted = next(p for p in self.calibration[kind]
+                      if math.isclose(p["far"], far, rel_tol=1e-6))
+        if "far_interval" in fitted:  # how sure: the rate measured on validation, 95 % interval
+            point["measured_far"] = fitted["measured_far"]
+            point["far_interval"] = fitted["far_interval"]
+        return point
 
     def decide(self, results, point):
         """Marks `:search` hits `match`/`p_same` and says per query whether it is in the

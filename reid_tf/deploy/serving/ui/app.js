@@ -139,7 +139,11 @@ function showResults(answer, queryImage, caption) {
     verdict.className = "verdict " + (inGallery ? "match" : "no-match");
     verdict.textContent = (inGallery ? "In the gallery: the nearest entry is accepted"
       : "Not in the gallery: no entry is accepted") +
-      ` at a false-accept rate of ${answer.operating_point.far}.`;
+      ` at a false-accept rate of ${answer.operating_point.far}` +
+      (answer.operating_point.far_interval ?
+        ` (measured on validation: ${answer.operating_point.measured_far.toFixed(3)}, 95 % ` +
+        `interval ${answer.operating_point.far_interval.map(v => v.toFixed(3)).join("–")}).`
+        : ".");
   } else {
     verdict.className = "verdict";
     verdict.textContent = "This model has no calibration: ranked by distance, no decisions.";
