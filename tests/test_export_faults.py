@@ -4,6 +4,7 @@ nothing that the next one does not clean up."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -36,6 +37,11 @@ def test_a_run_smaller_than_calibration_plus_parity_exports_int8_with_what_it_ha
                     "--format=tflite", "--version=1")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "calibrate int8 (asked 300)" in result.stdout
+    # Only the export's own lines: no INFO lines of TFDS, SavedModel or the converters.
+    chatter = [line for line in (result.stdout + result.stderr).splitlines()
+               if (re.match(r"[IW]\d{4} \d\d:", line) and not line.startswith("I0000"))
+               or "deprecat" in line.lower()]  # (I0000: TensorFlow's one start-up notice)
+    assert not chatter, chatter[:5]
     card = json.load(open(tmp_path / "1" / "model_card.json"))
     parities = {name: entry["parity_with_saved_model"]["images"]
                 for name, entry in card["files"].items()}

@@ -18,10 +18,12 @@ files). The export carries the decision thresholds (`assets/calibration.json`) o
 
 import os
 import sys
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
 
 from absl import app  # noqa: E402
+from absl import logging  # noqa: E402
 from absl import flags  # noqa: E402
 
 from reid_tf.extras import MissingPackage  # noqa: E402
@@ -52,6 +54,12 @@ def main(argv):
     from reid_tf.train import workdir as workdir_lib
 
     tf.get_logger().setLevel("ERROR")
+    # TFDS, SavedModel and the converters log hundreds of INFO lines: only the export's own.
+    logging.set_verbosity(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # The int8 debugger runs TensorFlow's own tf.lite.Interpreter, which warns on every use.
+    warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated")
     if FLAGS.version is not None and FLAGS.version < 0:
         raise app.UsageError("--version: expected a non-negative integer.")
     try:
