@@ -244,6 +244,11 @@ def objective(kind, steps_per_epoch, log=print):
         command_flags = trial_flags(values, steps_per_epoch, extra=FLAGS.extra_flags)
         workdir = workdir_of(FLAGS.runs_dir, trial.study.study_name, command_flags)
         total = values["epochs"] * steps_per_epoch
+        if (os.path.exists(os.path.join(workdir, "results.json"))
+                and "failed_trial" not in trial.system_attrs):
+            trial.set_user_attr("outcome", "duplicate")  # failed: neither counted nor learned
+            raise TrialFailed(f"trial {trial.number} repeats the flags of a finished trial "
+                              f"({workdir})")
         trial.set_user_attr("flags", command_flags)
         trial.set_user_attr("workdir", workdir)
         log(f"trial {trial.number} of {trial.study.study_name}: {' '.join(command_flags)}")
@@ -279,19 +284,26 @@ def open_study(kind):
             grace_period=2 * FLAGS.heartbeat_seconds,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=3))
-        sampler = optuna.samplers.TPESampler(
-            n_startup_trials=FLAGS.startup_trials, multivariate=True, group=True,
-            seed=FLAGS.sampler_seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=FLAGS.prune_after,
                                          n_warmup_steps=30)
-    return optuna.create_study(study_name=STUDY_PREFIX + kind, storage=storage,
-                               direction="maximize", sampler=sampler, pruner=pruner,
-                               load_if_exists=True)
+    study = optuna.create_study(study_name=STUDY_PREFIX + kind, storage=storage,
+                                direction="maximize", pruner=pruner, load_if_exists=True)
+    # Seeded by the trials already there: a sampler seeded the same in every driver would
+    # draw, after each restart, the configurations it drew after the first start again.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.sampler = optuna.samplers.TPESampler(
+            n_startup_trials=FLAGS.startup_trials, multivariate=True, group=True,
+            seed=FLAGS.sampler_seed + len(study.get_trials(deepcopy=False)))
+    return study
 
 
 def finished(study):
+    """Finished (complete or pruned) trials of distinct flags: a repeat counts once (before
+    the sampler was seeded by the trial count, a restarted driver could redraw a trial)."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=states))
+    return len({json.dumps(t.user_attrs.get("flags", t.number))
+                for t in study.get_trials(deepcopy=False, states=states)})
 
 
 def export(study):
@@ -304,7 +316,15 @@ def export(study):
                "started": t.datetime_start.isoformat() if t.datetime_start else None,
                "finished": t.datetime_complete.isoformat() if t.datetime_complete else None,
                **t.user_attrs} for t in study.get_trials(deepcopy=False)]
-    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    seen = {}
+    for t in trials:  # a finished trial whose flags an earlier finished one had
+        key = json.dumps(t.get("flags"))
+        if t["state"] in ("COMPLETE", "PRUNED") and t.get("flags"):
+            if key in seen:
+                t["duplicate_of"] = seen[key]
+            else:
+                seen[key] = t["number"]
+    complete = [t for t in trials if t["state"] == "COMPLETE" and "duplicate_of" not in t]
     best = max(complete, key=lambda t: t["value"]) if complete else None
     record = {"study": study.study_name, "direction": "maximize",
               "objective": "validation mAP at the end of the schedule",
@@ -344,6 +364,8 @@ def table(record):
         last = curve[-1]["mAP"] if curve else None
         best = max(point["mAP"] for point in curve) if curve else None
         outcome = t.get("outcome", t["state"].lower())
+        if "duplicate_of" in t:
+            outcome = f"repeat of {t['duplicate_of']}"
         rows.append(
             f"| {t['number']} | {outcome} | {optimizer} | {p[optimizer + '_learning_rate']:.2g} "
             f"| {p['backbone_lr_multiplier']:.2f} | {p['epochs']} | {p['schedule']} | "
@@ -373,9 +395,13 @@ def steps_per_epoch_of_recipe():
 
 def confirm(study, steps_per_epoch, log=print):
     """Reruns the `--top` best complete trials at `--seeds` (0: the trial's own run)."""
-    complete = sorted(study.get_trials(deepcopy=False,
-                                       states=(optuna.trial.TrialState.COMPLETE,)),
-                      key=lambda t: -t.value)[:FLAGS.top]
+    ranked = sorted(study.get_trials(deepcopy=False,
+                                     states=(optuna.trial.TrialState.COMPLETE,)),
+                    key=lambda t: -t.value)
+    distinct = {}  # best first, each configuration once
+    for trial in ranked:
+        distinct.setdefault(json.dumps(trial.user_attrs.get("flags")), trial)
+    complete = list(distinct.values())[:FLAGS.top]
     rows = []
     for trial in complete:
         runs = {}

@@ -236,3 +236,11 @@ def test_a_fresh_checkout_resumes_the_committed_study(tmp_path):
     assert "resuming the study committed in" in result.stdout
     record = json.load(open(tmp_path / "export" / "cuhk03_pair1_labeled_baseline.json"))
     assert [t["number"] for t in record["trials"]] == [0, 1, 2, 3]
+
+
+def test_a_restarted_driver_draws_new_configurations(tmp_path):
+    driver(tmp_path, "--studies=plnet", "--trials=2", "--prune_after=100")
+    driver(tmp_path, "--studies=plnet", "--trials=4", "--prune_after=100")
+    record = json.load(open(tmp_path / "export" / "cuhk03_pair1_labeled_plnet.json"))
+    assert [t["state"] for t in record["trials"]] == ["COMPLETE"] * 4
+    assert len({json.dumps(t["params"], sort_keys=True) for t in record["trials"]}) == 4
