@@ -31,6 +31,10 @@ def test_output_dict_keys_and_shapes(num_parts):
         np.testing.assert_allclose(np.linalg.norm(outputs["embedding"], axis=-1), 1.0, rtol=1e-5)
         if num_parts:
             np.testing.assert_array_equal(outputs["part_masks"].numpy().sum(-1), 1.0)
+        # An activation partition: its own masks are its targets, no per-cell logits.
+        np.testing.assert_array_equal(outputs["part_targets"], outputs["part_masks"])
+        assert outputs["part_assignment_logits"].shape == (2, 8, 4, num_parts)
+        assert not np.any(outputs["part_assignment_logits"])
 
 
 def test_descriptor_weighs_global_and_parts_equally():

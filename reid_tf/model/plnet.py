@@ -12,7 +12,8 @@ from reid_tf.model.descriptors import descriptor
 
 
 OUTPUT_KEYS = ("global_logits", "part_logits", "global_embedding", "part_embeddings",
-               "part_masks", "embedding", "global_features", "part_features", "part_fallback")
+               "part_masks", "embedding", "global_features", "part_features", "part_fallback",
+               "part_assignment_logits", "part_targets")
 
 
 @keras.saving.register_keras_serializable(package="reid_tf")
@@ -157,16 +158,16 @@ class PartLossNet(keras.Model):
             "global_embedding": global_embedding[:, 0],
             "part_embeddings": part_embeddings,
             "part_masks": part_masks,
+            "embedding": descriptor(global_embedding[:, 0], part_embeddings),
+            "global_features": global_features[:, 0],
+            "part_features": part_features,
+            "part_fallback": tf.cast(fallback, tf.float32),
             # The learned partition's per-cell part logits (from the backbone's features
             # without gradient: its teacher loss trains the head only) and their targets:
             # the teacher's parts in training, the head's own hard parts at inference. Other
             # strategies: zeros and their masks.
             "part_assignment_logits": logits,
             "part_targets": targets,
-            "embedding": descriptor(global_embedding[:, 0], part_embeddings),
-            "global_features": global_features[:, 0],
-            "part_features": part_features,
-            "part_fallback": tf.cast(fallback, tf.float32),
         }
 
     def get_config(self):
