@@ -52,7 +52,7 @@ def fitted(trained):
     return calibration.check(fit)
 
 
-@pytest.mark.parametrize("damage, needles", [
+DAMAGES = [
     # The served FAR (0.01 by default) fitted for open set but not for verification.
     (lambda c: c.update(verification=[p for p in c["verification"] if p["far"] != 0.01]),
      ["FAR 0.01", "not fitted"]),
@@ -60,7 +60,24 @@ def fitted(trained):
     (lambda c: c["verification"][1].update(far="0.01"), ["verification[1].far"]),
     (lambda c: c["p_same"].update(coef="-3"), ["p_same needs numbers"]),
     (lambda c: c["p_same"].update(coef=abs(c["p_same"]["coef"])), ["p_same is inverted"]),
-])
+]
+
+
+def test_every_damage_is_refused_by_the_calibration_check(trained):
+    """The check reid-serve runs at start (`calibration.check`, then each kind's threshold at
+    the served FAR), on each damage; the next test runs two of them through reid-serve."""
+    for damage, needles in DAMAGES:
+        damaged = fitted(trained)
+        damage(damaged)
+        with pytest.raises(ValueError) as refused:
+            calibration.check(damaged)
+            for kind in calibration.KINDS:
+                calibration.threshold(damaged, kind, 0.01)
+        for needle in needles:
+            assert needle in str(refused.value), (needle, str(refused.value))
+
+
+@pytest.mark.parametrize("damage, needles", [DAMAGES[0], DAMAGES[1]])
 def test_a_damaged_calibration_is_one_line(trained, tmp_path, damage, needles):
     damaged = fitted(trained)
     damage(damaged)
