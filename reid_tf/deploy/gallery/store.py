@@ -252,15 +252,13 @@ class GalleryStore(Gallery):
             return self._persist()
 
     def _persist_or_log(self):
-        """`_persist`, where a failure (a full disk) costs only the file: the change log keeps
-        what it lacks, and the next start replays it."""
+        """`_persist`; a failure (a full disk) costs the file only: the log is replayed at start."""
         try:
             return self._persist()
         except (OSError, RuntimeError, sqlite3.Error) as error:
-            self.log(f"gallery: the index file was not written ({type(error).__name__}: "
-                     f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
-                     "the next start rebuilds it from the change log")
-            return None
+            reason = (str(error).strip().splitlines() or [""])[0]
+            self.log(f"gallery: the index file was not written ({type(error).__name__}: {reason});"
+                     " the next start rebuilds it from the change log")
 
     def close(self):
         with self._lock:
