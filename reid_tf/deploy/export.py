@@ -84,9 +84,8 @@ def model_card(model):
             "channel_order": "RGB", "value_range": [0, 255],
             "preprocessing": (
                 "inside the model: cast to float32, then the backbone's ImageNet normalisation "
-                "(its first layer). Feed RGB pixels at the training size; the SavedModel's "
-                "signatures also resize any size (bilinear), the .tflite/.onnx files take "
-                f"exactly {height}x{width}."),
+                "(its first layer). Feed RGB pixels of any size: the SavedModel and the "
+                ".tflite/.onnx files resize to the training size (bilinear, in float) first."),
         },
         "outputs": {
             "embedding": {"shape": [None, (parts + 1) * dim], "meaning": (

@@ -2,10 +2,13 @@
 full-integer int8) and ONNX, written by the converters made for them (TensorFlow's TFLite
 converter, tf2onnx) from one function, and the runtimes that read them back.
 
-Every format file takes what a camera gives: uint8 RGB `[N,H,W,3]` at the training size, any N.
-The cast to float is inside, and so is the rest of the preprocessing: the backbone's ImageNet
-normalisation is its first layer (`model.backbones.ImageNormalization`), and at the training
-size the SavedModel's bilinear resize is the identity, so it is left out. The outputs are those
+Every format file takes what the SavedModel's `serving_default` takes: uint8 RGB `[N,H,W,3]`,
+any N, any H and W. The preprocessing is inside: the cast to float, the model's own bilinear
+resize to the training size, in float (`data.preprocessing`; the identity at the training size),
+and the backbone's ImageNet normalisation, its first layer (`model.backbones.ImageNormalization`).
+The training size is in the file: ONNX metadata `IMAGE_SIZE_KEY`, the size of the TFLite
+resize. Files of earlier versions took the training size only; their runtimes still resize
+outside (and round to uint8) for them. The outputs are those
 of the SavedModel (`export.EXPORT_KEYS`, float32): `embedding` L2-normalised, `global_embedding`,
 `part_embeddings` and `part_masks`.
 
@@ -44,6 +47,7 @@ FILES = {
 }
 FORMATS = ("saved_model", "tflite", "onnx")
 ONNX_OPSET = 17
+IMAGE_SIZE_KEY = "reid_tf.image_size"  # ONNX metadata: the training size, "<height>x<width>"
 # What writing a format needs: its converter and the runtime that checks its parity.
 NEEDS = {"onnx": ("tf2onnx", "onnxruntime"), "tflite": ("ai_edge_litert",)}
 
@@ -62,16 +66,15 @@ def files_of(formats):
 
 
 def pixel_function(model):
-    """`images` uint8 `[None,H,W,3]` at the training size -> `export.format_outputs(model)`
-    (float32)."""
-    height, width = model.image_size
+    """`images` uint8 `[None,None,None,3]` -> `export.format_outputs(model)` (float32), resized
+    inside to the training size as the SavedModel resizes (`PartLossNet.preprocess`)."""
     keys = format_outputs(model)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8,
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8,
                                                 name="images")])
     def pixels(images):
         outputs = {key: tf.cast(value, tf.float32) for key, value in
-                   model(tf.cast(images, tf.float32), training=False).items()}
+                   model(model.preprocess(images), training=False).items()}
         # The concatenation's width is static: a reshape says so in every format (TFLite has no
         # EnsureShape, and without it records the width as -1).
         outputs["embedding"] = tf.reshape(
@@ -101,9 +104,13 @@ def write_onnx(model, path):
     """The model as ONNX (opset `ONNX_OPSET`), through tf2onnx; returns `path`."""
     tf2onnx = require("tf2onnx")
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)  # its passes log hundreds of lines
+    onnx = require("onnx")
     module = frozen_module(model)
-    tf2onnx.convert.from_function(module.pixels, input_signature=module.pixels.input_signature,
-                                  opset=ONNX_OPSET, output_path=path)
+    proto, _ = tf2onnx.convert.from_function(
+        module.pixels, input_signature=module.pixels.input_signature, opset=ONNX_OPSET)
+    height, width = model.image_size
+    proto.metadata_props.add(key=IMAGE_SIZE_KEY, value=f"{height}x{width}")
+    onnx.save(proto, path)
     return path
 
 
@@ -248,16 +255,18 @@ def file_digest(path):
 
 
 class PixelRuntime:
-    """The members of `runtime.SavedModelRuntime` over a function of uint8 pixels at one size.
+    """The members of `runtime.SavedModelRuntime` over a function of uint8 pixels.
 
-    Images of another size are resized first with the model's own resize (`data.preprocessing`)
-    and rounded to uint8, as a camera frame would be; the SavedModel resizes in float instead,
-    so only the rounding differs there.
+    A file resizes inside (`image_size` given: the training size it records), so it takes uint8
+    images of any size as the SavedModel's `serving_default` does, and encoded images are
+    decoded to uint8 and run one size at a time. A file of an earlier version (a fixed input
+    size, `image_size` None) gets images resized outside with the model's own resize and
+    rounded to uint8.
     """
 
     version = 1
 
-    def __init__(self, path, input_shape, output_shapes):
+    def __init__(self, path, input_shape, output_shapes, image_size=None):
         self.path = path
         self.file = os.path.basename(path)
         # The version is the export folder's (`<export_dir>/<version>/model.onnx`), as the
@@ -265,15 +274,17 @@ class PixelRuntime:
         folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
         self.version = int(folder) if folder.isdigit() else 1
         _, height, width, channels = input_shape
-        if channels != 3 or not height or not width:
-            raise ValueError(f"{path}: input shape {input_shape}; expected [N,H,W,3] at a "
-                             "fixed size (not a reid-tf export?).")
+        fixed = isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0
+        if channels != 3 or not (fixed or image_size):
+            raise ValueError(f"{path}: input shape {input_shape} and no training size recorded "
+                             "(not a reid-tf export?).")
+        self.resizes_inside = not fixed
         missing = {"embedding", "global_embedding"} - set(output_shapes)
         if "part_embeddings" in output_shapes:
             missing |= set(EXPORT_KEYS) - set(output_shapes)
         if missing:
             raise ValueError(f"{path}: outputs {sorted(missing)} missing; not a reid-tf export.")
-        self.image_size = (int(height), int(width))
+        self.image_size = tuple(int(size) for size in (image_size or (height, width)))
         self.output_shapes = output_shapes
         dim = int(output_shapes["global_embedding"][-1])
         self.num_parts = (int(output_shapes["part_embeddings"][1])
@@ -289,9 +300,11 @@ class PixelRuntime:
         images = tf.convert_to_tensor(images)
         if images.shape.rank != 4 or images.shape[-1] != 3:
             raise ValueError(f"images of shape {list(images.shape)}: expected [N,H,W,3] RGB.")
-        if tuple(images.shape[1:3]) != self.image_size or images.dtype != tf.uint8:
-            images = tf.cast(tf.clip_by_value(tf.round(
-                preprocessing.preprocess(images, self.image_size)), 0, 255), tf.uint8)
+        if self.resizes_inside:
+            if images.dtype != tf.uint8:  # as the SavedModel's uint8 signature is fed
+                images = _rounded(images)
+        elif tuple(images.shape[1:3]) != self.image_size or images.dtype != tf.uint8:
+            images = _rounded(preprocessing.preprocess(images, self.image_size))
         return images.numpy()
 
     def predict_images(self, images):
@@ -301,10 +314,28 @@ class PixelRuntime:
         return self._run(self._pixels(images))
 
     def predict_encoded(self, images):
+        if self.resizes_inside:
+            return self._predict_each_size(
+                [tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+                 for data in images])
         decoded = tf.map_fn(lambda data: preprocessing.decode(data, self.image_size),
                             tf.constant(images, tf.string),
                             fn_output_signature=tf.TensorSpec([*self.image_size, 3], tf.float32))
         return self.predict_images(decoded)
+
+    def _predict_each_size(self, images):
+        """Decoded uint8 images of several sizes: one call per size, outputs in their order."""
+        if not images:
+            return self.predict_images(np.zeros([0, *self.image_size, 3], np.uint8))
+        sizes = {}
+        for index, image in enumerate(images):
+            sizes.setdefault(image.shape, []).append(index)
+        outputs = {}
+        for indices in sizes.values():
+            for key, value in self.predict_images(np.stack([images[i] for i in indices])).items():
+                outputs.setdefault(key, np.zeros([len(images), *value.shape[1:]], value.dtype))
+                outputs[key][indices] = value
+        return outputs
 
     def embed(self, images, names):
         from reid_tf.deploy import runtime
@@ -322,7 +353,8 @@ class PixelRuntime:
             dims = [{"size": str(-1 if not size else size)} for size in shape]
             return {"dtype": dtype, "tensor_shape": {"dim": dims}, "name": name}
 
-        inputs = {"images": tensor_info([None, *self.image_size, 3], "images", "DT_UINT8")}
+        size = [None, None] if self.resizes_inside else list(self.image_size)
+        inputs = {"images": tensor_info([None, *size, 3], "images", "DT_UINT8")}
         outputs = {key: tensor_info([None, *shape[1:]], key, "DT_FLOAT")
                    for key, shape in sorted(self.output_shapes.items())}
         return {"signature_def": {"signature_def": {"serving_default": {
@@ -344,7 +376,9 @@ class OnnxRuntime(PixelRuntime):
         (model_input,) = self.session.get_inputs()
         self.input_name = model_input.name
         outputs = {output.name: output.shape for output in self.session.get_outputs()}
-        super().__init__(path, model_input.shape, outputs)
+        size = self.session.get_modelmeta().custom_metadata_map.get(IMAGE_SIZE_KEY)
+        super().__init__(path, model_input.shape, outputs,
+                         size and tuple(int(side) for side in size.split("x")))
 
     def _run(self, images):
         names = list(self.output_shapes)
@@ -371,12 +405,28 @@ class TFLiteRuntime(PixelRuntime):
         shape = details["images"]["shape_signature"]
         outputs = {key: [int(size) for size in value["shape_signature"]]
                    for key, value in self.runner.get_output_details().items()}
-        super().__init__(path, [int(size) for size in shape], outputs)
+        super().__init__(path, [int(size) for size in shape], outputs,
+                         _resize_size(litert.Interpreter(model_path=path)))
 
     def _run(self, images):
         with self._lock:
             outputs = self.runner(images=images)
             return {key: np.array(value) for key, value in outputs.items()}
+
+
+def _resize_size(interpreter):
+    """The size a TFLite file resizes its input to (its first RESIZE_BILINEAR's constant size
+    input), or None for a file of a fixed input size. `interpreter`: one of its own (the
+    signature runner's would refuse `allocate_tensors`)."""
+    interpreter.allocate_tensors()
+    for op in interpreter._get_ops_details():  # in execution order
+        if op["op_name"] == "RESIZE_BILINEAR":
+            return tuple(int(side) for side in interpreter.get_tensor(op["inputs"][1]))
+    return None
+
+
+def _rounded(images):
+    return tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)
 
 
 def open_file(path):
