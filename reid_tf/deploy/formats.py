@@ -316,8 +316,7 @@ class PixelRuntime:
     def predict_encoded(self, images):
         if self.resizes_inside:
             return self._predict_each_size(
-                [tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
-                 for data in images])
+                [preprocessing.decode_upright(data).numpy() for data in images])
         decoded = tf.map_fn(lambda data: preprocessing.decode(data, self.image_size),
                             tf.constant(images, tf.string),
                             fn_output_signature=tf.TensorSpec([*self.image_size, 3], tf.float32))

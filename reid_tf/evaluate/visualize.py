@@ -35,9 +35,11 @@ def _load_image(split, index, size):
     import io
 
     from PIL import Image
+    from PIL import ImageOps
 
     source = split.images[index]
-    image = Image.open(source if split.are_paths else io.BytesIO(source)).convert("RGB")
+    image = ImageOps.exif_transpose(
+        Image.open(source if split.are_paths else io.BytesIO(source))).convert("RGB")
     return image.resize((size[1], size[0]))
 
 

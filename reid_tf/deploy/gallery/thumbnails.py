@@ -9,16 +9,17 @@ QUALITY = 85
 
 def thumbnail(image, height=DEFAULT_HEIGHT):
     """JPEG bytes of `image` (encoded bytes, or uint8 `[H,W,3]`) scaled to `height` pixels
-    high (never up), its aspect kept; None when Pillow cannot read it (the entry is kept, with
-    the page's placeholder instead)."""
+    high (never up), its aspect kept, upright by its EXIF orientation; None when Pillow cannot
+    read it (the entry is kept, with the page's placeholder instead)."""
     import numpy as np
     from PIL import Image
+    from PIL import ImageOps
 
     try:
         if isinstance(image, (bytes, bytearray)):
             picture = Image.open(io.BytesIO(image))
             picture.seek(0)  # an animation's first frame
-            picture = picture.convert("RGB")
+            picture = ImageOps.exif_transpose(picture).convert("RGB")
         else:
             picture = Image.fromarray(np.asarray(image, np.uint8), "RGB")
     except Exception:  # noqa: BLE001 - Pillow raises many types for what it cannot read
