@@ -257,6 +257,27 @@ def test_reid_extract_corrupt_file_offers_a_flag_it_has(trained, tmp_path, marke
     assert len(arrays["file_names"]) == len(os.listdir(root / "bounding_box_test")) - 1
 
 
+def test_reid_extract_skip_corrupt_works_on_a_plain_folder_too(trained, tmp_path, market):
+    """Issue 39: on a folder that is not a Market layout, --skip_corrupt had no effect (the
+    extraction failed on the bad file either way)."""
+    folder = tmp_path / "cams"
+    shutil.copytree(market / "bounding_box_test", folder / "cam1")
+    bad = folder / "cam1" / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    output = tmp_path / "features.npz"
+    result = run("reid_tf.cli.extract", f"--export={trained['export']}", f"--images={folder}",
+                 f"--output={output}")
+    assert_one_line_error(result, "reid-extract", "broken.jpg", "--skip_corrupt")
+    assert not output.exists()
+    result = run("reid_tf.cli.extract", f"--export={trained['export']}", f"--images={folder}",
+                 f"--output={output}", "--skip_corrupt")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped 1 corrupt image(s)" in result.stdout + result.stderr
+    names = set(features_npz.load_features(str(output))["file_names"])
+    assert len(names) == len(os.listdir(market / "bounding_box_test"))
+    assert os.path.join("cam1", "broken.jpg") not in names
+
+
 # ---------------------------------------------------------------- evaluation and summaries
 
 def test_evaluate_takes_lists_and_refuses_no_valid_query():

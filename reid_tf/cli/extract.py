@@ -45,8 +45,7 @@ flags.DEFINE_string("runner", None, "Run the extraction as an Apache Beam pipeli
 flags.DEFINE_integer("num_shards", 0, "With --runner: Parquet shards (0: the runner decides).")
 options.define("batch_size", int, options.BATCH_SIZE.replace(help="Images per batch."))
 options.define("skip_corrupt", bool, options.SKIP_CORRUPT.replace(
-    help="Leave out images of a Market layout or dataset that do not decode (else fail, naming "
-    "them)."))
+    help="Leave out images that do not decode (else fail, naming them)."))
 
 
 def main(argv):
@@ -59,6 +58,7 @@ def main(argv):
     from reid_tf.data import splits
     from reid_tf.deploy import runtime
     from reid_tf.evaluate import features_npz
+    from reid_tf.evaluate.extract import UndecodableImage
     from reid_tf.evaluate.extract import extract
 
     runtime.enable_memory_growth()
@@ -67,8 +67,11 @@ def main(argv):
         export = runtime.open_runtime(FLAGS.export)
         split = splits.load_split(FLAGS.images, FLAGS.dataset, FLAGS.split, FLAGS.data_dir,
                                   FLAGS.skip_corrupt)
-        embeddings = extract(export, split, ["embedding"], FLAGS.batch_size, encoded=True,
-                             description="extracting")["embedding"]
+        try:
+            embeddings = extract(export, split, ["embedding"], FLAGS.batch_size, encoded=True,
+                                 description="extracting")["embedding"]
+        except UndecodableImage as error:
+            raise ValueError(f"{error} (--skip_corrupt leaves such files out)") from None
         arrays = features_npz.save_features(FLAGS.output, embeddings, split.file_names,
                                             split.person_ids, split.camera_ids)
     except (ValueError, OSError, MissingPackage) as error:  # OSError: names its path

@@ -308,6 +308,13 @@ def _image_problem(path):
         return path, message.strip().splitlines()[0] if message.strip() else type(error).__name__
 
 
+def image_problems(paths):
+    """`[(path, reason)]` for the files of `paths` that TensorFlow's decoder does not read whole
+    (decoded in parallel threads)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return [p for p in pool.map(_image_problem, paths) if p]
+
+
 def check_images(split_records, skip_corrupt=False, log=print):
     """Decodes every image file once; bad files fail with their list, or are skipped if asked.
 
@@ -315,8 +322,7 @@ def check_images(split_records, skip_corrupt=False, log=print):
     """
     paths = sorted({r.image for records in split_records.values() for r in records
                     if isinstance(r.image, str)})
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        problems = [p for p in pool.map(_image_problem, paths) if p]
+    problems = image_problems(paths)
     if not problems:
         return split_records
     if not skip_corrupt:

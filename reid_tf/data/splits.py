@@ -298,10 +298,12 @@ def relabel(person_ids):
     return labels.astype(np.int32), len(identities)
 
 
-def folder_split(folder):
+def folder_split(folder, skip_corrupt=False, log=print):
     """Every image under `folder` (recursively, sorted) as a `Split`.
 
     Person id and camera are parsed from Market-style names; -1 where a name does not carry them.
+    With `skip_corrupt`, every file is decoded once first and those that do not decode are left
+    out (logged); else a bad file fails the extraction that reads it, naming it.
     """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: folder not found.")
@@ -311,6 +313,13 @@ def folder_split(folder):
         for name in names if name.lower().endswith(sources.IMAGE_EXTENSIONS))
     if not paths:
         raise ValueError(f"{folder}: no images ({', '.join(sources.IMAGE_EXTENSIONS)}) in it.")
+    if skip_corrupt:
+        bad = {path for path, _ in sources.image_problems(paths)}
+        if bad:
+            log(f"skipped {len(bad)} corrupt image(s)")
+            paths = [path for path in paths if path not in bad]
+        if not paths:
+            raise ValueError(f"{folder}: none of its images decodes.")
     labels = []
     for path in paths:
         match = sources.MARKET_PATTERN.match(os.path.basename(path))
@@ -332,7 +341,7 @@ def load_split(images=None, dataset=None, split="gallery", data_dir=None, skip_c
         if os.path.isdir(os.path.join(images, sources.MARKET_LAYOUT["gallery"])):
             dataset = FOLDER_PREFIX + images
         else:
-            return folder_split(images)
+            return folder_split(images, skip_corrupt)
     splits = load_splits(dataset, data_dir=data_dir, skip_corrupt=skip_corrupt,
                          splits=(split,) if split in sources.MARKET_LAYOUT else None)
     if split not in splits:

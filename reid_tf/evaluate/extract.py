@@ -33,7 +33,8 @@ def extract(runtime, split, names=("embedding",), batch_size=64, flip=False, enc
             model does) instead of images decoded by the evaluation pipeline.
         description: a progress bar with this label (on stderr); None: no bar.
 
-    An encoded image that does not decode raises ValueError naming its file.
+    An encoded image that does not decode raises `UndecodableImage` (a ValueError) naming its
+    file.
     """
     names = tuple(names)
     if encoded and flip:
@@ -64,14 +65,18 @@ def extract(runtime, split, names=("embedding",), batch_size=64, flip=False, enc
     return {name: np.concatenate(values) for name, values in results.items()}
 
 
+class UndecodableImage(ValueError):
+    """An image of the split does not decode (the message names it)."""
+
+
 def _embed_encoded(runtime, batch, names, split, start):
     try:
         return runtime.embed_encoded(batch, names)
     except tf.errors.InvalidArgumentError:
         index = first_undecodable(batch.numpy())
         name = split.file_names[start + (index or 0)]
-        raise ValueError(f"{name}: not a decodable JPEG/PNG/BMP image." if index is not None
-                         else f"{name}...: a batch failed to decode.") from None
+        raise UndecodableImage(f"{name}: not a decodable JPEG/PNG/BMP image." if index is not None
+                               else f"{name}...: a batch failed to decode.") from None
 
 
 def first_undecodable(images):
