@@ -105,7 +105,8 @@ def test_p_same_falls_with_distance_and_crosses_half_between_the_classes():
 
 def test_threshold_lookup_names_the_fitted_rates(small_set):
     fitted = calibration.fit(*small_set, fars=(0.1, 0.01))
-    assert calibration.threshold(fitted, "open_set", 0.01) == fitted["open_set"][1]["threshold"]
+    assert calibration.threshold(fitted, "verification", 0.01) == \
+        fitted["verification"][1]["threshold"]
     with pytest.raises(ValueError, match="FAR 0.05: not fitted; the calibration has 0.1, 0.01"):
         calibration.threshold(fitted, "verification", 0.05)
     with pytest.raises(ValueError, match="not a reid-tf calibration"):
@@ -189,3 +190,36 @@ def test_each_operating_point_carries_exact_binomial_intervals(small_set):
     loosest = fitted["open_set"][-1]
     assert loosest["far"] == 0.001 and loosest["far_interval"][1] > 0.1
     assert calibration.interval(0, 0) == [0.0, 1.0]
+
+
+def test_a_far_the_validation_set_cannot_measure_is_refused_in_one_line(small_set):
+    """Issue 39: thresholds at FARs finer than one validation false accept were served (the
+    open-set table measured 4 to 18 times the asked rate at 0.001). A FAR f rests on n
+    validation impostor scores; with f·n < 1 the threshold is only the nearest of them,
+    whatever f is asked, so such a point is refused where a decision would use it."""
+    query_embeddings, query, gallery_embeddings, gallery = small_set
+    fitted = calibration.fit(query_embeddings, query, gallery_embeddings, gallery,
+                             fars=(0.2, 0.05, 0.01))
+    strangers = fitted["measured_on"]["stranger_queries"]
+    assert strangers == 24 and 0.01 * strangers < 1 <= 0.05 * strangers
+    with pytest.raises(ValueError) as refused:
+        calibration.threshold(fitted, "open_set", 0.01)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "24 validation queries" in message and "0.0417" in message  # 1/24: the finest
+    assert "0.2, 0.05" in message  # what it can use instead
+    assert calibration.threshold(fitted, "open_set", 0.05) == fitted["open_set"][1]["threshold"]
+    # The verification pairs are many more: 0.01 is supported there.
+    assert calibration.threshold(fitted, "verification", 0.01) == \
+        fitted["verification"][2]["threshold"]
+    # What reid-serve decides at when no --far is given: 0.01 if every kind supports it, else
+    # the finest fitted FAR they all do; None when none is.
+    assert calibration.default_far(fitted, 0.01) == 0.05
+    assert calibration.default_far(fitted, 0.2) == 0.2
+    assert calibration.default_far({**fitted, "open_set": fitted["open_set"][2:]}, 0.01) is None
+    assert calibration.supported_fars(fitted) == [0.2, 0.05]
+    # The open-set evaluation still reports every fitted point (its table shows what an
+    # unsupported one does on test).
+    report = calibration.evaluate_open_set(query_embeddings, query, gallery_embeddings,
+                                           gallery, fitted)
+    assert [point["far"] for point in report["points"]] == [0.2, 0.05, 0.01]

@@ -61,9 +61,13 @@ def test_search_decides_each_hit_and_query_at_the_calibrated_threshold(trained, 
         "k": 20, "instances": [{"b64": b64_png(q)} for q in queries]})
     assert status == 200, answer
     point = answer["operating_point"]
-    fitted_point = next(p for p in fitted["open_set"] if p["far"] == 0.01)
-    assert point == {"kind": "open_set", "far": 0.01,
-                     "threshold": calibration.threshold(fitted, "open_set", 0.01),
+    # 19 validation queries cannot measure an open-set FAR of 0.01 (issue 39): the server
+    # decides at the finest rate the calibration supports, 0.1.
+    assert fitted["measured_on"]["stranger_queries"] < 100
+    assert calibration.supported_fars(fitted) == [0.1]
+    fitted_point = next(p for p in fitted["open_set"] if p["far"] == 0.1)
+    assert point == {"kind": "open_set", "far": 0.1,
+                     "threshold": calibration.threshold(fitted, "open_set", 0.1),
                      "measured_far": fitted_point["measured_far"],
                      "far_interval": fitted_point["far_interval"]}
     low, high = point["far_interval"]  # how sure the calibration is, from its query count
@@ -75,13 +79,12 @@ def test_search_decides_each_hit_and_query_at_the_calibrated_threshold(trained, 
         expected = calibration.p_same(fitted, [hit["distance"] for hit in hits])
         assert [hit["p_same"] for hit in hits] == pytest.approx(expected.tolist())
         assert all(hit["thumbnail"] is False for hit in hits)  # seeded from a features.npz
-    # Another fitted operating point moves the threshold; an unfitted one is refused.
-    status, loose = served.request("POST", "/v1/models/reid:search", {
-        "k": 20, "far": 0.1, "instances": [{"b64": b64_png(q)} for q in queries]})
-    assert loose["operating_point"]["threshold"] == calibration.threshold(fitted, "open_set",
-                                                                           0.1)
-    assert sum(h["match"] for r in loose["results"] for h in r) >= sum(
-        h["match"] for r in answer["results"] for h in r)
+    # A fitted rate the validation set cannot measure is refused, and so is an unfitted one.
+    status, refused = served.request("POST", "/v1/models/reid:search", {
+        "far": 0.01, "instances": [{"b64": b64_png(queries[0])}]})
+    assert status == 400 and refused["field"] == "far"
+    assert "validation queries cannot measure it" in refused["error"]
+    assert "supported FARs: 0.1." in refused["error"]
     status, refused = served.request("POST", "/v1/models/reid:search", {
         "far": 0.05, "instances": [{"b64": b64_png(queries[0])}]})
     assert status == 400 and refused["field"] == "far"
@@ -103,9 +106,9 @@ def test_verify_compares_two_images_or_embeddings(trained, served, served_calibr
     assert status == 200, answer
     distance = 1 - embeddings[0] @ embeddings[1]
     assert answer["distance"] == pytest.approx(distance, abs=1e-5)
-    threshold = calibration.threshold(fitted, "verification", 0.01)
-    fitted_point = next(p for p in fitted["verification"] if p["far"] == 0.01)
-    assert answer["operating_point"] == {"kind": "verification", "far": 0.01,
+    threshold = calibration.threshold(fitted, "verification", 0.1)
+    fitted_point = next(p for p in fitted["verification"] if p["far"] == 0.1)
+    assert answer["operating_point"] == {"kind": "verification", "far": 0.1,
                                          "threshold": threshold,
                                          "measured_far": fitted_point["measured_far"],
                                          "far_interval": fitted_point["far_interval"]}
@@ -113,8 +116,14 @@ def test_verify_compares_two_images_or_embeddings(trained, served, served_calibr
     assert answer["p_same"] == pytest.approx(float(calibration.p_same(fitted, [distance])[0]),
                                              abs=1e-4)
     status, same = served.request("POST", "/v1/models/reid:verify", {
-        "embeddings": [embeddings[2].tolist(), embeddings[2].tolist()], "far": 0.1})
+        "embeddings": [embeddings[2].tolist(), embeddings[2].tolist()], "far": 0.01})
     assert status == 200 and same["distance"] == pytest.approx(0, abs=1e-5) and same["match"]
+    # Verification rests on ~500 impostor pairs: 0.01 is measured there, 0.001 is not.
+    assert same["operating_point"]["threshold"] == calibration.threshold(fitted, "verification",
+                                                                          0.01)
+    status, refused = served.request("POST", "/v1/models/reid:verify", {
+        "embeddings": [embeddings[2].tolist(), embeddings[2].tolist()], "far": 0.001})
+    assert status == 400 and "impostor pairs cannot measure it" in refused["error"]
     status, refused = served.request("POST", "/v1/models/reid:verify", {
         "embeddings": [embeddings[2].tolist()]})
     assert status == 400 and refused["field"] == "embeddings" and "exactly 2" in refused["error"]
@@ -144,6 +153,13 @@ def test_an_export_without_calibration_answers_without_decisions(trained, tmp_pa
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1] == (
         "reid-serve: error: FAR 0.05: not fitted; the calibration has 0.1, 0.01, 0.001.")
+    # So is one its validation set cannot measure (issue 39).
+    refused = testing.run_module("reid_tf.cli.serve", f"--export={trained['export']}",
+                                 "--far=0.01", check=False)
+    assert refused.returncode == 1
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("reid-serve: error: FAR 0.01: the calibration's ")
+    assert "validation queries cannot measure it" in last
 
 
 def test_gallery_stats_entries_thumbnails_and_search_by_entry(trained, tmp_path):
@@ -163,8 +179,8 @@ def test_gallery_stats_entries_thumbnails_and_search_by_entry(trained, tmp_path)
                                     {"camera_id": 1, "entries": 1},
                                     {"camera_id": 5, "entries": 1}]
         assert stats["time_span"] == [100.0, 102.0] and stats["index"]["stale"] is False
-        assert stats["decisions"]["far"] == 0.01 and stats["decisions"]["fars"] == [0.1, 0.01,
-                                                                                   0.001]
+        # Only the rates its validation set can measure are offered (issue 39).
+        assert stats["decisions"]["far"] == 0.1 and stats["decisions"]["fars"] == [0.1]
         status, page = client.request("GET", "/v1/models/reid/gallery/entries?limit=2&offset=1")
         assert page["total"] == 4 and [e["id"] for e in page["entries"]] == ["cam0/img2",
                                                                             "cam1/img1"]

@@ -53,9 +53,9 @@ def fitted(trained):
 
 
 DAMAGES = [
-    # The served FAR (0.01 by default) fitted for open set but not for verification.
-    (lambda c: c.update(verification=[p for p in c["verification"] if p["far"] != 0.01]),
-     ["FAR 0.01", "not fitted"]),
+    # The served FAR (--far=0.1) fitted for open set but not for verification.
+    (lambda c: c.update(verification=[p for p in c["verification"] if p["far"] != 0.1]),
+     ["FAR 0.1", "not fitted"]),
     (lambda c: c["open_set"][0].update(threshold="0.3"), ["open_set[0].threshold", "'0.3'"]),
     (lambda c: c["verification"][1].update(far="0.01"), ["verification[1].far"]),
     (lambda c: c["p_same"].update(coef="-3"), ["p_same needs numbers"]),
@@ -72,7 +72,7 @@ def test_every_damage_is_refused_by_the_calibration_check(trained):
         with pytest.raises(ValueError) as refused:
             calibration.check(damaged)
             for kind in calibration.KINDS:
-                calibration.threshold(damaged, kind, 0.01)
+                calibration.threshold(damaged, kind, 0.1)
         for needle in needles:
             assert needle in str(refused.value), (needle, str(refused.value))
 
@@ -83,4 +83,5 @@ def test_a_damaged_calibration_is_one_line(trained, tmp_path, damage, needles):
     damage(damaged)
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps(damaged))
-    one_line_error(serve(f"--export={trained['export']}", f"--calibration={path}"), *needles)
+    one_line_error(serve(f"--export={trained['export']}", f"--calibration={path}", "--far=0.1"),
+                   *needles)

@@ -94,9 +94,11 @@ flags.DEFINE_integer("max_connections", DEFAULT_MAX_CONNECTIONS, "Most open conn
                      "more get 503.")
 flags.DEFINE_string("calibration", None, "A calibration.json (reid-eval --calibrate) for the "
                     "decisions, instead of the one the export carries.")
-flags.DEFINE_float("far", DEFAULT_FAR, "The default operating point: the false-accept rate "
-                   "whose calibrated thresholds decide match / in_gallery (one it was fitted "
-                   "at); a request may give its own \"far\".")
+flags.DEFINE_float("far", None, "The default operating point: the false-accept rate whose "
+                   "calibrated thresholds decide match / in_gallery (one it was fitted at, and "
+                   "that its validation set can measure); a request may give its own \"far\". "
+                   f"Default: {DEFAULT_FAR:g} where the calibration supports it, else the finest "
+                   "fitted rate it does.")
 flags.DEFINE_integer("thumbnail_size", DEFAULT_THUMBNAIL_HEIGHT, "Height in pixels of the "
                      "thumbnail stored with each entry added from an image (0: none).",
                      lower_bound=0)
@@ -114,6 +116,30 @@ flags.DEFINE_integer("max_metadata_bytes", DEFAULT_LIMITS.max_metadata_bytes, "L
                      "metadata of one :add entry, bytes of JSON.", lower_bound=2)
 flags.DEFINE_integer("max_metadata_depth", DEFAULT_LIMITS.max_metadata_depth, "Deepest "
                      "nesting of an entry's metadata (objects and lists).", lower_bound=1)
+
+
+def operating_far(decisions):
+    """The served FAR and the decisions: `--far` as given (ValueError in one line where the
+    calibration lacks it or cannot measure it), else `DEFAULT_FAR` or the finest fitted rate
+    the calibration supports (said in one line); no decisions where it supports none."""
+    from reid_tf.evaluate import calibration
+
+    if decisions is None:
+        return DEFAULT_FAR, None
+    if FLAGS.far is not None:
+        for kind in calibration.KINDS:
+            calibration.threshold(decisions, kind, FLAGS.far)
+        return FLAGS.far, decisions
+    far = calibration.default_far(decisions, DEFAULT_FAR)
+    if far is None:
+        print("the calibration's validation set measures none of its FARs: answering without "
+              "match / in_gallery decisions (calibrate on more identities)", flush=True)
+        return DEFAULT_FAR, None
+    if far != DEFAULT_FAR:
+        queries = decisions.get("measured_on", {}).get("stranger_queries")
+        print(f"decisions at FAR {far:g}: the finest the calibration supports ({queries} "
+              f"validation queries cannot measure {DEFAULT_FAR:g})", flush=True)
+    return far, decisions
 
 
 def main(argv):
@@ -155,9 +181,7 @@ def main(argv):
         export = runtime.open_runtime(FLAGS.export)
         decisions = (calibration.load(FLAGS.calibration) if FLAGS.calibration
                      else export.calibration)
-        if decisions is not None:  # a --far it was not fitted at: refused before any work
-            for kind in calibration.KINDS:
-                calibration.threshold(decisions, kind, FLAGS.far)
+        far, decisions = operating_far(decisions)  # refused before any work
         gallery = None
         if FLAGS.gallery_db or FLAGS.gallery_uri or FLAGS.gallery or FLAGS.gallery_images:
             gallery = open_gallery(
@@ -170,13 +194,13 @@ def main(argv):
                         "collection": FLAGS.milvus_collection, "token": FLAGS.milvus_token})
     except (sqlite3.Error, ValueError, OSError, RuntimeError, MissingPackage) as problem:
         fail(start_error(problem, FLAGS.gallery_db))
-    if decisions is None:
+    if decisions is None and FLAGS.calibration is None and export.calibration is None:
         print("no calibration: :search answers without match / in_gallery decisions (fit one: "
               "reid-eval --calibrate, or train with --validation_identities)", flush=True)
     server = Server(export, gallery, FLAGS.model_name, FLAGS.max_batch, FLAGS.threads,
                     FLAGS.max_image_pixels, FLAGS.max_batch_size,
                     FLAGS.batch_timeout_ms, FLAGS.max_enqueued_batches,
-                    calibration=decisions, far=FLAGS.far, thumbnail_size=FLAGS.thumbnail_size,
+                    calibration=decisions, far=far, thumbnail_size=FLAGS.thumbnail_size,
                     limits=EntryLimits(FLAGS.max_metadata_bytes, FLAGS.max_metadata_depth))
     application = make_app(server, int(FLAGS.max_body_mb * (1 << 20)), FLAGS.timeout_s,
                            ui=not FLAGS.no_ui, policy=policy)

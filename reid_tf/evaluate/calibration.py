@@ -185,16 +185,62 @@ def fars_of(calibration, kind="open_set"):
     return [point["far"] for point in calibration[kind]]
 
 
-def threshold(calibration, kind, far):
-    """The fitted threshold of `kind` ("verification" or "open_set") at `far`; ValueError
-    naming the fitted rates for another."""
+# What a kind's FAR rests on: its validation impostor scores, named for a message.
+SUPPORT = {"verification": ("impostor_pairs", "impostor pairs"),
+           "open_set": ("stranger_queries", "queries")}
+
+
+def _point(calibration, kind, far):
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: expected one of {KINDS}.")
     for point in calibration[kind]:
         if math.isclose(point["far"], far, rel_tol=1e-6):
-            return point["threshold"]
+            return point
     raise ValueError(f"FAR {far}: not fitted; the calibration has "
                      f"{', '.join(f'{f:g}' for f in fars_of(calibration, kind))}.")
+
+
+def is_supported(point):
+    """Whether a fitted point's FAR rests on at least one expected validation false accept
+    (f·n >= 1 of its n impostor scores; below that the threshold is only the nearest of them,
+    whatever f is asked). Files from before the flag: supported."""
+    return point.get("resolved", True) is not False
+
+
+def supported_fars(calibration):
+    """The FARs fitted for every kind and supported by each, in the file's order."""
+    def usable(far, kind):
+        return any(math.isclose(p["far"], far, rel_tol=1e-6) and is_supported(p)
+                   for p in calibration[kind])
+
+    return [far for far in fars_of(calibration, "open_set")
+            if all(usable(far, kind) for kind in KINDS)]
+
+
+def default_far(calibration, preferred):
+    """`preferred` when every kind supports it, else the finest fitted FAR they all support;
+    None when they support none."""
+    supported = supported_fars(calibration)
+    if any(math.isclose(far, preferred, rel_tol=1e-6) for far in supported):
+        return preferred
+    return min(supported) if supported else None
+
+
+def threshold(calibration, kind, far, only_supported=True):
+    """The fitted threshold of `kind` ("verification" or "open_set") at `far`. ValueError (one
+    line) naming the fitted rates for another, and, with `only_supported`, for a FAR the
+    validation set was too small to measure (`is_supported`)."""
+    point = _point(calibration, kind, far)
+    if only_supported and not is_supported(point):
+        key, noun = SUPPORT[kind]
+        count = calibration.get("measured_on", {}).get(key)
+        finest = f"; the finest it can measure is 1/{count} = {1 / count:.3g}" if count else ""
+        usable = ", ".join(f"{f:g}" for f in supported_fars(calibration)) or "none"
+        raise ValueError(
+            f"FAR {far:g}: the calibration's {count or 'few'} validation {noun} cannot measure "
+            f"it (under one false accept expected{finest}); its supported FARs: {usable}. "
+            "Calibrate on more identities for a finer one.")
+    return point["threshold"]
 
 
 def check(calibration, source="calibration"):
@@ -266,7 +312,8 @@ def evaluate_open_set(query_embeddings, query, gallery_embeddings, gallery, cali
                                        gallery_cameras)
     points = []
     for point in calibration["open_set"]:
-        t, pair_t = point["threshold"], threshold(calibration, "verification", point["far"])
+        t = point["threshold"]
+        pair_t = threshold(calibration, "verification", point["far"], only_supported=False)
         points.append({
             "far": point["far"], "threshold": t,
             "dir": float(np.mean(correct[findable] & (nearest[findable] < t))),

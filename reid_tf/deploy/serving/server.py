@@ -55,7 +55,7 @@ class Server:
         self.calibration = calibration
         self.far = far
         self.thumbnail_size = thumbnail_size
-        if calibration is not None:  # a FAR it was not fitted at is refused at start
+        if calibration is not None:  # a FAR not fitted, or not supported, is refused at start
             for kind in calibration_lib.KINDS:
                 calibration_lib.threshold(calibration, kind, far)
         self.model_name = model_name
@@ -290,7 +290,7 @@ class Server:
         """What the page shows of the operating points: None without a calibration."""
         if self.calibration is None:
             return None
-        return {"far": self.far, "fars": calibration_lib.fars_of(self.calibration),
+        return {"far": self.far, "fars": calibration_lib.supported_fars(self.calibration),
                 "p_same": "p_same" in self.calibration,
                 "open_set": self.calibration["open_set"],
                 "verification": self.calibration["verification"],
