@@ -75,6 +75,26 @@ def test_every_format_file_is_written_beside_the_saved_model_with_its_card(expor
         "bytes"]
 
 
+def test_each_format_file_is_the_same_model_as_the_saved_model_beside_it(exported, tmp_path):
+    """Issue 39: a format file's model id was its file digest, so a gallery seeded through the
+    SavedModel was refused by the same export's model.onnx. Parity is proven at export: the
+    card names the SavedModel's id, and a file listed in it with its digest takes that id."""
+    path = exported["path"]
+    card = json.load(open(os.path.join(path, "model_card.json")))
+    reference = runtime.open_runtime(path)
+    assert card["model_id"] == reference.model_id and len(reference.model_id) == 16
+    for name in FILES:
+        assert runtime.open_runtime(os.path.join(path, name)).model_id == reference.model_id
+    # A file whose digest the card does not list (changed after export) is its own model.
+    folder = tmp_path / "7"
+    shutil.copytree(path, folder)
+    with open(folder / "model.tflite", "ab") as f:
+        f.write(b"\0")
+    changed = runtime.open_runtime(str(folder / "model.tflite"))
+    assert changed.model_id != reference.model_id
+    assert changed.model_id == formats.file_digest(str(folder / "model.tflite"))[:16]
+
+
 @pytest.fixture(scope="module")
 def saved_model_features(exported):
     reference = runtime.open_runtime(exported["path"])

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from reid_tf.deploy import runtime
 from reid_tf.evaluate import calibration
 
 
@@ -85,3 +86,17 @@ def test_a_damaged_calibration_is_one_line(trained, tmp_path, damage, needles):
     path.write_text(json.dumps(damaged))
     one_line_error(serve(f"--export={trained['export']}", f"--calibration={path}", "--far=0.1"),
                    *needles)
+
+
+def test_a_calibration_of_another_model_is_refused_in_one_line(trained, tmp_path):
+    """Issue 39: calibration.json names the model it was fitted for (the export's id, stamped
+    at export), and reid-serve refuses it with another model."""
+    fit = fitted(trained)
+    model = runtime.SavedModelRuntime(trained["export"]).model_id
+    assert fit["model_id"] == model
+    fit["model_id"] = "0123456789abcdef"
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(fit))
+    one_line_error(serve(f"--export={trained['export']}", f"--calibration={path}"),
+                   "fitted for model 0123456789abcdef", f"is model {model}",
+                   "reid-eval --export=... --calibrate")

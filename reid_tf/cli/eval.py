@@ -243,9 +243,11 @@ def calibrate(dataset, runtime):
         query, gallery = data["val_query"], data["val_gallery"]
         measured_on = {"dataset": dataset, "split": "validation identities",
                        "validation_identities": share}
-    return evaluator.calibrate(runtime, query, gallery, fars, FLAGS.batch_size,
-                               measured_on={**measured_on, "source": FLAGS.workdir or
-                                            FLAGS.export}, progress=True)
+    fitted = evaluator.calibrate(runtime, query, gallery, fars, FLAGS.batch_size,
+                                 measured_on={**measured_on, "source": FLAGS.workdir or
+                                              FLAGS.export}, progress=True)
+    model_id = getattr(runtime, "model_id", None)  # an export's; a workdir's is stamped at export
+    return {**fitted, "model_id": model_id} if model_id else fitted
 
 
 def print_calibration(decisions):

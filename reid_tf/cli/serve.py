@@ -181,6 +181,9 @@ def main(argv):
         export = runtime.open_runtime(FLAGS.export)
         decisions = (calibration.load(FLAGS.calibration) if FLAGS.calibration
                      else export.calibration)
+        if decisions is not None:  # fitted for another model: refused before any work
+            calibration.check_model(decisions, export.model_id,
+                                    FLAGS.calibration or "the export's calibration.json")
         far, decisions = operating_far(decisions)  # refused before any work
         gallery = None
         if FLAGS.gallery_db or FLAGS.gallery_uri or FLAGS.gallery or FLAGS.gallery_images:

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from reid_tf import version as version_lib
+from reid_tf.deploy.runtime import model_id as model_id_of
 from reid_tf.evaluate import calibration as calibration_lib
 
 CALIBRATION_FILE = os.path.join("assets", "calibration.json")
@@ -134,14 +135,18 @@ def export_model(model, export_dir, version=None, files=(), calibration=None,
         module = ServingModule(model)
         tf.saved_model.save(module, temporary, signatures={
             "serving_default": module.serve, "serve_encoded": module.serve_encoded})
-        card = {**model_card(model), **(card or {})}
+        # The weights' id: the SavedModel's and, parity proven, each format file's.
+        model_id = model_id_of(temporary)
+        card = {**model_card(model), "model_id": model_id, **(card or {})}
         if files:
             card["files"] = _write_formats(module, temporary, files, calibration,
                                            parity_images, log)
         os.makedirs(os.path.join(temporary, "assets"), exist_ok=True)
         if decisions is not None:
+            calibration_lib.check_model(calibration_lib.check(decisions), model_id)
+            decisions = {**decisions, "model_id": model_id}  # names the model it decides for
             with open(os.path.join(temporary, CALIBRATION_FILE), "w") as f:
-                json.dump(calibration_lib.check(decisions), f, indent=2)
+                json.dump(decisions, f, indent=2)
             card["calibration"] = {"file": CALIBRATION_FILE, **{
                 key: decisions[key] for key in ("distance", "rule", "verification", "open_set",
                                                 "measured_on")}}

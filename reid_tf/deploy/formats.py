@@ -24,6 +24,7 @@ packages are optional extras: `pip install 'reid-tf[onnx]'`, `'reid-tf[tflite]'`
 """
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -290,7 +291,7 @@ class PixelRuntime:
         self.num_parts = (int(output_shapes["part_embeddings"][1])
                           if "part_embeddings" in output_shapes else 0)
         self.embedding_width = (self.num_parts + 1) * dim
-        self.model_id = file_digest(path)[:16]
+        self.model_id = _model_id(path)
 
     def _run(self, images):
         """uint8 `[N,H,W,3]` at `image_size` -> `{key: np.ndarray}`."""
@@ -411,6 +412,21 @@ class TFLiteRuntime(PixelRuntime):
         with self._lock:
             outputs = self.runner(images=images)
             return {key: np.array(value) for key, value in outputs.items()}
+
+
+def _model_id(path):
+    """The SavedModel's id when the model card beside the file lists the file with this
+    digest (its parity with the SavedModel proven at export), else the file's own digest."""
+    digest = file_digest(path)
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), "model_card.json")) as f:
+            card = json.load(f)
+        listed = card["files"][os.path.basename(path)]["sha256"]
+        if listed == digest and isinstance(card.get("model_id"), str):
+            return card["model_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return digest[:16]
 
 
 def _resize_size(interpreter):

@@ -268,6 +268,17 @@ def check(calibration, source="calibration"):
     return calibration
 
 
+def check_model(calibration, model_id, source="calibration"):
+    """ValueError (one line) when `calibration` names a model other than `model_id`; either
+    unknown (a calibration from before the field, an in-memory model): accepted."""
+    fitted_for = calibration.get("model_id")
+    if fitted_for and model_id and fitted_for != model_id:
+        raise ValueError(f"{source}: fitted for model {fitted_for}, but this export is model "
+                         f"{model_id}; its thresholds would decide for other embeddings. Fit one "
+                         "for this model: reid-eval --export=... --calibrate.")
+    return calibration
+
+
 def _is_number(value):
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value))

@@ -55,7 +55,8 @@ class Server:
         self.calibration = calibration
         self.far = far
         self.thumbnail_size = thumbnail_size
-        if calibration is not None:  # a FAR not fitted, or not supported, is refused at start
+        if calibration is not None:  # another model's, or a FAR not fitted or not supported
+            calibration_lib.check_model(calibration, getattr(export, "model_id", None))
             for kind in calibration_lib.KINDS:
                 calibration_lib.threshold(calibration, kind, far)
         self.model_name = model_name
