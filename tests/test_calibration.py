@@ -93,14 +93,101 @@ def test_threshold_of_tied_scores_never_exceeds_the_far():
     assert calibration.far_threshold(np.arange(100) / 100, 0.29) == 0.29
 
 
-def test_p_same_falls_with_distance_and_crosses_half_between_the_classes():
+def test_p_same_is_the_posterior_at_the_pairs_own_share():
+    """Unweighted: with same-person pairs 1 in 11, p(same) is the Bayes posterior at that prior
+    (exact for two normal classes of equal spread, which a logistic model represents)."""
     rng = np.random.default_rng(0)
-    # Overlapping classes of equal spread, weighted equally: even odds half-way between them.
-    genuine, impostor = rng.normal(0.4, 0.1, 400), rng.normal(0.6, 0.1, 4000)
-    fitted = calibration.fit_p_same(genuine, impostor)
-    p = calibration.p_same({"p_same": fitted}, [0.1, 0.5, 0.9])
-    assert p[0] > 0.99 and p[2] < 0.01 and abs(p[1] - 0.5) < 0.05
+    genuine, impostor = rng.normal(0.4, 0.1, 2000), rng.normal(0.6, 0.1, 20000)
+    fitted = calibration.fit_p_same(np.concatenate([genuine, impostor]),
+                                    np.arange(22000) < 2000)
+    assert fitted["prior"] == pytest.approx(1 / 11)
+    d = np.array([0.3, 0.4, 0.45, 0.5, 0.6])
+    likelihood = lambda mean: np.exp(-(d - mean) ** 2 / (2 * 0.1 ** 2))  # noqa: E731
+    posterior = likelihood(0.4) / (likelihood(0.4) + 10 * likelihood(0.6))
+    np.testing.assert_allclose(calibration.p_same({"p_same": fitted}, d), posterior, atol=0.03)
     assert calibration.p_same({}, [0.2]) is None
+
+
+def test_p_same_separates_distances_on_any_scale():
+    """A model whose distances all lie within 0.05 still gets a sharp probability."""
+    rng = np.random.default_rng(1)
+    distances = np.concatenate([rng.normal(0.01, 0.002, 3000), rng.normal(0.03, 0.002, 3000)])
+    fitted = calibration.fit_p_same(distances, np.arange(6000) < 3000)
+    p = calibration.p_same({"p_same": fitted}, [0.005, 0.035])
+    assert p[0] > 0.99 and p[1] < 0.01
+
+
+@pytest.fixture(scope="module")
+def large_set():
+    """200 people as in `small_set`: enough validation hits to check p_same on held-out ones."""
+    rng = np.random.default_rng(5)
+    people = rng.normal(size=(200, 16))
+
+    def images(cameras):
+        ids = np.repeat(np.arange(200), len(cameras))
+        cams = np.tile(cameras, 200)
+        return people[ids] + rng.normal(scale=0.7, size=(len(ids), 16)), labelled(ids, cams)
+
+    query_embeddings, query = images([0, 1])
+    gallery_embeddings, gallery = images([0, 1, 1])
+    return query_embeddings, query, gallery_embeddings, gallery
+
+
+def test_p_same_answers_the_cards_question_and_is_checked_on_held_out_hits(large_set):
+    """Issue 39: p_same was fitted on every pair at even odds, so a card could read "No match"
+    beside p(same) 1.00. It is now fitted on half of the validation queries' top-10 hits (the
+    pairs a card shows, at their real share of the same person) and kept only when the other
+    half's hits find it calibrated: its reliability table and ECE, against numpy here."""
+    query_embeddings, query, gallery_embeddings, gallery = large_set
+    fitted = calibration.fit(query_embeddings, query, gallery_embeddings, gallery)
+    model = fitted["p_same"]
+    assert model["top_k"] == 10 and "top 10" in model["question"]
+    # The held-out half, directly: the queries of the identities not drawn first.
+    identities = np.random.default_rng(0).permutation(np.unique(query.person_ids))
+    held = ~np.isin(query.person_ids, identities[:100])
+    d = direct_distances(query_embeddings[held], gallery_embeddings)
+    distances, same = [], []
+    for i, row in zip(np.flatnonzero(held), d):
+        keep = [j for j in range(len(row)) if not (gallery.person_ids[j] == query.person_ids[i]
+                                                     and gallery.camera_ids[j] == query.camera_ids[i])]
+        for j in sorted(keep, key=lambda j: row[j])[:10]:
+            distances.append(row[j])
+            same.append(gallery.person_ids[j] == query.person_ids[i])
+    p = 1 / (1 + np.exp(-(model["intercept"] + model["coef"] * np.array(distances))))
+    assert model["held_out"]["pairs"] == len(distances) == 2000
+    ece, rows = 0.0, []
+    for b in range(10):
+        chosen = np.minimum((p * 10).astype(int), 9) == b
+        if chosen.any():
+            gap = abs(p[chosen].mean() - np.mean(np.array(same)[chosen]))
+            ece += chosen.sum() / len(p) * gap
+            rows.append((b / 10, int(chosen.sum())))
+    assert model["held_out"]["ece"] == pytest.approx(ece, abs=1e-6)
+    table = model["held_out"]["reliability"]
+    assert [row["pairs"] for row in table] == [pairs for _, pairs in rows]
+    assert [row["p"][0] for row in table] == pytest.approx([low for low, _ in rows])
+    assert model["held_out"]["ece"] <= 0.05
+    # The share of the same person among ranked hits, not among all pairs (about 1 in 200).
+    assert 0.1 < model["prior"] < 0.3
+
+
+def test_p_same_is_not_kept_when_held_out_hits_find_it_uncalibrated_or_too_few():
+    rng = np.random.default_rng(2)
+
+    def hits(genuine_mean, n):
+        same = rng.random(n) < 0.2
+        return np.where(same, rng.normal(genuine_mean, 0.1, n), rng.normal(0.6, 0.1, n)), same
+
+    kept = calibration.held_out_p_same(hits(0.4, 2000), hits(0.4, 2000))
+    assert kept["p_same"]["held_out"]["ece"] < 0.03
+    # The held-out people's genuine hits lie farther: p(same) is too confident there.
+    shifted = calibration.held_out_p_same(hits(0.4, 2000), hits(0.5, 2000))
+    assert "p_same" not in shifted
+    assert shifted["p_same_refused"].startswith("not calibrated on held-out validation hits: "
+                                                 "expected calibration error 0.")
+    few = calibration.held_out_p_same(hits(0.4, 400), hits(0.4, 400))
+    assert "too few validation hits" in few["p_same_refused"] and "500 needed" in \
+        few["p_same_refused"]
 
 
 def test_threshold_lookup_names_the_fitted_rates(small_set):
@@ -140,25 +227,22 @@ def test_open_set_evaluation_matches_numpy(small_set):
     assert report["known_queries"] == 16 and report["unknown_queries"] == 8
 
 
-def test_p_same_separates_distances_on_any_scale():
-    """A model whose distances all lie within 0.05 still gets a sharp probability."""
-    rng = np.random.default_rng(1)
-    genuine, impostor = rng.normal(0.01, 0.002, 300), rng.normal(0.03, 0.002, 3000)
-    p = calibration.p_same({"p_same": calibration.fit_p_same(genuine, impostor)}, [0.005, 0.035])
-    assert p[0] > 0.99 and p[1] < 0.01
-
-
-def test_an_inverted_p_same_fit_is_refused_at_fit_and_at_load(small_set, tmp_path):
+def test_an_inverted_p_same_fit_is_refused_at_fit_and_at_load(large_set, tmp_path):
     """A model whose validation genuine pairs lie no nearer than its impostors would get a
     p_same that rises with distance: the fit records why it has none, and a file that carries
     one is refused."""
-    query_embeddings, query, gallery_embeddings, gallery = small_set
+    query_embeddings, query, gallery_embeddings, gallery = large_set
     good = calibration.fit(query_embeddings, query, gallery_embeddings, gallery)
     assert good["p_same"]["coef"] < 0 and "p_same_refused" not in good
-    # Each gallery image moved to another person's direction: genuine pairs now lie far.
-    shuffled = np.roll(gallery_embeddings, 3, axis=0)
-    inverted = calibration.fit(query_embeddings, query, shuffled, gallery)
-    assert "p_same" not in inverted and "inverted fit" in inverted["p_same_refused"]
+    # Hits of the same person lying farther than the others': the fit would rise with distance.
+    rng = np.random.default_rng(4)
+    same = rng.random(3000) < 0.2
+    hits = np.where(same, rng.normal(0.6, 0.1, 3000), rng.normal(0.4, 0.1, 3000)), same
+    refused = calibration.held_out_p_same(hits, hits)
+    assert "p_same" not in refused and "inverted fit" in refused["p_same_refused"]
+    # Every gallery image pointing away from its person: no same-person hit ranks at all.
+    inverted = calibration.fit(query_embeddings, query, -gallery_embeddings, gallery)
+    assert "p_same" not in inverted and inverted["p_same_refused"]
     calibration.check(inverted)  # thresholds alone are still a calibration
     bad = dict(good, p_same=dict(good["p_same"], coef=-good["p_same"]["coef"]))
     with pytest.raises(ValueError, match="p_same is inverted"):

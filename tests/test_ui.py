@@ -5,6 +5,7 @@ Each run saves screenshots of the results view under $REID_TF_ARTEFACTS (default
 test-artefacts/, not committed)."""
 
 import io
+import json
 import os
 import shutil
 
@@ -64,11 +65,20 @@ def page_server(trained, tmp_path_factory):
     files["text"].write_text("not an image\n")
     key_file = root / "key.txt"
     key_file.write_text(API_KEY + "\n")
+    # The export's calibration with a p_same near 1 at every distance: cards that the FAR's
+    # threshold calls "No match" would disagree with it.
+    with open(os.path.join(trained["export"], "assets", "calibration.json")) as f:
+        fitted = json.load(f)
+    fitted.pop("p_same_refused", None)
+    fitted["p_same"] = {"kind": "logistic", "intercept": 50.0, "coef": -1.0, "prior": 0.2}
+    decisions = root / "calibration.json"
+    decisions.write_text(json.dumps(fitted))
     log = open(root / "serve.log", "w+")
     try:
         with testing.serve(trained["export"], f"--gallery_images={root}",
                            f"--gallery_db={root / 'gallery.sqlite'}",
-                           f"--api_key_file={key_file}", log=log) as client:
+                           f"--api_key_file={key_file}", f"--calibration={decisions}",
+                           log=log) as client:
             yield client, files
     except RuntimeError as error:
         log.seek(0)
@@ -115,6 +125,10 @@ def test_an_operator_searches_filters_adds_removes_and_reads_errors(browser, pag
         assert decision in ("Match", "No match")
         assert ("no-match" if decision == "No match" else "match") in card.get_attribute("class")
         assert card.locator(".distance").inner_text().startswith("distance ")
+        # p(same) is near 1 for every hit here (page_server's calibration): shown on "Match"
+        # cards only, never beside "No match" (issue 39).
+        assert ("p(same) 1.00" in card.locator(".distance").inner_text()) == (
+            decision == "Match")
     distances = [float(cards.nth(i).locator(".distance").inner_text().split()[1].rstrip(","))
                  for i in range(10)]
     assert distances == sorted(distances)

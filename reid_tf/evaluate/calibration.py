@@ -22,9 +22,13 @@ questions are asked:
   and depends on the gallery's size (a larger gallery holds closer strangers): the gallery the
   thresholds were measured on is recorded.
 
-`p_same` is a logistic regression of "same person" on the distance (scikit-learn), with both
-classes weighted equally: the probability at even prior odds, not at the validation set's
-rate of same-person pairs.
+`p_same` answers the question a search card asks: is this hit, among the query's top `TOP_K`,
+the query's person? It is a logistic regression of "same person" on the distance (scikit-learn),
+unweighted, on the top-`TOP_K` hits of half of the validation queries (split by identity), so
+it holds at the share of same-person hits a ranked list really has. The other half's hits
+measure it: a reliability table (`BINS` bins of p) and the expected calibration error; a fit
+above `MAX_ECE`, on fewer than `MIN_HELD_OUT_PAIRS` held-out hits, or inverted, is not kept
+(`p_same_refused` says why), and nothing shows a probability then.
 """
 
 import json
@@ -38,6 +42,10 @@ FARS = (1e-1, 1e-2, 1e-3)
 FORMAT = 1
 DISTANCE = "1 - cosine similarity of the L2-normalised embeddings (the gallery's distance)"
 KINDS = ("verification", "open_set")
+TOP_K = 10  # the hits a search card shows by default (the page's k)
+BINS = 10
+MAX_ECE = 0.05
+MIN_HELD_OUT_PAIRS = 500
 
 
 def cosine_distances(queries, gallery):
@@ -146,30 +154,91 @@ def fit(query_embeddings, query, gallery_embeddings, gallery, fars=FARS, p_same=
                               "impostor_pairs": int(len(impostor)),
                               "stranger_queries": int(len(strangers))}}
     if p_same:
-        fitted = fit_p_same(genuine, impostor)
-        if fitted["coef"] < 0:
-            result["p_same"] = fitted
-        else:  # genuine pairs no nearer than impostors: a probability would say the opposite
-            result["p_same_refused"] = (f"inverted fit (coef {fitted['coef']:g} >= 0): on "
-                                        "these validation pairs the same person is not nearer")
+        result.update(fit_p_same_held_out(distances, query_ids, query_cameras, gallery_ids,
+                                          gallery_cameras))
     return result
 
 
-def fit_p_same(genuine, impostor):
-    """Logistic regression of "same person" on the distance, the classes weighted equally:
-    `{"kind": "logistic", "intercept", "coef"}` with p = 1 / (1 + exp(-(intercept + coef·d)))."""
+def ranked_hits(distances, query_ids, query_cameras, gallery_ids, gallery_cameras,
+                top_k=TOP_K):
+    """`(distance, same)` of each query's `top_k` nearest gallery entries, flattened; entries
+    of its identity in its own camera are left out, as the re-ID protocol does."""
+    same = query_ids[:, None] == gallery_ids[None, :]
+    junk = same & (query_cameras[:, None] == gallery_cameras[None, :])
+    kept = np.where(junk, np.inf, distances)
+    order = np.argsort(kept, axis=1, kind="stable")[:, :top_k]
+    hits = np.take_along_axis(kept, order, 1)
+    matches = np.take_along_axis(same, order, 1)
+    finite = np.isfinite(hits)
+    return hits[finite], matches[finite]
+
+
+def fit_p_same(distances, same):
+    """Logistic regression of `same` on the distance, unweighted (the classes at their own
+    share): `{"kind": "logistic", "intercept", "coef", "prior"}` with
+    p = 1 / (1 + exp(-(intercept + coef·d))); `prior`: the share of same-person pairs."""
     from sklearn.linear_model import LogisticRegression
 
-    x = np.concatenate([genuine, impostor]).astype(np.float64)
-    y = np.concatenate([np.ones(len(genuine)), np.zeros(len(impostor))])
+    x = np.asarray(distances, np.float64)
+    y = np.asarray(same, bool)
     # Fitted on standardised distances (a model's distances may all lie within 0.05), then
     # written back in distance units.
     centre, scale = x.mean(), max(x.std(), 1e-12)
-    model = LogisticRegression(class_weight="balanced", C=1e4).fit(((x - centre) / scale)[:, None],
-                                                                   y)
+    model = LogisticRegression(C=1e4).fit(((x - centre) / scale)[:, None], y)
     coef = float(model.coef_[0, 0]) / scale
     return {"kind": "logistic", "intercept": float(model.intercept_[0]) - coef * centre,
-            "coef": coef, "prior": 0.5}
+            "coef": coef, "prior": float(y.mean())}
+
+
+def reliability(probabilities, same, bins=BINS):
+    """`(table, ece)`: per equal-width bin of p with pairs in it, `{"p": [low, high], "pairs",
+    "mean_p", "share_same"}`, and the expected calibration error (the pair-weighted mean of
+    |mean_p - share_same|)."""
+    p = np.asarray(probabilities, np.float64)
+    y = np.asarray(same, np.float64)
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        chosen = index == b
+        if not chosen.any():
+            continue
+        mean_p, share = float(p[chosen].mean()), float(y[chosen].mean())
+        table.append({"p": [b / bins, (b + 1) / bins], "pairs": int(chosen.sum()),
+                      "mean_p": mean_p, "share_same": share})
+        ece += chosen.sum() / len(p) * abs(mean_p - share)
+    return table, float(ece)
+
+
+def held_out_p_same(fit_hits, held_out_hits, top_k=TOP_K):
+    """`{"p_same": ...}` fitted on `fit_hits` and measured on `held_out_hits` (each
+    `(distance, same)`), or `{"p_same_refused": why}`."""
+    (x, y), (held_x, held_y) = fit_hits, held_out_hits
+    if len(held_x) < MIN_HELD_OUT_PAIRS or y.all() or not y.any():
+        return {"p_same_refused": f"too few validation hits to fit and check it ({len(x)} to fit, "
+                                  f"{len(held_x)} held out; {MIN_HELD_OUT_PAIRS} needed)"}
+    fitted = fit_p_same(x, y)
+    if fitted["coef"] >= 0:  # genuine hits no nearer than impostors
+        return {"p_same_refused": f"inverted fit (coef {fitted['coef']:g} >= 0): on these "
+                                  "validation hits the same person is not nearer"}
+    table, ece = reliability(p_same({"p_same": fitted}, held_x), held_y)
+    if ece > MAX_ECE:
+        return {"p_same_refused": f"not calibrated on held-out validation hits: expected "
+                                  f"calibration error {ece:.3f} > {MAX_ECE} on {len(held_x)}"}
+    question = f"is a hit among the query's top {top_k} the query's person?"
+    return {"p_same": {**fitted, "question": question, "top_k": top_k,
+                       "held_out": {"pairs": int(len(held_x)), "ece": ece,
+                                    "reliability": table}}}
+
+
+def fit_p_same_held_out(distances, query_ids, query_cameras, gallery_ids, gallery_cameras,
+                        seed=0):
+    """`held_out_p_same` on the validation queries split in two by identity (seeded): the
+    first half's ranked hits fit it, the second's measure it."""
+    identities = np.random.default_rng(seed).permutation(np.unique(query_ids))
+    first = np.isin(query_ids, identities[:len(identities) // 2])
+    halves = [ranked_hits(distances[rows], query_ids[rows], query_cameras[rows], gallery_ids,
+                          gallery_cameras) for rows in (first, ~first)]
+    return held_out_p_same(*halves)
 
 
 def p_same(calibration, distances):

@@ -246,10 +246,9 @@ class Server:
         distance = float(1.0 - pair[0] @ pair[1])
         answer = {"distance": distance}
         if point is not None:
+            # No p_same: it is fitted for a ranked hit (`calibration.TOP_K`), at the share of
+            # the same person a ranked list has; a pair's odds are the caller's.
             answer["match"] = distance < point["threshold"]
-            probability = calibration_lib.p_same(self.calibration, [distance])
-            if probability is not None:
-                answer["p_same"] = float(probability[0])
             answer["operating_point"] = point
         return answer
 

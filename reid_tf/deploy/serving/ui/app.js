@@ -159,8 +159,11 @@ function showResults(answer, queryImage, caption) {
     card.append(decision);
     const distance = document.createElement("div");
     distance.className = "distance";
+    // The probability only where it agrees with the decision: a card never reads "No match"
+    // beside p(same) 0.97 (the decision holds the FAR; p_same answers at the ranked hits' odds).
+    const agrees = hit.p_same !== undefined && (!decided || (hit.p_same >= 0.5) === hit.match);
     distance.textContent = `distance ${hit.distance.toFixed(4)}` +
-      (hit.p_same !== undefined ? `, pair p(same) ${hit.p_same.toFixed(2)}` : "");
+      (agrees ? `, p(same) ${hit.p_same.toFixed(2)}` : "");
     card.append(distance);
     describe(hit, card);
     card.append(searchWithButton(hit));
