@@ -80,6 +80,54 @@ def test_a_glob_reads_only_what_it_matches(trained, folder, tmp_path):
     assert all("/" not in name for name in rows["file_names"])  # relative to cam2/
 
 
+def test_bad_inputs_and_a_foreign_output_are_refused_before_the_pipeline(trained, folder,
+                                                                         tmp_path):
+    """Issue 39: a bad export was opened only inside the workers, a glob matching nothing exited
+    0 with 0 rows, and an output folder's unrelated part-*.parquet files were deleted."""
+    def refused(*flags):
+        result = testing.run_module("reid_tf.cli.extract", "--runner=DirectRunner", *flags,
+                                    check=False)
+        assert result.returncode == 1, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("reid-extract: error: ") and "Traceback" not in result.stderr
+        return last
+
+    output = tmp_path / "out"
+    not_an_export = tmp_path / "export"
+    not_an_export.mkdir()
+    assert "no saved_model.pb" in refused(f"--export={not_an_export}", f"--images={folder}",
+                                          f"--output={output}")
+    assert not output.exists()  # refused before anything was made
+    assert "matches no image file" in refused(
+        f"--export={trained['export']}", f"--images={folder}/nowhere/*.jpg",
+        f"--output={output}")
+    output.mkdir()
+    theirs = output / "part-00000-of-00001.parquet"
+    theirs.write_bytes(b"someone else's table")
+    message = refused(f"--export={trained['export']}", f"--images={folder}",
+                      f"--output={output}")
+    assert "did not write there (part-00000-of-00001.parquet" in message
+    assert theirs.read_bytes() == b"someone else's table"
+
+
+def test_a_failed_run_leaves_no_temporary_folder(trained, folder, tmp_path, monkeypatch):
+    """Issue 39: a run that failed mid-pipeline left Beam's beam-temp-* folders behind."""
+    handler_class = beam._model_handler_class
+
+    def failing():
+        class Failing(handler_class()):
+            def run_inference(self, batch, model, inference_args=None):
+                raise RuntimeError("the model broke mid-run")
+        return Failing
+
+    monkeypatch.setattr(beam, "_model_handler_class", failing)
+    output = tmp_path / "out"
+    with pytest.raises(Exception, match="the model broke mid-run"):
+        beam.run(trained["export"], str(folder), str(output),
+                 pipeline_args=["--runner=DirectRunner"], log=lambda line: None)
+    assert output.exists() and not list(output.glob("beam-temp-*"))
+
+
 def test_without_apache_beam_one_line_names_the_extra(monkeypatch, tmp_path):
     testing.hide_package(monkeypatch, "apache_beam")
     with pytest.raises(extras.MissingPackage, match=r"apache_beam is not installed; install it "

@@ -21,7 +21,12 @@ and reports its metrics as usual.
 Exactly once: a row's `id` is its file name (relative to the folder: unique), shards are renamed
 into place only when complete (Beam's file sinks), and after a successful run every shard of an
 earlier run with another shard count is removed; re-running over the same input rewrites the
-same rows, never adds to them.
+same rows, never adds to them. The output folder's `MANIFEST` lists the shards reid-extract
+wrote there: a folder holding shards it did not write is refused, never cleaned.
+
+Before the pipeline starts, in one line each: an export that does not open, a pattern that
+matches no image, and such an output folder. A failed run removes the `beam-temp-*` folders
+Beam's sinks left in the output.
 """
 
 import fnmatch
@@ -33,6 +38,7 @@ from reid_tf.data import sources
 from reid_tf.extras import require
 
 PARQUET_PREFIX = "part"
+MANIFEST = "_reid_extract_shards.json"  # the shards reid-extract wrote in the output folder
 DEAD_LETTER_PREFIX = "dead_letter"
 DEAD_LETTER = "dead_letter"  # the tagged output's name
 
@@ -126,9 +132,12 @@ def run(export, images, output, split="gallery", batch_size=64, num_shards=0,
     import pyarrow
 
     pattern, root = input_pattern(images, split)
+    check_inputs(export, images, pattern)
     handler = KeyedModelHandler(_model_handler_class()(export, batch_size))
     if not FileSystems.exists(output):
         FileSystems.mkdirs(output)
+    check_output(output)
+    earlier = set(_temporary_folders(output))
     parquet_prefix = FileSystems.join(output, PARQUET_PREFIX)
     dead_prefix = FileSystems.join(output, DEAD_LETTER_PREFIX)
 
@@ -160,23 +169,81 @@ def run(export, images, output, split="gallery", batch_size=64, num_shards=0,
                 "camera_id": camera_id, "embedding": [float(v) for v in prediction.inference]}
 
     options = PipelineOptions(list(pipeline_args))
-    with beam.Pipeline(options=options) as pipeline:
-        files = (pipeline
-                 | "Match" >> fileio.MatchFiles(pattern)
-                 | "Images" >> beam.Filter(lambda metadata: is_image(metadata.path)))
-        read = files | "Read" >> beam.ParDo(ReadAndCheck()).with_outputs(DEAD_LETTER,
-                                                                            main="images")
-        _ = (read.images
-             | "Embed" >> RunInference(handler)
-             | "Rows" >> beam.Map(to_row)
-             | "Parquet" >> beam.io.WriteToParquet(
-                 parquet_prefix, parquet_schema(pyarrow), num_shards=num_shards,
-                 file_name_suffix=".parquet"))
-        _ = (read[DEAD_LETTER]
-             | "DeadLetterJson" >> beam.Map(lambda letter: json.dumps(letter, sort_keys=True))
-             | "DeadLetter" >> beam.io.WriteToText(dead_prefix, file_name_suffix=".jsonl",
-                                                   num_shards=1))
+    try:
+        with beam.Pipeline(options=options) as pipeline:
+            files = (pipeline
+                     | "Match" >> fileio.MatchFiles(pattern)
+                     | "Images" >> beam.Filter(lambda metadata: is_image(metadata.path)))
+            read = files | "Read" >> beam.ParDo(ReadAndCheck()).with_outputs(DEAD_LETTER,
+                                                                                main="images")
+            _ = (read.images
+                 | "Embed" >> RunInference(handler)
+                 | "Rows" >> beam.Map(to_row)
+                 | "Parquet" >> beam.io.WriteToParquet(
+                     parquet_prefix, parquet_schema(pyarrow), num_shards=num_shards,
+                     file_name_suffix=".parquet"))
+            _ = (read[DEAD_LETTER]
+                 | "DeadLetterJson" >> beam.Map(lambda letter: json.dumps(letter,
+                                                                          sort_keys=True))
+                 | "DeadLetter" >> beam.io.WriteToText(dead_prefix, file_name_suffix=".jsonl",
+                                                       num_shards=1))
+    except BaseException:  # a failed run leaves no temporary folder of its sinks
+        left = [path for path in _temporary_folders(output) if path not in earlier]
+        if left:
+            FileSystems.delete(left)
+        raise
     return finish(output, log)
+
+
+def check_inputs(export, images, pattern):
+    """ValueError (one line) before any pipeline: an export that does not open (a local one is
+    opened here, as each worker would), a pattern that matches no image file."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if not _is_remote(export):
+        from reid_tf.deploy import runtime
+        try:
+            runtime.open_runtime(export)
+        except FileNotFoundError as error:
+            raise ValueError(str(error)) from None
+    matched = FileSystems.match([pattern])[0].metadata_list
+    if not any(is_image(metadata.path) for metadata in matched):
+        raise ValueError(f"--images={images}: matches no image file "
+                         f"({', '.join(sources.IMAGE_EXTENSIONS)}); nothing to extract.")
+
+
+def _temporary_folders(output):
+    """The `beam-temp-*` folders Beam's file sinks keep in `output` while they write."""
+    if not _is_remote(output):
+        return sorted(glob_lib.glob(os.path.join(output, "beam-temp-*")))
+    from apache_beam.io.filesystems import FileSystems  # an object store lists their files
+    matched = FileSystems.match([FileSystems.join(output, "beam-temp-*/*")])[0].metadata_list
+    return sorted({metadata.path.rsplit("/", 1)[0] for metadata in matched})
+
+
+def _listed(output):
+    from apache_beam.io.filesystems import FileSystems
+    path = FileSystems.join(output, MANIFEST)
+    if not FileSystems.exists(path):
+        return set()
+    with FileSystems.open(path) as file:
+        return set(json.loads(file.read().decode())["shards"])
+
+
+def check_output(output):
+    """ValueError (one line) when `output` holds shards (`part-*.parquet`, `dead_letter-*`)
+    that reid-extract did not write there: a run removes its earlier shards, never others."""
+    listed = _listed(output)
+    foreign = sorted(metadata.path.rsplit("/", 1)[-1]
+                     for prefix, suffix in ((PARQUET_PREFIX, ".parquet"),
+                                            (DEAD_LETTER_PREFIX, ".jsonl"))
+                     for shards in _shards(output, prefix, suffix).values()
+                     for metadata in shards
+                     if metadata.path.rsplit("/", 1)[-1] not in listed)
+    if foreign:
+        raise ValueError(f"--output={output}: holds {len(foreign)} shard(s) that reid-extract "
+                         f"did not write there ({foreign[0]}, ...); a run would replace them. "
+                         "Give an empty folder (or one of reid-extract's own).")
 
 
 def _is_remote(path):
@@ -200,7 +267,7 @@ def finish(output, log=print):
     """After a successful run: keeps only the newest run's shards (an earlier run may have had
     another shard count) and counts what the output holds."""
     from apache_beam.io.filesystems import FileSystems
-    summary = {}
+    summary, kept = {}, []
     for prefix, suffix, key in ((PARQUET_PREFIX, ".parquet", "rows"),
                                 (DEAD_LETTER_PREFIX, ".jsonl", "dead_letters")):
         by_count = _shards(output, prefix, suffix)
@@ -210,6 +277,9 @@ def finish(output, log=print):
         if stale:
             FileSystems.delete(stale)
         summary[key] = _count(sorted(m.path for m in newest), suffix)
+        kept += [m.path.rsplit("/", 1)[-1] for m in newest]
+    with FileSystems.create(FileSystems.join(output, MANIFEST)) as file:
+        file.write(json.dumps({"shards": sorted(kept)}, indent=1).encode())
     log(f"wrote {output}: {summary['rows']} rows, {summary['dead_letters']} dead letter(s)")
     return summary
 
