@@ -24,6 +24,9 @@
 #   bash experiments/run_cuhk03_pair1.sh triplet_probe  # triplet weight 0.1, soft margin (val)
 #   bash experiments/run_cuhk03_pair1.sh search       # the Optuna studies (issue 37), resumable
 #   bash experiments/run_cuhk03_pair1.sh search_confirm  # their best 3 configurations, 3 seeds
+#   bash experiments/run_cuhk03_pair1.sh learned_validation  # issue 38: the learned partition's
+#                                                     # variant and teacher, on validation
+#   (round four's queue, from a pinned clone: `... search && ... learned_validation`)
 #   .venv/bin/python experiments/summarize.py         # the tables of RESULTS.md
 #   ONLY=_s0 bash experiments/run_cuhk03_pair1.sh wide # only runs whose name matches (regex)
 set -euo pipefail
@@ -88,6 +91,18 @@ if [[ $WHICH == triplet_probe ]]; then
   T="--num_parts=0 --epochs=12 $V"
   RUNS+=("${R}_labeled_val_baseline_triplet_w0.1_e12|$L|--triplet_weight=0.1 --triplet_margin=0.3 $T")
   RUNS+=("${R}_labeled_val_baseline_triplet_soft_e12|$L|--triplet_weight=1 --triplet_margin=0 $T")
+fi
+# Issue 38's learned partition (--part_strategy=learned), on the held-out ids at the recipe's
+# 12 epochs, against fixed stripes and bands on the same ids (the _val_stripes_e12 and
+# _val_bands_e12 runs): the variant (ISP-style, its own masks from the start; RPP-style, the
+# teacher's masks for the first 30 % of training) and the teacher (bands, stripes). Queued behind
+# the search's trials (one training at a time); its 3-seed rows wait for the tuned recipe.
+if [[ $WHICH == learned_validation ]]; then
+  for teacher in bands stripes; do
+    for induction in 0 0.3; do
+      RUNS+=("${R}_labeled_val_learned_${teacher}_i${induction}_e12|$L|--part_strategy=learned --part_teacher=$teacher --part_induction=$induction --epochs=12 $V")
+    done
+  done
 fi
 if [[ $WHICH == main ]]; then
   for seed in 0 1 2; do
