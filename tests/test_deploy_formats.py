@@ -16,9 +16,12 @@ from reid_tf.data import splits as splits_lib
 from reid_tf.deploy import export as export_lib
 from reid_tf.deploy import formats
 from reid_tf.deploy import runtime
+from reid_tf.evaluate import contract
 from reid_tf.evaluate import extract as extract_lib
 from reid_tf.evaluate import metrics as metrics_lib
 from reid_tf.model import PartLossNet
+
+pytestmark = pytest.mark.slow  # every test here trains, serves or runs a tool
 
 TRAIN_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
                "--image_width=32", "--embedding_dim=16", "--num_parts=3",
@@ -224,7 +227,7 @@ def test_a_file_of_an_earlier_version_with_a_fixed_input_size_still_reads(tmp_pa
         @tf.function(input_signature=[tf.TensorSpec([None, 64, 32, 3], tf.uint8, name="images")])
         def pixels(images):
             outputs = model(tf.cast(images, tf.float32), training=False)
-            return {key: tf.identity(outputs[key], name=key) for key in export_lib.EXPORT_KEYS}
+            return {key: tf.identity(outputs[key], name=key) for key in contract.EXPORT_KEYS}
         return pixels
 
     monkeypatch.setattr(formats, "pixel_function", fixed_size)

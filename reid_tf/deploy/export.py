@@ -26,11 +26,11 @@ import numpy as np
 import tensorflow as tf
 
 from reid_tf import version as version_lib
+from reid_tf.deploy import formats
+from reid_tf.deploy.runtime import CALIBRATION_FILE
 from reid_tf.deploy.runtime import model_id as model_id_of
 from reid_tf.evaluate import calibration as calibration_lib
-
-CALIBRATION_FILE = os.path.join("assets", "calibration.json")
-EXPORT_KEYS = ("embedding", "global_embedding", "part_embeddings", "part_masks")
+from reid_tf.evaluate.contract import EXPORT_KEYS
 
 
 class ServingModule(tf.Module):
@@ -67,12 +67,6 @@ class ServingModule(tf.Module):
         return self._embed(decoded)
 
 
-def format_outputs(model):
-    """The outputs of a format file (.tflite, .onnx): the export's four, or for a baseline (K=0)
-    `embedding` and `global_embedding` (TFLite cannot return the empty part outputs)."""
-    return EXPORT_KEYS if model.num_parts else ("embedding", "global_embedding")
-
-
 def model_card(model):
     """What a caller of the export needs to know and should not have to guess."""
     height, width = model.image_size
@@ -97,7 +91,7 @@ def model_card(model):
             "part_masks": {"shape": [None, grid_height, grid_width, parts], "meaning": (
                 "one-hot part of each feature cell, parts top to bottom")},
         },
-        "format_file_outputs": list(format_outputs(model)),
+        "format_file_outputs": list(formats.format_outputs(model)),
         "model": {"backbone": model.backbone_name, "num_parts": parts,
                   "part_strategy": model.part_strategy, "embedding_dim": dim,
                   "image_size": [height, width], "last_stride": model.last_stride},
@@ -186,8 +180,6 @@ def _write_formats(module, folder, files, calibration, parity_images, log):
     """Writes each format file and measures it against the SavedModel's function (ValueError,
     and no export, for one under its parity floor: `formats.check_parity`); returns the card's
     `files`."""
-    from reid_tf.deploy import formats
-
     if parity_images is None:
         parity_images = np.random.default_rng(0).integers(
             0, 256, (16, *module.image_size, 3), dtype=np.uint8)
@@ -213,9 +205,3 @@ def _write_formats(module, folder, files, calibration, parity_images, log):
     return entries
 
 
-def calibration_of(path):
-    """The decision calibration an export carries (`assets/calibration.json` of the version
-    folder; for a .onnx/.tflite file, of the folder holding it), or None."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    file = os.path.join(folder, CALIBRATION_FILE)
-    return calibration_lib.load(file) if os.path.exists(file) else None

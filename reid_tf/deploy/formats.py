@@ -9,7 +9,7 @@ and the backbone's ImageNet normalisation, its first layer (`model.backbones.Ima
 The training size is in the file: ONNX metadata `IMAGE_SIZE_KEY`, the size of the TFLite
 resize. Files of earlier versions took the training size only; their runtimes still resize
 outside (and round to uint8) for them. The outputs are those
-of the SavedModel (`export.EXPORT_KEYS`, float32): `embedding` L2-normalised, `global_embedding`,
+of the SavedModel (`evaluate.contract.EXPORT_KEYS`, float32): `embedding` L2-normalised, `global_embedding`,
 `part_embeddings` and `part_masks`.
 
 Why these converters rather than Keras 3's `Model.export(format=...)`: Keras' LiteRT path keeps
@@ -34,8 +34,8 @@ import numpy as np
 import tensorflow as tf
 
 from reid_tf.data import preprocessing
-from reid_tf.deploy.export import EXPORT_KEYS
-from reid_tf.deploy.export import format_outputs
+from reid_tf.evaluate.contract import EXPORT_KEYS
+from reid_tf.evaluate.contract import select
 from reid_tf.extras import require
 
 # file name -> (format, quantization)
@@ -53,6 +53,12 @@ IMAGE_SIZE_KEY = "reid_tf.image_size"  # ONNX metadata: the training size, "<hei
 NEEDS = {"onnx": ("tf2onnx", "onnxruntime"), "tflite": ("ai_edge_litert",)}
 
 
+def format_outputs(model):
+    """The outputs of a format file (.tflite, .onnx): the export's four, or for a baseline (K=0)
+    `embedding` and `global_embedding` (TFLite cannot return the empty part outputs)."""
+    return EXPORT_KEYS if model.num_parts else ("embedding", "global_embedding")
+
+
 def files_of(formats):
     """The format files that `formats` (names from `FORMATS`) write, in `FILES` order.
     ValueError for an unknown format, `MissingPackage` when its packages are not installed."""
@@ -67,7 +73,7 @@ def files_of(formats):
 
 
 def pixel_function(model):
-    """`images` uint8 `[None,None,None,3]` -> `export.format_outputs(model)` (float32), resized
+    """`images` uint8 `[None,None,None,3]` -> `format_outputs(model)` (float32), resized
     inside to the training size as the SavedModel resizes (`PartLossNet.preprocess`)."""
     keys = format_outputs(model)
 
@@ -267,7 +273,8 @@ class PixelRuntime:
 
     version = 1
 
-    def __init__(self, path, input_shape, output_shapes, image_size=None):
+    def __init__(self, path, input_shape, output_shapes, image_size=None, calibration=None):
+        self.calibration = calibration
         self.path = path
         self.file = os.path.basename(path)
         # The version is the export folder's (`<export_dir>/<version>/model.onnx`), as the
@@ -338,14 +345,10 @@ class PixelRuntime:
         return outputs
 
     def embed(self, images, names):
-        from reid_tf.deploy import runtime
-
-        return runtime.select(self.predict_images(images), names)
+        return select(self.predict_images(images), names)
 
     def embed_encoded(self, encoded, names):
-        from reid_tf.deploy import runtime
-
-        return runtime.select(self.predict_encoded(encoded.numpy().tolist()), names)
+        return select(self.predict_encoded(encoded.numpy().tolist()), names)
 
     def signature_def(self):
         """TF Serving's metadata JSON, as for a SavedModel (one signature, its shapes)."""
@@ -364,7 +367,7 @@ class PixelRuntime:
 class OnnxRuntime(PixelRuntime):
     """A `model.onnx` run by ONNX Runtime (CPU)."""
 
-    def __init__(self, path, threads=0):
+    def __init__(self, path, threads=0, calibration=None):
         ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -378,7 +381,7 @@ class OnnxRuntime(PixelRuntime):
         outputs = {output.name: output.shape for output in self.session.get_outputs()}
         size = self.session.get_modelmeta().custom_metadata_map.get(IMAGE_SIZE_KEY)
         super().__init__(path, model_input.shape, outputs,
-                         size and tuple(int(side) for side in size.split("x")))
+                         size and tuple(int(side) for side in size.split("x")), calibration)
 
     def _run(self, images):
         names = list(self.output_shapes)
@@ -390,7 +393,7 @@ class TFLiteRuntime(PixelRuntime):
     """A `.tflite` file run by LiteRT (`ai-edge-litert`), one call at a time (an interpreter is
     not thread-safe)."""
 
-    def __init__(self, path, threads=None):
+    def __init__(self, path, threads=None, calibration=None):
         litert = require("ai_edge_litert.interpreter")
         try:
             self.interpreter = litert.Interpreter(model_path=path, num_threads=threads)
@@ -406,7 +409,7 @@ class TFLiteRuntime(PixelRuntime):
         outputs = {key: [int(size) for size in value["shape_signature"]]
                    for key, value in self.runner.get_output_details().items()}
         super().__init__(path, [int(size) for size in shape], outputs,
-                         _resize_size(litert.Interpreter(model_path=path)))
+                         _resize_size(litert.Interpreter(model_path=path)), calibration)
 
     def _run(self, images):
         with self._lock:
@@ -444,10 +447,10 @@ def _rounded(images):
     return tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)
 
 
-def open_file(path):
+def open_file(path, calibration=None):
     """The runtime of a `.onnx` or `.tflite` file."""
     if path.endswith(".onnx"):
-        return OnnxRuntime(path)
+        return OnnxRuntime(path, calibration=calibration)
     if path.endswith(".tflite"):
-        return TFLiteRuntime(path)
+        return TFLiteRuntime(path, calibration=calibration)
     raise ValueError(f"{path}: neither .onnx nor .tflite.")

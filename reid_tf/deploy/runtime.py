@@ -3,27 +3,28 @@
 SavedModel export loaded with plain TensorFlow (no reid_tf model code); `deploy.formats` has
 the ONNX and TFLite runtimes, with the same members. `open_runtime(path)` picks one by the path.
 
-A runtime has `image_size` (the model's `(height, width)`, or None if unknown), `num_parts`,
-`embed(images, names)` (float32 `[B,h,w,3]` in [0, 255] at `image_size` -> `{name: [B,...]}`,
-descriptors from `model.descriptors.DESCRIPTORS` or `part_masks`) and `embed_encoded(encoded,
-names)` (string `[B]` of JPEG/PNG/BMP bytes, decoded and resized inside).
+Every runtime has the members of `evaluate.contract.Runtime`; its decision calibration comes in
+through its constructor (`open_runtime` reads the one an export carries).
 """
 
 import os
 
 import tensorflow as tf
 
-from reid_tf.model import descriptors
+from reid_tf.deploy import formats
+from reid_tf.evaluate import calibration as calibration_lib
+from reid_tf.evaluate.contract import select
 
 
-RAW_OUTPUTS = ("part_masks", "part_fallback")  # taken as they are, not L2-normalised
+CALIBRATION_FILE = os.path.join("assets", "calibration.json")
 
 
-def select(outputs, names):
-    """`names` from a model's outputs: descriptors selected and L2-normalised, `RAW_OUTPUTS` as
-    they are."""
-    return {name: outputs[name] if name in RAW_OUTPUTS
-            else descriptors.select_descriptor(outputs, name) for name in names}
+def calibration_of(path):
+    """The decision calibration an export carries (`assets/calibration.json` of the version
+    folder; for a .onnx/.tflite file, of the folder holding it), or None."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    file = os.path.join(folder, CALIBRATION_FILE)
+    return calibration_lib.load(file) if os.path.exists(file) else None
 
 
 class KerasRuntime:
@@ -32,10 +33,13 @@ class KerasRuntime:
 
     extra_outputs = ("part_fallback",)  # beyond the export's outputs
 
-    def __init__(self, model):
+    model_id = None  # weights in memory, not an export
+
+    def __init__(self, model, calibration=None):
         self.model = model
         self.image_size = tuple(model.image_size)
         self.num_parts = model.num_parts
+        self.calibration = calibration
         self._functions = {}
 
     def embed(self, images, names):
@@ -69,7 +73,8 @@ class SavedModelRuntime:
     arrays (reid-serve).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, calibration=None):
+        self.calibration = calibration
         path = os.path.normpath(os.path.expanduser(path))
         if not os.path.exists(os.path.join(path, "saved_model.pb")):
             raise FileNotFoundError(f"{path}: no saved_model.pb; expected a SavedModel export "
@@ -145,18 +150,12 @@ def open_runtime(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: not found; expected a SavedModel export folder, a "
                                 ".onnx or a .tflite file.")
-    from reid_tf.deploy import export
-    from reid_tf.deploy import formats
-
     if os.path.isdir(path):
-        runtime = SavedModelRuntime(path)
-    elif path.endswith((".onnx", ".tflite")):
-        runtime = formats.open_file(path)
-    else:
-        raise ValueError(f"{path}: not an export reid-tf reads; expected a SavedModel export "
-                         "folder (<export_dir>/<version>), a .onnx or a .tflite file.")
-    runtime.calibration = export.calibration_of(path)  # the decision thresholds, if fitted
-    return runtime
+        return SavedModelRuntime(path, calibration_of(path))
+    if path.endswith((".onnx", ".tflite")):
+        return formats.open_file(path, calibration_of(path))
+    raise ValueError(f"{path}: not an export reid-tf reads; expected a SavedModel export "
+                     "folder (<export_dir>/<version>), a .onnx or a .tflite file.")
 
 
 def enable_memory_growth():

@@ -5,6 +5,7 @@ single-gallery-shot CMC, the AP definition)."""
 import numpy as np
 
 from reid_tf.evaluate import calibration
+from reid_tf.evaluate import contract
 from reid_tf.evaluate import metrics as metrics_lib
 from reid_tf.evaluate import reranking
 from reid_tf.evaluate.extract import extract
@@ -33,7 +34,7 @@ def evaluate_runtime(runtime, query, gallery, batch_size=64):
     query_outputs = extract(runtime, query, names, batch_size)
     gallery_outputs = extract(runtime, gallery, names, batch_size)
     scores = {}
-    for name in [n for n in names if n not in ("part_masks", "part_fallback")]:
+    for name in [n for n in names if n not in contract.RAW_OUTPUTS]:
         distances = metrics_lib.pairwise_distances(query_outputs[name], gallery_outputs[name],
                                                    "cosine")
         scores[name] = metrics_lib.evaluate(distances, *labels_of(query, gallery))

