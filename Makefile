@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= cpu
 
-.PHONY: install install-test demo test benchmarks clean
+.PHONY: install install-test demo test test-fast benchmarks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ demo: install
 # subprocesses starting TensorFlow, so it takes about half the time of one process.
 test: install-test
 	$(BIN)/pytest -q -n 2 --dist loadfile
+
+# The fast lane: everything but the tests marked slow (they train, serve, or start a browser or
+# a tool in a process); under 2 minutes on 2 cores. `make test` stays the whole suite (CI).
+test-fast: install-test
+	$(BIN)/pytest -q -n 2 --dist loadfile -m "not slow"
 
 benchmarks: install-test
 	$(BIN)/python benchmarks/part_partition.py

@@ -17,6 +17,14 @@ SERVED_TRAIN_FLAGS = [
     "--validation_identities=0.3"]
 
 
+def pytest_collection_modifyitems(items):
+    """A test that uses the trained run (`trained`, directly or through another fixture) is
+    `slow`: the fast lane (make test-fast) leaves it out."""
+    for item in items:
+        if "trained" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A tiny trained run, its reid-export (with a calibration) and a features.npz of the test

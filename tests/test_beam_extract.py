@@ -12,6 +12,8 @@ from reid_tf import testing
 from reid_tf.deploy import beam
 from reid_tf.evaluate import features_npz
 
+pytestmark = pytest.mark.slow  # every test here trains, serves or runs a tool
+
 TWO_WORKERS = ["--", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
 
 

@@ -15,6 +15,8 @@ from reid_tf import testing
 from reid_tf.deploy import runtime
 from reid_tf.evaluate import calibration
 
+pytestmark = pytest.mark.slow  # every test here trains, serves or runs a tool
+
 
 def b64_png(image):
     buffer = io.BytesIO()

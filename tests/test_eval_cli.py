@@ -17,6 +17,8 @@ from reid_tf.evaluate import visualize
 from reid_tf.evaluate import reranking
 from reid_tf.train import workdir as workdir_lib
 
+pytestmark = pytest.mark.slow  # every test here trains, serves or runs a tool
+
 TRAIN_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
                "--image_width=32", "--embedding_dim=16", "--num_parts=3", "--identities_per_batch=4", "--images_per_identity=4",
                "--optimizer=adam", "--learning_rate=0.001", "--train_steps=20",

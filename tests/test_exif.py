@@ -101,6 +101,7 @@ def test_images_without_a_readable_orientation_are_left_as_they_are():
                                   image.astype(np.float32))
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_a_sideways_camera_jpeg_embeds_as_its_upright_picture():
     """The finding: a sideways JPEG was embedded sideways. Its embedding is now the upright
     image's (the model's decode, as the SavedModel and every runtime decode)."""
@@ -120,6 +121,7 @@ def test_a_sideways_camera_jpeg_embeds_as_its_upright_picture():
     assert not np.allclose(embedded, wrong["embedding"], atol=1e-3)
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_a_format_file_turns_it_upright_too(tmp_path):
     """The .onnx/.tflite runtimes decode encoded images themselves (to run each size once)."""
     formats = pytest.importorskip("reid_tf.deploy.formats")

@@ -14,6 +14,8 @@ import pytest
 from reid_tf import files
 from reid_tf.train import workdir as workdir_lib
 
+pytestmark = pytest.mark.slow  # every test here trains, serves or runs a tool
+
 
 def export(*flags):
     return subprocess.run([sys.executable, "-m", "reid_tf.cli.export", *flags],

@@ -28,6 +28,8 @@ from reid_tf.deploy import runtime
 from reid_tf.evaluate import features_npz
 from reid_tf.evaluate import metrics as metrics_lib
 
+pytestmark = pytest.mark.slow  # every test here trains, serves or runs a tool
+
 TRAIN_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
                "--image_width=32", "--embedding_dim=16", "--num_parts=3",
                "--identities_per_batch=4", "--images_per_identity=4", "--optimizer=adam",

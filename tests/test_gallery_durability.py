@@ -119,6 +119,7 @@ def test_an_index_file_newer_than_a_restored_database_is_ignored_and_rebuilt(tmp
     assert any("newer than" in line for line in lines), lines
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_the_change_log_stays_bounded_over_ten_thousand_adds_and_removes(tmp_path):
     path = tmp_path / "g.sqlite"
     store = open_store(path, persist_every=500)
@@ -170,6 +171,7 @@ class FakeExport:
     embedding_width = DIM
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_an_interrupted_seed_import_resumes_and_says_so(tmp_path, monkeypatch):
     from reid_tf.evaluate import features_npz
 
@@ -233,6 +235,7 @@ def killed_seed_import_then_restart(tmp_path, path, index, ids, data, monkeypatc
     return store
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 @pytest.mark.parametrize("index", ["Flat", "HNSW16", "IVF2,Flat"])
 def test_randomised_operations_with_failures_and_crashes_match_a_dictionary(tmp_path, index,
                                                                               monkeypatch):

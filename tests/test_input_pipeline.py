@@ -42,6 +42,7 @@ def take(dataset, n):
     return [{k: v.numpy() for k, v in b.items()} for b in dataset.take(n)]
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_train_batches_relabel_resize_and_are_deterministic(splits):
     make = lambda seed: pipeline.train_dataset(splits["train"], (48, 24), 4, 3, seed=seed)
     first, again, other = take(make(0), 3), take(make(0), 3), take(make(1), 3)
@@ -196,6 +197,7 @@ def test_folder_and_tfds_sources_agree(tmp_path):
     assert batch["image"].shape == (2, 32, 16, 3)
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_streamed_tfds_images_give_the_same_batches_as_images_held_in_memory(tmp_path):
     streamed = splits_lib.load_splits("synthetic_persons/small", data_dir=str(tmp_path))
     cached = splits_lib.load_splits("synthetic_persons/small", data_dir=str(tmp_path),
@@ -283,6 +285,7 @@ def test_a_streamed_split_keeps_its_labels_in_an_index_that_must_match_the_recor
     assert not index.exists() and not list(tmp_path.rglob("*.npz.tmp"))
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_a_tfds_dataset_prepared_as_tfrecord_is_loaded_into_memory(tmp_path):
     import reid_datasets
     import tensorflow_datasets as tfds

@@ -125,6 +125,7 @@ def test_no_empty_part_on_degenerate_input(strategy, case):
     assert_partition(masks, num_parts)
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_partition_same_eager_graph_and_xla(strategy):
     layer = parts.ActivationPartPartition(4, strategy)

@@ -145,6 +145,7 @@ TINY = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=
         "--log_every=4", "--checkpoint_every=8", "--image_summary_every=0"]
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_reid_train_with_learned_parts_and_every_export_format(trained, tmp_path):
     workdir = tmp_path / "learned"
     result = subprocess.run(

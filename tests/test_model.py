@@ -92,6 +92,7 @@ def test_model_same_output_eager_and_in_tf_function():
         np.testing.assert_allclose(graph[key], eager[key], atol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 @pytest.mark.parametrize("num_parts", [0, 3])
 def test_mirrored_training_on_two_cpu_replicas_decreases_loss(num_parts):
     strategy = distribute.make_strategy("mirrored")
@@ -138,6 +139,7 @@ def _train_three_steps(strategy, sync_batch_norm, initial_weights):
     return weights, [float(m["loss"]) for m in history]
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_two_replicas_with_synchronised_batch_norm_equal_one_device():
     """The same global batches on 1 device and on 2 replicas (4 images each, BatchNorm
     statistics synchronised): the same losses and weights after 3 SGD steps."""

@@ -54,6 +54,7 @@ def trained_weights(grouped, factor, name="adam", steps=12):
     return [v.numpy() for v in net.weights]
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 @pytest.mark.parametrize("name, factor", [("adam", 0.35), ("adam", 1.0), ("sgd", 0.1)])
 def test_parameter_groups_equal_separate_optimizers_with_scaled_schedules(name, factor):
     grouped = trained_weights(True, factor, name)

@@ -30,6 +30,7 @@ def test_every_config_field_has_a_flag_and_every_flag_a_field():
     assert train_flag_names() - {"workdir"} == fields
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_helpfull_lists_every_option_with_its_help():
     result = subprocess.run([sys.executable, "-m", "reid_tf.cli.train", "--helpfull"],
                             capture_output=True, text=True, timeout=300,
@@ -90,6 +91,7 @@ def checkpoint_layout(config, tmp_path):
     return dict(tf.train.list_variables(path))
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_an_option_that_changes_the_checkpoint_is_a_resume_option(tmp_path):
     """Derived, not listed: every option whose change alters what the checkpoint holds must
     be one a resume keeps (mixed_precision adds the loss scale; weights can change the

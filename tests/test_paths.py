@@ -13,6 +13,8 @@ from reid_tf.data import pipeline
 from reid_tf.data import splits as splits_lib
 from reid_tf.data import synthetic
 
+pytestmark = pytest.mark.slow  # every test here trains, serves or runs a tool
+
 TINY = ["--backbone=tiny", "--image_height=64", "--image_width=32", "--embedding_dim=16",
         "--num_parts=2", "--identities_per_batch=4", "--images_per_identity=4",
         "--optimizer=adam", "--learning_rate=0.001", "--log_every=2", "--checkpoint_every=2",

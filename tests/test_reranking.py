@@ -49,6 +49,7 @@ def distances(seed, num_query=15, num_gallery=45, dim=6):
 
 @pytest.mark.parametrize("seed, k1, k2, lambda_value", [(0, 20, 6, 0.3), (1, 6, 3, 0.5),
                                                         (2, 10, 1, 0.0)])
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_re_rank_equals_the_dense_reference(seed, k1, k2, lambda_value):
     q_g, q_q, g_g = distances(seed)
     for matrix in (q_q, g_g):  # exact symmetry and zero diagonal, as real distance matrices

@@ -91,6 +91,7 @@ def driver(tmp_path, *extra, env=None, **popen):
     return result
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_a_study_prunes_records_every_trial_and_resumes_to_more_trials(tmp_path):
     # Learning rates above 10^-1.5 diverge in the stand-in: such trials end pruned, "diverged".
     env = {"DIVERGE_ABOVE": "0.03"}
@@ -128,6 +129,7 @@ def test_a_study_prunes_records_every_trial_and_resumes_to_more_trials(tmp_path)
     assert record["finished"] == 12 and [t["number"] for t in record["trials"]] == list(range(12))
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_a_killed_driver_leaves_no_trainer_and_its_trial_resumes_from_its_checkpoint(tmp_path):
     env = {"STAND_IN_SECONDS": "0.5"}
     first = driver(tmp_path, "--studies=plnet", "--trials=1", "--heartbeat_seconds=1",
@@ -164,6 +166,7 @@ def test_a_killed_driver_leaves_no_trainer_and_its_trial_resumes_from_its_checkp
     assert steps == sorted(set(steps)) and steps[-1] == states[1]["params"]["epochs"] * 10
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_confirmation_reruns_the_best_configurations_at_more_seeds(tmp_path):
     driver(tmp_path, "--studies=baseline", "--trials=5", "--prune_after=100")
     driver(tmp_path, "--studies=baseline", "--confirm", "--top=2", "--seeds=0,1")
@@ -184,6 +187,7 @@ def test_confirmation_reruns_the_best_configurations_at_more_seeds(tmp_path):
     assert len(confirm_runs) == 2
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_a_real_trial_trains_on_validation_without_a_test_split(tmp_path):
     """reid-train itself, tiny: the data folder has no query or gallery at all, so a trial that
     opened the test split would fail."""
@@ -227,6 +231,7 @@ def test_a_real_trial_trains_on_validation_without_a_test_split(tmp_path):
     assert not os.path.exists(os.path.join(trial["workdir"], "checkpoints"))  # removed after
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_a_fresh_checkout_resumes_the_committed_study(tmp_path):
     driver(tmp_path, "--studies=baseline", "--trials=3")
     # A new machine: no runs/ and no working database, only the committed export.
@@ -238,6 +243,7 @@ def test_a_fresh_checkout_resumes_the_committed_study(tmp_path):
     assert [t["number"] for t in record["trials"]] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_a_restarted_driver_draws_new_configurations(tmp_path):
     driver(tmp_path, "--studies=plnet", "--trials=2", "--prune_after=100")
     driver(tmp_path, "--studies=plnet", "--trials=4", "--prune_after=100")

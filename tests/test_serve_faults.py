@@ -12,6 +12,8 @@ import pytest
 from reid_tf.deploy import runtime
 from reid_tf.evaluate import calibration
 
+pytestmark = pytest.mark.slow  # every test here trains, serves or runs a tool
+
 
 def serve(*flags):
     return subprocess.run([sys.executable, "-m", "reid_tf.cli.serve", "--port=1", *flags],

@@ -23,6 +23,8 @@ from reid_tf.evaluate import features_npz
 from reid_tf.evaluate import metrics as metrics_lib
 from reid_tf.train import workdir as workdir_lib
 
+pytestmark = pytest.mark.slow  # every test here trains, serves or runs a tool
+
 def run(*command, check=True):
     result = subprocess.run([*command], capture_output=True, text=True, timeout=600,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})

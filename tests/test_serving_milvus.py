@@ -15,6 +15,8 @@ from PIL import Image
 
 from reid_tf import testing
 
+pytestmark = pytest.mark.slow  # every test here trains, serves or runs a tool
+
 pytest.importorskip("pymilvus", reason="pymilvus is not installed (make test installs it)")
 
 

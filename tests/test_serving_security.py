@@ -176,6 +176,7 @@ def test_check_metadata_against_a_direct_count():
         contract.check_metadata(nested(100000), "m", limits)  # no recursion error
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "::"])
 def test_listening_beyond_loopback_without_a_key_is_refused_in_one_line(trained, host):
     result = subprocess.run(
@@ -211,6 +212,7 @@ def test_policy_unit_rules():
     assert "zzz" not in repr(security.Policy(api_key="zzz"))  # never in a log line
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_an_empty_or_missing_key_file_is_refused_in_one_line(trained, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")

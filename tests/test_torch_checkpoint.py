@@ -195,6 +195,7 @@ def test_imported_mobilenet_v2_classifies_chelsea_as_a_cat(shared_dir):
     assert probabilities[281:286].sum() > 0.5
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_last_stride_one_keeps_twice_the_rows_in_the_part_model(shared_dir):
     path = os.path.join(shared_dir, WEIGHTS)
     strided = backbones.build_backbone("mobilenet_v2", (128, 64, 3), weights=path, last_stride=2)

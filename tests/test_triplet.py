@@ -130,6 +130,7 @@ def _train_three_steps(strategy, initial_weights, batches):
                      for m in history]
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_two_replicas_mine_over_the_global_batch_as_one_device_does():
     """Replica 0 holds identities 0-1, replica 1 identities 2-3: mined per replica, each anchor
     would find its hardest negative among 2 identities, not 3. Mined over the global batch (the

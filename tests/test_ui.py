@@ -14,6 +14,8 @@ from PIL import Image
 
 from reid_tf import testing
 
+pytestmark = pytest.mark.slow  # every test here trains, serves or runs a tool
+
 ARTEFACTS = os.environ.get("REID_TF_ARTEFACTS", "test-artefacts")
 API_KEY = "page-test-key"  # the page server's: gallery changes need it
 

@@ -1,8 +1,11 @@
 """synthetic_persons dataset: TFDS builder test on dummy_data (see datasets/make_dummy_data.py)."""
 
+import pytest
 import tensorflow_datasets as tfds
 
 from reid_datasets.synthetic_persons import synthetic_persons_dataset_builder
+
+pytestmark = pytest.mark.slow  # prepares the dataset (several seconds)
 
 
 class SyntheticPersonsTest(tfds.testing.DatasetBuilderTestCase):

@@ -1,8 +1,11 @@
 """viper dataset: TFDS builder test on dummy_data (see datasets/make_dummy_data.py)."""
 
+import pytest
 import tensorflow_datasets as tfds
 
 from reid_datasets.viper import viper_dataset_builder
+
+pytestmark = pytest.mark.slow  # prepares the dataset (several seconds)
 
 
 class ViperTest(tfds.testing.DatasetBuilderTestCase):
