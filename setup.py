@@ -52,6 +52,8 @@ setuptools.setup(
         # onnx: tf2onnx writes, ONNX Runtime reads; tflite: LiteRT reads (TensorFlow writes).
         "onnx": ["tf2onnx>=1.17", "onnxruntime>=1.20"],
         "tflite": ["ai-edge-litert>=2.0"],
+        # OpenVINO IR (reid-export --format=openvino): OpenVINO converts and runs it.
+        "openvino": ["openvino>=2025.0"],
         # The gallery on Milvus (reid-serve --gallery_uri): Milvus Lite embedded, or a server.
         "milvus": ["pymilvus>=2.5", "milvus-lite>=2.5"],
         # reid-extract --runner: extraction as an Apache Beam pipeline (RunInference).
@@ -60,7 +62,7 @@ setuptools.setup(
         # the search page's browser tests (driving the OS's chromium); the Milvus and Beam extras.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "dill", "scikit-image>=0.22", "tf2onnx>=1.17", "onnxruntime>=1.20",
                  "ai-edge-litert>=2.0", "playwright>=1.50", "pymilvus>=2.5", "milvus-lite>=2.5",
-                 "apache-beam>=2.77", "optuna>=4.5"],
+                 "apache-beam>=2.77", "optuna>=4.5", "openvino>=2025.0"],
         # experiments/summarize.py --plot; experiments/search.py (the hyper-parameter search).
         "experiments": ["matplotlib>=3.8", "optuna>=4.5"],
     },

@@ -5,7 +5,7 @@ import importlib
 
 # module -> the extra that installs it
 EXTRAS = {"onnxruntime": "onnx", "tf2onnx": "onnx", "ai_edge_litert": "tflite", "pymilvus": "milvus",
-          "apache_beam": "beam"}
+          "apache_beam": "beam", "openvino": "openvino"}
 
 
 class MissingPackage(ImportError):

@@ -41,7 +41,7 @@ def exported(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     python("reid_tf.cli.train", f"--workdir={workdir}", f"--data_dir={data_dir}", *TRAIN_FLAGS)
     result = python("reid_tf.cli.export", f"--workdir={workdir}",
-                    "--format=saved_model,tflite,onnx", "--calibration_images=40",
+                    "--format=saved_model,tflite,onnx,openvino", "--calibration_images=40",
                     "--parity_images=24")
     path = os.path.join(workdir, "export", "20")
     assert f"-> {path}" in result.stdout
@@ -52,7 +52,7 @@ def exported(tmp_path_factory):
 def test_every_format_file_is_written_beside_the_saved_model_with_its_card(exported):
     path = exported["path"]
     assert sorted(name for name in os.listdir(path) if name.startswith("model")) == sorted(
-        FILES + ["model_card.json"])
+        FILES + ["model.bin", "model_card.json"])  # model.bin: the OpenVINO IR's weights
     card = json.load(open(os.path.join(path, "model_card.json")))
     assert card == json.load(open(os.path.join(path, "assets", "model_card.json")))
     assert card["input"]["shape"] == [None, 64, 32, 3] and card["input"]["dtype"] == "uint8"
@@ -64,7 +64,7 @@ def test_every_format_file_is_written_beside_the_saved_model_with_its_card(expor
     assert card["reid_tf"]["commit"]
     for name in FILES:
         entry = card["files"][name]
-        assert entry["bytes"] == os.path.getsize(os.path.join(path, name))
+        assert entry["bytes"] == formats.file_bytes(os.path.join(path, name))  # + model.bin
         assert entry["sha256"] == formats.file_digest(os.path.join(path, name))
         figures = entry["parity_with_saved_model"]
         assert figures["images"] == 24
@@ -116,7 +116,7 @@ def scores(features, splits):
 # (smallest cosine, mean cosine) against the SavedModel on the synthetic test split's images;
 # float files differ by rounding, int8 by quantisation (see formats.PARITY_FLOORS).
 FLOORS = {"model.tflite": (0.9999, 0.9999), "model.onnx": (0.9999, 0.9999),
-          "model_fp16.tflite": (0.99, 0.999), "model_int8_dynamic.tflite": (0.9, 0.99),
+          "model.xml": (0.9999, 0.9999), "model_fp16.tflite": (0.99, 0.999), "model_int8_dynamic.tflite": (0.9, 0.99),
           "model_int8.tflite": (0.9, 0.99)}
 
 
@@ -186,7 +186,7 @@ def test_a_baseline_exports_its_embeddings_without_the_empty_part_outputs(tmp_pa
                                atol=1e-6)
 
 
-@pytest.mark.parametrize("file_name", ["model.onnx", "model.tflite"])
+@pytest.mark.parametrize("file_name", ["model.onnx", "model.tflite", "model.xml"])
 def test_a_float32_file_resizes_other_sizes_in_float_as_the_saved_model_does(exported,
                                                                               file_name):
     """Issue 39: the files took only the training size, so their runtimes resized outside and
@@ -246,7 +246,7 @@ def test_a_missing_package_a_wrong_file_and_a_damaged_file_each_give_one_line(
     text.write_text("hello")
     with pytest.raises(ValueError, match="not an export reid-tf reads"):
         runtime.open_runtime(str(text))
-    for name in ("model.onnx", "model.tflite"):
+    for name in ("model.onnx", "model.tflite", "model.xml"):
         damaged = tmp_path / name
         damaged.write_bytes(open(os.path.join(exported["path"], name), "rb").read()[:5000])
         with pytest.raises(ValueError, match=f"{name}: not a readable"):
@@ -258,6 +258,9 @@ def test_a_missing_package_a_wrong_file_and_a_damaged_file_each_give_one_line(
         runtime.open_runtime(os.path.join(exported["path"], "model.onnx"))
     with pytest.raises(extras.MissingPackage):
         formats.files_of(["onnx"])
+    testing.hide_package(monkeypatch, "openvino")
+    with pytest.raises(extras.MissingPackage, match=r"pip install 'reid-tf\[openvino\]'"):
+        runtime.open_runtime(os.path.join(exported["path"], "model.xml"))
     with pytest.raises(ValueError, match="--format: jpeg unknown"):
         formats.files_of(["jpeg"])
     # Through a command: one line, no traceback.

@@ -8,7 +8,7 @@ with TFLite and ONNX files beside the SavedModel on request, and a model card.
 
 `--format=tflite` writes model.tflite (float32), model_fp16.tflite, model_int8_dynamic.tflite
 and model_int8.tflite (full-integer, calibrated on `--calibration_images` training images);
-`--format=onnx` writes model.onnx. The SavedModel is always written: it is the reference every
+`--format=onnx` writes model.onnx, `--format=openvino` model.xml + model.bin (OpenVINO IR). The SavedModel is always written: it is the reference every
 other file is measured against (model_card.json: `files.<name>.parity_with_saved_model`).
 Converters: `pip install 'reid-tf[onnx]'` (tf2onnx), `'reid-tf[tflite]'` (LiteRT, to check the
 files). The export carries the decision thresholds (`assets/calibration.json`) of the run's
@@ -34,7 +34,7 @@ flags.DEFINE_string("export_dir", None, "Where `<version>/` goes (default <workd
 flags.DEFINE_integer("version", None, "Integer version (default: the checkpoint's step).")
 flags.DEFINE_list("format", ["saved_model"], "Formats to write, comma-separated: saved_model "
                   "(always written), tflite (float32, float16, dynamic-range int8, full-integer "
-                  "int8), onnx.")
+                  "int8), onnx, openvino (OpenVINO IR: model.xml + model.bin).")
 flags.DEFINE_integer("calibration_images", 300, "Training images that calibrate full-integer "
                      "int8 quantisation (drawn at random from the training split only).",
                      lower_bound=1)

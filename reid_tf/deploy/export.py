@@ -191,7 +191,7 @@ def _write_formats(module, folder, files, calibration, parity_images, log):
         outputs = formats.open_file(path).predict_images(parity_images)
         kind, quantization = formats.FILES[name]
         entries[name] = {"format": kind, "quantization": quantization,
-                         "bytes": os.path.getsize(path), "sha256": formats.file_digest(path),
+                         "bytes": formats.file_bytes(path), "sha256": formats.file_digest(path),
                          "parity_with_saved_model": formats.parity(reference, outputs)}
         if quantization == "int8":
             entries[name]["calibration_images"] = int(len(calibration))

@@ -45,12 +45,15 @@ FILES = {
     "model_int8_dynamic.tflite": ("tflite", "dynamic_int8"),
     "model_int8.tflite": ("tflite", "int8"),
     "model.onnx": ("onnx", "float32"),
+    "model.xml": ("openvino", "float32"),  # OpenVINO IR: model.xml + model.bin
 }
-FORMATS = ("saved_model", "tflite", "onnx")
+FORMATS = ("saved_model", "tflite", "onnx", "openvino")
 ONNX_OPSET = 17
 IMAGE_SIZE_KEY = "reid_tf.image_size"  # ONNX metadata: the training size, "<height>x<width>"
 # What writing a format needs: its converter and the runtime that checks its parity.
-NEEDS = {"onnx": ("tf2onnx", "onnxruntime"), "tflite": ("ai_edge_litert",)}
+NEEDS = {"onnx": ("tf2onnx", "onnxruntime"), "tflite": ("ai_edge_litert",),
+         "openvino": ("openvino",)}
+IMAGE_SIZE_PATH = ["reid_tf", "image_size"]  # OpenVINO rt_info: the training size
 
 
 def format_outputs(model):
@@ -118,6 +121,19 @@ def write_onnx(model, path):
     height, width = model.image_size
     proto.metadata_props.add(key=IMAGE_SIZE_KEY, value=f"{height}x{width}")
     onnx.save(proto, path)
+    return path
+
+
+def write_openvino(model, path):
+    """The model as OpenVINO IR (`path` = model.xml, weights in model.bin beside it), converted
+    by OpenVINO's TensorFlow frontend from the frozen function, weights kept float32. (Its ONNX
+    frontend refuses tf2onnx's file: a Transpose of the part partition whose order does not
+    match its input's rank; ONNX Runtime runs it.) Returns `path`."""
+    ov = require("openvino")
+    converted = ov.convert_model(frozen_module(model).pixels.get_concrete_function())
+    height, width = model.image_size
+    converted.set_rt_info(f"{height}x{width}", IMAGE_SIZE_PATH)
+    ov.save_model(converted, path, compress_to_fp16=False)
     return path
 
 
@@ -208,6 +224,8 @@ def write(model, folder, file_name, calibration=None):
     path = os.path.join(folder, file_name)
     if kind == "onnx":
         return write_onnx(model, path)
+    if kind == "openvino":
+        return write_openvino(model, path)
     return write_tflite(model, path, quantization, calibration)
 
 
@@ -254,11 +272,24 @@ def check_parity(file_name, figures):
 
 
 def file_digest(path):
+    """sha256 of the file, and for OpenVINO's model.xml of its model.bin too."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for part in [path] + [p for p in [_weights_of(path)] if p]:
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
+
+
+def _weights_of(path):
+    """The weights file beside an OpenVINO model.xml (None for other formats)."""
+    return path[:-len(".xml")] + ".bin" if path.endswith(".xml") else None
+
+
+def file_bytes(path):
+    """The bytes of a format file, with OpenVINO's weights file."""
+    weights = _weights_of(path)
+    return os.path.getsize(path) + (os.path.getsize(weights) if weights else 0)
 
 
 class PixelRuntime:
@@ -432,6 +463,41 @@ def _model_id(path):
     return digest[:16]
 
 
+class OpenVinoRuntime(PixelRuntime):
+    """An OpenVINO IR (`model.xml` + `model.bin`) compiled for the CPU by OpenVINO, at the
+    precision `REID_TF_OPENVINO_PRECISION` asks (`f32`, the default; `bf16` where the CPU has
+    it: AVX512-BF16 or AMX)."""
+
+    def __init__(self, path, calibration=None, precision=None):
+        ov = require("openvino")
+        self.precision = precision or os.environ.get("REID_TF_OPENVINO_PRECISION", "f32")
+        try:
+            model = ov.Core().read_model(path)
+            self.compiled = ov.Core().compile_model(
+                model, "CPU", {"INFERENCE_PRECISION_HINT": self.precision})
+        except RuntimeError as error:
+            raise ValueError(f"{path}: not a readable OpenVINO model "
+                             f"({str(error).strip().splitlines()[0]}).") from None
+        self._lock = threading.Lock()
+        (model_input,) = model.inputs
+        shape = [dim.get_length() if dim.is_static else None
+                 for dim in model_input.get_partial_shape()]
+        self.outputs = {next(iter(sorted(output.get_names()))): output
+                        for output in self.compiled.outputs}
+        shapes = {name: [dim.get_length() if dim.is_static else None
+                         for dim in output.get_partial_shape()]
+                  for name, output in self.outputs.items()}
+        size = (model.get_rt_info(IMAGE_SIZE_PATH).astype(str)
+                if model.has_rt_info(IMAGE_SIZE_PATH) else None)
+        super().__init__(path, shape, shapes,
+                         size and tuple(int(side) for side in size.split("x")), calibration)
+
+    def _run(self, images):
+        with self._lock:  # one inference request at a time
+            outputs = self.compiled(images)
+            return {name: np.array(outputs[output]) for name, output in self.outputs.items()}
+
+
 def _resize_size(interpreter):
     """The size a TFLite file resizes its input to (its first RESIZE_BILINEAR's constant size
     input), or None for a file of a fixed input size. `interpreter`: one of its own (the
@@ -448,9 +514,11 @@ def _rounded(images):
 
 
 def open_file(path, calibration=None):
-    """The runtime of a `.onnx` or `.tflite` file."""
+    """The runtime of a `.onnx`, `.tflite` or OpenVINO `.xml` file."""
     if path.endswith(".onnx"):
         return OnnxRuntime(path, calibration=calibration)
     if path.endswith(".tflite"):
         return TFLiteRuntime(path, calibration=calibration)
+    if path.endswith(".xml"):
+        return OpenVinoRuntime(path, calibration=calibration)
     raise ValueError(f"{path}: neither .onnx nor .tflite.")

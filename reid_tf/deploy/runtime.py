@@ -152,10 +152,11 @@ def open_runtime(path):
                                 ".onnx or a .tflite file.")
     if os.path.isdir(path):
         return SavedModelRuntime(path, calibration_of(path))
-    if path.endswith((".onnx", ".tflite")):
+    if path.endswith((".onnx", ".tflite", ".xml")):
         return formats.open_file(path, calibration_of(path))
     raise ValueError(f"{path}: not an export reid-tf reads; expected a SavedModel export "
-                     "folder (<export_dir>/<version>), a .onnx or a .tflite file.")
+                     "folder (<export_dir>/<version>), a .onnx, a .tflite or an OpenVINO .xml "
+                     "file.")
 
 
 def enable_memory_growth():
