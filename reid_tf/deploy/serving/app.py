@@ -18,17 +18,7 @@ def make_app(server, max_body_bytes=32 << 20, timeout_s=30.0, ui=True, policy=No
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
         routes.metrics_middleware(handlers), security.middleware(policy or security.Policy()),
         routes.errors_middleware(max_body_bytes, timeout_s)])
-    for prefix in ("/v1/models/{name}", "/v1/models/{name}/versions/{version}"):
-        app.router.add_get(prefix, handlers.status)
-        app.router.add_get(prefix + "/metadata", handlers.metadata)
-        app.router.add_post(prefix + ":{method}", handlers.post)
-        app.router.add_get(prefix + "/gallery", handlers.gallery)
-        app.router.add_get(prefix + "/gallery/entries", handlers.entries)
-        app.router.add_get(prefix + "/gallery/thumbnails/{entry_id:.+}", handlers.thumbnail)
-    app.router.add_get("/metrics", handlers.exposition)
-    if ui:
-        app.router.add_get("/", handlers.page)
-        app.router.add_get("/ui/{file}", handlers.page)
+    handlers.add_routes(app.router, ui)
     app.on_startup.append(handlers.start)
     app.on_cleanup.append(handlers.stop)
     return app

@@ -1,6 +1,6 @@
-"""reid-serve's HTTP handlers and middlewares over one `server.ReidServer`; `app.make_app` wires
-them into the aiohttp application. Imported when the application is made (aiohttp loads only
-for serving)."""
+"""reid-serve's HTTP handlers and middlewares over one `server.Server`, and its routes, each
+declared once in `ROUTES` (the POST verbs in `server.VERBS`); `app.make_app` wires them into the
+aiohttp application. Imported when the application is made (aiohttp loads only for serving)."""
 
 import asyncio
 import json
@@ -16,8 +16,21 @@ from reid_tf.deploy.serving.requests import BadRequest
 from reid_tf.deploy.serving.requests import BodyTimeout
 from reid_tf.deploy.serving.requests import Overloaded
 from reid_tf.deploy.serving.requests import RequestTooLarge
+from reid_tf.deploy.serving.server import VERBS
 
-VERBS = ("predict", "search", "verify", "add", "remove")
+MODEL_PREFIXES = ("/v1/models/{name}", "/v1/models/{name}/versions/{version}")
+# (HTTP method, path, handler, metrics label); `{model}` paths are served under each of
+# `MODEL_PREFIXES`. A POST `:{method}` is one of `server.VERBS`, labelled by its verb.
+ROUTES = (
+    ("GET", "{model}", "status", "status"),
+    ("GET", "{model}/metadata", "metadata", "metadata"),
+    ("POST", "{model}:{method}", "post", None),
+    ("GET", "{model}/gallery", "gallery", "gallery"),
+    ("GET", "{model}/gallery/entries", "entries", "entries"),
+    ("GET", "{model}/gallery/thumbnails/{entry_id:.+}", "thumbnail", "thumbnail"),
+    ("GET", "/metrics", "exposition", "metrics"),
+)
+PAGE_ROUTES = (("GET", "/", "page", "ui"), ("GET", "/ui/{file}", "page", "ui"))
 UI_DIR = os.path.join(os.path.dirname(__file__), "ui")
 UI_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css",
             "placeholder.svg": "image/svg+xml"}
@@ -35,9 +48,16 @@ class Handlers:
     def __init__(self, server, timeout_s):
         self.server = server
         self.timeout_s = timeout_s
-        self.labels = {self.status: "status", self.metadata: "metadata",
-                       self.exposition: "metrics", self.gallery: "gallery",
-                       self.entries: "entries", self.thumbnail: "thumbnail", self.page: "ui"}
+        self.labels = {getattr(self, handler): label
+                       for _, _, handler, label in ROUTES + PAGE_ROUTES if label}
+
+    def add_routes(self, router, ui=True):
+        """Every route of `ROUTES` (and the page's, with `ui`) on an aiohttp router."""
+        for method, path, handler, _ in ROUTES + (PAGE_ROUTES if ui else ()):
+            paths = ([path.replace("{model}", prefix) for prefix in MODEL_PREFIXES]
+                     if path.startswith("{model}") else [path])
+            for each in paths:
+                router.add_route(method, each, getattr(self, handler))
 
     def check_model(self, request):
         name = request.match_info["name"]
@@ -78,8 +98,9 @@ class Handlers:
         self.check_model(request)
         method = request.match_info["method"]
         if method not in VERBS:
-            raise BadRequest("method", f":{method}; expected :predict, :search, :verify, :add "
-                             "or :remove.")
+            verbs = [f":{verb}" for verb in VERBS]
+            raise BadRequest("method", f":{method}; expected {', '.join(verbs[:-1])} or "
+                             f"{verbs[-1]}.")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         body = await self.read_json(request, deadline)

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 
-from reid_tf.deploy.gallery import store as gallery_store
 from reid_tf.deploy.gallery import thumbnails
 from reid_tf.deploy.gallery.contract import EntryLimits
 from reid_tf.deploy.gallery.contract import GalleryError
@@ -172,60 +171,73 @@ class Server:
             raise RequestTooLarge(str(error)) from None
 
     async def answer(self, method, body):
-        """The JSON answer of `:predict`, `:search`, `:verify`, `:add` or `:remove` for a JSON
+        """The JSON answer of a POST verb (`VERBS`: `:predict`, `:search`, ...) for a JSON
         body."""
+        return await VERBS[method](self, body)
+
+    async def _remove(self, body):
+        """`:remove`: entries out of the gallery, by id."""
+        if not isinstance(body, dict) or "ids" not in body:
+            raise BadRequest("ids", "expected {\"ids\": [...]}.")
+        self._need_gallery()
+        removed = await asyncio.get_running_loop().run_in_executor(
+            self.gallery_pool, self._store_call, self.gallery.remove, body["ids"])
+        return {"removed": removed}
+
+    async def _add(self, body):
+        """`:add`: entries into the gallery (images embedded first, in batches)."""
         loop = asyncio.get_running_loop()
-        if method == "remove":
-            if not isinstance(body, dict) or "ids" not in body:
-                raise BadRequest("ids", "expected {\"ids\": [...]}.")
-            self._need_gallery()
-            removed = await loop.run_in_executor(self.gallery_pool, self._store_call,
-                                                 self.gallery.remove, body["ids"])
-            return {"removed": removed}
-        if method == "add":
-            self._need_gallery()
-            entries, groups = await loop.run_in_executor(self.pool, self.parse_entries, body)
-            for kind, positions, images in groups:
-                outputs = await self._embed_batched(kind, images)
-                for position, embedding in zip(positions, outputs["embedding"]):
-                    entries[position]["embedding"] = embedding
-            added = await loop.run_in_executor(self.gallery_pool, self._store_call,
-                                               self.gallery.add,
-                                               entries)
-            return {"added": added}
-        if method == "verify":
-            return await self._verify(body)
-        options = self.search_options(body) if method == "search" else None
-        point = self.operating_point(body, "open_set") if method == "search" else None
-        searched = method == "search" and isinstance(body, dict)
-        if searched and "embeddings" in body:
-            outputs = {"embedding": await loop.run_in_executor(
-                self.pool, self._query_embeddings, body["embeddings"], self.gallery.dimension)}
-        elif searched and "entry_ids" in body:
-            outputs = {"embedding": await loop.run_in_executor(
-                self.gallery_pool, self._entry_embeddings, body["entry_ids"])}
-        else:
-            kind, images = await loop.run_in_executor(self.pool, parse_images, body,
-                                                      self.max_batch, self.max_image_pixels)
+        self._need_gallery()
+        entries, groups = await loop.run_in_executor(self.pool, self.parse_entries, body)
+        for kind, positions, images in groups:
             outputs = await self._embed_batched(kind, images)
-        if method == "search":
-            results, incomplete = await loop.run_in_executor(
-                self.gallery_pool, lambda: self.gallery.search(outputs["embedding"], report=True,
-                                                       **options))
-            for matches in results:
-                for match in matches:
-                    match["file_name"] = match["id"]  # the name of the earlier API
-            answer = {"results": results}
-            if point is not None:
-                answer["in_gallery"] = self.decide(results, point)
-                answer["operating_point"] = point
-            if any(incomplete):  # a filter's bounded fetch ran out before k matches
-                answer["incomplete"] = incomplete
-            if body.get("return_masks") is True and "part_masks" in outputs:
-                answer["part_masks"] = outputs["part_masks"]  # [N,h,w,K], for the page
-            return answer
-        return await loop.run_in_executor(self.pool, self.predictions, outputs,
-                                          isinstance(body, dict) and "inputs" in body)
+            for position, embedding in zip(positions, outputs["embedding"]):
+                entries[position]["embedding"] = embedding
+        added = await loop.run_in_executor(self.gallery_pool, self._store_call,
+                                           self.gallery.add, entries)
+        return {"added": added}
+
+    async def _predict(self, body):
+        """`:predict`: TF Serving's answer of the model's outputs."""
+        outputs = await self._embed_request(body, searched=False)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool, self.predictions, outputs, isinstance(body, dict) and "inputs" in body)
+
+    async def _search(self, body):
+        """`:search`: the gallery's nearest entries of each query, with the decisions."""
+        loop = asyncio.get_running_loop()
+        options = self.search_options(body)
+        point = self.operating_point(body, "open_set")
+        outputs = await self._embed_request(body, searched=isinstance(body, dict))
+        results, incomplete = await loop.run_in_executor(
+            self.gallery_pool, lambda: self.gallery.search(outputs["embedding"], report=True,
+                                                           **options))
+        for matches in results:
+            for match in matches:
+                match["file_name"] = match["id"]  # the name of the earlier API
+        answer = {"results": results}
+        if point is not None:
+            answer["in_gallery"] = self.decide(results, point)
+            answer["operating_point"] = point
+        if any(incomplete):  # a filter's bounded fetch ran out before k matches
+            answer["incomplete"] = incomplete
+        if body.get("return_masks") is True and "part_masks" in outputs:
+            answer["part_masks"] = outputs["part_masks"]  # [N,h,w,K], for the page
+        return answer
+
+    async def _embed_request(self, body, searched):
+        """The model's outputs for a request's images, or (a search only) its `embeddings` or
+        the stored embeddings of its `entry_ids`."""
+        loop = asyncio.get_running_loop()
+        if searched and "embeddings" in body:
+            return {"embedding": await loop.run_in_executor(
+                self.pool, self._query_embeddings, body["embeddings"], self.gallery.dimension)}
+        if searched and "entry_ids" in body:
+            return {"embedding": await loop.run_in_executor(
+                self.gallery_pool, self._entry_embeddings, body["entry_ids"])}
+        kind, images = await loop.run_in_executor(self.pool, parse_images, body,
+                                                  self.max_batch, self.max_image_pixels)
+        return await self._embed_batched(kind, images)
 
     async def _verify(self, body):
         """`:verify`: are two images (or embeddings) of the same person?"""
@@ -382,3 +394,9 @@ class Server:
         return {"model_spec": {"name": self.model_name, "signature_name": "",
                                "version": str(self.export.version)},
                 "metadata": self.export.signature_def()}
+
+
+# The POST verbs, each declared here once: the route (`/v1/models/<name>:<verb>`), its metrics
+# label and the error text naming the verbs are derived from this table.
+VERBS = {"predict": Server._predict, "search": Server._search, "verify": Server._verify,
+         "add": Server._add, "remove": Server._remove}
