@@ -159,3 +159,28 @@ def test_two_replicas_mine_over_the_global_batch_as_one_device_does():
                              losses.batch_hard_triplet_loss(labels[4:], features[4:])], 0)
     assert float(tf.reduce_max(tf.abs(global_batch - per_replica))) > 1e-3
 
+
+
+def test_a_new_loss_plugs_into_the_step_and_its_terms_become_metrics():
+    """Issue 40: the step no longer hard-codes PL-Net's keys: a loss returns named per-example
+    terms, each reported under its name; the default is plnet_loss."""
+    rng = np.random.default_rng(0)
+    batch = {"image": tf.constant(rng.uniform(0, 255, (8, 64, 32, 3)), tf.float32),
+             "label": tf.constant([0, 0, 1, 1, 2, 2, 3, 3])}
+    initial = model_lib.PartLossNet(num_parts=3, **TINY)
+    initial.build()
+    weights = initial.get_weights()
+    strategy = tf.distribute.get_strategy()
+
+    def global_only(labels, outputs, gather):
+        loss = losses.identity_loss(labels, outputs["global_logits"])
+        return {"loss": loss, "loss_twice": 2.0 * loss}
+
+    _, (plugged,) = testing.train_steps(strategy, weights, [batch], loss_fn=global_only)
+    assert set(plugged) >= {"loss", "loss_twice", "global_accuracy", "part_accuracies",
+                            "part_fallback", "skipped_steps"}
+    assert "part_loss" not in plugged
+    assert plugged["loss_twice"] == pytest.approx(2 * plugged["loss"], rel=1e-6)
+    _, (default,) = testing.train_steps(strategy, weights, [batch])
+    assert {"global_loss", "part_loss", "part_losses"} <= set(default)
+    assert default["global_loss"] == pytest.approx(plugged["loss"], rel=1e-5)  # same weights

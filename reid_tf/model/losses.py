@@ -106,6 +106,18 @@ def batch_hard_triplet_loss(labels, embeddings, margin=0.3, reference_labels=Non
     return tf.transpose(loss) if parts else loss
 
 
+def training_metrics(labels, outputs):
+    """Per-example figures a training step reports beside its loss terms: `global_accuracy
+    [B]`, `part_accuracies [B,K]` (the classifiers' top-1 hits) and `part_fallback [B]` (whose
+    partition fell back to stripes)."""
+    labels = tf.cast(labels, tf.int64)
+    return {
+        "global_accuracy": tf.equal(tf.argmax(outputs["global_logits"], -1), labels),
+        "part_accuracies": tf.equal(tf.argmax(outputs["part_logits"], -1), labels[:, None]),
+        "part_fallback": outputs["part_fallback"],
+    }
+
+
 def plnet_loss(labels, outputs, part_loss_weight=1.0, label_smoothing=0.0, triplet_weight=0.0,
                triplet_margin=0.3, part_triplet=False, gather=None, triplet_normalize=False,
                part_assignment_weight=0.0):

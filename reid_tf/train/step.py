@@ -8,7 +8,7 @@ from reid_tf.model import losses
 
 
 def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_weight=1.0,
-                    label_smoothing=0.0, jit_compile=False, **loss_options):
+                    label_smoothing=0.0, jit_compile=False, loss_fn=None, **loss_options):
     """Builds `train_step(iterator, num_steps)`: `num_steps` distributed steps in one tf.function.
 
     Returns the metrics averaged over those steps: `loss`, `global_loss`, `part_loss`,
@@ -20,7 +20,10 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
     step counter stays the number of batches consumed (the resume position and the schedule).
     `jit_compile` compiles the replica step with XLA.
 
-    `loss_options` go to `losses.plnet_loss` (the triplet settings, `part_assignment_weight`).
+    `loss_fn(labels, outputs, gather)` returns named per-example terms, `loss` the one
+    minimised; every term is a metric under its name, beside `losses.training_metrics`. Default:
+    `losses.plnet_loss` with `part_loss_weight`, `label_smoothing` and `loss_options` (the
+    triplet settings, `part_assignment_weight`).
     With a `triplet_weight`, the metrics add `triplet_loss` (and `part_triplet_loss` with
     `part_triplet`); with a `part_assignment_weight`, `part_assignment_loss`. The hardest positives and negatives are mined over
     the global batch, not per replica: each replica all-gathers the features and labels of every
@@ -29,6 +32,10 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
     would mine among B/R examples instead, a loss that changes with the number of devices.
     """
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    if loss_fn is None:
+        def loss_fn(labels, outputs, gather):
+            return losses.plnet_loss(labels, outputs, part_loss_weight, label_smoothing,
+                                     gather=gather, **loss_options)
 
     def apply(pairs):
         if not scaled:
@@ -49,8 +56,7 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
         images, labels = batch["image"], batch["label"]
         with tf.GradientTape() as tape:
             outputs = model(images, training=True)
-            terms = losses.plnet_loss(labels, outputs, part_loss_weight, label_smoothing,
-                                      gather=gather, **loss_options)
+            terms = loss_fn(labels, outputs, gather)
             loss = tf.nn.compute_average_loss(terms["loss"], global_batch_size=global_batch_size)
             objective = optimizer.scale_loss(loss) if scaled else loss
         variables = model.trainable_variables
@@ -60,22 +66,8 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
         def batch_mean(values):
             return tf.reduce_sum(tf.cast(values, tf.float32), axis=0) / global_batch_size
 
-        labels = tf.cast(labels, tf.int64)
-        global_hits = tf.equal(tf.argmax(outputs["global_logits"], -1), labels)
-        part_hits = tf.equal(tf.argmax(outputs["part_logits"], -1), labels[:, None])
-        sums = {
-            "loss": batch_mean(terms["loss"]),
-            "global_loss": batch_mean(terms["global_loss"]),
-            "part_loss": batch_mean(terms["part_loss"]),
-            "part_losses": batch_mean(terms["part_losses"]),
-            "global_accuracy": batch_mean(global_hits),
-            "part_accuracies": batch_mean(part_hits),
-            "part_fallback": batch_mean(outputs["part_fallback"]),  # share fallen back to stripes
-        }
-        for name in ("triplet_loss", "part_triplet_loss", "part_assignment_loss"):
-            if name in terms:
-                sums[name] = batch_mean(terms[name])
-        return sums, skipped
+        measured = {**terms, **losses.training_metrics(labels, outputs)}
+        return {name: batch_mean(value) for name, value in measured.items()}, skipped
 
     if jit_compile:
         replica_step = tf.function(replica_step, jit_compile=True)
