@@ -555,10 +555,14 @@ def test_a_validated_run_fits_its_decisions_and_its_export_carries_them_and_its_
     assert [p["far"] for p in results["open_set"]["points"]] == [0.1, 0.01, 0.001]
     assert results["open_set"]["unknown_queries"] > 0 and "open set (test" in log
     export = os.path.join(workdir, "export", "4")
-    assert json.load(open(os.path.join(export, "assets", "calibration.json"))) == fitted
+    # The export's copy names the model it was fitted for (issue 39): the export's weights.
+    stamped = {**fitted, "model_id": runtime.model_id(export)}
+    assert len(stamped["model_id"]) == 16
+    assert json.load(open(os.path.join(export, "assets", "calibration.json"))) == stamped
     card = json.load(open(os.path.join(export, "model_card.json")))
+    assert card["model_id"] == stamped["model_id"]
     assert card["calibration"]["verification"] == fitted["verification"]
     # The end-of-run export's card has the run's evaluation (results.json came first).
     assert card["evaluation"]["rank1"] == results["rank1"]
     assert card["evaluation"]["validation"] == results["validation"]
-    assert runtime.open_runtime(export).calibration == fitted
+    assert runtime.open_runtime(export).calibration == stamped
