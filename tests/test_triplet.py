@@ -161,6 +161,7 @@ def test_two_replicas_mine_over_the_global_batch_as_one_device_does():
 
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_a_new_loss_plugs_into_the_step_and_its_terms_become_metrics():
     """Issue 40: the step no longer hard-codes PL-Net's keys: a loss returns named per-example
     terms, each reported under its name; the default is plnet_loss."""
