@@ -118,6 +118,32 @@ flags.DEFINE_integer("max_metadata_depth", DEFAULT_LIMITS.max_metadata_depth, "D
                      "nesting of an entry's metadata (objects and lists).", lower_bound=1)
 
 
+def access_policy():
+    """The `security.Policy` of the flags: the API key (refused in one line when its file is
+    unusable), allowed hosts and origins; a bind beyond loopback without a key is refused."""
+    from reid_tf.deploy.serving import security
+
+    try:
+        api_key = security.load_api_key(FLAGS.api_key_file)
+    except ValueError as problem:
+        fail(str(problem))
+    refused = security.bind_refusal(FLAGS.host, api_key, FLAGS.allow_unauthenticated)
+    if refused:
+        fail(refused)
+    return security.Policy(tuple(h.lower() for h in FLAGS.allowed_hosts),
+                           tuple(FLAGS.allowed_origins), api_key)
+
+
+def log_requests_to_stdout():
+    """aiohttp's access log, one line per request, on stdout."""
+    import logging
+
+    access = logging.getLogger("aiohttp.access")
+    access.setLevel(logging.INFO)
+    access.addHandler(logging.StreamHandler(sys.stdout))
+    access.propagate = False
+
+
 def operating_far(decisions):
     """The served FAR and the decisions: `--far` as given (ValueError in one line where the
     calibration lacks it or cannot measure it), else `DEFAULT_FAR` or the finest fitted rate
@@ -145,8 +171,6 @@ def operating_far(decisions):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    import logging
-
     from PIL import Image
 
     from reid_tf.deploy import runtime
@@ -165,17 +189,8 @@ def main(argv):
     # Pillow only reads headers here (TensorFlow decodes), and --max_image_pixels is the
     # limit: Pillow's own bomb check would refuse before the size could be reported.
     Image.MAX_IMAGE_PIXELS = None
-    from reid_tf.deploy.serving import security
-
-    try:  # who may call, before any work
-        api_key = security.load_api_key(FLAGS.api_key_file)
-    except ValueError as problem:
-        fail(str(problem))
-    refused = security.bind_refusal(FLAGS.host, api_key, FLAGS.allow_unauthenticated)
-    if refused:
-        fail(refused)
-    policy = security.Policy(tuple(h.lower() for h in FLAGS.allowed_hosts),
-                             tuple(FLAGS.allowed_origins), api_key)
+    policy = access_policy()  # who may call, before any work
+    api_key = policy.api_key
     runtime.enable_memory_growth()
     try:
         export = runtime.open_runtime(FLAGS.export)
@@ -207,10 +222,7 @@ def main(argv):
                     limits=EntryLimits(FLAGS.max_metadata_bytes, FLAGS.max_metadata_depth))
     application = make_app(server, int(FLAGS.max_body_mb * (1 << 20)), FLAGS.timeout_s,
                            ui=not FLAGS.no_ui, policy=policy)
-    access = logging.getLogger("aiohttp.access")  # one line per request, on stdout
-    access.setLevel(logging.INFO)
-    access.addHandler(logging.StreamHandler(sys.stdout))
-    access.propagate = False
+    log_requests_to_stdout()
     try:
         asyncio.run(serve_forever(
             application, FLAGS.host, FLAGS.port, FLAGS.timeout_s, FLAGS.max_connections,
