@@ -79,18 +79,20 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
         metrics["skipped_steps"] = strategy.reduce("MEAN", skipped, axis=None)
         return metrics
 
-    @tf.function
-    def train_step(iterator, num_steps):
-        totals = one_step(iterator)
-        first_bad = tf.where(tf.math.is_finite(totals["loss"]), -1, 0)
-        for offset in tf.range(1, num_steps):
-            metrics = one_step(iterator)
-            first_bad = tf.where((first_bad < 0) & ~tf.math.is_finite(metrics["loss"]),
-                                 offset, first_bad)
-            totals = {name: totals[name] + metrics[name] for name in totals}
-        means = {name: value / tf.cast(num_steps, tf.float32) for name, value in totals.items()
-                 if name != "skipped_steps"}
-        return {**means, "skipped_steps": tf.cast(tf.round(totals["skipped_steps"]), tf.int64),
-                "first_bad_step": first_bad}
+    return tf.function(lambda iterator, num_steps: _steps(one_step, iterator, num_steps))
 
-    return train_step
+
+def _steps(one_step, iterator, num_steps):
+    """`num_steps` calls of `one_step` (traced into one graph): their metrics averaged, the
+    skipped steps summed, and the offset of the first with a non-finite loss (-1 if none)."""
+    totals = one_step(iterator)
+    first_bad = tf.where(tf.math.is_finite(totals["loss"]), -1, 0)
+    for offset in tf.range(1, num_steps):
+        metrics = one_step(iterator)
+        first_bad = tf.where((first_bad < 0) & ~tf.math.is_finite(metrics["loss"]),
+                             offset, first_bad)
+        totals = {name: totals[name] + metrics[name] for name in totals}
+    means = {name: value / tf.cast(num_steps, tf.float32) for name, value in totals.items()
+             if name != "skipped_steps"}
+    return {**means, "skipped_steps": tf.cast(tf.round(totals["skipped_steps"]), tf.int64),
+            "first_bad_step": first_bad}
