@@ -13,19 +13,25 @@ def labelled(ids, cameras):
     return types.SimpleNamespace(person_ids=np.array(ids), camera_ids=np.array(cameras))
 
 
-@pytest.fixture(scope="module")
-def small_set():
-    """12 people, each a direction on the sphere; 2 queries (camera 0 and 1) and 3 gallery
-    images (cameras 0, 1, 1) per person, each a noisy copy of the person's direction."""
-    rng = np.random.default_rng(3)
-    people = rng.normal(size=(12, 16))
+def people_set(count, scale, seed):
+    """`count` people, each a direction on the sphere; 2 queries (camera 0 and 1) and 3 gallery
+    images (cameras 0, 1, 1) per person, each the person's direction plus noise of `scale`."""
+    rng = np.random.default_rng(seed)
+    people = rng.normal(size=(count, 16))
+
     def images(cameras):
-        ids = np.repeat(np.arange(12), len(cameras))
-        cams = np.tile(cameras, 12)
-        return people[ids] + rng.normal(scale=0.9, size=(len(ids), 16)), labelled(ids, cams)
+        ids = np.repeat(np.arange(count), len(cameras))
+        cams = np.tile(cameras, count)
+        return people[ids] + rng.normal(scale=scale, size=(len(ids), 16)), labelled(ids, cams)
+
     query_embeddings, query = images([0, 1])
     gallery_embeddings, gallery = images([0, 1, 1])
     return query_embeddings, query, gallery_embeddings, gallery
+
+
+@pytest.fixture(scope="module")
+def small_set():
+    return people_set(12, scale=0.9, seed=3)
 
 
 def direct_distances(q, g):
@@ -119,18 +125,8 @@ def test_p_same_separates_distances_on_any_scale():
 
 @pytest.fixture(scope="module")
 def large_set():
-    """200 people as in `small_set`: enough validation hits to check p_same on held-out ones."""
-    rng = np.random.default_rng(5)
-    people = rng.normal(size=(200, 16))
-
-    def images(cameras):
-        ids = np.repeat(np.arange(200), len(cameras))
-        cams = np.tile(cameras, 200)
-        return people[ids] + rng.normal(scale=0.7, size=(len(ids), 16)), labelled(ids, cams)
-
-    query_embeddings, query = images([0, 1])
-    gallery_embeddings, gallery = images([0, 1, 1])
-    return query_embeddings, query, gallery_embeddings, gallery
+    """200 people: enough validation hits to check p_same on held-out ones."""
+    return people_set(200, scale=0.7, seed=5)
 
 
 def test_p_same_answers_the_cards_question_and_is_checked_on_held_out_hits(large_set):

@@ -259,7 +259,8 @@ SUPPORT = {"verification": ("impostor_pairs", "impostor pairs"),
            "open_set": ("stranger_queries", "queries")}
 
 
-def _point(calibration, kind, far):
+def fitted_point(calibration, kind, far):
+    """The fitted operating point of `kind` at `far`; ValueError naming the fitted rates."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: expected one of {KINDS}.")
     for point in calibration[kind]:
@@ -299,7 +300,7 @@ def threshold(calibration, kind, far, only_supported=True):
     """The fitted threshold of `kind` ("verification" or "open_set") at `far`. ValueError (one
     line) naming the fitted rates for another, and, with `only_supported`, for a FAR the
     validation set was too small to measure (`is_supported`)."""
-    point = _point(calibration, kind, far)
+    point = fitted_point(calibration, kind, far)
     if only_supported and not is_supported(point):
         key, noun = SUPPORT[kind]
         count = calibration.get("measured_on", {}).get(key)

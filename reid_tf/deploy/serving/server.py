@@ -143,8 +143,7 @@ class Server:
         except ValueError as error:
             raise BadRequest("far", str(error)) from None
         point = {"kind": kind, "far": far, "threshold": threshold}
-        fitted = next(p for p in self.calibration[kind]
-                      if math.isclose(p["far"], far, rel_tol=1e-6))
+        fitted = calibration_lib.fitted_point(self.calibration, kind, far)
         if "far_interval" in fitted:  # how sure: the rate measured on validation, 95 % interval
             point["measured_far"] = fitted["measured_far"]
             point["far_interval"] = fitted["far_interval"]
