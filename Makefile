@@ -45,6 +45,7 @@ test-fast: install-test
 benchmarks: install-test
 	$(BIN)/python benchmarks/part_partition.py
 	REID_TF_SHARED_DIR=$${REID_TF_SHARED_DIR:-../shared} $(BIN)/python benchmarks/input_pipeline.py
+	REID_TF_SHARED_DIR=$${REID_TF_SHARED_DIR:-../shared} $(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/evaluation.py
 	$(BIN)/python benchmarks/extract.py
