@@ -59,10 +59,11 @@ setuptools.setup(
         # reid-extract --runner: extraction as an Apache Beam pipeline (RunInference).
         "beam": ["apache-beam>=2.77"],
         # pytest-xdist: make test runs the suite in 2 processes, a file each; dill: tfds.testing; skimage: chelsea; the deploy formats' parity tests; playwright:
-        # the search page's browser tests (driving the OS's chromium); the Milvus and Beam extras.
+        # the search page's browser tests (driving the OS's chromium); the Milvus and Beam extras;
+        # milvus: a standalone Milvus server (2.3.5) the gallery contract suite also runs on.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "dill", "scikit-image>=0.22", "tf2onnx>=1.17", "onnxruntime>=1.20",
                  "ai-edge-litert>=2.0", "playwright>=1.50", "pymilvus>=2.5", "milvus-lite>=2.5",
-                 "apache-beam>=2.77", "optuna>=4.5", "openvino>=2025.0"],
+                 "milvus>=2.3.5", "apache-beam>=2.77", "optuna>=4.5", "openvino>=2025.0"],
         # experiments/summarize.py --plot; experiments/search.py (the hyper-parameter search).
         "experiments": ["matplotlib>=3.8", "optuna>=4.5"],
     },

@@ -3,21 +3,27 @@
 --size synthetic embeddings of --dim (1280 = PL-Net K=4 x 256, the export's width), clustered as
 ReID galleries are (--identities centres, each entry a centre plus noise), are added to a
 gallery (`--backend`: the SQLite + faiss store with `--index`, Milvus Lite with
-`--milvus_index`, or both, one after the other on the same data) in batches; each trains its
-index itself. Then
+`--milvus_index`, a standalone Milvus server (the `milvus` package's, started here with its data
+in the work folder), or several, one after the other on the same data) in batches; each trains
+its index itself. Then
 --queries held-out queries (new views of gallery identities) and their exact top 10
 (inner product over the same vectors, in blocks) are written next to the database, and a fresh
 process, as a restarted server would, opens the store from its persisted index file (start-up
 time), searches (recall@10 against exact, per-query latency of single-query searches p50/p99)
 and reports its own peak RSS: what a serving process holds, not the generator's arrays.
+`--nprobes` searches again at each of several nprobe values (the recall/latency curve), and
+`--json` appends one line per backend and setting, with the CPU's model and units.
 
     python benchmarks/gallery_scale.py [--size=1000000] [--index=IVF1024,SQ8] [--nprobe=16]
     python benchmarks/gallery_scale.py --backend=both --milvus_index=IVF_SQ8   # side by side
+    python benchmarks/gallery_scale.py --backend=sqlite,milvus_server --nprobes=16,32,48
 
 Reported per backend: ingest rate, build time, recall@10, p50/p99 per query, filtered search,
 peak RSS of the searching process.
 """
 
+import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -40,9 +46,14 @@ flags.DEFINE_integer("nprobe", 16, "IVF lists searched.")
 flags.DEFINE_integer("queries", 1000, "Queries for recall; 200 of them timed one by one.")
 flags.DEFINE_string("workdir", None, "Where the database goes (default: a temporary folder).")
 flags.DEFINE_bool("search_only", False, "Internal: open the store in --workdir and search.")
-flags.DEFINE_enum("backend", "sqlite", ["sqlite", "milvus", "both"], "Gallery backend(s).")
-flags.DEFINE_string("milvus_index", "IVF_SQ8", "Milvus Lite's vector index (with --nlist, "
+BACKENDS = ("sqlite", "milvus", "milvus_server")
+flags.DEFINE_list("backend", ["sqlite"], f"Gallery backends, of {', '.join(BACKENDS)} ('both': "
+                  "sqlite,milvus).")
+flags.DEFINE_string("milvus_index", "IVF_SQ8", "Milvus's vector index (with --nlist, "
                     "--nprobe).")
+flags.DEFINE_list("nprobes", [], "Search again at each of these nprobe values (the curve).")
+flags.DEFINE_string("milvus_uri", None, "Internal: the running Milvus server's URI.")
+flags.DEFINE_string("json", None, "Append one JSON line per backend and nprobe to this file.")
 flags.DEFINE_integer("nlist", 1024, "IVF lists of the Milvus index.")
 
 
@@ -54,9 +65,30 @@ def open_gallery(backend, folder, dim=None, log=print):
                                           persist_every=0, log=log)
     from reid_tf.deploy.gallery import milvus
 
-    return milvus.MilvusGallery(os.path.join(folder, "gallery_milvus.db"), dim,
-                                index=FLAGS.milvus_index, nlist=FLAGS.nlist,
+    uri = FLAGS.milvus_uri if backend == "milvus_server" else os.path.join(
+        folder, "gallery_milvus.db")
+    return milvus.MilvusGallery(uri, dim, index=FLAGS.milvus_index, nlist=FLAGS.nlist,
                                 nprobe=FLAGS.nprobe, log=log)
+
+
+def set_nprobe(store, nprobe):
+    """Searches of `store` from now on probe `nprobe` lists."""
+    if hasattr(store, "search_params"):  # Milvus
+        store.search_params["params"]["nprobe"] = nprobe
+    else:
+        from reid_tf.deploy.gallery import faiss_index
+
+        faiss_index.set_search_parameters(faiss_index.inner_of(store.index), nprobe,
+                                          store.ef_search)
+
+
+def record(**figures):
+    """One JSON line of `figures`, with the machine, to --json."""
+    if FLAGS.json:
+        with open(FLAGS.json, "a") as f:
+            f.write(json.dumps({"cpu": testing.cpu_facts(), "date": time.strftime("%Y-%m-%d"),
+                                "size": FLAGS.size, "dim": FLAGS.dim, "index": FLAGS.index,
+                                "milvus_index": FLAGS.milvus_index, **figures}) + "\n")
 
 
 def embeddings(rng, centres, count):
@@ -84,27 +116,34 @@ def exact_top(gallery_chunks, queries, k=10):
 def search_phase(folder):
     """In a fresh process: open the persisted store, search, report."""
     begin = time.perf_counter()
-    store = open_gallery(FLAGS.backend, folder, log=lambda line: print(line, flush=True))
+    backend = FLAGS.backend[0]
+    store = open_gallery(backend, folder, log=lambda line: print(line, flush=True))
     startup = time.perf_counter() - begin
     assert len(store) == FLAGS.size, len(store)
     data = np.load(os.path.join(folder, "queries.npz"))
     queries, truth = data["queries"], data["truth"]
-    found = store.search(queries, k=10)
-    recall = np.mean([len({int(m["id"]) for m in matches} & set(row.tolist())) / 10
-                      for matches, row in zip(found, truth)])
-    latencies = []
-    for query in queries[:200]:
-        begin = time.perf_counter()
-        store.search(query[None], k=10)
-        latencies.append(time.perf_counter() - begin)
-    p50, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 99])
-    print(f"[{FLAGS.backend}] recall@10 vs exact: {recall:.4f}; search p50 {p50:.2f} ms, p99 {p99:.2f} ms per "
-          f"query (1 query per call, k=10); start-up from the index file {startup:.1f} s; peak "
-          f"RSS of this process {testing.peak_rss_gib():.2f} GiB", flush=True)
-    filtered_phase(store, queries)
+    for nprobe in [int(n) for n in FLAGS.nprobes] or [FLAGS.nprobe]:
+        set_nprobe(store, nprobe)
+        found = store.search(queries, k=10)
+        recall = np.mean([len({int(m["id"]) for m in matches} & set(row.tolist())) / 10
+                          for matches, row in zip(found, truth)])
+        latencies = []
+        for query in queries[:200]:
+            begin = time.perf_counter()
+            store.search(query[None], k=10)
+            latencies.append(time.perf_counter() - begin)
+        p50, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 99])
+        print(f"[{backend}] nprobe {nprobe}: recall@10 vs exact: {recall:.4f}; search p50 "
+              f"{p50:.2f} ms, p99 {p99:.2f} ms per query (1 query per call, k=10); start-up "
+              f"from the index file {startup:.1f} s; peak RSS of this process "
+              f"{testing.peak_rss_gib():.2f} GiB", flush=True)
+        record(backend=backend, nprobe=nprobe, recall_at_10=float(recall), p50_ms=float(p50),
+               p99_ms=float(p99), startup_s=startup, peak_rss_gib=testing.peak_rss_gib())
+    set_nprobe(store, FLAGS.nprobe)
+    filtered_phase(store, queries, backend)
 
 
-def filtered_phase(store, queries):
+def filtered_phase(store, queries, backend):
     """Filtered searches, one query per call, k=10: a time range passing 0.1 % of the entries
     (searched exactly from the database), the same plus a camera excluded, and a range passing
     half (post-filtered from bounded index candidates); p50/p99 and the peak RSS after."""
@@ -124,7 +163,9 @@ def filtered_phase(store, queries):
             short += len(results[0]) < 10
             incomplete += flags_[0]
         p50, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 99])
-        print(f"[{FLAGS.backend}] filtered search ({name}): p50 {p50:.2f} ms, p99 {p99:.2f} ms per query; "
+        record(backend=backend, nprobe=FLAGS.nprobe, filter=name, p50_ms=float(p50),
+               p99_ms=float(p99), short=int(short), incomplete=int(incomplete))
+        print(f"[{backend}] filtered search ({name}): p50 {p50:.2f} ms, p99 {p99:.2f} ms per query; "
               f"{short} of 200 with fewer than 10 matches, {incomplete} flagged incomplete; "
               f"peak RSS {testing.peak_rss_gib():.2f} GiB", flush=True)
 
@@ -153,10 +194,50 @@ def main(argv):
     queries = embeddings(np.random.default_rng(2), centres, FLAGS.queries)
     np.savez(os.path.join(folder, "queries.npz"), queries=queries,
              truth=exact_top(gallery_chunks(), queries))
-    for backend in (("sqlite", "milvus") if FLAGS.backend == "both" else (FLAGS.backend,)):
-        build(backend, folder, gallery_chunks)
+    backends = ["sqlite", "milvus"] if FLAGS.backend == ["both"] else FLAGS.backend
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        raise app.UsageError(f"--backend: {', '.join(sorted(unknown))}; expected some of "
+                             f"{', '.join(BACKENDS)}")
+    for backend in backends:
+        with server(backend, folder):
+            build(backend, folder, gallery_chunks)
     if not FLAGS.workdir:
         shutil.rmtree(folder)  # the database alone is size x dim x 4 bytes
+
+
+@contextlib.contextmanager
+def server(backend, folder):
+    """A Milvus server for the `milvus_server` backend (its data in `folder`), for as long as
+    the backend is built and searched."""
+    if backend != "milvus_server":
+        yield
+        return
+    with testing.milvus_server(os.path.join(folder, "milvus_server")) as uri:
+        FLAGS.milvus_uri = uri
+        print(f"[milvus_server] started at {uri} (milvus {version('milvus')}, pymilvus "
+              f"{version('pymilvus')})", flush=True)
+        yield
+
+
+def version(package):
+    from importlib import metadata
+
+    return metadata.version(package)
+
+
+def seal(store):
+    """Flushes a Milvus collection and waits until its index covers every entry, as on a server
+    that has run a while (a growing segment is searched without the index)."""
+    store.client.flush(store.collection)
+    while True:
+        state = store.client.describe_index(store.collection, "embedding")
+        print(f"  index: {state.get('indexed_rows')} of {state.get('total_rows')} rows indexed "
+              f"({state.get('state')})", flush=True)
+        if state.get("indexed_rows", 0) >= state.get("total_rows", 1) \
+                and state.get("pending_index_rows", 0) == 0:
+            return
+        time.sleep(10)
 
 
 def build(backend, folder, gallery_chunks):
@@ -174,10 +255,13 @@ def build(backend, folder, gallery_chunks):
                                                offset + start_row)])
         print(f"[{backend}] added {offset + len(chunk)} in {time.perf_counter() - start:.0f} s "
               f"(RSS peak {testing.peak_rss_gib():.2f} GiB)", flush=True)
+    if backend != "sqlite":
+        seal(store)
     store.close()  # the SQLite store writes its index file
     build_seconds = time.perf_counter() - start
     files = [os.path.join(folder, name) for name in os.listdir(folder)
-             if name.startswith("gallery_milvus" if backend == "milvus" else "gallery.sqlite")]
+             if name.startswith({"milvus": "gallery_milvus", "sqlite": "gallery.sqlite"}.get(
+                 backend, "milvus_server"))]
     size = sum(os.path.getsize(f) if os.path.isfile(f) else sum(
         os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(f) for n in names)
         for f in files)
@@ -187,7 +271,9 @@ def build(backend, folder, gallery_chunks):
     subprocess.run([sys.executable, __file__, f"--workdir={folder}", "--search_only",
                     f"--backend={backend}", f"--size={FLAGS.size}", f"--index={FLAGS.index}",
                     f"--milvus_index={FLAGS.milvus_index}", f"--nlist={FLAGS.nlist}",
-                    f"--nprobe={FLAGS.nprobe}", f"--dim={FLAGS.dim}"], check=True)
+                    f"--nprobe={FLAGS.nprobe}", f"--dim={FLAGS.dim}",
+                    f"--nprobes={','.join(FLAGS.nprobes)}", f"--milvus_uri={FLAGS.milvus_uri or ''}",
+                    f"--json={FLAGS.json or ''}"], check=True)
 
 
 if __name__ == "__main__":

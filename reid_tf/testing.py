@@ -20,6 +20,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from reid_tf.extras import require
+
 
 # The reduced-precision and vector units a CPU timing depends on (Linux /proc/cpuinfo names).
 CPU_UNITS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
@@ -186,6 +188,28 @@ def serve(export, *flags, log=subprocess.DEVNULL, start_timeout=180):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def milvus_server(base_dir):
+    """A standalone Milvus server (the `milvus` package's, 2.3.5: `pip install milvus`) with its
+    data under `base_dir`, on free loopback ports; yields its `http://127.0.0.1:port` URI and
+    stops it after. MissingPackage when the package is not installed; RuntimeError, with the
+    end of the server's log, when it does not start."""
+    server_package = require("milvus")
+    server = server_package.MilvusServer()
+    server.set_base_dir(str(base_dir))
+    try:
+        try:
+            server.start()
+        except (RuntimeError, TimeoutError, OSError) as problem:
+            log = os.path.join(str(base_dir), "logs", "milvus-stderr.log")
+            tail = open(log, encoding="utf-8", errors="replace").read()[-600:] \
+                if os.path.exists(log) else ""
+            raise RuntimeError(f"the Milvus server did not start ({problem}): {tail}") from None
+        yield f"http://127.0.0.1:{server.listen_port}"
+    finally:
+        server.stop()
 
 
 class JsonClient:

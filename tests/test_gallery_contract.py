@@ -1,12 +1,15 @@
-"""One suite, every gallery backend (`deploy.gallery.contract`): SQLite + faiss, and Milvus
-(Milvus Lite on a local file). Adds, replace by id, removes, filters against exact search,
+"""One suite, every gallery backend (`deploy.gallery.contract`): SQLite + faiss, Milvus Lite on
+a local file, and a standalone Milvus server (the `milvus` package's 2.3.5, started once for the
+module; skipped with the reason when it cannot start). Adds, replace by id, removes, filters against exact search,
 thumbnails, browse, stats, concurrent clients, a resumed seed import."""
 
 import threading
+import uuid
 
 import numpy as np
 import pytest
 
+from reid_tf import testing
 from reid_tf.deploy.gallery import contract
 from reid_tf.deploy.gallery import store as gallery_store
 
@@ -17,22 +20,44 @@ def quiet(line):
     del line
 
 
-def open_backend(kind, path, dimension=DIM, model=None):
+def open_backend(kind, place, dimension=DIM, model=None, ivf=False):
+    """A gallery of `kind` at `place` (a folder, or a server's URI and a collection); `ivf`: an
+    approximate index probing 1 of 16 lists."""
     if kind == "sqlite":
-        return gallery_store.GalleryStore(str(path / "g.sqlite"), dimension, log=quiet,
-                                          model=model)
+        return gallery_store.GalleryStore(str(place / "g.sqlite"), dimension, log=quiet,
+                                          model=model, **({"index": "IVF16,Flat", "nprobe": 1}
+                                                          if ivf else {}))
     pytest.importorskip("pymilvus", reason="pymilvus is not installed (make test installs it)")
     from reid_tf.deploy.gallery import milvus
 
-    return milvus.MilvusGallery(str(path / "g_milvus.db"), dimension, log=quiet, model=model)
+    options = {"index": "IVF_FLAT", "nlist": 16, "nprobe": 1} if ivf else {}
+    if kind == "milvus":
+        return milvus.MilvusGallery(str(place / "g_milvus.db"), dimension, log=quiet,
+                                    model=model, **options)
+    uri, collection = place
+    return milvus.MilvusGallery(uri, dimension, collection=collection, log=quiet, model=model,
+                                **options)
 
 
-@pytest.fixture(params=["sqlite", "milvus"])
+@pytest.fixture(scope="module")
+def server_uri(tmp_path_factory):
+    """A Milvus server for the module, or the test skipped with why it could not start."""
+    try:
+        with testing.milvus_server(tmp_path_factory.mktemp("milvus_server")) as uri:
+            yield uri
+    except (ImportError, RuntimeError) as problem:
+        pytest.skip(f"no Milvus server: {problem}")
+
+
+@pytest.fixture(params=["sqlite", "milvus", "milvus_server"])
 def backend(request, tmp_path):
     opened = []
+    place = tmp_path
+    if request.param == "milvus_server":  # a collection of its own on the module's server
+        place = (request.getfixturevalue("server_uri"), f"t{uuid.uuid4().hex}")
 
     def make(**options):
-        gallery = open_backend(request.param, tmp_path, **options)
+        gallery = open_backend(request.param, place, **options)
         opened.append(gallery)
         return gallery
 
@@ -175,22 +200,14 @@ def test_a_resumed_seed_import_and_the_model_check(backend, tmp_path):
     assert reopened.count() == 25 and reopened.dimension == DIM
 
 
-def test_a_narrow_filter_on_an_approximate_index_still_finds_every_passing_entry(backend,
-                                                                                 tmp_path):
+def test_a_narrow_filter_on_an_approximate_index_still_finds_every_passing_entry(backend):
     """IVF probes a few lists: a filter passing 20 of 5,000 entries must not end short of k."""
-    kind, _ = backend
-    if kind == "sqlite":
-        gallery = gallery_store.GalleryStore(str(tmp_path / "ivf.sqlite"), DIM,
-                                             index="IVF16,Flat", nprobe=1, log=quiet)
-    else:
-        from reid_tf.deploy.gallery import milvus
-
-        gallery = milvus.MilvusGallery(str(tmp_path / "ivf_milvus.db"), DIM, index="IVF_FLAT",
-                                       nlist=16, nprobe=1, log=quiet)
+    kind, make = backend
+    gallery = make(ivf=True)
     data = vectors(5000, seed=4)
     gallery.add(entries(data))
     queries = data[:2]  # their own lists hold few of the entries the filter passes
-    if kind == "milvus":  # sealed segments are searched through the index: the hard case
+    if kind != "sqlite":  # sealed segments are searched through the index: the hard case
         gallery.client.flush(gallery.collection)
     results, incomplete = gallery.search(queries, k=10, time_range=[500, 519], report=True)
     assert not any(incomplete)
@@ -237,3 +254,29 @@ def test_hostile_ids_are_plain_ids_on_every_backend(backend):
     assert gallery.get("e0") is not None and gallery.get("e1") is not None
     page, total = gallery.browse(0, 10)
     assert total == 2 and sorted(e["id"] for e in page) == ["e0", "e1"]
+
+
+def test_a_collection_of_nullable_fields_written_before_still_reads(tmp_path, monkeypatch):
+    """Milvus Lite galleries written before the flagged schema (nullable fields) open as they
+    are: absent values, filters, stats and new adds."""
+    pytest.importorskip("pymilvus", reason="pymilvus is not installed (make test installs it)")
+    from reid_tf.deploy.gallery import milvus
+
+    data = vectors(6, seed=6)
+    with monkeypatch.context() as patch:  # the schema reid-tf wrote before
+        patch.setattr(milvus, "FlaggedColumns", milvus.NullableColumns)
+        old = open_backend("milvus", tmp_path)
+        old.add(entries(data[:3]) + [{"id": "bare", "embedding": data[3]}])
+        old.close()
+    gallery = open_backend("milvus", tmp_path)
+    assert isinstance(gallery.columns, milvus.NullableColumns)
+    gallery.add([{"id": "new", "embedding": data[4], "camera_id": 1, "thumbnail": b"jpg"}])
+    bare = gallery.get("bare")
+    assert (bare["camera_id"], bare["timestamp"], bare["metadata"]) == (None, None, None)
+    assert gallery.get("e1")["metadata"] == {"n": 1} and gallery.thumbnail("new") == b"jpg"
+    kept = gallery.search(data[4], k=10, exclude_camera=1)[0]
+    assert sorted(m["id"] for m in kept) == ["bare", "e0", "e2"]  # cameras None, 0, 2
+    assert [m["id"] for m in gallery.search(data[0], k=10, time_range=[0, 1])[0]] == ["e0", "e1"]
+    stats = gallery.stats()
+    assert stats["size"] == 5 and stats["thumbnails"] == 1 and stats["time_span"] == [0.0, 2.0]
+    gallery.close()

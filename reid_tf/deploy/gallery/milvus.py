@@ -6,10 +6,14 @@
 
 One collection holds every entry: `id` (the primary key, VARCHAR), `embedding` (FLOAT_VECTOR,
 L2-normalised; inner-product metric, so distance = 1 - score), and scalar fields `person_id`,
-`camera_id` (INT64), `timestamp` (DOUBLE), `metadata` (JSON), each nullable, `thumbnail`
-(VARCHAR: the JPEG in base64, since a VARCHAR holds at most 65,535 bytes: thumbnails up to
-`MAX_THUMBNAIL_BYTES`, a 128-pixel-high JPEG is 2-8 KB), `has_thumbnail` (BOOL, what a search
-returns instead of the bytes) and `added` (INT64 nanoseconds, the order of `browse`). The
+`camera_id` (INT64), `timestamp` (DOUBLE), `metadata` (JSON), `thumbnail` (VARCHAR: the JPEG in
+base64, since a VARCHAR holds at most 65,535 bytes: thumbnails up to `MAX_THUMBNAIL_BYTES`, a
+128-pixel-high JPEG is 2-8 KB) and `added` (INT64 nanoseconds, the order of `browse`). An absent
+value is a BOOL beside its field (`has_camera_id`, ..., `has_thumbnail`, what a search returns
+instead of the bytes), not a null: Milvus servers before 2.5 (the `milvus` package's standalone
+server is 2.3.5) have no nullable fields, and this one schema works on all of them and on Milvus
+Lite (`FlaggedColumns`). Collections written by reid-tf before it used nullable fields
+(`NullableColumns`); they are still read and written as they are. The
 filters of a search are pushed down as a Milvus boolean expression on the scalar fields, never
 applied afterwards in Python. An approximate index (IVF, HNSW) searches only part of the
 collection, so a filter passing few entries can leave a query short of k: then the passing
@@ -35,7 +39,6 @@ import time
 
 import numpy as np
 
-from reid_tf.deploy.gallery.contract import FIELDS
 from reid_tf.deploy.gallery.contract import Gallery
 from reid_tf.deploy.gallery.contract import GalleryError
 from reid_tf.deploy.gallery.contract import GalleryUnavailable
@@ -48,7 +51,6 @@ from reid_tf.model.descriptors import unit_rows
 
 MAX_THUMBNAIL_BYTES = 48 << 10  # its base64 fits a VARCHAR (65,535 bytes)
 INDEXES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW")
-SCALARS = ("person_id", "camera_id", "timestamp", "metadata", "has_thumbnail")
 EXACT_FILTER_LIMIT = 4096  # a short filtered query passing at most this many is searched exactly
 
 
@@ -63,20 +65,98 @@ def index_parameters(index, nlist=128, hnsw_m=32):
     return index, {}
 
 
-def filter_expression(exclude_camera=None, time_range=None):
-    """The Milvus boolean expression of the search filters (numbers only: nothing a client sends
-    is pasted in as text), or "" for none; the same test as the SQLite store's."""
-    clauses = []
-    if exclude_camera is not None:
-        clauses.append(f"(camera_id is null or camera_id != {int(exclude_camera)})")
-    if time_range is not None:
-        start, end = time_range
-        clauses.append("timestamp is not null")
-        if start is not None:
-            clauses.append(f"timestamp >= {float(start)!r}")
-        if end is not None:
-            clauses.append(f"timestamp <= {float(end)!r}")
-    return " and ".join(clauses)
+class FlaggedColumns:
+    """The scalar fields with an absent value flagged by a BOOL beside it (`has_<field>`):
+    nothing nullable, so every Milvus server from 2.3 reads it. What a row holds, how an entry
+    becomes a row and back, and the filters as an expression on these fields."""
+
+    OPTIONAL = ("person_id", "camera_id", "timestamp", "metadata")
+    EMPTY = {"person_id": 0, "camera_id": 0, "timestamp": 0.0, "metadata": {}}
+
+    @property
+    def scalars(self):
+        """What a search, get or browse reads back: every scalar but the thumbnail's bytes."""
+        return (*self.fields_of(*self.OPTIONAL), "has_thumbnail")
+
+    def fields_of(self, *names):
+        """The fields that hold `names`' values: each with its flag."""
+        return (*names, *(f"has_{name}" for name in names))
+
+    def add_fields(self, schema, types):
+        kinds = {"person_id": types.INT64, "camera_id": types.INT64,
+                 "timestamp": types.DOUBLE, "metadata": types.JSON}
+        for name in self.OPTIONAL:
+            schema.add_field(name, kinds[name])
+            schema.add_field(f"has_{name}", types.BOOL)
+        schema.add_field("thumbnail", types.VARCHAR, max_length=65535)
+        schema.add_field("has_thumbnail", types.BOOL)
+
+    def row(self, entry):
+        row = {}
+        for name in self.OPTIONAL:
+            present = entry[name] is not None
+            row[name], row[f"has_{name}"] = entry[name] if present else self.EMPTY[name], present
+        row["thumbnail"] = _base64(entry["thumbnail"]) or ""
+        row["has_thumbnail"] = entry["thumbnail"] is not None
+        return row
+
+    def value(self, row, name):
+        return row.get(name) if row.get(f"has_{name}") else None
+
+    def is_null(self, name):
+        return f"has_{name} == false"
+
+    def not_null(self, name):
+        return f"has_{name} == true"
+
+    def filter(self, exclude_camera=None, time_range=None):
+        """The Milvus boolean expression of the search filters (numbers only: nothing a client
+        sends is pasted in as text), or "" for none; the same test as the SQLite store's."""
+        clauses = []
+        if exclude_camera is not None:
+            clauses.append(f"({self.is_null('camera_id')} or camera_id != {int(exclude_camera)})")
+        if time_range is not None:
+            start, end = time_range
+            clauses.append(self.not_null("timestamp"))
+            if start is not None:
+                clauses.append(f"timestamp >= {float(start)!r}")
+            if end is not None:
+                clauses.append(f"timestamp <= {float(end)!r}")
+        return " and ".join(clauses)
+
+
+class NullableColumns(FlaggedColumns):
+    """The scalar fields of collections written before `FlaggedColumns`: each nullable (Milvus
+    2.5 and later, and Milvus Lite), with `has_thumbnail` the only flag."""
+
+    def fields_of(self, *names):
+        return names
+
+    def add_fields(self, schema, types):
+        schema.add_field("person_id", types.INT64, nullable=True)
+        schema.add_field("camera_id", types.INT64, nullable=True)
+        schema.add_field("timestamp", types.DOUBLE, nullable=True)
+        schema.add_field("metadata", types.JSON, nullable=True)
+        schema.add_field("thumbnail", types.VARCHAR, max_length=65535, nullable=True)
+        schema.add_field("has_thumbnail", types.BOOL)
+
+    def row(self, entry):
+        return {**{name: entry[name] for name in self.OPTIONAL},
+                "thumbnail": _base64(entry["thumbnail"]),
+                "has_thumbnail": entry["thumbnail"] is not None}
+
+    def value(self, row, name):
+        return row.get(name)
+
+    def is_null(self, name):
+        return f"{name} is null"
+
+    def not_null(self, name):
+        return f"{name} is not null"
+
+
+def _base64(data):
+    return None if data is None else base64.b64encode(data).decode()
 
 
 # Escapes inside a double-quoted literal of Milvus's expression grammar: everything else stands
@@ -128,6 +208,7 @@ class MilvusGallery(Gallery):
         self.index_spec = index
         self.search_params = {"metric_type": "IP", "params": {"nprobe": nprobe, "ef": ef_search}}
         self._lock = threading.Lock()  # one writer at a time keeps replace-by-id ordered
+        self._level = "Session"  # `_read`
         self._exception = pymilvus.exceptions.MilvusException
         self.local = not uri.startswith(("http://", "https://", "tcp://", "unix:"))
         if self.local:
@@ -156,10 +237,12 @@ class MilvusGallery(Gallery):
                 raise ValueError(f"{uri} ({collection}): holds embeddings of {stored}, not "
                                  f"{dimension}.")
             self.dimension = stored
+            self.columns = FlaggedColumns() if "has_camera_id" in fields else NullableColumns()
         else:
             if dimension is None:
                 raise ValueError(f"{uri}: an empty gallery needs its embedding dimension.")
             self.dimension = dimension
+            self.columns = FlaggedColumns()
             self._create(index, nlist)
         self.client.load_collection(collection)
         self.client.load_collection(self.meta_collection)
@@ -172,12 +255,7 @@ class MilvusGallery(Gallery):
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", types.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
         schema.add_field("embedding", types.FLOAT_VECTOR, dim=self.dimension)
-        schema.add_field("person_id", types.INT64, nullable=True)
-        schema.add_field("camera_id", types.INT64, nullable=True)
-        schema.add_field("timestamp", types.DOUBLE, nullable=True)
-        schema.add_field("metadata", types.JSON, nullable=True)
-        schema.add_field("thumbnail", types.VARCHAR, max_length=65535, nullable=True)
-        schema.add_field("has_thumbnail", types.BOOL)
+        self.columns.add_fields(schema, types)
         schema.add_field("added", types.INT64)
         index_type, params = index_parameters(index, nlist)
         indexes = self.client.prepare_index_params()
@@ -193,6 +271,14 @@ class MilvusGallery(Gallery):
         self.client.create_collection(self.meta_collection, schema=meta, index_params=meta_index,
                                       consistency_level="Strong")
 
+    def _read(self):
+        """Every read sees this process's acknowledged writes. Session consistency waits for the
+        server to have applied this process's last upsert, where Strong waits for its newest
+        time tick (a server's proxy ticks every 200 ms: each Strong read took about 200 ms).
+        A Milvus 2.3 server returns no time for a delete by filter, so after a delete the reads
+        are Strong until the next upsert."""
+        return {"consistency_level": self._level}
+
     def _meta(self, key):
         found = self._by_key(self.meta_collection, "key", [key], ["value"])
         return found[0]["value"] if found else None
@@ -201,7 +287,7 @@ class MilvusGallery(Gallery):
         """The rows of `collection` whose primary key `field` is one of `values` (never
         pymilvus's `get`, which pastes the keys in unescaped)."""
         return self.client.query(collection, filter=in_expression(field, values),
-                                 output_fields=output_fields) if values else []
+                                 output_fields=output_fields, **self._read()) if values else []
 
     def _set_meta(self, values):
         self.client.upsert(self.meta_collection, [
@@ -231,14 +317,11 @@ class MilvusGallery(Gallery):
                 raise GalleryError(f"entries[{i}].thumbnail", f"{len(thumbnail)} bytes; the "
                                    f"Milvus gallery keeps at most {MAX_THUMBNAIL_BYTES}.")
             rows.append({"id": entry["id"], "embedding": entry["embedding"].tolist(),
-                         "person_id": entry["person_id"], "camera_id": entry["camera_id"],
-                         "timestamp": entry["timestamp"], "metadata": entry["metadata"],
-                         "thumbnail": None if thumbnail is None
-                         else base64.b64encode(thumbnail).decode(),
-                         "has_thumbnail": thumbnail is not None, "added": now + i})
+                         **self.columns.row(entry), "added": now + i})
         with self._lock:
             if rows:
                 self.client.upsert(self.collection, rows)
+                self._level = "Session"
             if meta:
                 self._set_meta(meta)
         return len(rows)
@@ -254,6 +337,7 @@ class MilvusGallery(Gallery):
                                                           ["id"])]
             if existing:
                 self.client.delete(self.collection, filter=in_expression("id", existing))
+                self._level = "Strong"
         return len(existing)
 
     @_milvus_call
@@ -265,8 +349,8 @@ class MilvusGallery(Gallery):
 
     @_milvus_call
     def count(self):
-        return int(self.client.query(self.collection, filter="",
-                                     output_fields=["count(*)"])[0]["count(*)"])
+        return int(self.client.query(self.collection, filter="", output_fields=["count(*)"],
+                                     **self._read())[0]["count(*)"])
 
     @_milvus_call
     def search(self, queries, k=10, exclude_camera=None, time_range=None, report=False):
@@ -276,17 +360,17 @@ class MilvusGallery(Gallery):
         queries = unit_rows(np.atleast_2d(np.asarray(queries, np.float32)))
         if queries.shape[1] != self.dimension:
             raise GalleryError("queries", f"width {queries.shape[1]}, gallery {self.dimension}.")
-        expression = filter_expression(exclude_camera, no_filter(time_range))
+        expression = self.columns.filter(exclude_camera, no_filter(time_range))
         hits = self.client.search(
             self.collection, data=queries.tolist(), limit=k, filter=expression,
-            output_fields=list(SCALARS), search_params=self.search_params)
-        results = [[_entry({"id": hit["id"], **hit["entity"]}, 1.0 - hit["distance"])
+            output_fields=list(self.columns.scalars), search_params=self.search_params, **self._read())
+        results = [[self._entry({"id": hit["id"], **hit["entity"]}, 1.0 - hit["distance"])
                     for hit in matches] for matches in hits]
         incomplete = [False] * len(results)
         short = [q for q, matches in enumerate(results) if len(matches) < k]
         if short:
             passing = int(self.client.query(self.collection, filter=expression,
-                                            output_fields=["count(*)"])[0]["count(*)"])
+                                            output_fields=["count(*)"], **self._read())[0]["count(*)"])
             if passing <= EXACT_FILTER_LIMIT:
                 for q, matches in zip(short, self._exact(queries[short], k, expression)):
                     results[q] = matches
@@ -297,25 +381,27 @@ class MilvusGallery(Gallery):
 
     def _exact(self, queries, k, expression):
         """Exact top-k among the (few) entries passing `expression`."""
-        rows = list(self._scan(["id", "embedding", *SCALARS], expression))
+        rows = self.client.query(self.collection, filter=expression, limit=EXACT_FILTER_LIMIT,
+                                 output_fields=["id", "embedding", *self.columns.scalars],
+                                 **self._read())  # one call: an iterator took 600 ms a query
         if not rows:
             return [[] for _ in queries]
         similarity = queries @ np.asarray([row["embedding"] for row in rows], np.float32).T
         order = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
-        return [[_entry(rows[i], 1.0 - similarity[q, i]) for i in order[q]]
+        return [[self._entry(rows[i], 1.0 - similarity[q, i]) for i in order[q]]
                 for q in range(len(queries))]
 
     @_milvus_call
     def get(self, entry_id):
-        found = self._by_key(self.collection, "id", [entry_id], ["id", "embedding", *SCALARS])
+        found = self._by_key(self.collection, "id", [entry_id], ["id", "embedding", *self.columns.scalars])
         if not found:
             return None
-        return {**_entry(found[0]), "embedding": np.asarray(found[0]["embedding"], np.float32)}
+        return {**self._entry(found[0]), "embedding": np.asarray(found[0]["embedding"], np.float32)}
 
     @_milvus_call
     def thumbnail(self, entry_id):
         found = self._by_key(self.collection, "id", [entry_id], ["thumbnail"])
-        if not found or found[0].get("thumbnail") is None:
+        if not found or not found[0].get("thumbnail"):
             return None
         return base64.b64decode(found[0]["thumbnail"])
 
@@ -323,7 +409,7 @@ class MilvusGallery(Gallery):
         """The `fields` of every entry passing `expression` (a query iterator: what browse,
         stats and the exact fallback read)."""
         iterator = self.client.query_iterator(self.collection, batch_size=batch,
-                                              filter=expression, output_fields=fields)
+                                              filter=expression, output_fields=fields, **self._read())
         try:
             while True:
                 rows = iterator.next()
@@ -341,19 +427,21 @@ class MilvusGallery(Gallery):
                        reverse=True)
         chosen = [entry_id for _, entry_id in order[offset:offset + limit]]
         found = {row["id"]: row for row in self._by_key(self.collection, "id", chosen,
-                                                        ["id", *SCALARS])}
-        return [_entry(found[i]) for i in chosen if i in found], len(order)
+                                                        ["id", *self.columns.scalars])}
+        return [self._entry(found[i]) for i in chosen if i in found], len(order)
 
     @_milvus_call
     def stats(self):
         """Size, entries per camera, time span, thumbnails, index; reads every entry's scalars
         (as `browse`)."""
         cameras, thumbnails, first, last, size = {}, 0, None, None, 0
-        for row in self._scan(["camera_id", "timestamp", "has_thumbnail"]):
+        for row in self._scan([*self.columns.fields_of("camera_id", "timestamp"),
+                               "has_thumbnail"]):
             size += 1
-            cameras[row["camera_id"]] = cameras.get(row["camera_id"], 0) + 1
+            camera = self.columns.value(row, "camera_id")
+            cameras[camera] = cameras.get(camera, 0) + 1
             thumbnails += bool(row["has_thumbnail"])
-            t = row["timestamp"]
+            t = self.columns.value(row, "timestamp")
             if t is not None:
                 first, last = (t, t) if first is None else (min(first, t), max(last, t))
         return {"size": size, "dimension": self.dimension,
@@ -373,10 +461,10 @@ class MilvusGallery(Gallery):
 
             server_manager_instance.release_server(self.uri)
 
-
-def _entry(row, distance=None):
-    entry = {name: row.get(name) for name in FIELDS if name != "thumbnail"}
-    entry["thumbnail"] = bool(row.get("has_thumbnail"))
-    if distance is not None:
-        entry["distance"] = float(distance)
-    return entry
+    def _entry(self, row, distance=None):
+        entry = {"id": row.get("id"),
+                 **{name: self.columns.value(row, name) for name in self.columns.OPTIONAL}}
+        entry["thumbnail"] = bool(row.get("has_thumbnail"))
+        if distance is not None:
+            entry["distance"] = float(distance)
+        return entry
