@@ -119,8 +119,8 @@ def measure(path, workdir):
     figures["p99_ms"] = 1e3 * float(np.percentile(times, 99))
     figures["batch32_per_s"] = best_rate(export.predict_images, batch)
     if FLAGS.accuracy:
-        config = workdir_lib.read_json(workdir, "config.json")
-        splits = splits_lib.load_splits(config["dataset"], data_dir=config.get("data_dir"),
+        config = workdir_lib.read_config(workdir)
+        splits = splits_lib.load_splits(config.dataset, data_dir=config.data_dir,
                                         splits=("query", "gallery"), log=lambda line: None)
         results = evaluator.evaluate_runtime(export, splits["query"], splits["gallery"])
         figures.update(rank1=results["rank1"], mAP=results["mAP"])
@@ -162,8 +162,8 @@ def profile():
     from reid_tf.train import workdir as workdir_lib
 
     model, _ = workdir_lib.load_trained_model(FLAGS.workdir, log=lambda line: None)
-    calibration = workdir_lib.training_images(workdir_lib.read_json(
-        FLAGS.workdir, "config.json"), model.image_size, 100, log=lambda line: None)
+    calibration = workdir_lib.training_images(workdir_lib.read_config(FLAGS.workdir),
+                                              model.image_size, 100, log=lambda line: None)
     batch = np.random.default_rng(0).integers(0, 256, (BATCH, *model.image_size, 3), np.uint8)
     spec = [tf.TensorSpec([None, *model.image_size, 3], tf.uint8, name="images")]
     stages = {

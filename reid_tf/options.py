@@ -3,7 +3,8 @@
 A config is a dataclass whose fields are `Option(...).field()`; its command-line flags
 (`define_flags`), the config built from them (`from_flags`), the checks of values
 (`check`) and the resume check (`resume_options`) are all derived from those declarations, so a
-flag without a field, or a field without a flag, cannot exist. Options that several tools
+flag without a field, or a field without a flag, cannot exist; `read` turns a saved config
+(config.json) back into its typed config. Options that several tools
 share (`EXPORT`, `DATASET`, `DATA_DIR`, `MANUAL_DIR`, `SKIP_CORRUPT`, `IMAGE_HEIGHT`, `IMAGE_WIDTH`,
 `BATCH_SIZE`) are declared here once and defined by each tool with `define`.
 """
@@ -106,6 +107,24 @@ def check(config):
             expected = ("a positive integer" if option.minimum == 1 and isinstance(given, int)
                         else f"a value >= {option.minimum}")
             raise ValueError(f"--{name}={given}: expected {expected}.")
+
+
+def read(config_class, saved):
+    """The config of `config_class` from a saved mapping (a config.json), typed as declared:
+    lists become tuples of their item type, ints stored for floats become floats. An option the
+    file lacks (written before the option existed) takes its default; a key the class no longer
+    declares is left out."""
+    values = {}
+    for name, kind, option in declared(config_class):
+        if name not in saved:
+            continue
+        raw = saved[name]
+        if kind is tuple:
+            raw = tuple(option.item(item) for item in (raw or ()))
+        elif kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+            raw = float(raw)
+        values[name] = raw
+    return config_class(**values)
 
 
 def resume_options(config_class):

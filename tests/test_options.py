@@ -116,3 +116,32 @@ def test_an_option_that_changes_the_checkpoint_is_a_resume_option(tmp_path):
             assert option.resume, f"--{name} changes the checkpoint but may change on resume"
     assert {"mixed_precision", "embedding_dim", "num_parts", "backbone"} <= set(changes)
     assert "backbone_lr_multiplier" not in changes  # one optimizer: a factor, no new variables
+
+
+def test_a_saved_config_reads_back_typed_and_an_old_one_still_reads(tmp_path):
+    config = dataclasses.replace(TrainConfig(), lr_decay_steps=(10, 20), learning_rate=0.02,
+                                 also_evaluate_on=("cuhk03/detected",))
+    workdir_lib.record(str(tmp_path), config)
+    assert workdir_lib.read_config(str(tmp_path)) == config  # lists back to typed tuples
+    old = {"dataset": "market1501", "num_parts": 6, "learning_rate": 1, "lr_decay_steps": [5],
+           "retired_option": 3}  # before most options existed, and one since removed
+    read = options.read(TrainConfig, old)
+    assert (read.dataset, read.num_parts, read.lr_decay_steps) == ("market1501", 6, (5,))
+    assert read.learning_rate == 1.0 and isinstance(read.learning_rate, float)
+    assert read.part_strategy == TrainConfig().part_strategy  # absent: its default
+
+
+def test_reid_eval_declares_each_option_once():
+    from reid_tf.cli import eval as eval_cli
+    from reid_tf.evaluate import evaluator
+
+    names = {flag.name for flag in flags.FLAGS.get_flags_for_module("reid_tf.cli.eval")}
+    assert names == {name for name, _, _ in options.declared(eval_cli.EvalConfig)}
+    assert {name for name, _, _ in options.declared(evaluator.Scoring)} < names
+    values = flags.FlagValues()
+    options.define_flags(eval_cli.EvalConfig, values)
+    values(["reid-eval", "--export=x/1", "--fars=0.5,0.05", "--k2=3", "--rerank"])
+    config = options.from_flags(eval_cli.EvalConfig, values)
+    assert config.fars == (0.5, 0.05) and config.k2 == 3 and config.rerank
+    with pytest.raises(ValueError, match="--batch_size=0"):
+        options.check(dataclasses.replace(config, batch_size=0))

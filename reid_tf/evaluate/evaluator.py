@@ -2,8 +2,11 @@
 how consistent the parts are; and the scoring options of reid-eval (re-ranking, CUHK03's
 single-gallery-shot CMC, the AP definition)."""
 
+import dataclasses
+
 import numpy as np
 
+from reid_tf.data import splits as splits_lib
 from reid_tf.evaluate import calibration
 from reid_tf.evaluate import contract
 from reid_tf.evaluate import metrics as metrics_lib
@@ -11,6 +14,7 @@ from reid_tf.evaluate import reranking
 from reid_tf.evaluate.extract import extract
 from reid_tf.model import descriptors
 from reid_tf.model import parts
+from reid_tf.options import Option
 
 
 def labels_of(query, gallery):
@@ -50,11 +54,31 @@ def evaluate_runtime(runtime, query, gallery, batch_size=64):
     return result
 
 
-def score(query_features, gallery_features, query, gallery, metric="cosine", rerank=False,
-          k1=20, k2=6, lambda_value=0.3, rerank_dense_max_gallery=20000,
-          single_gallery_shot=False, average_precision="noninterpolated", keep_distances=False,
-          log=print):
-    """reid-eval's metrics of features: `(metrics, distances)`.
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """How features are scored (reid-eval's scoring options, each declared once)."""
+
+    metric: str = Option("cosine", "Distance.",
+                         choices=("cosine", "euclidean", "sqeuclidean")).field()
+    rerank: bool = Option(False, "k-reciprocal re-ranking (Zhong et al. 2017).").field()
+    rerank_dense_max_gallery: int = Option(
+        20000, "Above this gallery size (cosine), --rerank works from the features chunk by "
+        "chunk instead of dense gallery x gallery distances.", minimum=0).field()
+    k1: int = Option(20, "Re-ranking k1.").field()
+    k2: int = Option(6, "Re-ranking k2.").field()
+    lambda_value: float = Option(0.3, "Re-ranking lambda.").field()
+    average_precision: str = Option(
+        "noninterpolated", "AP definition (trapezoid: the official Market-1501 code).",
+        choices=("noninterpolated", "trapezoid")).field()
+    single_gallery_shot: bool = Option(
+        False, "CUHK03's classic CMC: one random gallery image per identity, 10 repeats (mAP "
+        "unchanged).").field()
+
+
+def score(query_features, gallery_features, query, gallery, scoring=Scoring(),
+          keep_distances=False, log=print):
+    """reid-eval's metrics of features: `(metrics, distances)`; `scoring`: a `Scoring` (or any
+    config with its fields).
 
     Re-ranking of a gallery larger than `rerank_dense_max_gallery` (cosine) works from the
     features chunk by chunk (the dense path holds gallery x gallery distances: 27 GB at
@@ -62,23 +86,50 @@ def score(query_features, gallery_features, query, gallery, metric="cosine", rer
     pictures need the distances).
     """
     labels = labels_of(query, gallery)
-    streamed = (rerank and metric == "cosine" and not single_gallery_shot
-                and not keep_distances and len(gallery) > rerank_dense_max_gallery)
+    s = scoring
+    rerank = (s.k1, s.k2, s.lambda_value)
+    streamed = (s.rerank and s.metric == "cosine" and not s.single_gallery_shot
+                and not keep_distances and len(gallery) > s.rerank_dense_max_gallery)
     if streamed:
         log(f"re-ranking {len(query)} x {len(gallery)} from the features, chunk by chunk")
-        chunks = reranking.re_rank_features(query_features, gallery_features, k1, k2,
-                                            lambda_value)
+        chunks = reranking.re_rank_features(query_features, gallery_features, *rerank)
         return metrics_lib.evaluate_chunked(chunks, *labels,
-                                            average_precision=average_precision), None
-    distances = metrics_lib.pairwise_distances(query_features, gallery_features, metric)
-    if rerank:
+                                            average_precision=s.average_precision), None
+    distances = metrics_lib.pairwise_distances(query_features, gallery_features, s.metric)
+    if s.rerank:
         distances = reranking.re_rank(
-            distances, metrics_lib.pairwise_distances(query_features, query_features, metric),
-            metrics_lib.pairwise_distances(gallery_features, gallery_features, metric),
-            k1, k2, lambda_value)
-    if single_gallery_shot:
+            distances, metrics_lib.pairwise_distances(query_features, query_features, s.metric),
+            metrics_lib.pairwise_distances(gallery_features, gallery_features, s.metric),
+            *rerank)
+    if s.single_gallery_shot:
         return metrics_lib.evaluate_single_gallery_shot(distances, *labels), distances
-    return metrics_lib.evaluate(distances, *labels, average_precision=average_precision), distances
+    return (metrics_lib.evaluate(distances, *labels, average_precision=s.average_precision),
+            distances)
+
+
+def results_record(metrics, **about):
+    """results.json of an evaluation: `about` (what was evaluated, how) and the metrics."""
+    cmc = metrics["cmc"]
+    return {**about, "rank1": metrics["rank1"], "rank5": float(cmc[4]),
+            "rank10": float(cmc[9]), "rank20": float(cmc[19]), "mAP": metrics["mAP"],
+            "mINP": metrics["mINP"], "cmc": cmc.tolist(), "num_queries": metrics["num_valid"],
+            "skipped_queries": metrics["num_skipped"]}
+
+
+def calibration_splits(dataset, labelled=None, validation_identities=0.0, validation_seed=0,
+                       **reading):
+    """`(query, gallery, measured_on)`: what a calibration is fitted on. `labelled`: a labelled
+    dataset's query/gallery; else `validation_identities` of `dataset`'s training split, carved
+    as reid-train carves them (`validation_seed`). `reading`: `splits.load_splits`'s data_dir,
+    manual_dir, skip_corrupt."""
+    if labelled:
+        data = splits_lib.load_splits(labelled, splits=("query", "gallery"), **reading)
+        return data["query"], data["gallery"], {"dataset": labelled, "split": "query/gallery"}
+    data = splits_lib.load_splits(dataset, validation_identities=validation_identities,
+                                  validation_seed=validation_seed, splits=("train",), **reading)
+    return data["val_query"], data["val_gallery"], {
+        "dataset": dataset, "split": "validation identities",
+        "validation_identities": validation_identities}
 
 
 def calibrate(runtime, query, gallery, fars=calibration.FARS, batch_size=64, measured_on=None,

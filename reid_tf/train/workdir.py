@@ -20,6 +20,7 @@ from reid_tf import options
 from reid_tf.files import check_can_create
 from reid_tf.files import check_free_space
 from reid_tf.files import write_atomically
+from reid_tf.train.config import TrainConfig
 
 CHECKPOINT_PATTERN = re.compile(r"ckpt-(\d+)$")
 
@@ -74,6 +75,12 @@ def read_json(workdir, name):
             return json.load(f)
     except ValueError as error:
         raise ValueError(f"{path}: not valid JSON ({error}).") from None
+
+
+def read_config(workdir):
+    """The run's `TrainConfig`, typed, from its config.json (`options.read`: files written
+    before an option existed still read, the option at its default)."""
+    return options.read(TrainConfig, read_json(workdir, "config.json"))
 
 
 def checkpoint_step(checkpoint_path):
@@ -221,7 +228,7 @@ def export_latest(workdir, export_dir=None, version=None, files=(), calibration_
     if files:
         needs = (calibration_images if any(formats.FILES[name][1] == "int8" for name in files)
                  else 0)
-        images = training_images(card["training"]["config"], model.image_size,
+        images = training_images(read_config(workdir), model.image_size,
                                  needs + parity_images, log)
         calibration, parity = split_images(images, needs, parity_images, log)
     if decisions is None and os.path.exists(os.path.join(workdir, "calibration.json")):
@@ -252,7 +259,7 @@ def split_images(images, calibration_count, parity_count, log=print):
 
 
 def training_images(config, image_size, count, log=print, seed=0):
-    """`count` images of a run's training split (`config`: its config.json), drawn at random
+    """`count` images of a run's training split (`config`: its `TrainConfig`), drawn at random
     without replacement, decoded and resized as in evaluation: uint8 `[n,H,W,3]`."""
     import numpy as np
 
@@ -260,10 +267,10 @@ def training_images(config, image_size, count, log=print, seed=0):
     from reid_tf.data import splits as splits_lib
 
     train = splits_lib.load_splits(
-        config["dataset"], data_dir=config.get("data_dir"), manual_dir=config.get("manual_dir"),
-        skip_corrupt=config.get("skip_corrupt", False), log=log,
-        validation_identities=config.get("validation_identities", 0.0),
-        validation_seed=config.get("validation_seed", 0), splits=("train",))["train"]
+        config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir,
+        skip_corrupt=config.skip_corrupt, log=log,
+        validation_identities=config.validation_identities,
+        validation_seed=config.validation_seed, splits=("train",))["train"]
     chosen = np.sort(np.random.default_rng(seed).permutation(len(train))[:count])
     batches = pipeline.eval_dataset(splits_lib.subset(train, chosen), image_size, 64)
     images = np.concatenate([np.round(batch["image"].numpy()) for batch in batches])
