@@ -348,6 +348,7 @@ def test_a_huge_body_and_stuck_gallery_calls_do_not_hold_up_a_small_predict():
 
     from reid_tf.deploy.serving.app import make_app
     from reid_tf.deploy.serving.server import Server
+    from reid_tf.deploy.serving.server import ServingOptions
 
     class Export:
         version, path, model_id, embedding_width, num_parts = 1, "fake", None, 4, 0
@@ -366,7 +367,7 @@ def test_a_huge_body_and_stuck_gallery_calls_do_not_hold_up_a_small_predict():
         return original(*args, **kwargs)
 
     store.search = stuck_search
-    server = Server(Export(), store, max_batch=8, threads=2)
+    server = Server(Export(), store, ServingOptions(max_batch=8, threads=2))
     image = np.zeros((1, 8, 4, 3), np.uint8).tolist()
     huge = {"instances": image, "padding": "x" * (30 << 20)}
 

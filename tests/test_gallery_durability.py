@@ -190,16 +190,17 @@ def test_an_interrupted_seed_import_resumes_and_says_so(tmp_path, monkeypatch):
         return original(self, write)
 
     monkeypatch.setattr(gallery_store.GalleryStore, "_commit", dying_commit)
+    seeded = seed_lib.GalleryOptions(gallery_db=db, gallery=npz)
     with pytest.raises(KeyboardInterrupt):
-        seed_lib.open_gallery(FakeExport(), db, npz=npz, log=quiet)
+        seed_lib.open_gallery(FakeExport(), seeded, log=quiet)
     monkeypatch.setattr(gallery_store.GalleryStore, "_commit", original)
     lines = []
-    store = seed_lib.open_gallery(FakeExport(), db, npz=npz, log=lines.append)
+    store = seed_lib.open_gallery(FakeExport(), seeded, log=lines.append)
     assert store.count() == 25_000
     assert any("resum" in line and "10000 of 25000" in line for line in lines), lines
     store.close()
     lines.clear()
-    again = seed_lib.open_gallery(FakeExport(), db, npz=npz, log=lines.append)
+    again = seed_lib.open_gallery(FakeExport(), seeded, log=lines.append)
     assert again.count() == 25_000 and any("not imported again" in line for line in lines)
 
 
@@ -220,15 +221,15 @@ def killed_seed_import_then_restart(tmp_path, path, index, ids, data, monkeypatc
             raise KeyboardInterrupt("killed")
         return original(self, entries, meta)
 
-    options = dict(index=index, nprobe=2, ef_search=1024, log=quiet)
+    options = seed_lib.GalleryOptions(gallery_db=str(path), gallery=npz, index=index, nprobe=2,
+                                      ef_search=1024)
     monkeypatch.setattr(gallery_store.GalleryStore, "add", dying_add)
     with pytest.raises(KeyboardInterrupt):
-        seed_lib.open_gallery(FakeExport(), str(path), npz=npz, **options)
+        seed_lib.open_gallery(FakeExport(), options, log=quiet)
     calls[-1]._db.close()  # the killed process's connection goes with it
     monkeypatch.setattr(gallery_store.GalleryStore, "add", original)
     lines = []
-    store = seed_lib.open_gallery(FakeExport(), str(path), npz=npz, **{**options,
-                                                                       "log": lines.append})
+    store = seed_lib.open_gallery(FakeExport(), options, log=lines.append)
     assert any(f"resuming the interrupted import of {npz}: 20 of {len(ids)}" in line
                for line in lines), lines
     assert store.import_progress()["done"] == len(ids)

@@ -532,9 +532,9 @@ def test_a_wrong_or_unreadable_gallery_npz_names_the_file_and_both_sizes(tmp_pat
 
     with pytest.raises(ValueError, match=f"{narrow}: embeddings of 5, but the model and the "
                                          "gallery hold 64"):
-        seed.open_gallery(Export(), None, npz=str(narrow), log=lambda line: None)
+        seed.open_gallery(Export(), seed.GalleryOptions(gallery=str(narrow)), log=lambda line: None)
     with pytest.raises(ValueError, match=f"{text}: not a features .npz"):
-        seed.open_gallery(Export(), None, npz=str(text), log=lambda line: None)
+        seed.open_gallery(Export(), seed.GalleryOptions(gallery=str(text)), log=lambda line: None)
 
 
 def test_serve_start_up_errors_are_one_line(trained, tmp_path):

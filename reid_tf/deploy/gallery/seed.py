@@ -1,6 +1,7 @@
 """How reid-serve opens its gallery: the index spec, and seeding an empty gallery from a
 features.npz or a folder of images."""
 
+import dataclasses
 import sqlite3
 
 from reid_tf.data import splits
@@ -8,6 +9,7 @@ from reid_tf.deploy.gallery import thumbnails
 from reid_tf.deploy.gallery.store import GalleryStore
 from reid_tf.evaluate import extract
 from reid_tf.evaluate import features_npz
+from reid_tf.options import Option
 
 
 def start_error(problem, gallery_db):
@@ -44,13 +46,51 @@ def backend_of(uri):
 IMPORT_CHUNK = 10_000  # entries per transaction of a seed import (its unit of resumption)
 
 
-def open_gallery(export, gallery_db=None, npz=None, images=None, index="Flat", nprobe=16,
-                 ef_search=64, persist_every=1000, log=print,
-                 thumbnail_size=thumbnails.DEFAULT_HEIGHT, uri=None, milvus=None):
-    """The server's gallery (`export`: a runtime): `gallery_db` (the SQLite store, durable;
-    ":memory:" when None) or `uri` (`backend_of`; `milvus`: MilvusGallery's options), seeded
-    from a features.npz or a folder of images when it is empty (images: with thumbnails
-    `thumbnail_size` pixels high, 0 for none)."""
+@dataclasses.dataclass(frozen=True)
+class GalleryOptions:
+    """Where the gallery lives, its index and its seed (reid-serve's options, declared once)."""
+
+    gallery_db: str = Option(None, "The live gallery's SQLite file (created if missing; the "
+                             "source of truth, survives restarts). Without it the gallery "
+                             "lives in memory only.").field()
+    gallery_uri: str = Option(None, "Another gallery backend: milvus:PATH (Milvus Lite, "
+                              "embedded, one local file), http://host:19530 (a Milvus server "
+                              "or cluster), or sqlite:PATH (= --gallery_db). Needs pip install "
+                              "'reid-tf[milvus]' for Milvus.").field()
+    milvus_index: str = Option("FLAT", "The Milvus gallery's vector index (with --nlist, "
+                               "--nprobe, --ef_search), set when its collection is created.",
+                               choices=("FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW")).field()
+    milvus_collection: str = Option("reid_gallery", "The Milvus collection.").field()
+    milvus_token: str = Option("", "A Milvus server's credentials (user:password or an API "
+                               "key).").field()
+    gallery: str = Option(None, "A features.npz (reid-extract) that seeds an empty "
+                          "gallery.").field()
+    gallery_images: str = Option(None, "Or a folder of gallery images, extracted at start (a "
+                                 "Market layout root: its bounding_box_test).").field()
+    index: str = Option("Flat", "faiss index_factory string of the gallery index: Flat "
+                        "(exact), IVF4096,SQ8, IVF4096,PQ64, HNSW32, ... (flat and ivf: the "
+                        "earlier names).").field()
+    nlist: int = Option(100, "IVF lists when --index=ivf.", minimum=1).field()
+    nprobe: int = Option(16, "IVF lists searched per query.", minimum=1).field()
+    ef_search: int = Option(64, "HNSW search breadth.", minimum=1).field()
+    persist_every: int = Option(1000, "Write the index file every this many gallery changes "
+                                "(and at shutdown).").field()
+
+    @property
+    def wanted(self):
+        """Whether these options ask for a gallery at all."""
+        return bool(self.gallery_db or self.gallery_uri or self.gallery or self.gallery_images)
+
+
+def open_gallery(export, options=GalleryOptions(), log=print,
+                 thumbnail_size=thumbnails.DEFAULT_HEIGHT):
+    """The server's gallery (`export`: a runtime; `options`: `GalleryOptions`): the SQLite store
+    at `gallery_db` (durable; ":memory:" when None) or the backend of `gallery_uri`
+    (`backend_of`), seeded from a features.npz (`gallery`) or a folder of images
+    (`gallery_images`, with thumbnails `thumbnail_size` pixels high, 0 for none) when it is
+    empty."""
+    o = options
+    npz, images, uri, gallery_db = o.gallery, o.gallery_images, o.gallery_uri, o.gallery_db
     if npz and images:
         raise ValueError("give one of --gallery and --gallery_images.")
     if uri and gallery_db:
@@ -58,14 +98,17 @@ def open_gallery(export, gallery_db=None, npz=None, images=None, index="Flat", n
     backend, location = backend_of(uri) if uri else ("sqlite", gallery_db or ":memory:")
     model = getattr(export, "model_id", None)
     if backend == "sqlite":
-        store = GalleryStore(location, dimension=export.embedding_width, index=index,
-                             nprobe=nprobe, ef_search=ef_search, persist_every=persist_every,
-                             log=log, model=model)
+        store = GalleryStore(location, dimension=export.embedding_width,
+                             index=index_spec(o.index, o.nlist), nprobe=o.nprobe,
+                             ef_search=o.ef_search, persist_every=o.persist_every, log=log,
+                             model=model)
     else:
         from reid_tf.deploy.gallery.milvus import MilvusGallery
 
-        store = MilvusGallery(location, dimension=export.embedding_width, nprobe=nprobe,
-                              ef_search=ef_search, model=model, log=log, **(milvus or {}))
+        store = MilvusGallery(location, dimension=export.embedding_width, nprobe=o.nprobe,
+                              ef_search=o.ef_search, model=model, log=log, index=o.milvus_index,
+                              nlist=o.nlist, collection=o.milvus_collection,
+                              token=o.milvus_token)
     gallery_db = uri or gallery_db
     source = npz or images
     if source:

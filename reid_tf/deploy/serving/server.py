@@ -3,6 +3,7 @@ status, metadata, and the gallery's reads (stats, entries, thumbnails)."""
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import math
 
 import numpy as np
@@ -24,8 +25,40 @@ from reid_tf.deploy.serving.requests import parse_images
 from reid_tf.deploy.serving.requests import uint8_image
 from reid_tf.evaluate import calibration as calibration_lib
 from reid_tf.model.descriptors import unit_rows
+from reid_tf.options import Option
 
 DEFAULT_FAR = 1e-2
+_LIMITS = EntryLimits()
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingOptions:
+    """How requests are taken and batched (reid-serve's options, each declared once)."""
+
+    model_name: str = Option("reid", "The <name> of /v1/models/<name>.").field()
+    max_batch: int = Option(64, "Most images in one request.", minimum=1).field()
+    threads: int = Option(2, "Requests parsed and validated at once.", minimum=1).field()
+    max_image_pixels: int = Option(
+        DEFAULT_MAX_IMAGE_PIXELS, "Largest encoded image, width x height, read from its header "
+        "before decoding (a small file can declare a huge image).", minimum=1).field()
+    max_batch_size: int = Option(16, "Most images in one model call (dynamic batching merges "
+                                 "concurrent requests up to this).", minimum=1).field()
+    batch_timeout_ms: float = Option(20.0, "Under concurrency, how long a request waits for "
+                                     "others to share its model call (a lone request never "
+                                     "waits).", minimum=0.0).field()
+    max_enqueued_batches: int = Option(64, "Queue bound, in batches; more gets 503 with "
+                                       "Retry-After.", minimum=1).field()
+    thumbnail_size: int = Option(thumbnails.DEFAULT_HEIGHT, "Height in pixels of the thumbnail "
+                                 "stored with each entry added from an image (0: none).",
+                                 minimum=0).field()
+    max_metadata_bytes: int = Option(_LIMITS.max_metadata_bytes, "Largest metadata of one :add "
+                                     "entry, bytes of JSON.", minimum=2).field()
+    max_metadata_depth: int = Option(_LIMITS.max_metadata_depth, "Deepest nesting of an "
+                                     "entry's metadata (objects and lists).", minimum=1).field()
+
+    @property
+    def limits(self):
+        return EntryLimits(self.max_metadata_bytes, self.max_metadata_depth)
 
 
 class Server:
@@ -34,8 +67,8 @@ class Server:
     Requests are parsed and validated on `pool` (several at once; an image that is too large or
     does not decode is refused there, never reaching the model), then their images join the
     dynamic batcher, which merges concurrent requests into model calls run one at a time (each
-    already uses every core). The gallery is a `gallery.store.GalleryStore`; `export` a
-    `deploy.runtime` runtime.
+    already uses every core). The gallery is a `gallery.contract.Gallery`; `export` a
+    `deploy.runtime` runtime; `options` a `ServingOptions` (or a config with its fields).
 
     Decisions (`evaluate.calibration`): with a `calibration`, `:search` marks each hit `match`
     (and `p_same`) and each query `in_gallery` at the open-set threshold of `far` (or the
@@ -43,32 +76,29 @@ class Server:
     images stores a JPEG thumbnail `thumbnail_size` pixels high with each entry (0: none).
     """
 
-    def __init__(self, export, gallery=None, model_name="reid", max_batch=64, threads=2,
-                 max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, max_batch_size=16,
-                 batch_timeout_ms=20.0, max_enqueued_batches=64, calibration=None,
-                 far=DEFAULT_FAR, thumbnail_size=thumbnails.DEFAULT_HEIGHT,
-                 limits=EntryLimits()):
+    def __init__(self, export, gallery=None, options=ServingOptions(), calibration=None,
+                 far=DEFAULT_FAR):
         self.export = export
-        self.limits = limits
+        self.limits = options.limits
         self.gallery = gallery
         self.calibration = calibration
         self.far = far
-        self.thumbnail_size = thumbnail_size
+        self.thumbnail_size = options.thumbnail_size
         if calibration is not None:  # another model's, or a FAR not fitted or not supported
             calibration_lib.check_model(calibration, getattr(export, "model_id", None))
             for kind in calibration_lib.KINDS:
                 calibration_lib.threshold(calibration, kind, far)
-        self.model_name = model_name
-        self.max_batch = max_batch
-        self.max_image_pixels = max_image_pixels
+        self.model_name = options.model_name
+        self.max_batch = options.max_batch
+        self.max_image_pixels = options.max_image_pixels
         # Three kinds of work, three executors, so that none can starve another: request
         # parsing and JSON output (`pool`), gallery calls (`gallery_pool`: a slow filtered
         # search or a rebuild waits there), and the model (the batcher's one thread).
-        self.pool = concurrent.futures.ThreadPoolExecutor(threads)
+        self.pool = concurrent.futures.ThreadPoolExecutor(options.threads)
         self.gallery_pool = concurrent.futures.ThreadPoolExecutor(2)
         self.metrics = Metrics()
-        self.batcher = batching.Batcher(self.embed, max_batch_size, batch_timeout_ms,
-                                        max_enqueued_batches,
+        self.batcher = batching.Batcher(self.embed, options.max_batch_size,
+                                        options.batch_timeout_ms, options.max_enqueued_batches,
                                         on_batch=self.metrics.batch_size.observe)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
         if gallery is not None:
