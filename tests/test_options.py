@@ -131,17 +131,43 @@ def test_a_saved_config_reads_back_typed_and_an_old_one_still_reads(tmp_path):
     assert read.part_strategy == TrainConfig().part_strategy  # absent: its default
 
 
-def test_reid_eval_declares_each_option_once():
-    from reid_tf.cli import eval as eval_cli
+TOOL_FLAGS = """
+import importlib, json, sys
+from absl import flags
+module = sys.argv[1]
+importlib.import_module(module)
+print(json.dumps(sorted(f.name for f in flags.FLAGS.get_flags_for_module(module))))
+"""
+
+
+@pytest.mark.parametrize("module, config", [
+    ("reid_tf.cli.eval", "reid_tf.evaluate.config.EvalConfig"),
+    ("reid_tf.cli.serve", "reid_tf.deploy.serving.config.ServeConfig")])
+def test_a_tool_declares_each_option_once(module, config):
+    """Every flag of the tool is an option of its config (each tool in its own process: two
+    tools' flags cannot share one absl registry)."""
+    import importlib
+    import json
+
+    result = subprocess.run([sys.executable, "-c", TOOL_FLAGS, module], capture_output=True,
+                            text=True, timeout=300, check=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    where, name = config.rsplit(".", 1)
+    config_class = getattr(importlib.import_module(where), name)
+    assert json.loads(result.stdout.splitlines()[-1]) == sorted(
+        name for name, _, _ in options.declared(config_class))
+
+
+def test_reid_eval_options_parse_and_check():
+    from reid_tf.evaluate import config as eval_config
     from reid_tf.evaluate import evaluator
 
-    names = {flag.name for flag in flags.FLAGS.get_flags_for_module("reid_tf.cli.eval")}
-    assert names == {name for name, _, _ in options.declared(eval_cli.EvalConfig)}
-    assert {name for name, _, _ in options.declared(evaluator.Scoring)} < names
+    declared = {name for name, _, _ in options.declared(eval_config.EvalConfig)}
+    assert {name for name, _, _ in options.declared(evaluator.Scoring)} < declared
     values = flags.FlagValues()
-    options.define_flags(eval_cli.EvalConfig, values)
+    options.define_flags(eval_config.EvalConfig, values)
     values(["reid-eval", "--export=x/1", "--fars=0.5,0.05", "--k2=3", "--rerank"])
-    config = options.from_flags(eval_cli.EvalConfig, values)
+    config = options.from_flags(eval_config.EvalConfig, values)
     assert config.fars == (0.5, 0.05) and config.k2 == 3 and config.rerank
     with pytest.raises(ValueError, match="--batch_size=0"):
         options.check(dataclasses.replace(config, batch_size=0))
