@@ -566,3 +566,32 @@ def test_a_validated_run_fits_its_decisions_and_its_export_carries_them_and_its_
     assert card["evaluation"]["rank1"] == results["rank1"]
     assert card["evaluation"]["validation"] == results["validation"]
     assert runtime.open_runtime(export).calibration == stamped
+
+
+def test_a_hook_plugs_in_without_touching_the_loop(tmp_path, data_dir):
+    """A `Hook` subclass given to train_and_evaluate runs at its own boundaries (every 3 steps
+    and at the end), with the step's metrics; the loop stops training there for it."""
+    from reid_tf.train import hooks as hooks_lib
+    from reid_tf.train import loop
+    from reid_tf.train.config import TrainConfig
+
+    class LossRecorder(hooks_lib.Hook):
+        def __init__(self):
+            super().__init__(every=3)
+            self.seen = []
+
+        def run(self, step, metrics, images_per_second):
+            self.seen.append((step, float(metrics["loss"])))
+
+    config = TrainConfig(dataset="synthetic_persons/small", data_dir=data_dir, backbone="tiny",
+                         image_height=64, image_width=32, embedding_dim=16, num_parts=3,
+                         identities_per_batch=4, images_per_identity=4, optimizer="adam",
+                         learning_rate=0.001, train_steps=7, log_every=100,
+                         checkpoint_every=100, image_summary_every=0, final_eval=False,
+                         export=False)
+    recorder = LossRecorder()
+    results = loop.train_and_evaluate(config, str(tmp_path / "run"), log=lambda line: None,
+                                      hooks=[recorder])
+    assert results["step"] == 7 and recorder.total_steps == 7
+    assert [step for step, _ in recorder.seen] == [3, 6, 7]
+    assert all(np.isfinite(loss) and loss > 0 for _, loss in recorder.seen)

@@ -154,6 +154,23 @@ def _background(rng, camera, height, width):
     return np.roll(canvas, rng.integers(-6, 7), axis=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Pose:
+    """How a person stands in one image: the view and the walking phase, and the widths they
+    give the body and the limbs (fractions of the person's height)."""
+
+    view: str
+    phase: float
+
+    @property
+    def side(self):
+        return self.view in ("left", "right")
+
+    @property
+    def facing(self):
+        return -1.0 if self.view == "left" else 1.0
+
+
 def render_person(identity, camera, rng, height=128, width=64):
     """One image of `identity` seen by `camera`: uint8 `[height, width, 3]`."""
     canvas = _background(rng, camera, height, width)
@@ -162,18 +179,23 @@ def render_person(identity, camera, rng, height=128, width=64):
     centre_x = width / 2 + rng.uniform(-0.12, 0.12) * width
     paint = _Painter(canvas, top, centre_x, person_height)
     view = VIEWS[rng.integers(len(VIEWS))]
-    phase = rng.uniform(-1, 1)  # walking: legs and arms swing
-    side = view in ("left", "right")
-    facing = -1.0 if view == "left" else 1.0
-    half = (0.065 if side else 0.105) * identity.build
-    limb = 0.042 * identity.build
-
+    pose = _Pose(view, rng.uniform(-1, 1))  # walking: legs and arms swing
+    half = (0.065 if pose.side else 0.105) * identity.build
     # Backpack behind the body in side views, drawn first.
-    if identity.bag == "backpack" and side:
-        paint.rect(0.2, 0.46, -facing * (half + 0.06) - 0.03, -facing * half + 0.03,
+    if identity.bag == "backpack" and pose.side:
+        paint.rect(0.2, 0.46, -pose.facing * (half + 0.06) - 0.03, -pose.facing * half + 0.03,
                    identity.bag_colour)
-    # Legs, lower clothes and shoes.
-    stride = 0.05 * phase if side else 0.015 * phase
+    _paint_legs(paint, identity, pose, half)
+    _paint_arms_and_torso(paint, identity, pose, half)
+    _paint_bags(paint, identity, pose, half)
+    _paint_head(paint, identity, pose)
+    return _through_the_camera(canvas, camera, rng, height, width)
+
+
+def _paint_legs(paint, identity, pose, half):
+    """Legs, lower clothes, shoes and hips."""
+    limb, side, facing = 0.042 * identity.build, pose.side, pose.facing
+    stride = 0.05 * pose.phase if side else 0.015 * pose.phase
     for leg, sign in enumerate((-1.0, 1.0)):
         x = (sign * 0.045 * identity.build) if not side else sign * stride
         swing = 0.0 if side else sign * stride
@@ -185,25 +207,31 @@ def render_person(identity, camera, rng, height=128, width=64):
     paint.rect(0.5, 0.57, -half * 0.95, half * 0.95, identity.lower)  # hips
     if identity.lower_length == "skirt":
         paint.rect(0.5, 0.7, -half * 1.15, half * 1.15, identity.lower)
-    # Arms behind the torso, swinging against the legs.
-    arm_swing = -0.03 * phase
-    for sign in ((facing,) if side else (-1.0, 1.0)):
+
+
+def _paint_arms_and_torso(paint, identity, pose, half):
+    """Arms behind the torso, swinging against the legs; the torso with its pattern."""
+    limb, side = 0.042 * identity.build, pose.side
+    arm_swing = -0.03 * pose.phase
+    for sign in ((pose.facing,) if side else (-1.0, 1.0)):
         x = sign * (half + limb / 2) if not side else arm_swing
         paint.rect(0.18, 0.5, x - limb / 2, x + limb / 2, identity.skin)
         elbow = 0.5 if identity.long_sleeves else 0.3
         paint.rect(0.18, elbow, x - limb / 2, x + limb / 2, identity.upper)
-    # Torso with its pattern.
     paint.rect(0.17, 0.52, -half, half, identity.upper)
     torso = paint.band_mask(0.17, 0.52, -half, half)
     if identity.pattern == "stripes":
         stripes = (np.floor(paint.ys / 0.04) % 2 == 0) & torso
-        canvas[stripes] = identity.secondary
+        paint.canvas[stripes] = identity.secondary
     elif identity.pattern == "checks":
         checks = ((np.floor(paint.ys / 0.05) + np.floor(paint.xs / 0.05)) % 2 == 0) & torso
-        canvas[checks] = identity.secondary
-    elif identity.pattern == "logo" and view == "front":
+        paint.canvas[checks] = identity.secondary
+    elif identity.pattern == "logo" and pose.view == "front":
         paint.ellipse(0.3, 0.0, 0.05, 0.045, identity.secondary)
-    # Bags.
+
+
+def _paint_bags(paint, identity, pose, half):
+    view = pose.view
     if identity.bag == "backpack":
         if view == "back":
             paint.rect(0.2, 0.46, -half * 0.85, half * 0.85, identity.bag_colour)
@@ -218,7 +246,11 @@ def render_person(identity, camera, rng, height=128, width=64):
         if view in ("front", "back"):  # the strap across the chest or back
             paint.rect(0.17, 0.46, bag_side * half * 0.3 - 0.01, bag_side * half * 0.3 + 0.01,
                        identity.bag_colour)
-    # Neck, head, hair or hat.
+
+
+def _paint_head(paint, identity, pose):
+    """Neck, head, hair or hat."""
+    view, side, facing = pose.view, pose.side, pose.facing
     paint.rect(0.14, 0.18, -0.025, 0.025, identity.skin)
     head_x = 0.012 * facing if side else 0.0
     paint.ellipse(0.085, head_x, 0.075, 0.055, identity.skin)
@@ -238,13 +270,15 @@ def render_person(identity, camera, rng, height=128, width=64):
         paint.rect(0.0, 0.055, head_x - 0.06, head_x + 0.06, identity.hat)
         paint.rect(0.045, 0.065, head_x - 0.075, head_x + 0.075, identity.hat)
 
-    # Occluder: a passer-by's body part, a pole, a bin.
+
+def _through_the_camera(canvas, camera, rng, height, width):
+    """An occluder now and then (a passer-by's body part, a pole, a bin), then the camera:
+    illumination, colour cast, blur, noise; uint8."""
     if rng.random() < 0.15:
         occluder_width = int(rng.uniform(0.2, 0.5) * width)
         x0 = int(rng.choice([0, width - occluder_width]))
         y0 = int(rng.uniform(0.4, 0.8) * height)
         canvas[y0:, x0:x0 + occluder_width] = rng.uniform(20, 230, 3)
-    # Camera: illumination, colour cast, blur, noise.
     canvas *= camera.cast * camera.brightness * rng.uniform(0.85, 1.15)
     if rng.random() < 0.3:
         padded = np.pad(canvas, ((1, 1), (1, 1), (0, 0)), mode="edge")

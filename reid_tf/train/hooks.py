@@ -1,7 +1,9 @@
 """What the training loop does between steps, one hook per concern (as fast-reid's
 `PeriodicCheckpointer`, `EvalHook`, `PeriodicWriter`): the progress line and its summaries, the
-part-mask pictures, checkpoints and periodic evaluation. Each hook has `every` (its period in
-steps, 0 = never; the loop stops at each boundary) and `after_steps(step, metrics)`."""
+part-mask pictures, checkpoints and periodic evaluation. Each is a `Hook`: `every` (its period
+in steps, 0 = never; the loop stops at each boundary), and `run(step, metrics, images_per_second)`
+called when the hook is due (the base class owns the cadence). `train_and_evaluate(hooks=...)`
+takes more, so a new concern needs no change to the loop."""
 
 import dataclasses
 import json
@@ -34,25 +36,47 @@ def flags_markdown(config):
     return "| flag | value |\n| --- | --- |\n" + rows
 
 
+class Hook:
+    """Something done every `every` steps (0: never) and, with `at_end`, after the last step.
+
+    The loop stops training at each hook's boundary, calls `after_steps` there, and sets
+    `total_steps` on a hook given without it. Subclasses implement `run`; `due` is the cadence.
+    """
+
+    at_end = True
+
+    def __init__(self, every, total_steps=None):
+        self.every, self.total_steps = every, total_steps
+
+    def due(self, step):
+        return every(step, self.every) or (self.at_end and step == self.total_steps)
+
+    def after_steps(self, step, metrics, images_per_second):
+        if self.due(step):
+            self.run(step, metrics, images_per_second)
+
+    def run(self, step, metrics, images_per_second):
+        raise NotImplementedError
+
+
 TRIPLET_TERMS = (("triplet_loss", "triplet"), ("part_triplet_loss", "part triplet"),
                  ("part_assignment_loss", "assign"))  # the optional terms of the loss
 
 
-class Progress:
+class Progress(Hook):
     """The progress line (losses per part, accuracy, images/s, time left, steps skipped by loss
     scaling) and the training summaries, every `every` steps and at the end."""
 
     def __init__(self, every, total_steps, start_step, batch_size, num_parts, optimizer,
                  skipped_steps, writer, log):
-        self.every, self.total_steps, self.start_step = every, total_steps, start_step
+        super().__init__(every, total_steps)
+        self.start_step = start_step
         self.batch_size, self.num_parts = batch_size, num_parts
         self.optimizer, self.writer, self.log = optimizer, writer, log
         self.skipped_steps = skipped_steps  # the run's count (checkpointed), resumes included
         self.start_time = time.perf_counter()
 
-    def after_steps(self, step, metrics, images_per_second):
-        if not (every(step, self.every) or step == self.total_steps):
-            return
+    def run(self, step, metrics, images_per_second):
         elapsed = time.perf_counter() - self.start_time
         remaining = elapsed / (step - self.start_step) * (self.total_steps - step)
         parts = " ".join(f"{v:.2f}" for v in metrics["part_losses"].numpy())
@@ -80,56 +104,57 @@ class Progress:
             tf.summary.scalar("train/skipped_steps", count)
 
 
-class PartMaskPictures:
+class PartMaskPictures(Hook):
     """Input crops with their part masks in colour, in TensorBoard."""
 
     def __init__(self, every, total_steps, model, preview, writer):
-        self.every, self.total_steps = every, total_steps
+        super().__init__(every, total_steps)
         self.model, self.preview, self.writer = model, preview, writer
 
-    def after_steps(self, step, metrics, images_per_second):
-        if not (every(step, self.every) or step == self.total_steps):
-            return
+    def run(self, step, metrics, images_per_second):
         masks = self.model(self.preview, training=False)["part_masks"]
         with self.writer.as_default(step=step):
             tf.summary.image("train/part_masks",
                              visualize.overlay_part_masks(self.preview, masks), max_outputs=8)
 
 
-class PartInduction:
+class PartInduction(Hook):
     """A learned partition pools with its teacher's masks until `switch_step` (RPP's induction
     from a trained partition), then with its own: sets the model's `teacher_pooling`."""
 
     def __init__(self, switch_step, total_steps, model):
-        self.every, self.total_steps, self.model = switch_step, total_steps, model
+        super().__init__(switch_step, total_steps)
+        self.model = model
 
     def start(self, step):
         self.model.teacher_pooling.assign(1.0 if step < self.every else 0.0)
 
-    def after_steps(self, step, metrics, images_per_second):
-        if step >= self.every:
-            self.model.teacher_pooling.assign(0.0)
+    def due(self, step):
+        return step >= self.every
+
+    def run(self, step, metrics, images_per_second):
+        self.model.teacher_pooling.assign(0.0)
 
 
-class Checkpoints:
+class Checkpoints(Hook):
     """A checkpoint every `every` steps and at the end."""
 
     def __init__(self, every, total_steps, manager):
-        self.every, self.total_steps, self.manager = every, total_steps, manager
+        super().__init__(every, total_steps)
+        self.manager = manager
 
-    def after_steps(self, step, metrics, images_per_second):
-        if every(step, self.every) or step == self.total_steps:
-            self.manager.save(checkpoint_number=step)
+    def run(self, step, metrics, images_per_second):
+        self.manager.save(checkpoint_number=step)
 
 
-class Evaluation:
+class Evaluation(Hook):
     """Evaluation on validation (when held out; else test) every `every` steps before the end,
     and `run(split)` for the final ones. Logs, summarises, and keeps the validation curve in
     `<workdir>/validation_curve.json` (a resumed run keeps its earlier points)."""
 
     def __init__(self, every, total_steps, model, splits, config, steps_per_epoch, workdir,
                  writer, chief, log):
-        self.every, self.total_steps = every, total_steps
+        super().__init__(every, total_steps)
         self.runtime = KerasRuntime(model)
         self.splits, self.batch_size = splits, config.eval_batch_size
         self.steps_per_epoch, self.writer, self.chief, self.log = (steps_per_epoch, writer,
@@ -146,8 +171,13 @@ class Evaluation:
             with open(self.curve_path) as f:
                 self.curve = [point for point in json.load(f) if point["step"] <= step]
 
+    at_end = False  # the final evaluations are the loop's (`run`, `calibrate`, `finish`)
+
+    def due(self, step):
+        return super().due(step) and step < self.total_steps and self.chief
+
     def after_steps(self, step, metrics, images_per_second):
-        if every(step, self.every) and step < self.total_steps and self.chief:
+        if self.due(step):
             self.run(step, "validation" if self.validation else "test")
 
     def run(self, step, split="test", splits=None, tag=None):

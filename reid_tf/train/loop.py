@@ -152,11 +152,13 @@ class LostWorker(RuntimeError):
     """Another worker of a multi-worker run stopped: the collectives cannot go on."""
 
 
-def train_and_evaluate(config, workdir, log=print, flags_text=None):
+def train_and_evaluate(config, workdir, log=print, flags_text=None, hooks=()):
     """Trains PL-Net as `config` says, evaluates, exports; resumes from `workdir` if it can.
 
-    `flags_text` (the command's flags) is saved as `workdir/flags.txt`. Returns the results
-    dict also written to `workdir/results.json`.
+    `flags_text` (the command's flags) is saved as `workdir/flags.txt`. `hooks`: more
+    `hooks.Hook`s, called after the built-in ones at their own boundaries (their `total_steps`
+    is set to the run's when left None). Returns the results dict also written to
+    `workdir/results.json`.
     """
     # Every check before anything is written: a refused start leaves the workdir as it was.
     config.validate()
@@ -179,7 +181,7 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
             optimizer = build_optimizer(config, model, data.total_steps)
             checkpoint = checkpoint_of(model, optimizer)
         results = _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
-                         log)
+                         log, hooks)
     results["code"] = version.code()  # the commit that finished the run
     results_path = os.path.join(workdir, "results.json")
     if chief:  # before the export too: its model card carries the evaluation
@@ -196,7 +198,21 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None):
     return results
 
 
-def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint, log):
+def _step_function(config, model, optimizer, strategy):
+    """The compiled training step of `config`'s loss terms."""
+    return make_train_step(model, optimizer, strategy, config.global_batch_size,
+                           config.part_loss_weight, config.label_smoothing,
+                           jit_compile=config.jit_compile,
+                           triplet_weight=config.triplet_weight,
+                           triplet_margin=config.triplet_margin,
+                           part_triplet=config.part_triplet,
+                           triplet_normalize=config.triplet_normalize,
+                           part_assignment_weight=config.part_assignment_weight
+                           if model.learned else 0.0)
+
+
+def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint, log,
+           extra_hooks=()):
     """The loop: restore, run steps until the end calling the hooks at their boundaries, then
     the final evaluations. Returns the results (without the export)."""
     checkpoint_dir = os.path.join(workdir, "checkpoints")
@@ -217,15 +233,7 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
             input_context=context, start_batch=step)
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-    train_step = make_train_step(model, optimizer, strategy, config.global_batch_size,
-                                 config.part_loss_weight, config.label_smoothing,
-                                 jit_compile=config.jit_compile,
-                                 triplet_weight=config.triplet_weight,
-                                 triplet_margin=config.triplet_margin,
-                                 part_triplet=config.part_triplet,
-                                 triplet_normalize=config.triplet_normalize,
-                                 part_assignment_weight=config.part_assignment_weight
-                                 if model.learned else 0.0)
+    train_step = _step_function(config, model, optimizer, strategy)
     writers = {name: tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", name))
                if chief else tf.summary.create_noop_writer() for name in ("train", "eval")}
     splits, total = data.splits, data.total_steps
@@ -259,6 +267,9 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
                                             model)
         induction.start(step)
         hooks.append(induction)
+    for hook in extra_hooks:
+        hook.total_steps = total if hook.total_steps is None else hook.total_steps
+        hooks.append(hook)
 
     start_step, train_seconds = step, 0.0  # in training steps only: no hooks
     try:
@@ -275,24 +286,30 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
                    (step - start_step) * config.global_batch_size / max(train_seconds, 1e-9),
                "skipped_steps": int(skipped_steps.numpy())}
     if chief:
-        results.update(evaluation.finish(step))
-        if config.final_eval:
-            metrics = evaluation.run(step)
-            results.update(rank1=metrics["rank1"], mAP=metrics["mAP"], mINP=metrics["mINP"],
-                           cmc=[float(v) for v in metrics["cmc"][:20]],
-                           num_queries=metrics["num_valid"],
-                           skipped_queries=metrics["num_skipped"],
-                           descriptors=metrics["descriptors"],
-                           part_consistency=metrics.get("part_consistency"),
-                           part_fallback=metrics.get("part_fallback"))
-        if evaluation.validation and config.final_eval:
-            results["calibration"], fitted = evaluation.calibrate(step)
-            results["open_set"] = evaluation.open_set(fitted)
-        if others:
-            results["also_evaluated"] = {dataset: evaluation.run_other(step, dataset, other)
-                                         for dataset, other in others.items()}
+        results.update(_final_evaluations(config, evaluation, others, step))
     for writer in writers.values():
         writer.flush()
+    return results
+
+
+def _final_evaluations(config, evaluation, others, step):
+    """What the chief adds to results.json at the end: the validation curve's summary, the
+    test evaluation, the calibration and open set, the other datasets."""
+    results = evaluation.finish(step)
+    if config.final_eval:
+        metrics = evaluation.run(step)
+        results.update(rank1=metrics["rank1"], mAP=metrics["mAP"], mINP=metrics["mINP"],
+                       cmc=[float(v) for v in metrics["cmc"][:20]],
+                       num_queries=metrics["num_valid"], skipped_queries=metrics["num_skipped"],
+                       descriptors=metrics["descriptors"],
+                       part_consistency=metrics.get("part_consistency"),
+                       part_fallback=metrics.get("part_fallback"))
+    if evaluation.validation and config.final_eval:
+        results["calibration"], fitted = evaluation.calibrate(step)
+        results["open_set"] = evaluation.open_set(fitted)
+    if others:
+        results["also_evaluated"] = {dataset: evaluation.run_other(step, dataset, other)
+                                     for dataset, other in others.items()}
     return results
 
 
