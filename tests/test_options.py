@@ -142,6 +142,7 @@ print(json.dumps(sorted(f.name for f in flags.FLAGS.get_flags_for_module(module)
 
 @pytest.mark.parametrize("module, config", [
     ("reid_tf.cli.eval", "reid_tf.evaluate.config.EvalConfig"),
+    ("reid_tf.cli.extract", "reid_tf.evaluate.config.ExtractConfig"),
     ("reid_tf.cli.serve", "reid_tf.deploy.serving.config.ServeConfig")])
 def test_a_tool_declares_each_option_once(module, config):
     """Every flag of the tool is an option of its config (each tool in its own process: two

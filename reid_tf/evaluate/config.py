@@ -1,10 +1,12 @@
-"""`EvalConfig`: every option of reid-eval, each declared once (`options.Option`); the tool
-(`cli/eval.py`) derives its flags and checks from it."""
+"""`EvalConfig` and `ExtractConfig`: every option of reid-eval and of reid-extract, each
+declared once (`options.Option`); the tools (`cli/eval.py`, `cli/extract.py`) derive their flags
+and checks from them."""
 
 import dataclasses
 import os
 
 from reid_tf import options
+from reid_tf.data import sources
 from reid_tf.evaluate.evaluator import Scoring
 from reid_tf.options import Option
 
@@ -65,3 +67,28 @@ class EvalConfig(Scoring):
     def output_folder(self):
         return self.output_dir or (os.path.join(self.workdir, "eval") if self.workdir
                                    else "reid_eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+    """Every option of reid-extract, each declared once."""
+
+    export: str = options.EXPORT.field()
+    images: str = Option(None, "A folder of images: a Market layout root (then --split picks "
+                         "the sub-folder) or any folder (every image in it, "
+                         "recursively).").field()
+    dataset: str = options.DATASET.replace(
+        default=None, help="Or a TFDS dataset name (synthetic_persons, ...).").field()
+    split: str = Option("gallery", "Split of a Market layout or dataset.",
+                        choices=tuple(sources.SPLITS)).field()
+    data_dir: str = options.DATA_DIR.field()
+    output: str = Option("features.npz", "Where features.npz goes; with --runner, the folder "
+                         "(or bucket path) of the Parquet shards and dead letters.").field()
+    runner: str = Option(None, "Run the extraction as an Apache Beam pipeline on this runner "
+                         "(DirectRunner, FlinkRunner, SparkRunner, DataflowRunner; needs "
+                         "reid-tf[beam]); Beam's own options follow a `--`. --images may then "
+                         "also be a glob.").field()
+    num_shards: int = Option(0, "With --runner: Parquet shards (0: the runner "
+                             "decides).").field()
+    batch_size: int = options.BATCH_SIZE.replace(help="Images per batch.").field()
+    skip_corrupt: bool = options.SKIP_CORRUPT.field()
