@@ -141,6 +141,7 @@ def search_phase(folder):
                p99_ms=float(p99), startup_s=startup, peak_rss_gib=testing.peak_rss_gib())
     set_nprobe(store, FLAGS.nprobe)
     filtered_phase(store, queries, backend)
+    store.close()  # the SQLite store writes its index file: the next start loads it
 
 
 def filtered_phase(store, queries, backend):
@@ -234,8 +235,9 @@ def seal(store):
         state = store.client.describe_index(store.collection, "embedding")
         print(f"  index: {state.get('indexed_rows')} of {state.get('total_rows')} rows indexed "
               f"({state.get('state')})", flush=True)
-        if state.get("indexed_rows", 0) >= state.get("total_rows", 1) \
-                and state.get("pending_index_rows", 0) == 0:
+        # Milvus 2.3.5 still reports pending rows once every row is indexed (880,000 of a
+        # million, for good): the indexed count is what says it is done.
+        if state.get("indexed_rows", 0) >= state.get("total_rows", 1):
             return
         time.sleep(10)
 

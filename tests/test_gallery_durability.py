@@ -16,7 +16,7 @@ from reid_tf.deploy.gallery import store as gallery_store
 
 DIM = 8
 # Every --index kind the README offers, each with the smallest size that trains it here.
-KINDS = ["Flat", "HNSW16", "IVF2,Flat", "IVF2,SQ8", "IVF2,PQ2x4"]
+KINDS = ["Flat", "HNSW16", "IVF2,Flat", "IVF2,SQ8", "IVF2,PQ2x4", "IVF2,PQ4x4fs,Refine(SQ8)"]
 
 
 def quiet(line):
@@ -237,7 +237,7 @@ def killed_seed_import_then_restart(tmp_path, path, index, ids, data, monkeypatc
 
 
 @pytest.mark.slow  # trains, or runs a tool in a process
-@pytest.mark.parametrize("index", ["Flat", "HNSW16", "IVF2,Flat"])
+@pytest.mark.parametrize("index", ["Flat", "HNSW16", "IVF2,Flat", "IVF2,PQ4x4fs,Refine(SQ8)"])
 def test_randomised_operations_with_failures_and_crashes_match_a_dictionary(tmp_path, index,
                                                                               monkeypatch):
     """A killed --gallery import resumed, then a few hundred adds, replaces, removes, persists,
@@ -326,7 +326,7 @@ def brute_force(model, query, k, keep):
     return [ids[j] for j in np.argsort(-similarity, kind="stable")[:k]]
 
 
-@pytest.mark.parametrize("index", ["Flat", "HNSW16", "IVF8,Flat"])
+@pytest.mark.parametrize("index", ["Flat", "HNSW16", "IVF8,Flat", "IVF8,PQ4x4fs,Refine(SQ8)"])
 def test_a_selective_filter_is_searched_exactly_without_searching_the_index(tmp_path, index):
     store = gallery_store.GalleryStore(str(tmp_path / "g.sqlite"), DIM, index=index, nprobe=1,
                                        log=quiet)
@@ -423,3 +423,17 @@ def test_a_full_disk_refuses_the_change_whole_and_closing_leaves_no_half_file(tm
     reopened = gallery_store.GalleryStore(str(tmp_path / "g.sqlite"), 8, log=lines.append)
     assert reopened.count() == 1 and reopened.search(data[0], k=1)[0][0]["id"] == "first"
     reopened.close()
+
+
+def test_an_index_file_of_another_spec_is_never_loaded(tmp_path):
+    """Reopened with another --index, the store rebuilds; if it stops before writing the new
+    index's file, the next start must not load the older spec's file as the new one's."""
+    path = tmp_path / "g.sqlite"
+    data = vectors(200, seed=11)
+    store = open_store(path, "IVF2,Flat")
+    store.add(entries([f"n{i}" for i in range(200)], data))
+    store.close()  # writes the IVF file
+    open_store(path, "HNSW16", persist_every=0)  # rebuilt in memory; killed before any write
+    again = open_store(path, "HNSW16")
+    assert hasattr(gallery_store.faiss_index.inner_of(again.index), "hnsw")
+    assert nearest(again, data[5])[0] == "n5" and again.count() == 200

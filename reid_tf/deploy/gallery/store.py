@@ -21,8 +21,8 @@ The index only claims what it holds:
 - on open, an index file whose `seq` is beyond the database's (a restored backup) is ignored,
   and a loaded index that does not hold exactly the database's entries is rebuilt.
 
-HNSW cannot remove: a removed row is marked deleted and filtered out at search, and the index is
-rebuilt once the marked rows pass a tenth of it (amortised O(1) per removal).
+HNSW and refined indexes cannot remove: a removed row is marked deleted and filtered out at
+search, and the index is rebuilt once the marked rows pass a tenth of it (amortised O(1)).
 
 The SQLite tables and reads are in `tables`, the faiss index kinds and files in `faiss_index`;
 this class holds the connection, the lock and the index, and decides when each is used.
@@ -56,7 +56,8 @@ class GalleryStore(Gallery):
     Args:
         path: the SQLite file (":memory:" for a gallery that lives only in this process).
         dimension: embedding width; taken from the database when it already holds one.
-        index: a faiss `index_factory` string ("Flat", "IVF4096,SQ8", "HNSW32", ...).
+        index: a faiss `index_factory` string ("Flat", "IVF4096,SQ8", "HNSW32",
+            "IVF1024,PQ320x4fs,Refine(SQ8)", ...).
         nprobe / ef_search: search parameters of IVF / HNSW indexes.
         persist_every: write the index file after this many changes (0: only at close).
         log: where the retraining and recovery lines go.
@@ -197,6 +198,9 @@ class GalleryStore(Gallery):
             self.index.add_with_ids(embeddings, rows)
         self.applied_seq = last_seq
         self.stale = False
+        if self._meta("index") != self.index_spec:  # the files hold another spec's index
+            for _, older in faiss_index.files(self.path):
+                os.remove(older)
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('index', ?)", (self.index_spec,))
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('trained_size', ?)",
                          (str(self.trained_size),))
@@ -218,7 +222,7 @@ class GalleryStore(Gallery):
         removed = [row for _, op, row in changes if op == "remove"]
         if removed and faiss_index.can_remove(self.index):
             self._index_remove(np.array(removed, np.int64))
-        elif removed:  # HNSW: marked deleted, filtered at search
+        elif removed:  # HNSW, refined: marked deleted, filtered at search
             self._deleted.update(removed)
         added = [row for _, op, row in changes if op == "add"]
         found = tables.embeddings(self._db, added) if added else None
