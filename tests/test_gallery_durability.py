@@ -437,3 +437,13 @@ def test_an_index_file_of_another_spec_is_never_loaded(tmp_path):
     again = open_store(path, "HNSW16")
     assert hasattr(gallery_store.faiss_index.inner_of(again.index), "hnsw")
     assert nearest(again, data[5])[0] == "n5" and again.count() == 200
+    again.close()
+    # What earlier versions left behind: the new spec recorded beside the older spec's file.
+    open_store(path, "IVF2,Flat").close()
+    db = sqlite3.connect(str(path))
+    db.execute("UPDATE meta SET value = 'HNSW16' WHERE key = 'index'")
+    db.commit()
+    db.close()
+    reopened = open_store(path, "HNSW16")
+    assert hasattr(gallery_store.faiss_index.inner_of(reopened.index), "hnsw")
+    assert nearest(reopened, data[7])[0] == "n7"

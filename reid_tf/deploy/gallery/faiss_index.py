@@ -72,6 +72,15 @@ def inner_of(index):
     return index
 
 
+def holds_spec(index, dimension, spec):
+    """Whether a read index is of the kind `spec` makes, or the exact Flat index that stands in
+    while a gallery is too small to train it (a file of another spec is rebuilt)."""
+    faiss = faiss_module()
+    loaded = faiss.downcast_index(inner_of(index))
+    expected = faiss.downcast_index(empty(dimension, spec))
+    return isinstance(loaded, (faiss.IndexFlat, type(expected)))
+
+
 def can_remove(index):
     inner = inner_of(index)
     return not (hasattr(inner, "hnsw") or is_refined(inner))

@@ -162,6 +162,8 @@ class GalleryStore(Gallery):
             seq, path = files[-1]
             try:
                 self.index = faiss_index.read(path)
+                if not faiss_index.holds_spec(self.index, self.dimension, self.index_spec):
+                    raise RuntimeError(f"it holds another kind of index than {self.index_spec}")
                 faiss_index.set_search_parameters(faiss_index.inner_of(self.index), self.nprobe,
                                                   self.ef_search)
                 self.applied_seq = self.persisted_seq = seq
