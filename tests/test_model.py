@@ -189,3 +189,15 @@ def test_part_gradients_reach_the_backbone_only_through_pooled_features(strategy
     assert max(float(tf.reduce_max(tf.abs(g))) for g in backbone_gradients) > 0
     # A perturbation that changes no channel's argmax nor any relative weight leaves the masks.
     np.testing.assert_array_equal(net.partition(features), net.partition(features * 3.0))
+
+
+@pytest.mark.slow  # runs a tool in a process
+def test_reid_demo_trains_a_few_steps_and_refuses_a_bad_option():
+    result = testing.run_module("reid_tf.cli.demo", "--steps=5", "--height=64", "--width=32",
+                                "--num_parts=3", "--num_identities=4")
+    assert "PartLossNet: backbone=tiny, K=3 (bands)" in result.stdout
+    losses = [float(line.split("loss ")[1].split()[0]) for line in result.stdout.splitlines()
+              if line.startswith("step")]
+    assert len(losses) == 2 and all(np.isfinite(losses)) and losses[-1] > 0
+    refused = testing.run_module("reid_tf.cli.demo", "--steps=0", check=False)
+    assert refused.returncode != 0 and "--steps=0: expected a positive integer" in refused.stderr

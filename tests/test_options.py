@@ -143,7 +143,9 @@ print(json.dumps(sorted(f.name for f in flags.FLAGS.get_flags_for_module(module)
 @pytest.mark.parametrize("module, config", [
     ("reid_tf.cli.eval", "reid_tf.evaluate.config.EvalConfig"),
     ("reid_tf.cli.extract", "reid_tf.evaluate.config.ExtractConfig"),
-    ("reid_tf.cli.serve", "reid_tf.deploy.serving.config.ServeConfig")])
+    ("reid_tf.cli.serve", "reid_tf.deploy.serving.config.ServeConfig"),
+    ("reid_tf.cli.export", "reid_tf.deploy.config.ExportConfig"),
+    ("reid_tf.cli.demo", "reid_tf.train.config.DemoConfig")])
 def test_a_tool_declares_each_option_once(module, config):
     """Every flag of the tool is an option of its config (each tool in its own process: two
     tools' flags cannot share one absl registry)."""

@@ -13,27 +13,17 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: keep output readable
 
 from absl import app
-from absl import flags
 import keras
 import numpy as np
 import tensorflow as tf
 
+from reid_tf import options
 from reid_tf.model import PartLossNet
-from reid_tf.model import parts
 from reid_tf.train import distribute
+from reid_tf.train.config import DemoConfig
 from reid_tf.train.step import make_train_step
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("backbone", "tiny", "Backbone: resnet50, mobilenet_v2 or tiny.")
-flags.DEFINE_integer("num_parts", 4, "K parts; 0 is the global-loss baseline.")
-flags.DEFINE_enum("part_strategy", "bands", list(parts.PART_STRATEGIES), "Part partition.")
-flags.DEFINE_integer("num_identities", 8, "Identities in the generated batch.")
-flags.DEFINE_integer("images_per_identity", 4, "Images per identity.")
-flags.DEFINE_integer("steps", 20, "Training steps.")
-flags.DEFINE_integer("height", 128, "Image height.")
-flags.DEFINE_integer("width", 64, "Image width.")
-flags.DEFINE_integer("cpu_replicas", 0, "Mirror over this many logical CPU devices (0: none).")
-flags.DEFINE_integer("seed", 0, "Random seed.")
+options.define_flags(DemoConfig)
 
 
 def banded_people(num_identities, images_per_identity, height, width, seed):
@@ -49,27 +39,32 @@ def banded_people(num_identities, images_per_identity, height, width, seed):
 
 def main(argv):
     del argv
+    config = options.from_flags(DemoConfig)
+    try:
+        options.check(config)
+    except ValueError as problem:
+        raise app.UsageError(str(problem)) from None
     tf.get_logger().setLevel("ERROR")
-    keras.utils.set_random_seed(FLAGS.seed)
-    strategy = distribute.make_strategy("mirrored" if FLAGS.cpu_replicas else "default",
-                                       FLAGS.cpu_replicas)
-    images, labels = banded_people(FLAGS.num_identities, FLAGS.images_per_identity, FLAGS.height,
-                                   FLAGS.width, FLAGS.seed)
+    keras.utils.set_random_seed(config.seed)
+    strategy = distribute.make_strategy("mirrored" if config.cpu_replicas else "default",
+                                       config.cpu_replicas)
+    images, labels = banded_people(config.num_identities, config.images_per_identity, config.height,
+                                   config.width, config.seed)
     with strategy.scope():
         net = PartLossNet(
-            num_classes=FLAGS.num_identities, num_parts=FLAGS.num_parts,
-            part_strategy=FLAGS.part_strategy, embedding_dim=64, backbone=FLAGS.backbone,
-            image_size=(FLAGS.height, FLAGS.width),
+            num_classes=config.num_identities, num_parts=config.num_parts,
+            part_strategy=config.part_strategy, embedding_dim=64, backbone=config.backbone,
+            image_size=(config.height, config.width),
         )
         net.build()
         optimizer = keras.optimizers.Adam(1e-3)
         optimizer.build(net.trainable_variables)
     outputs = net(images[:2], training=False)
-    print(f"PartLossNet: backbone={FLAGS.backbone}, K={FLAGS.num_parts} ({FLAGS.part_strategy}), "
+    print(f"PartLossNet: backbone={config.backbone}, K={config.num_parts} ({config.part_strategy}), "
           f"{net.count_params():,} parameters, {strategy.num_replicas_in_sync} replica(s)")
     for key, value in outputs.items():
         print(f"  {key:17s} {tuple(value.shape)}")
-    if FLAGS.num_parts:
+    if config.num_parts:
         cells = outputs["part_masks"].numpy()[0].sum(axis=(0, 1)).astype(int)
         print(f"  cells per part in image 0 (top to bottom): {cells.tolist()}")
 
@@ -79,16 +74,16 @@ def main(argv):
         dataset.unbatch().batch(len(labels), drop_remainder=True)))
     train_step = make_train_step(net, optimizer, strategy, global_batch_size=len(labels))
     start = time.perf_counter()
-    for step in range(1, FLAGS.steps + 1):
+    for step in range(1, config.steps + 1):
         metrics = train_step(iterator, tf.constant(1))
-        if step == 1 or step % 5 == 0 or step == FLAGS.steps:
+        if step == 1 or step % 5 == 0 or step == config.steps:
             parts = " ".join(f"{v:.3f}" for v in metrics["part_losses"].numpy())
             print(f"step {step:4d}  loss {float(metrics['loss']):.4f}  "
                   f"global {float(metrics['global_loss']):.4f}  part {float(metrics['part_loss']):.4f}"
                   f" [{parts}]  global acc {float(metrics['global_accuracy']):.2f}  "
                   f"{step * len(labels) / (time.perf_counter() - start):.0f} img/s")
     if not np.isfinite(float(metrics["loss"])):
-        raise FloatingPointError(f"non-finite loss at step {FLAGS.steps}")
+        raise FloatingPointError(f"non-finite loss at step {config.steps}")
 
 
 def run():

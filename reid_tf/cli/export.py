@@ -26,23 +26,11 @@ from absl import app  # noqa: E402
 from absl import logging  # noqa: E402
 from absl import flags  # noqa: E402
 
+from reid_tf import options  # noqa: E402
+from reid_tf.deploy.config import ExportConfig  # noqa: E402
 from reid_tf.extras import MissingPackage  # noqa: E402
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A reid-train workdir; its latest checkpoint is exported.")
-flags.DEFINE_string("export_dir", None, "Where `<version>/` goes (default <workdir>/export).")
-flags.DEFINE_integer("version", None, "Integer version (default: the checkpoint's step).")
-flags.DEFINE_list("format", ["saved_model"], "Formats to write, comma-separated: saved_model "
-                  "(always written), tflite (float32, float16, dynamic-range int8, full-integer "
-                  "int8), onnx, openvino (OpenVINO IR: model.xml + model.bin).")
-flags.DEFINE_integer("calibration_images", 300, "Training images that calibrate full-integer "
-                     "int8 quantisation (drawn at random from the training split only).",
-                     lower_bound=1)
-flags.DEFINE_integer("parity_images", 64, "Other training images on which each format file is "
-                     "compared with the SavedModel (the model card's parity figures).",
-                     lower_bound=1)
-flags.DEFINE_string("calibration", None, "A calibration.json (reid-eval --calibrate) to carry "
-                    "instead of the workdir's own.")
+options.define_flags(ExportConfig)
 
 
 def main(argv):
@@ -60,14 +48,17 @@ def main(argv):
     warnings.filterwarnings("ignore", category=FutureWarning)
     # The int8 debugger runs TensorFlow's own tf.lite.Interpreter, which warns on every use.
     warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated")
-    if FLAGS.version is not None and FLAGS.version < 0:
-        raise app.UsageError("--version: expected a non-negative integer.")
+    config = options.from_flags(ExportConfig)
     try:
-        files = formats.files_of(FLAGS.format)  # before any work: unknown or not installed
+        options.check(config)
+    except ValueError as problem:
+        raise app.UsageError(str(problem)) from None
+    try:
+        files = formats.files_of(config.format)  # before any work: unknown or not installed
         path, checkpoint = workdir_lib.export_latest(
-            os.path.expanduser(FLAGS.workdir),
-            FLAGS.export_dir and os.path.expanduser(FLAGS.export_dir), FLAGS.version, files,
-            FLAGS.calibration_images, FLAGS.parity_images, decisions=FLAGS.calibration)
+            os.path.expanduser(config.workdir),
+            config.export_dir and os.path.expanduser(config.export_dir), config.version, files,
+            config.calibration_images, config.parity_images, decisions=config.calibration)
     except (ValueError, FileNotFoundError, FileExistsError, MissingPackage) as error:
         print(f"reid-export: error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)

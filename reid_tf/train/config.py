@@ -163,3 +163,23 @@ class TrainConfig:
 
 
 RESUME_OPTIONS = options.resume_options(TrainConfig)
+
+
+_TRAINING = {name: option for name, _, option in options.declared(TrainConfig)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """Every option of reid-demo; those it shares with training are training's declarations."""
+
+    backbone: str = _TRAINING["backbone"].replace(default="tiny").field()
+    num_parts: int = _TRAINING["num_parts"].field()
+    part_strategy: str = _TRAINING["part_strategy"].replace(
+        choices=tuple(s for s in learned_parts.STRATEGIES if s != "learned")).field()
+    num_identities: int = Option(8, "Identities in the generated batch.", minimum=1).field()
+    images_per_identity: int = _TRAINING["images_per_identity"].field()
+    steps: int = Option(20, "Training steps.", minimum=1).field()
+    height: int = Option(128, "Image height.", minimum=1).field()
+    width: int = Option(64, "Image width.", minimum=1).field()
+    cpu_replicas: int = _TRAINING["cpu_replicas"].field()
+    seed: int = _TRAINING["seed"].field()
