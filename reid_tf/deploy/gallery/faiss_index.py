@@ -106,6 +106,22 @@ def read(path):
     return faiss_module().read_index(path)
 
 
+def load(path, dimension, spec, nprobe, ef_search):
+    """The index of a file, ready to search; RuntimeError when it is unreadable or holds
+    another kind of index than `spec` makes (the store then rebuilds)."""
+    index = read(path)
+    if not holds_spec(index, dimension, spec):
+        raise RuntimeError(f"it holds another kind of index than {spec}")
+    set_search_parameters(inner_of(index), nprobe, ef_search)
+    return index
+
+
+def remove_files(db_path):
+    """Removes every index file of this database (they hold another spec's index)."""
+    for _, path in files(db_path):
+        os.remove(path)
+
+
 def write(index, db_path, seq):
     """Writes `index` as the file of change `seq`, whole or not at all (written aside, synced,
     renamed), and removes the older files; returns its path."""

@@ -14,18 +14,14 @@ open the newest such file is loaded and the changes after its `seq` are replayed
 after a crash loses nothing that was acknowledged and rebuilds only what the file lacks. A
 persisted index makes the change-log rows it holds redundant: they are trimmed.
 
-The index only claims what it holds:
-- an update of the index that fails after the commit (the change is durable: the caller is
-  told so) marks it stale and it is rebuilt from the database, at once or before the next
-  search; a stale index is never written to a file;
-- on open, an index file whose `seq` is beyond the database's (a restored backup) is ignored,
-  and a loaded index that does not hold exactly the database's entries is rebuilt.
-
-HNSW and refined indexes cannot remove: a removed row is marked deleted and filtered out at
-search, and the index is rebuilt once the marked rows pass a tenth of it (amortised O(1)).
-
-The SQLite tables and reads are in `tables`, the faiss index kinds and files in `faiss_index`;
-this class holds the connection, the lock and the index, and decides when each is used.
+The index only claims what it holds: an update of the index that fails after the commit (the
+change is durable: the caller is told so) marks it stale, and it is rebuilt from the database
+before the next search, never written to a file; on open, an index file beyond the database's
+last change (a restored backup) is ignored, and one that holds other entries, or another kind
+of index than the spec, is rebuilt. HNSW and refined indexes cannot remove: a removed row is
+marked deleted, filtered out at search, and the index rebuilt once they pass a tenth of it.
+The SQLite side is `tables`, the faiss side `faiss_index`; this class holds the connection, the
+lock and the index, and decides when each is used.
 """
 
 import json
@@ -161,11 +157,8 @@ class GalleryStore(Gallery):
         if files and spec == self.index_spec:
             seq, path = files[-1]
             try:
-                self.index = faiss_index.read(path)
-                if not faiss_index.holds_spec(self.index, self.dimension, self.index_spec):
-                    raise RuntimeError(f"it holds another kind of index than {self.index_spec}")
-                faiss_index.set_search_parameters(faiss_index.inner_of(self.index), self.nprobe,
-                                                  self.ef_search)
+                self.index = faiss_index.load(path, self.dimension, self.index_spec,
+                                              self.nprobe, self.ef_search)
                 self.applied_seq = self.persisted_seq = seq
                 self.trained_size = int(self._meta("trained_size") or 0)
                 self._deleted = self._stale_rows()
@@ -201,8 +194,7 @@ class GalleryStore(Gallery):
         self.applied_seq = last_seq
         self.stale = False
         if self._meta("index") != self.index_spec:  # the files hold another spec's index
-            for _, older in faiss_index.files(self.path):
-                os.remove(older)
+            faiss_index.remove_files(self.path)
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('index', ?)", (self.index_spec,))
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('trained_size', ?)",
                          (str(self.trained_size),))
