@@ -49,7 +49,7 @@ def server_uri(tmp_path_factory):
         pytest.skip(f"no Milvus server: {problem}")
 
 
-@pytest.fixture(params=["sqlite", "milvus", "milvus_server"])
+@pytest.fixture(params=["sqlite", "milvus", pytest.param("milvus_server", marks=pytest.mark.slow)])
 def backend(request, tmp_path):
     opened = []
     place = tmp_path

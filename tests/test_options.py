@@ -140,6 +140,7 @@ print(json.dumps(sorted(f.name for f in flags.FLAGS.get_flags_for_module(module)
 """
 
 
+@pytest.mark.slow  # runs each tool in a process
 @pytest.mark.parametrize("module, config", [
     ("reid_tf.cli.eval", "reid_tf.evaluate.config.EvalConfig"),
     ("reid_tf.cli.extract", "reid_tf.evaluate.config.ExtractConfig"),
