@@ -12,6 +12,7 @@ share (`EXPORT`, `DATASET`, `DATA_DIR`, `MANUAL_DIR`, `SKIP_CORRUPT`, `IMAGE_HEI
 import dataclasses
 import sys
 
+from absl import app
 from absl import flags
 
 
@@ -95,6 +96,17 @@ def from_flags(config_class, flag_values=flags.FLAGS):
     """The config of `config_class` built from its parsed flags."""
     return config_class(**{name: value(name, kind, option, flag_values)
                            for name, kind, option in declared(config_class)})
+
+
+def checked_from_flags(config_class, flag_values=flags.FLAGS):
+    """`from_flags`, then `check`: a value outside its declaration is absl's UsageError (the
+    tool prints it with its usage line), before any work."""
+    config = from_flags(config_class, flag_values)
+    try:
+        check(config)
+    except ValueError as problem:
+        raise app.UsageError(str(problem)) from None
+    return config
 
 
 def check(config):

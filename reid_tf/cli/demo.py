@@ -39,11 +39,7 @@ def banded_people(num_identities, images_per_identity, height, width, seed):
 
 def main(argv):
     del argv
-    config = options.from_flags(DemoConfig)
-    try:
-        options.check(config)
-    except ValueError as problem:
-        raise app.UsageError(str(problem)) from None
+    config = options.checked_from_flags(DemoConfig)
     tf.get_logger().setLevel("ERROR")
     keras.utils.set_random_seed(config.seed)
     strategy = distribute.make_strategy("mirrored" if config.cpu_replicas else "default",

@@ -48,11 +48,7 @@ def main(argv):
     warnings.filterwarnings("ignore", category=FutureWarning)
     # The int8 debugger runs TensorFlow's own tf.lite.Interpreter, which warns on every use.
     warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated")
-    config = options.from_flags(ExportConfig)
-    try:
-        options.check(config)
-    except ValueError as problem:
-        raise app.UsageError(str(problem)) from None
+    config = options.checked_from_flags(ExportConfig)
     try:
         files = formats.files_of(config.format)  # before any work: unknown or not installed
         path, checkpoint = workdir_lib.export_latest(

@@ -30,13 +30,9 @@ options.define_flags(ExtractConfig)
 
 
 def main(argv):
-    config = options.from_flags(ExtractConfig)
+    config = options.checked_from_flags(ExtractConfig)
     if len(argv) > 1 and not config.runner:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        options.check(config)
-    except ValueError as problem:
-        raise app.UsageError(str(problem)) from None
     if config.runner:
         return run_beam(config, argv[1:])
     from reid_tf.data import splits

@@ -105,11 +105,7 @@ def main(argv):
     from reid_tf.deploy.gallery.seed import start_error
     from reid_tf.deploy.serving.server import Server
 
-    config = options.from_flags(ServeConfig)
-    try:
-        options.check(config)
-    except ValueError as problem:
-        raise app.UsageError(str(problem)) from None
+    config = options.checked_from_flags(ServeConfig)
     # Pillow only reads headers here (TensorFlow decodes), and --max_image_pixels is the
     # limit: Pillow's own bomb check would refuse before the size could be reported.
     Image.MAX_IMAGE_PIXELS = None
