@@ -182,7 +182,7 @@ def profile():
                 flatbuffer = converter.convert()
                 if quantization == "int8":
                     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-                    flatbuffer = formats._full_integer(converter, flatbuffer, calibration)
+                    flatbuffer = formats.tflite.full_integer(converter, flatbuffer, calibration)
             runner = formats.require("ai_edge_litert.interpreter").Interpreter(
                 model_content=flatbuffer).get_signature_runner("serving_default")
             rates.append(best_rate(lambda images: runner(images=images), batch))

@@ -114,7 +114,7 @@ def scores(features, splits):
 
 
 # (smallest cosine, mean cosine) against the SavedModel on the synthetic test split's images;
-# float files differ by rounding, int8 by quantisation (see formats.PARITY_FLOORS).
+# float files differ by rounding, int8 by quantisation (see formats.spec.PARITY_FLOORS).
 FLOORS = {"model.tflite": (0.9999, 0.9999), "model.onnx": (0.9999, 0.9999),
           "model.xml": (0.9999, 0.9999), "model_fp16.tflite": (0.99, 0.999), "model_int8_dynamic.tflite": (0.9, 0.99),
           "model_int8.tflite": (0.9, 0.99)}
@@ -136,7 +136,7 @@ def test_each_format_file_ranks_the_test_split_as_the_saved_model(exported,
     expected = scores(saved_model_features, exported["splits"])
     measured = scores(features, exported["splits"])
     # float32: the same ranking; float16 may swap a near tie; int8 moves a few ranks.
-    tolerance = {"float32": 1e-6, "float16": 0.005}.get(formats.FILES[name][1], 0.03)
+    tolerance = {"float32": 1e-6, "float16": 0.005}.get(formats.get(name).quantization, 0.03)
     for metric in ("rank1", "mAP"):
         assert measured[metric] == pytest.approx(expected[metric], abs=tolerance), metric
 
@@ -155,7 +155,7 @@ def test_a_format_file_that_does_not_match_the_saved_model_is_refused(tmp_path, 
         return tf.function(lambda images: function(tf.reverse(images, [-1])),
                            input_signature=function.input_signature)
 
-    monkeypatch.setattr(formats, "pixel_function", bgr)
+    monkeypatch.setattr(formats.common, "pixel_function", bgr)
     with pytest.raises(ValueError, match=r"model.tflite: cosine min with the SavedModel 0\.\d+ < 0.9999"):
         export_lib.export_model(model, str(tmp_path), 2, ["model.tflite"],
                                 parity_images=images, log=lambda line: None)
@@ -230,7 +230,7 @@ def test_a_file_of_an_earlier_version_with_a_fixed_input_size_still_reads(tmp_pa
             return {key: tf.identity(outputs[key], name=key) for key in contract.EXPORT_KEYS}
         return pixels
 
-    monkeypatch.setattr(formats, "pixel_function", fixed_size)
+    monkeypatch.setattr(formats.common, "pixel_function", fixed_size)
     images = testing.synthetic_images(2, (128, 64))
     expected = model(model.preprocess(images), training=False)["embedding"].numpy()
     for name in ["model.onnx", "model.tflite"]:

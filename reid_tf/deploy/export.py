@@ -10,7 +10,7 @@ Both return `embedding [N,(K+1)·D]` (L2-normalised), `global_embedding [N,D]`,
 exports reid-train and reid-export write are of a float32 model, whatever training used.
 
 Beside `saved_model.pb`, the version folder holds the other format files asked for
-(`deploy.formats.FILES`: TFLite, ONNX) and `model_card.json` (also in `assets/`): the input and
+(`deploy.formats.FILES`: TFLite, ONNX, OpenVINO) and `model_card.json` (also in `assets/`): the input and
 its preprocessing, the outputs, the model, the code, what the caller adds (training recipe,
 evaluation), and for each format file its size, digest and parity with the SavedModel; and
 `assets/calibration.json` when the run fitted its decision thresholds (`evaluate.calibration`).
@@ -189,11 +189,12 @@ def _write_formats(module, folder, files, calibration, parity_images, log):
         started = time.perf_counter()
         path = formats.write(module.model, folder, name, calibration)
         outputs = formats.open_file(path).predict_images(parity_images)
-        kind, quantization = formats.FILES[name]
-        entries[name] = {"format": kind, "quantization": quantization,
+        file_format = formats.get(name)
+        entries[name] = {"format": file_format.format,
+                         "quantization": file_format.quantization,
                          "bytes": formats.file_bytes(path), "sha256": formats.file_digest(path),
                          "parity_with_saved_model": formats.parity(reference, outputs)}
-        if quantization == "int8":
+        if file_format.calibrated:
             entries[name]["calibration_images"] = int(len(calibration))
         figures = entries[name]["parity_with_saved_model"]
         formats.check_parity(name, figures)

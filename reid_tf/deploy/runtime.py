@@ -1,7 +1,7 @@
 """Runtimes: what turns images into a model's outputs, for the one extraction path
 (`evaluate.extract`). `KerasRuntime` runs an in-memory `PartLossNet`; `SavedModelRuntime` a
 SavedModel export loaded with plain TensorFlow (no reid_tf model code); `deploy.formats` has
-the ONNX and TFLite runtimes, with the same members. `open_runtime(path)` picks one by the path.
+the runtimes of the format files (ONNX, TFLite, OpenVINO), with the same members. `open_runtime(path)` picks one by the path.
 
 Every runtime has the members of `evaluate.contract.Runtime`; its decision calibration comes in
 through its constructor (`open_runtime` reads the one an export carries).
@@ -152,11 +152,11 @@ def open_runtime(path):
                                 ".onnx or a .tflite file.")
     if os.path.isdir(path):
         return SavedModelRuntime(path, calibration_of(path))
-    if path.endswith((".onnx", ".tflite", ".xml")):
+    if formats.of_path(path) is not None:
         return formats.open_file(path, calibration_of(path))
     raise ValueError(f"{path}: not an export reid-tf reads; expected a SavedModel export "
-                     "folder (<export_dir>/<version>), a .onnx, a .tflite or an OpenVINO .xml "
-                     "file.")
+                     "folder (<export_dir>/<version>) or a format file (a name ending "
+                     f"{', '.join(formats.suffixes())}).")
 
 
 def enable_memory_growth():

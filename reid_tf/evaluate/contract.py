@@ -2,8 +2,8 @@
 declared where they can see it without importing upward.
 
 A runtime turns images into a model's outputs. `deploy.runtime` has the in-memory model
-(`KerasRuntime`) and the SavedModel (`SavedModelRuntime`), `deploy.formats` the ONNX and TFLite
-files (`OnnxRuntime`, `TFLiteRuntime`); each has the members of `Runtime`, and its decision
+(`KerasRuntime`) and the SavedModel (`SavedModelRuntime`), `deploy.formats` the format
+files (`OnnxRuntime`, `TFLiteRuntime`, `OpenVinoRuntime`); each has the members of `Runtime`, and its decision
 calibration comes in through its constructor.
 """
 

@@ -226,7 +226,7 @@ def export_latest(workdir, export_dir=None, version=None, files=(), calibration_
                               if key not in ("flags", "config")}
     calibration = parity = None
     if files:
-        needs = (calibration_images if any(formats.FILES[name][1] == "int8" for name in files)
+        needs = (calibration_images if any(formats.get(name).calibrated for name in files)
                  else 0)
         images = training_images(read_config(workdir), model.image_size,
                                  needs + parity_images, log)
