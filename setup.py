@@ -53,7 +53,7 @@ setuptools.setup(
         "onnx": ["tf2onnx>=1.17", "onnxruntime>=1.20"],
         "tflite": ["ai-edge-litert>=2.0"],
         # OpenVINO IR (reid-export --format=openvino): OpenVINO converts and runs it.
-        "openvino": ["openvino>=2025.0"],
+        "openvino": ["openvino>=2025.0", "nncf>=2.14"],
         # The gallery on Milvus (reid-serve --gallery_uri): Milvus Lite embedded, or a server.
         "milvus": ["pymilvus>=2.5", "milvus-lite>=2.5"],
         # reid-extract --runner: extraction as an Apache Beam pipeline (RunInference).
@@ -63,7 +63,7 @@ setuptools.setup(
         # milvus: a standalone Milvus server (2.3.5) the gallery contract suite also runs on.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "dill", "scikit-image>=0.22", "tf2onnx>=1.17", "onnxruntime>=1.20",
                  "ai-edge-litert>=2.0", "playwright>=1.50", "pymilvus>=2.5", "milvus-lite>=2.5",
-                 "milvus>=2.3.5", "apache-beam>=2.77", "optuna>=4.5", "openvino>=2025.0"],
+                 "milvus>=2.3.5", "apache-beam>=2.77", "optuna>=4.5", "openvino>=2025.0", "nncf>=2.14"],
         # experiments/summarize.py --plot; experiments/search.py (the hyper-parameter search).
         "experiments": ["matplotlib>=3.8", "optuna>=4.5"],
     },

@@ -1,8 +1,11 @@
 """Every deploy format side by side on this CPU, against two anchors.
 
-For the SavedModel and each format file of an export (`reid-export --format=tflite,onnx`):
+For the SavedModel and each format file of an export (`reid-export --format=tflite,onnx,
+openvino`), the OpenVINO files at each precision hint the CPU has (f32; bf16 where OpenVINO
+reports bfloat16 units: AVX512-BF16 or AMX):
 - rank-1 and mAP on the test split of the run's dataset, through that file
-  (`evaluate.evaluator.evaluate_runtime`, as training's final evaluation);
+  (`evaluate.evaluator.evaluate_runtime`, as training's final evaluation), and on the test
+  split of `--also_dataset` (e.g. the detected boxes of a model trained on labeled ones);
 - single-image latency, p50 and p99 over `--latency_calls` calls (uint8 at the training size);
 - throughput at batch 32, best of `--repeats` runs of `--batches` batches;
 - file size (the SavedModel: its folder without the other files) and peak RSS.
@@ -44,6 +47,8 @@ flags.DEFINE_integer("repeats", 3, "Throughput runs (best kept).")
 flags.DEFINE_string("measure", None, "Internal: measure this one export path and print JSON.")
 flags.DEFINE_bool("accuracy", True, "Also score the test split through each file.")
 flags.DEFINE_bool("profile", False, "Time the backbone alone against the whole network.")
+flags.DEFINE_string("also_dataset", None, "Also score each file on this dataset's test split "
+                    "(e.g. folder:../shared/data/cuhk03_pair1_detected).")
 
 BATCH = 32
 TORCH_ANCHOR = r"""
@@ -105,6 +110,8 @@ def measure(path, workdir):
     export = runtime.open_runtime(path)
     figures = {"file": os.path.basename(path) if os.path.isfile(path) else "SavedModel",
                "bytes": size_bytes(path)}
+    if hasattr(export, "inference_precision"):  # OpenVINO: what the CPU runs
+        figures["file"] += f" ({export.inference_precision})"
     rng = np.random.default_rng(0)
     one = rng.integers(0, 256, (1, *export.image_size, 3), dtype=np.uint8)
     batch = rng.integers(0, 256, (BATCH, *export.image_size, 3), dtype=np.uint8)
@@ -120,20 +127,29 @@ def measure(path, workdir):
     figures["batch32_per_s"] = best_rate(export.predict_images, batch)
     if FLAGS.accuracy:
         config = workdir_lib.read_config(workdir)
-        splits = splits_lib.load_splits(config.dataset, data_dir=config.data_dir,
-                                        splits=("query", "gallery"), log=lambda line: None)
-        results = evaluator.evaluate_runtime(export, splits["query"], splits["gallery"])
-        figures.update(rank1=results["rank1"], mAP=results["mAP"])
+        for prefix, dataset in (("", config.dataset), ("also_", FLAGS.also_dataset)):
+            if dataset is None:
+                continue
+            splits = splits_lib.load_splits(dataset, data_dir=config.data_dir,
+                                            splits=("query", "gallery"), log=lambda line: None)
+            results = evaluator.evaluate_runtime(export, splits["query"], splits["gallery"])
+            figures.update({f"{prefix}rank1": results["rank1"], f"{prefix}mAP": results["mAP"]})
     figures["peak_rss_gib"] = testing.peak_rss_gib()
     return figures
 
 
-def run_measure(path):
+def run_measure(path, openvino_precision=None):
     command = [sys.executable, os.path.abspath(__file__), f"--measure={path}",
                f"--workdir={FLAGS.workdir}", f"--latency_calls={FLAGS.latency_calls}",
                f"--batches={FLAGS.batches}", f"--repeats={FLAGS.repeats}",
                f"--accuracy={FLAGS.accuracy}"]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if FLAGS.also_dataset:
+        command.append(f"--also_dataset={FLAGS.also_dataset}")
+    environment = dict(os.environ)
+    if openvino_precision:
+        environment["REID_TF_OPENVINO_PRECISION"] = openvino_precision
+    result = subprocess.run(command, capture_output=True, text=True, check=False,
+                            env=environment)
     if result.returncode:
         raise RuntimeError(f"measuring {path} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -149,6 +165,21 @@ def torch_anchor(image_size):
         raise RuntimeError(f"the PyTorch anchor failed:\n{result.stderr[-3000:]}")
     return {"file": "torchvision MobileNetV2 (eager)",
             **json.loads(result.stdout.strip().splitlines()[-1])}
+
+
+def openvino_precisions():
+    """The precision hints OpenVINO is measured at: f32, and bf16 where its CPU plugin reports
+    bfloat16 units (one line says so when it does not). Empty without OpenVINO."""
+    try:
+        import openvino
+    except ImportError:
+        return []
+    capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "BF16" not in capabilities:
+        print("OpenVINO: this CPU has no bfloat16 units (no AVX512-BF16 or AMX); measured at "
+              "f32 only.", flush=True)
+        return ["f32"]
+    return ["f32", "bf16"]
 
 
 def profile():
@@ -192,6 +223,9 @@ def profile():
 def main(argv):
     del argv
     print(testing.cpu_line(), flush=True)  # every figure below depends on it
+    if not testing.cpu_facts()["units"].get("avx512_vnni"):
+        print("int8: this CPU has no VNNI (int8 dot products); the int8 rows run without it.",
+              flush=True)
     if FLAGS.profile:
         profile()
         return
@@ -208,10 +242,12 @@ def main(argv):
         path, _ = workdir_lib.export_latest(FLAGS.workdir, version=int(time.time()),
                                             files=list(formats.FILES))
     card = json.load(open(os.path.join(path, "model_card.json")))
+    precisions = openvino_precisions()
     rows = [run_measure(path)]
     for name in card["files"]:
-        rows.append(run_measure(os.path.join(path, name)))
-        rows[-1]["cosine_min"] = card["files"][name]["parity_with_saved_model"]["cosine_min"]
+        for precision in precisions if name.endswith(".xml") else [None]:
+            rows.append(run_measure(os.path.join(path, name), precision))
+            rows[-1]["cosine_min"] = card["files"][name]["parity_with_saved_model"]["cosine_min"]
     if FLAGS.peer_python:
         anchor = torch_anchor(runtime.open_runtime(path).image_size)
         rows.append(anchor)
@@ -219,12 +255,13 @@ def main(argv):
     print(f"\n{path} ({card['model']['backbone']}, K={card['model']['num_parts']}, "
           f"{card['input']['shape'][1]}x{card['input']['shape'][2]}), "
           f"{len(os.sched_getaffinity(0))} cores, {time.strftime('%Y-%m-%d')}")
-    print("| file | rank-1 | mAP | p50 ms | p99 ms | batch-32 img/s | × SavedModel | MB | "
-          "peak RSS GiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    also = " | also rank-1 | also mAP" if FLAGS.also_dataset else ""
+    print(f"| file | rank-1 | mAP{also} | p50 ms | p99 ms | batch-32 img/s | × SavedModel | MB "
+          "| peak RSS GiB |")
+    print("| --- " * (9 + 2 * bool(also)) + "|")
     for row in rows:
-        accuracy = (f"{100 * row['rank1']:.1f} | {100 * row['mAP']:.1f}" if "rank1" in row
-                    else "– | –")
+        accuracy = " | ".join(f"{100 * row[key]:.1f}" if key in row else "–" for key in (
+            "rank1", "mAP") + (("also_rank1", "also_mAP") if also else ()))
         size = f"{row['bytes'] / 1e6:.1f}" if row.get("bytes") else "–"
         print(f"| {row['file']} | {accuracy} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
               f"{row['batch32_per_s']:.0f} | {row['batch32_per_s'] / base['batch32_per_s']:.2f} "

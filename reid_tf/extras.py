@@ -5,7 +5,8 @@ import importlib
 
 # module -> the extra that installs it
 EXTRAS = {"onnxruntime": "onnx", "tf2onnx": "onnx", "ai_edge_litert": "tflite", "pymilvus": "milvus",
-          "apache_beam": "beam", "openvino": "openvino"}
+          "apache_beam": "beam", "openvino": "openvino",
+          "nncf": "openvino"}
 
 
 class MissingPackage(ImportError):

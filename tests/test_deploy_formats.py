@@ -52,7 +52,7 @@ def exported(tmp_path_factory):
 def test_every_format_file_is_written_beside_the_saved_model_with_its_card(exported):
     path = exported["path"]
     assert sorted(name for name in os.listdir(path) if name.startswith("model")) == sorted(
-        FILES + ["model.bin", "model_card.json"])  # model.bin: the OpenVINO IR's weights
+        FILES + ["model.bin", "model_int8.bin", "model_card.json"])  # *.bin: OpenVINO weights
     card = json.load(open(os.path.join(path, "model_card.json")))
     assert card == json.load(open(os.path.join(path, "assets", "model_card.json")))
     assert card["input"]["shape"] == [None, 64, 32, 3] and card["input"]["dtype"] == "uint8"
@@ -117,7 +117,7 @@ def scores(features, splits):
 # float files differ by rounding, int8 by quantisation (see formats.spec.PARITY_FLOORS).
 FLOORS = {"model.tflite": (0.9999, 0.9999), "model.onnx": (0.9999, 0.9999),
           "model.xml": (0.9999, 0.9999), "model_fp16.tflite": (0.99, 0.999), "model_int8_dynamic.tflite": (0.9, 0.99),
-          "model_int8.tflite": (0.9, 0.99)}
+          "model_int8.tflite": (0.9, 0.99), "model_int8.xml": (0.9, 0.99)}
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -139,6 +139,27 @@ def test_each_format_file_ranks_the_test_split_as_the_saved_model(exported,
     tolerance = {"float32": 1e-6, "float16": 0.005}.get(formats.get(name).quantization, 0.03)
     for metric in ("rank1", "mAP"):
         assert measured[metric] == pytest.approx(expected[metric], abs=tolerance), metric
+
+
+def test_openvino_at_bfloat16_ranks_as_the_saved_model_where_the_cpu_has_it(
+        exported, saved_model_features):
+    ov = pytest.importorskip("openvino")
+    candidate = formats.openvino.OpenVinoRuntime(os.path.join(exported["path"], "model.xml"),
+                                                 precision="bf16")
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert candidate.inference_precision == ("bf16" if has_bf16 else "f32")
+    features = {split: extract_lib.extract(candidate, exported["splits"][split],
+                                           ["embedding", "part_masks"], encoded=True)
+                for split in ("query", "gallery")}
+    for split in ("query", "gallery"):
+        figures = formats.parity(saved_model_features[split], features[split])
+        assert figures["cosine_mean"] >= 0.999 and figures["cosine_min"] >= 0.99, figures
+        if not has_bf16:
+            assert figures["cosine_min"] >= 0.9999, figures
+    measured = scores(features, exported["splits"])
+    expected = scores(saved_model_features, exported["splits"])
+    for metric in ("rank1", "mAP"):
+        assert measured[metric] == pytest.approx(expected[metric], abs=0.01), metric
 
 
 def test_a_format_file_that_does_not_match_the_saved_model_is_refused(tmp_path, monkeypatch):
