@@ -17,7 +17,10 @@ experiments/peers/requirements.txt); it has no parts and no accuracy figure, onl
     python benchmarks/deploy.py --workdir=runs/cuhk03_pair1_labeled_plnet_s0 \
         [--export=<workdir>/export/<version>] [--peer_python=experiments/peers/.venv/bin/python]
 
-Without --export, the workdir is exported first with every format (reid-export's defaults).
+Without --export, the workdir is exported first: the SavedModel, then every format file beside
+it (300 calibration and 64 parity images of the training split, as reid-export), with its
+parity figures in `benchmark_parity.json`. A file under its parity floor, which reid-export
+would refuse, is kept and marked, so what it would cost in rank-1 and mAP is measured.
 `--profile` instead times the backbone alone against the whole network, as TensorFlow (a
 tf.function), as float32 TFLite and as full-integer int8 TFLite, at batch 32: where the time
 of each format goes.
@@ -81,10 +84,57 @@ def size_bytes(path):
     from reid_tf.deploy import formats
 
     if os.path.isfile(path):
-        return os.path.getsize(path)
+        return formats.file_bytes(path)
+    others = {os.path.join(path, name) for name in ("benchmark_parity.json",
+                                                   "benchmark_parity.npz")}
+    for name in formats.FILES:
+        others.update(formats.get(name).paths(os.path.join(path, name)))
     return sum(os.path.getsize(os.path.join(root, name))
                for root, _, names in os.walk(path) for name in names
-               if name not in formats.FILES)
+               if os.path.join(root, name) not in others)
+
+
+def export_every_file(workdir):
+    """The workdir's SavedModel and every format file whose packages are installed, each
+    compared with the SavedModel on the parity images, none refused; returns the export's
+    path (its `benchmark_parity.json`: {file: figures, floor, floor_met}; and
+    `benchmark_parity.npz`: the images and the SavedModel's outputs, for each runtime's own
+    parity, e.g. OpenVINO at bf16)."""
+    import numpy as np
+
+    from reid_tf import extras
+    from reid_tf.deploy import export
+    from reid_tf.deploy import formats
+    from reid_tf.deploy import runtime
+    from reid_tf.train import workdir as workdir_lib
+
+    model, _ = workdir_lib.load_trained_model(workdir)
+    images = workdir_lib.training_images(workdir_lib.read_config(workdir), model.image_size,
+                                         300 + 64)
+    calibration, parity_images = workdir_lib.split_images(images, 300, 64)
+    path = export.export_model(model, os.path.join(workdir, "export"), int(time.time()))
+    reference = runtime.open_runtime(path).predict_images(parity_images)
+    figures = {}
+    for name in formats.FILES:
+        file_format = formats.get(name)
+        try:
+            formats.files_of([file_format.format])
+        except extras.MissingPackage as missing:
+            print(f"{name}: not measured ({missing})", flush=True)
+            continue
+        file = formats.write(model, path, name, calibration)
+        figures[name] = formats.parity(
+            reference, formats.open_file(file).predict_images(parity_images))
+        measure, floor = file_format.parity_floor
+        figures[name].update(floor=[measure, floor], floor_met=figures[name][measure] >= floor)
+        print(f"wrote {name}: {measure} {figures[name][measure]:.6f} (floor {floor}"
+              f"{'' if figures[name]['floor_met'] else ', NOT met: reid-export refuses it'})",
+              flush=True)
+    with open(os.path.join(path, "benchmark_parity.json"), "w") as f:
+        json.dump(figures, f, indent=1)
+    np.savez(os.path.join(path, "benchmark_parity.npz"), images=parity_images, **{
+        key: reference[key] for key in ("embedding", "part_masks")})
+    return path
 
 
 def best_rate(function, batch):
@@ -134,6 +184,14 @@ def measure(path, workdir):
                                             splits=("query", "gallery"), log=lambda line: None)
             results = evaluator.evaluate_runtime(export, splits["query"], splits["gallery"])
             figures.update({f"{prefix}rank1": results["rank1"], f"{prefix}mAP": results["mAP"]})
+    reference = os.path.join(os.path.dirname(path) if os.path.isfile(path) else path,
+                             "benchmark_parity.npz")
+    if os.path.exists(reference):  # this runtime's own, at its precision
+        from reid_tf.deploy import formats
+
+        reference = dict(np.load(reference))
+        figures["runtime_parity"] = formats.parity(
+            reference, export.predict_images(reference["images"]))
     figures["peak_rss_gib"] = testing.peak_rss_gib()
     return figures
 
@@ -232,22 +290,19 @@ def main(argv):
     if FLAGS.measure:
         print(json.dumps(measure(FLAGS.measure, FLAGS.workdir)))
         return
-    from reid_tf.deploy import formats
     from reid_tf.deploy import runtime
 
-    path = FLAGS.export
-    if path is None:
-        from reid_tf.train import workdir as workdir_lib
-
-        path, _ = workdir_lib.export_latest(FLAGS.workdir, version=int(time.time()),
-                                            files=list(formats.FILES))
+    path = FLAGS.export or export_every_file(FLAGS.workdir)
     card = json.load(open(os.path.join(path, "model_card.json")))
+    measured = os.path.join(path, "benchmark_parity.json")
+    parity = (json.load(open(measured)) if os.path.exists(measured) else
+              {name: entry["parity_with_saved_model"] for name, entry in card["files"].items()})
     precisions = openvino_precisions()
     rows = [run_measure(path)]
-    for name in card["files"]:
+    for name, figures in parity.items():
         for precision in precisions if name.endswith(".xml") else [None]:
             rows.append(run_measure(os.path.join(path, name), precision))
-            rows[-1]["cosine_min"] = card["files"][name]["parity_with_saved_model"]["cosine_min"]
+            rows[-1].update(parity=figures)
     if FLAGS.peer_python:
         anchor = torch_anchor(runtime.open_runtime(path).image_size)
         rows.append(anchor)
@@ -256,14 +311,20 @@ def main(argv):
           f"{card['input']['shape'][1]}x{card['input']['shape'][2]}), "
           f"{len(os.sched_getaffinity(0))} cores, {time.strftime('%Y-%m-%d')}")
     also = " | also rank-1 | also mAP" if FLAGS.also_dataset else ""
-    print(f"| file | rank-1 | mAP{also} | p50 ms | p99 ms | batch-32 img/s | × SavedModel | MB "
-          "| peak RSS GiB |")
-    print("| --- " * (9 + 2 * bool(also)) + "|")
+    print(f"| file | cosine mean (this runtime) | rank-1 | mAP{also} | p50 ms | p99 ms | batch-32 img/s | "
+          "× SavedModel | MB | peak RSS GiB |")
+    print("| --- " * (10 + 2 * bool(also)) + "|")
     for row in rows:
         accuracy = " | ".join(f"{100 * row[key]:.1f}" if key in row else "–" for key in (
             "rank1", "mAP") + (("also_rank1", "also_mAP") if also else ()))
         size = f"{row['bytes'] / 1e6:.1f}" if row.get("bytes") else "–"
-        print(f"| {row['file']} | {accuracy} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+        parity = row.get("runtime_parity", row.get("parity"))
+        cosine = f"{parity['cosine_mean']:.4f}" if parity and row is not base else (
+            "1" if row is base else "–")
+        if not row.get("parity", {}).get("floor_met", True):
+            cosine += " (under its floor)"
+        print(f"| {row['file']} | {cosine} | {accuracy} | {row['p50_ms']:.1f} | "
+              f"{row['p99_ms']:.1f} | "
               f"{row['batch32_per_s']:.0f} | {row['batch32_per_s'] / base['batch32_per_s']:.2f} "
               f"| {size} | {row['peak_rss_gib']:.2f} |")
     print(json.dumps({"cpu": testing.cpu_facts(), "date": time.strftime("%Y-%m-%d"),

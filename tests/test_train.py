@@ -570,7 +570,8 @@ def test_a_validated_run_fits_its_decisions_and_its_export_carries_them_and_its_
 
 def test_a_hook_plugs_in_without_touching_the_loop(tmp_path, data_dir):
     """A `Hook` subclass given to train_and_evaluate runs at its own boundaries (every 3 steps
-    and at the end), with the step's metrics; the loop stops training there for it."""
+    and at the end), with the step's metrics; the loop stops training there for it. Its `end`
+    adds a figure to results.json (written once, by the last hook)."""
     from reid_tf.train import hooks as hooks_lib
     from reid_tf.train import loop
     from reid_tf.train.config import TrainConfig
@@ -582,6 +583,9 @@ def test_a_hook_plugs_in_without_touching_the_loop(tmp_path, data_dir):
 
         def run(self, step, metrics, images_per_second):
             self.seen.append((step, float(metrics["loss"])))
+
+        def end(self, step, results):
+            results["recorded_losses"] = {str(s): loss for s, loss in self.seen}
 
     config = TrainConfig(dataset="synthetic_persons/small", data_dir=data_dir, backbone="tiny",
                          image_height=64, image_width=32, embedding_dim=16, num_parts=3,
@@ -595,3 +599,6 @@ def test_a_hook_plugs_in_without_touching_the_loop(tmp_path, data_dir):
     assert results["step"] == 7 and recorder.total_steps == 7
     assert [step for step, _ in recorder.seen] == [3, 6, 7]
     assert all(np.isfinite(loss) and loss > 0 for _, loss in recorder.seen)
+    written = json.load(open(tmp_path / "run" / "results.json"))
+    assert written["recorded_losses"] == {str(s): loss for s, loss in recorder.seen}
+    assert written["code"] == results["code"] and written["step"] == 7

@@ -1,9 +1,12 @@
-"""What the training loop does between steps, one hook per concern (as fast-reid's
-`PeriodicCheckpointer`, `EvalHook`, `PeriodicWriter`): the progress line and its summaries, the
-part-mask pictures, checkpoints and periodic evaluation. Each is a `Hook`: `every` (its period
-in steps, 0 = never; the loop stops at each boundary), and `run(step, metrics, images_per_second)`
-called when the hook is due (the base class owns the cadence). `train_and_evaluate(hooks=...)`
-takes more, so a new concern needs no change to the loop."""
+"""What the training loop does between steps and after the last, one hook per concern (as
+fast-reid's `PeriodicCheckpointer`, `EvalHook`, `PeriodicWriter`): the progress line and its
+summaries, the part-mask pictures, checkpoints, evaluation, the decision calibration and open
+set, the other datasets, and the results writer. Each is a `Hook`: `every` (its period in
+steps, 0 = never; the loop stops at each boundary), `run(step, metrics, images_per_second)`
+called when the hook is due (the base class owns the cadence), and `end(step, results)` after
+the last step, where it adds its part to results.json; `ResultsWriter`, the last hook, writes
+the file. `train_and_evaluate(hooks=...)` takes more, so a new concern, or a new figure in
+results.json, needs no change to the loop."""
 
 import dataclasses
 import json
@@ -18,6 +21,7 @@ from reid_tf.evaluate import evaluator
 from reid_tf.evaluate.extract import extract
 from reid_tf.evaluate import visualize
 from reid_tf.files import write_atomically
+from reid_tf import version
 
 
 def every(step, period):
@@ -41,6 +45,8 @@ class Hook:
 
     The loop stops training at each hook's boundary, calls `after_steps` there, and sets
     `total_steps` on a hook given without it. Subclasses implement `run`; `due` is the cadence.
+    After the last step the chief calls every hook's `end(step, results)` in order: a hook adds
+    its figures to `results`, the dict that becomes results.json.
     """
 
     at_end = True
@@ -57,6 +63,9 @@ class Hook:
 
     def run(self, step, metrics, images_per_second):
         raise NotImplementedError
+
+    def end(self, step, results):
+        """After the last step (the chief only): add to `results` (results.json)."""
 
 
 TRIPLET_TERMS = (("triplet_loss", "triplet"), ("part_triplet_loss", "part triplet"),
@@ -149,8 +158,9 @@ class Checkpoints(Hook):
 
 class Evaluation(Hook):
     """Evaluation on validation (when held out; else test) every `every` steps before the end,
-    and `run(split)` for the final ones. Logs, summarises, and keeps the validation curve in
-    `<workdir>/validation_curve.json` (a resumed run keeps its earlier points)."""
+    and at the end (`end`) the validation summary and the test evaluation. Logs, summarises,
+    and keeps the validation curve in `<workdir>/validation_curve.json` (a resumed run keeps its
+    earlier points). `run(split, splits)` is one evaluation (also of another dataset's)."""
 
     def __init__(self, every, total_steps, model, splits, config, steps_per_epoch, workdir,
                  writer, chief, log):
@@ -162,8 +172,8 @@ class Evaluation(Hook):
         self.tag = config.dataset.replace("/", "_").replace(":", "_")
         self.validation = "val_query" in splits
         self.curve_path = os.path.join(workdir, "validation_curve.json")
-        self.calibration_path = os.path.join(workdir, "calibration.json")
         self.dataset, self.validation_identities = config.dataset, config.validation_identities
+        self.final_eval = config.final_eval
         self.curve = []
 
     def resume(self, step):
@@ -171,7 +181,7 @@ class Evaluation(Hook):
             with open(self.curve_path) as f:
                 self.curve = [point for point in json.load(f) if point["step"] <= step]
 
-    at_end = False  # the final evaluations are the loop's (`run`, `calibrate`, `finish`)
+    at_end = False  # the final evaluations are `end`'s
 
     def due(self, step):
         return super().due(step) and step < self.total_steps and self.chief
@@ -218,51 +228,112 @@ class Evaluation(Hook):
             write_atomically(self.curve_path, json.dumps(self.curve, indent=1))
         return metrics
 
-    def run_other(self, step, dataset, splits):
-        """The final model on another dataset's test split: results.json's figures for it."""
-        metrics = self.run(step, "test", splits, dataset.replace("/", "_").replace(":", "_"))
-        return {"rank1": metrics["rank1"], "mAP": metrics["mAP"], "mINP": metrics["mINP"],
-                "num_queries": metrics["num_valid"], "skipped_queries": metrics["num_skipped"],
-                "descriptors": metrics["descriptors"]}
+    def end(self, step, results):
+        """The validation curve's summary (its last point evaluated now if it is not at
+        `step`) and, with `final_eval`, the test evaluation."""
+        if self.validation:
+            if not self.curve or self.curve[-1]["step"] != step:
+                self.run(step, "validation")
+            results["validation"] = {key: self.curve[-1][key] for key in
+                                     ("rank1", "mAP", "descriptors", "part_consistency")}
+            results["validation_curve"] = [{k: p[k] for k in ("step", "epoch", "rank1", "mAP")}
+                                           for p in self.curve]
+        if self.final_eval:
+            metrics = self.run(step)
+            results.update(rank1=metrics["rank1"], mAP=metrics["mAP"], mINP=metrics["mINP"],
+                           cmc=[float(v) for v in metrics["cmc"][:20]],
+                           num_queries=metrics["num_valid"],
+                           skipped_queries=metrics["num_skipped"],
+                           descriptors=metrics["descriptors"],
+                           part_consistency=metrics.get("part_consistency"),
+                           part_fallback=metrics.get("part_fallback"))
 
-    def calibrate(self, step):
-        """Fits the decision thresholds on the validation identities with the final model
-        (`evaluate.calibration`), writes `<workdir>/calibration.json` (the export carries it)
-        and returns results.json's summary of it."""
+
+class Calibration(Hook):
+    """After the last step, with validation identities held out: the decision thresholds
+    fitted on them with the final model (`evaluate.calibration`), written as
+    `<workdir>/calibration.json` (the export carries it), and open-set identification on the
+    test split at those thresholds; results.json's `calibration` and `open_set`."""
+
+    at_end = False
+
+    def __init__(self, evaluation, workdir):
+        super().__init__(every=0)
+        self.evaluation = evaluation
+        self.path = os.path.join(workdir, "calibration.json")
+
+    def end(self, step, results):
+        evaluation = self.evaluation
+        if not (evaluation.validation and evaluation.final_eval):
+            return
+        splits, log = evaluation.splits, evaluation.log
         fitted = evaluator.calibrate(
-            self.runtime, self.splits["val_query"], self.splits["val_gallery"],
-            batch_size=self.batch_size,
-            measured_on={"dataset": self.dataset, "split": "validation identities",
-                         "validation_identities": self.validation_identities, "step": step})
-        write_atomically(self.calibration_path, json.dumps(fitted, indent=2))
+            evaluation.runtime, splits["val_query"], splits["val_gallery"],
+            batch_size=evaluation.batch_size,
+            measured_on={"dataset": evaluation.dataset, "split": "validation identities",
+                         "validation_identities": evaluation.validation_identities,
+                         "step": step})
+        write_atomically(self.path, json.dumps(fitted, indent=2))
         points = ", ".join(f"FAR {p['far']:g}: DIR {p['dir']:.3f} (FAR measured "
                            f"{p['measured_far']:.3f}, 95 % interval {p['far_interval'][0]:.3f}-"
                            f"{p['far_interval'][1]:.3f})" for p in fitted["open_set"])
-        self.log(f"calibration ({len(self.splits['val_query'])} validation queries): {points}; "
-                 f"wrote {self.calibration_path}")
-        return {kind: fitted[kind] for kind in ("verification", "open_set")}, fitted
+        log(f"calibration ({len(splits['val_query'])} validation queries): {points}; "
+            f"wrote {self.path}")
+        results["calibration"] = {kind: fitted[kind] for kind in ("verification", "open_set")}
+        results["open_set"] = self.open_set(fitted)
 
     def open_set(self, fitted):
         """Open-set identification on the test split at the validation thresholds
         (`calibration.evaluate_open_set`: a third of the test identities out of the gallery)."""
-        query, gallery = self.splits["query"], self.splits["gallery"]
-        embeddings = [extract(self.runtime, split, ["embedding"], self.batch_size)["embedding"]
-                      for split in (query, gallery)]
+        evaluation = self.evaluation
+        query, gallery = evaluation.splits["query"], evaluation.splits["gallery"]
+        embeddings = [extract(evaluation.runtime, split, ["embedding"],
+                              evaluation.batch_size)["embedding"] for split in (query, gallery)]
         report = calibration.evaluate_open_set(embeddings[0], query, embeddings[1], gallery,
                                                fitted)
-        self.log("open set (test, validation thresholds): " + ", ".join(
+        evaluation.log("open set (test, validation thresholds): " + ", ".join(
             f"FAR {p['far']:g}: DIR {p['dir']:.3f}, measured FAR {p['measured_far']:.3f}"
             for p in report["points"]))
         return report
 
-    def finish(self, step):
-        """The final evaluations' part of results.json: validation (its last point, evaluated
-        now if it is not at `step`) and its curve."""
-        if not self.validation:
-            return {}
-        if not self.curve or self.curve[-1]["step"] != step:
-            self.run(step, "validation")
-        return {"validation": {key: self.curve[-1][key] for key in
-                               ("rank1", "mAP", "descriptors", "part_consistency")},
-                "validation_curve": [{k: p[k] for k in ("step", "epoch", "rank1", "mAP")}
-                                     for p in self.curve]}
+
+class OtherDatasets(Hook):
+    """After the last step: the final model on other datasets' test splits (`others`:
+    {dataset: its splits}); results.json's `also_evaluated`."""
+
+    at_end = False
+
+    def __init__(self, evaluation, others):
+        super().__init__(every=0)
+        self.evaluation, self.others = evaluation, others
+
+    def end(self, step, results):
+        if not self.others:
+            return
+        also = results["also_evaluated"] = {}
+        for dataset, splits in self.others.items():
+            metrics = self.evaluation.run(step, "test", splits,
+                                          dataset.replace("/", "_").replace(":", "_"))
+            also[dataset] = {"rank1": metrics["rank1"], "mAP": metrics["mAP"],
+                             "mINP": metrics["mINP"], "num_queries": metrics["num_valid"],
+                             "skipped_queries": metrics["num_skipped"],
+                             "descriptors": metrics["descriptors"]}
+
+
+class ResultsWriter(Hook):
+    """results.json, written in one place: after every other hook's `end` has added its part,
+    with the commit that finished the run; `write` again when more comes (the export)."""
+
+    at_end = False
+
+    def __init__(self, path, chief):
+        super().__init__(every=0)
+        self.path, self.chief = path, chief
+
+    def end(self, step, results):
+        results["code"] = version.code()
+        self.write(results)
+
+    def write(self, results):
+        if self.chief:
+            write_atomically(self.path, json.dumps(results, indent=2))

@@ -7,7 +7,6 @@ again resumes from its latest checkpoint.
 
 import contextlib
 import dataclasses
-import json
 import os
 import time
 
@@ -15,7 +14,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from reid_tf import version
 from reid_tf.data import pipeline
 from reid_tf.data import splits as splits_lib
 from reid_tf.model import PartLossNet
@@ -180,12 +178,9 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None, hooks=()):
                 workdir_lib.record(workdir, config, model.get_config(), flags_text)
             optimizer = build_optimizer(config, model, data.total_steps)
             checkpoint = checkpoint_of(model, optimizer)
+        writer = hooks_lib.ResultsWriter(os.path.join(workdir, "results.json"), chief)
         results = _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
-                         log, hooks)
-    results["code"] = version.code()  # the commit that finished the run
-    results_path = os.path.join(workdir, "results.json")
-    if chief:  # before the export too: its model card carries the evaluation
-        workdir_lib.write_atomically(results_path, json.dumps(results, indent=2))
+                         log, (*hooks, writer))  # written before the export: its card has them
     if config.export and chief:  # in float32 whatever the training policy: reid-export's model
         path = os.path.join(workdir, "export", str(results["step"]))
         if os.path.exists(path):
@@ -194,7 +189,7 @@ def train_and_evaluate(config, workdir, log=print, flags_text=None, hooks=()):
             path, _ = workdir_lib.export_latest(workdir, log=log)
             log(f"exported {path}")
         results["export"] = path
-        workdir_lib.write_atomically(results_path, json.dumps(results, indent=2))
+        writer.write(results)
     return results
 
 
@@ -249,6 +244,7 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
             tf.summary.text("flags", hooks_lib.flags_markdown(config))
     evaluation = hooks_lib.Evaluation(config.eval_every, total, model, splits, config,
                                       data.steps_per_epoch, workdir, writers["eval"], chief, log)
+    ends = [hooks_lib.Calibration(evaluation, workdir), hooks_lib.OtherDatasets(evaluation, others)]
     evaluation.resume(step)
     if evaluation.validation:
         log(f"validation: {len(splits['val_query'])} queries, {len(splits['val_gallery'])} "
@@ -267,7 +263,7 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
                                             model)
         induction.start(step)
         hooks.append(induction)
-    for hook in extra_hooks:
+    for hook in (*ends, *extra_hooks):
         hook.total_steps = total if hook.total_steps is None else hook.total_steps
         hooks.append(hook)
 
@@ -285,31 +281,11 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
                "train_images_per_second":
                    (step - start_step) * config.global_batch_size / max(train_seconds, 1e-9),
                "skipped_steps": int(skipped_steps.numpy())}
-    if chief:
-        results.update(_final_evaluations(config, evaluation, others, step))
+    if chief:  # results.json: each hook adds its part, the last (ResultsWriter) writes it
+        for hook in hooks:
+            hook.end(step, results)
     for writer in writers.values():
         writer.flush()
-    return results
-
-
-def _final_evaluations(config, evaluation, others, step):
-    """What the chief adds to results.json at the end: the validation curve's summary, the
-    test evaluation, the calibration and open set, the other datasets."""
-    results = evaluation.finish(step)
-    if config.final_eval:
-        metrics = evaluation.run(step)
-        results.update(rank1=metrics["rank1"], mAP=metrics["mAP"], mINP=metrics["mINP"],
-                       cmc=[float(v) for v in metrics["cmc"][:20]],
-                       num_queries=metrics["num_valid"], skipped_queries=metrics["num_skipped"],
-                       descriptors=metrics["descriptors"],
-                       part_consistency=metrics.get("part_consistency"),
-                       part_fallback=metrics.get("part_fallback"))
-    if evaluation.validation and config.final_eval:
-        results["calibration"], fitted = evaluation.calibrate(step)
-        results["open_set"] = evaluation.open_set(fitted)
-    if others:
-        results["also_evaluated"] = {dataset: evaluation.run_other(step, dataset, other)
-                                     for dataset, other in others.items()}
     return results
 
 
