@@ -6,9 +6,13 @@ random pixels in one cached batch, so only the model is traced) runs --warmup st
 (`pip install tensorboard-plugin-profile`, a benchmark-only tool, not a reid-tf dependency) and
 the op types with the most self time on the host are printed, with their share. With
 --keras_batch_norm the backbone's batch norm runs Keras's own unfused path, as before
-`normalization.FusedBatchNormalization`. The trace stays in --logdir for TensorBoard's Profile tab.
+`normalization.FusedBatchNormalization`. With --mixed_precision=bfloat16 the step runs under
+the trainer's policy (`train.loop.precision`: Keras's `mixed_bfloat16`), so the two traces say
+where bfloat16's time goes against float32's (casts, ops without bfloat16 kernels); the line
+before the table says whether the CPU has bfloat16 units (AVX512-BF16, AMX).
 
-    python benchmarks/profile_train.py [--keras_batch_norm] [--logdir=/tmp/profile_train]
+    python benchmarks/profile_train.py [--keras_batch_norm] [--mixed_precision=bfloat16]
+        [--logdir=/tmp/profile_train]
 """
 
 import collections
@@ -29,6 +33,7 @@ import tensorflow as tf  # noqa: E402
 from reid_tf import testing  # noqa: E402
 from reid_tf import model as model_lib  # noqa: E402
 from reid_tf.model import normalization  # noqa: E402
+from reid_tf.train import loop  # noqa: E402
 from reid_tf.train import step as step_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -37,6 +42,7 @@ flags.DEFINE_integer("warmup", 3, "Untraced steps first.")
 flags.DEFINE_integer("steps", 5, "Traced steps.")
 flags.DEFINE_integer("top", 12, "Op types to print.")
 flags.DEFINE_string("logdir", "/tmp/profile_train", "Where the trace goes.")
+flags.DEFINE_enum("mixed_precision", "none", ["none", "bfloat16"], "The trainer's policy.")
 
 
 def op_type_self_times(logdir):
@@ -66,6 +72,15 @@ def op_type_self_times(logdir):
 def main(argv):
     del argv
     print(testing.cpu_line(), flush=True)  # every figure below depends on it
+    units = testing.cpu_facts()["units"]
+    if FLAGS.mixed_precision == "bfloat16" and not (units["avx512_bf16"] or units["amx_bf16"]):
+        print("bfloat16: this CPU has no bfloat16 units (AVX512-BF16 or AMX); TensorFlow "
+              "emulates them, so the figures say little about a CPU that has them.", flush=True)
+    with loop.precision(FLAGS.mixed_precision):
+        profile()
+
+
+def profile():
     if FLAGS.keras_batch_norm:
         normalization.FusedBatchNormalization._fusable = lambda self, inputs, mask: False
     net = model_lib.PartLossNet(num_classes=600, num_parts=0, backbone="torchvision_mobilenet_v2",
@@ -79,6 +94,12 @@ def main(argv):
              "label": tf.random.uniform([64], 0, 600, tf.int32)}
     batches = iter(tf.data.Dataset.from_tensors(batch).repeat())
     step(batches, tf.constant(FLAGS.warmup))["loss"].numpy()
+    best = 0.0  # untraced: the profiler's own cost left out
+    for _ in range(3):
+        start = time.perf_counter()
+        step(batches, tf.constant(FLAGS.steps))["loss"].numpy()
+        best = max(best, FLAGS.steps * 64 / (time.perf_counter() - start))
+    print(f"untraced: {best:.1f} images/s (best of 3 calls of {FLAGS.steps} steps)", flush=True)
     tf.profiler.experimental.start(FLAGS.logdir)
     start = time.perf_counter()
     for _ in range(FLAGS.steps):  # one call per step, so the trace shows step boundaries
@@ -89,7 +110,8 @@ def main(argv):
     idle = totals.pop("IDLE", 0.0)
     everything = sum(totals.values())
     print(f"machine: {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}; batch norm: "
-          f"{'Keras (unfused)' if FLAGS.keras_batch_norm else 'fused'}; {FLAGS.steps} steps in "
+          f"{'Keras (unfused)' if FLAGS.keras_batch_norm else 'fused'}; policy "
+          f"{keras.mixed_precision.global_policy().name}; {FLAGS.steps} steps in "
           f"{seconds:.2f} s under the profiler ({FLAGS.steps * 64 / seconds:.1f} images/s)")
     print(f"host self time by op type (of {everything / 1e6:.2f} s busy across threads; "
           f"{idle / 1e6:.2f} s idle not counted):")

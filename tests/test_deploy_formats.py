@@ -1,4 +1,5 @@
-"""TFLite and ONNX exports (reid-export --format) on a tiny synthetic run: each file ranks as
+"""TFLite, ONNX and OpenVINO exports (reid-export --format) of the suite's tiny trained run
+(conftest's `trained`, shared with the serving tests): each file ranks as
 the SavedModel does, the card carries its figures, a broken file is refused, and every way of
 getting it wrong gives one line."""
 
@@ -12,7 +13,6 @@ import tensorflow as tf
 
 from reid_tf import extras
 from reid_tf import testing
-from reid_tf.data import splits as splits_lib
 from reid_tf.deploy import export as export_lib
 from reid_tf.deploy import formats
 from reid_tf.deploy import runtime
@@ -23,11 +23,6 @@ from reid_tf.model import PartLossNet
 
 pytestmark = pytest.mark.slow  # every test here trains, serves or runs a tool
 
-TRAIN_FLAGS = ["--dataset=synthetic_persons/small", "--backbone=tiny", "--image_height=64",
-               "--image_width=32", "--embedding_dim=16", "--num_parts=3",
-               "--identities_per_batch=4", "--images_per_identity=4", "--optimizer=adam",
-               "--learning_rate=0.001", "--train_steps=20", "--log_every=10",
-               "--checkpoint_every=20", "--image_summary_every=0", "--noexport"]
 FILES = list(formats.FILES)
 
 
@@ -35,18 +30,16 @@ python = testing.run_module  # python -m <module> <flags>, checked
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    splits = splits_lib.load_splits("synthetic_persons/small", data_dir=data_dir)
-    workdir = str(tmp_path_factory.mktemp("run"))
-    python("reid_tf.cli.train", f"--workdir={workdir}", f"--data_dir={data_dir}", *TRAIN_FLAGS)
-    result = python("reid_tf.cli.export", f"--workdir={workdir}",
-                    "--format=saved_model,tflite,onnx,openvino", "--calibration_images=40",
-                    "--parity_images=24")
-    path = os.path.join(workdir, "export", "20")
+def exported(trained, tmp_path_factory):
+    """The suite's trained run (conftest's `trained`) exported with every format."""
+    export_dir = str(tmp_path_factory.mktemp("formats"))
+    result = python("reid_tf.cli.export", f"--workdir={trained['workdir']}",
+                    f"--export_dir={export_dir}", "--format=saved_model,tflite,onnx,openvino",
+                    "--calibration_images=40", "--parity_images=24")
+    path = os.path.join(export_dir, "20")
     assert f"-> {path}" in result.stdout
-    return {"path": path, "splits": splits, "log": result.stdout, "data_dir": data_dir,
-            "workdir": workdir}
+    return {"path": path, "splits": trained["splits"], "log": result.stdout,
+            "data_dir": trained["data_dir"], "workdir": trained["workdir"]}
 
 
 def test_every_format_file_is_written_beside_the_saved_model_with_its_card(exported):

@@ -201,3 +201,43 @@ def test_reid_demo_trains_a_few_steps_and_refuses_a_bad_option():
     assert len(losses) == 2 and all(np.isfinite(losses)) and losses[-1] > 0
     refused = testing.run_module("reid_tf.cli.demo", "--steps=0", check=False)
     assert refused.returncode != 0 and "--steps=0: expected a positive integer" in refused.stderr
+
+
+def _losses_under(policy, initial=None, steps=3):
+    """A torchvision-layout MobileNetV2 PL-Net's losses over `steps` Adam steps on fixed
+    batches, under `policy` (`train.loop.precision`); and its initial weights."""
+    from reid_tf.train import loop
+
+    with loop.precision(policy):
+        keras.utils.set_random_seed(0)
+        net = model_lib.PartLossNet(num_classes=4, num_parts=2, embedding_dim=16,
+                                    backbone="torchvision_mobilenet_v2", image_size=(64, 32))
+        net.build()
+        if initial is not None:
+            net.set_weights(initial)
+        layers = list(net.backbone._flatten_layers(include_self=False, recursive=True))
+        dtypes = {kind: {layer.compute_dtype for layer in layers if type(layer) is kind}
+                  for kind in (keras.layers.DepthwiseConv2D, keras.layers.Conv2D)}
+        optimizer = keras.optimizers.Adam(1e-3)
+        optimizer.build(net.trainable_variables)
+        step = step_lib.make_train_step(net, optimizer, tf.distribute.get_strategy(),
+                                        global_batch_size=8)
+        batch = {"image": tf.random.stateless_uniform([8, 64, 32, 3], [0, 1], 0, 255),
+                 "label": tf.constant([0, 0, 1, 1, 2, 2, 3, 3])}
+        batches = iter(tf.data.Dataset.from_tensors(batch).repeat())
+        losses = [float(step(batches, tf.constant(1))["loss"]) for _ in range(steps)]
+    return losses, dtypes, net.get_weights()
+
+
+def test_bfloat16_keeps_depthwise_convolutions_in_float32_and_tracks_float32_losses():
+    """Under mixed_bfloat16 the depthwise convolutions compute in float32 (TensorFlow's CPU
+    kernels run their backward 4x slower in bfloat16: benchmarks/README.md), every other
+    convolution in bfloat16; the losses are finite and track float32's."""
+    full, full_dtypes, _ = _losses_under("none")
+    _, _, initial = _losses_under("none", steps=0)
+    mixed, dtypes, _ = _losses_under("bfloat16", initial)
+    assert full_dtypes[keras.layers.Conv2D] == {"float32"}
+    assert dtypes[keras.layers.DepthwiseConv2D] == {"float32"}
+    assert dtypes[keras.layers.Conv2D] == {"bfloat16"}
+    assert all(np.isfinite(mixed)) and full[-1] < full[0]
+    np.testing.assert_allclose(mixed, full, rtol=0.02)

@@ -242,6 +242,16 @@ def _synchronize_batch_norm(class_name, config):
         config["synchronized"] = True
 
 
+def _float32_depthwise(class_name, config):
+    """Under a bfloat16 policy, depthwise convolutions compute in float32 (their inputs cast up,
+    their outputs cast back by Keras's autocast). TensorFlow's CPU kernels (oneDNN) run the
+    depthwise backward passes 4x slower in bfloat16 than in float32, which cost bfloat16
+    training more than the other convolutions gain (benchmarks/README.md, `profile_train.py`;
+    measured on AVX512-BF16, 2026-12-07)."""
+    if class_name == "DepthwiseConv2D":
+        config["dtype"] = "float32"
+
+
 _BUILDERS = {"resnet50": _resnet50, "mobilenet_v2": _mobilenet_v2,
              "torchvision_mobilenet_v2": _torchvision_mobilenet_v2, "tiny": _tiny}
 
@@ -308,8 +318,12 @@ def build_backbone(name, input_shape=(256, 128, 3), weights=None, last_stride=1,
     images = keras.Input(shape=input_shape, name="images")
     normalized = ImageNormalization(BACKBONES[name]["normalization"], name="normalization")(images)
     body = _BUILDERS[name](keras.Input(shape=input_shape), weights, last_stride)
-    if sync_batch_norm:
-        body = _rebuild(body, _synchronize_batch_norm)
-    elif any(type(layer) is keras.layers.BatchNormalization for layer in body.layers):
-        body = _rebuild(body, lambda class_name, config: None)  # fused batch norm (1.6x faster)
+    edits = [_synchronize_batch_norm] if sync_batch_norm else []
+    if (keras.mixed_precision.global_policy().compute_dtype == "bfloat16"
+            and any(isinstance(layer, keras.layers.DepthwiseConv2D) for layer in body.layers)):
+        edits.append(_float32_depthwise)
+    if edits or any(type(layer) is keras.layers.BatchNormalization for layer in body.layers):
+        # (and Keras's batch norm becomes the fused one: 1.6x faster)
+        body = _rebuild(body, lambda class_name, config: [edit(class_name, config)
+                                                           for edit in edits])
     return keras.Model(images, body(normalized), name=f"{name}_backbone")
