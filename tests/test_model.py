@@ -229,6 +229,7 @@ def _losses_under(policy, initial=None, steps=3):
     return losses, dtypes, net.get_weights()
 
 
+@pytest.mark.slow  # three MobileNetV2 trainings
 def test_bfloat16_keeps_depthwise_convolutions_in_float32_and_tracks_float32_losses():
     """Under mixed_bfloat16 the depthwise convolutions compute in float32 (TensorFlow's CPU
     kernels run their backward 4x slower in bfloat16: benchmarks/README.md), every other

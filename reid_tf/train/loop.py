@@ -242,14 +242,8 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
     if step == 0:
         with writers["train"].as_default(step=0):
             tf.summary.text("flags", hooks_lib.flags_markdown(config))
-    evaluation = hooks_lib.Evaluation(config.eval_every, total, model, splits, config,
-                                      data.steps_per_epoch, workdir, writers["eval"], chief, log)
+    evaluation = _evaluation(config, workdir, data, model, step, writers["eval"], chief, log)
     ends = [hooks_lib.Calibration(evaluation, workdir), hooks_lib.OtherDatasets(evaluation, others)]
-    evaluation.resume(step)
-    if evaluation.validation:
-        log(f"validation: {len(splits['val_query'])} queries, {len(splits['val_gallery'])} "
-            f"gallery images of {len(splits['val_query'].identities)} held-out training "
-            "identities")
     skipped_steps = checkpoint.skipped_steps
     hooks = [hooks_lib.Progress(config.log_every, total, step, config.global_batch_size,
                                 config.num_parts, optimizer, skipped_steps, writers["train"],
@@ -287,6 +281,19 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
     for writer in writers.values():
         writer.flush()
     return results
+
+
+def _evaluation(config, workdir, data, model, step, writer, chief, log):
+    """The evaluation hook, resumed at `step` (its validation curve up to it kept)."""
+    splits = data.splits
+    evaluation = hooks_lib.Evaluation(config.eval_every, data.total_steps, model, splits, config,
+                                      data.steps_per_epoch, workdir, writer, chief, log)
+    evaluation.resume(step)
+    if evaluation.validation:
+        log(f"validation: {len(splits['val_query'])} queries, {len(splits['val_gallery'])} "
+            f"gallery images of {len(splits['val_query'].identities)} held-out training "
+            "identities")
+    return evaluation
 
 
 def _steps(step, total, train_seconds, config, hooks, iterator, train_step, manager,
