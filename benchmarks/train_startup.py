@@ -1,21 +1,23 @@
 """Where a real reid-train run's start-up goes: a timeline from process start to the last step,
-and a cProfile of the same run grouped by phase.
+and the start-up's phases timed one by one in a fresh process.
 
 The run is the CUHK03 recipe (`--recipe`, default the labeled flagfile) cut to `--steps` steps,
 float32, no evaluation and no export, in a fresh workdir. Two processes, one after the other:
-1. plain: each line of reid-train's output is stamped with the seconds since the process
-   started, giving the time to the first line (imports), to the `training ...` line (data,
-   model, the imported weights, the optimizer), to the first progress line (the train step's
-   tracing, its first graph optimisation and the first pipeline fill, plus `--log_every`
-   steps), and the steady rate between the later progress lines;
-2. profiled (`python -m cProfile`): the cumulative seconds of the functions that make up each
-   phase (`PHASES`), from the profile's call tree.
+1. reid-train itself: each line of its output is stamped with the seconds since the process
+   started: the `training ...` line (imports, data, model, the imported weights, the
+   optimizer), the first progress line (the train step's tracing, its first graph
+   optimisation and the first pipeline fill, plus `--log_every` steps), the steady rate
+   between the later progress lines, and the exit;
+2. the same start-up through the library's own functions (`train.loop.build_data`,
+   `build_model`, `build_optimizer`, the loop's step function, `data.pipeline.train_dataset`),
+   each phase timed: imports; data; model; optimizer; the pipeline's first batch; the step's
+   tracing alone (`get_concrete_function`); its first call of one step (graph optimisation);
+   the next single steps.
 
     REID_TF_SHARED_DIR=../shared python benchmarks/train_startup.py [--steps=150]
 """
 
-import os
-import pstats
+import json
 import re
 import subprocess
 import sys
@@ -33,28 +35,52 @@ flags.DEFINE_string("recipe", "experiments/cuhk03_pair1_labeled_mobilenetv2_128x
 flags.DEFINE_integer("steps", 150, "Training steps of the run.")
 flags.DEFINE_integer("log_every", 10, "Progress lines every this many steps.")
 flags.DEFINE_list("extra", [], "More reid-train flags (e.g. --num_parts=0).")
-flags.DEFINE_bool("profile", True, "Also run it under cProfile for the phase breakdown.")
+flags.DEFINE_bool("phases", True, "Also time the start-up's phases in a fresh process.")
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+)")
-# (phase, the functions whose cumulative time is that phase: file suffix, function name)
-PHASES = [
-    ("imports (reid_tf, TensorFlow, Keras)", [("reid_tf/cli/train.py", "<module>")]),
-    ("dataset: scan, splits", [("reid_tf/train/loop.py", "build_data")]),
-    ("model: build, imported weights", [("reid_tf/train/loop.py", "build_model")]),
-    ("optimizer: build", [("reid_tf/train/loop.py", "build_optimizer")]),
-    ("checkpoint restore", [("reid_tf/train/loop.py", "restore")]),
-    ("input pipeline: build", [("reid_tf/data/pipeline.py", "train_dataset")]),
-    ("hooks: preview batch", [("reid_tf/data/pipeline.py", "eval_dataset")]),
-    ("train step: tracing", [("polymorphic_function.py", "_initialize")]),
-    ("train step: all calls (first: graph optimisation, pipeline fill)",
-     [("reid_tf/train/loop.py", "_steps")]),
-    ("the whole train_and_evaluate", [("reid_tf/train/loop.py", "train_and_evaluate")]),
-]
+PHASES = r"""
+import time
+start = time.perf_counter()
+import json, sys
+from absl import flags
+import tensorflow as tf
+from reid_tf import options
+from reid_tf.cli import train as cli  # declares reid-train's flags
+from reid_tf.data import pipeline
+from reid_tf.train import loop
+from reid_tf.train.config import TrainConfig
+seconds = {"imports": time.perf_counter() - start}
+def phase(name, function):
+    begin = time.perf_counter()
+    value = function()
+    seconds[name] = time.perf_counter() - begin
+    return value
+flags.FLAGS(sys.argv)
+config = options.from_flags(TrainConfig)
+strategy = tf.distribute.get_strategy()
+data = phase("data: scan, splits", lambda: loop.build_data(config, log=lambda line: None))
+model = phase("model: build, imported weights", lambda: loop.build_model(config, data.num_classes))
+optimizer = phase("optimizer: build", lambda: loop.build_optimizer(config, model, data.total_steps))
+def dataset(context):
+    return pipeline.train_dataset(
+        data.splits["train"], config.image_size, config.identities_per_batch,
+        config.images_per_identity, seed=config.seed,
+        augmentation=pipeline.Augmentation(config.flip, config.pad, config.random_erasing),
+        input_context=context)
+iterator = phase("pipeline: built, first batch", lambda: (lambda it: (next(it), it)[1])(
+    iter(strategy.distribute_datasets_from_function(dataset))))
+step = loop._step_function(config, model, optimizer, strategy)
+phase("train step: tracing", lambda: step.get_concrete_function(iterator, tf.constant(1)))
+phase("train step: first call, 1 step (graph optimisation)",
+      lambda: step(iterator, tf.constant(1))["loss"].numpy())
+phase("train step: second call, 1 step", lambda: step(iterator, tf.constant(1))["loss"].numpy())
+phase("train step: 10 steps in one call", lambda: step(iterator, tf.constant(10))["loss"].numpy())
+print(json.dumps(seconds))
+"""
 
 
-def command(workdir, profile_path=None):
-    python = [sys.executable] + (["-m", "cProfile", "-o", profile_path] if profile_path else [])
-    return python + ["-m", "reid_tf.cli.train", f"--flagfile={FLAGS.recipe}",
+def command(workdir):
+    return [sys.executable, "-m", "reid_tf.cli.train", f"--flagfile={FLAGS.recipe}",
                      f"--workdir={workdir}", f"--train_steps={FLAGS.steps}",
                      f"--log_every={FLAGS.log_every}", "--checkpoint_every=0", "--eval_every=0",
                      "--nofinal_eval", "--noexport", "--mixed_precision=none", *FLAGS.extra]
@@ -75,14 +101,12 @@ def timeline():
 
 
 def report_timeline(lines, batch_size):
-    first = next(t for t, line in lines if not line.startswith(("WARNING", "I0000", "E0000")))
     training = next(t for t, line in lines if line.startswith("training "))
     steps = [(t, int(STEP_LINE.match(line).group(1))) for t, line in lines
              if STEP_LINE.match(line)]
     end = lines[-1][0]
     (t0, s0), (t1, s1) = steps[0], steps[-1]
     steady = (s1 - s0) * batch_size / (t1 - t0)
-    print(f"first output line (imports done): {first:.1f} s")
     print(f"'training ...' line (data, model, weights, optimizer): {training:.1f} s")
     print(f"first progress line (step {s0}): {t0:.1f} s; {t0 - training:.1f} s after the "
           "'training' line")
@@ -92,18 +116,19 @@ def report_timeline(lines, batch_size):
           f"{s1} steps at the steady rate): {end - s1 * batch_size / steady:.1f} s")
 
 
-def report_profile(path):
-    stats = pstats.Stats(path)
-    cumulative = {}
-    for (file, _, name), (_, _, _, total, _) in stats.stats.items():
-        cumulative[(file, name)] = max(cumulative.get((file, name), 0.0), total)
-    print("| phase (cProfile, cumulative) | seconds |")
+def report_phases(batch_size):
+    with tempfile.TemporaryDirectory() as workdir:
+        result = subprocess.run([sys.executable, "-c", PHASES, *command(workdir)[3:]],
+                                capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(result.stderr[-3000:])
+    seconds = json.loads(result.stdout.strip().splitlines()[-1])
+    steady = 10 * batch_size / seconds["train step: 10 steps in one call"]
+    print(f"| phase (a fresh process, the library's functions; steady {steady:.1f} images/s) "
+          "| seconds |")
     print("| --- | --- |")
-    for phase, functions in PHASES:
-        seconds = sum(max([total for (file, name), total in cumulative.items()
-                           if file.endswith(suffix) and name == function] or [0.0])
-                      for suffix, function in functions)
-        print(f"| {phase} | {seconds:.1f} |")
+    for name, value in seconds.items():
+        print(f"| {name} | {value:.1f} |")
 
 
 def main(argv):
@@ -114,12 +139,8 @@ def main(argv):
                   * int(re.search(r"--images_per_identity=(\d+)", config).group(1)))
     lines = timeline()
     report_timeline(lines, batch_size)
-    if FLAGS.profile:
-        with tempfile.TemporaryDirectory() as workdir:
-            path = os.path.join(workdir, "train.prof")
-            subprocess.run(command(os.path.join(workdir, "run"), path), check=True,
-                           capture_output=True)
-            report_profile(path)
+    if FLAGS.phases:
+        report_phases(batch_size)
 
 
 if __name__ == "__main__":

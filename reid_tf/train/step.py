@@ -79,15 +79,20 @@ def make_train_step(model, optimizer, strategy, global_batch_size, part_loss_wei
         metrics["skipped_steps"] = strategy.reduce("MEAN", skipped, axis=None)
         return metrics
 
-    return tf.function(lambda iterator, num_steps: _steps(one_step, iterator, num_steps))
+    # A function of its own, called at one place: the step's graph is traced and optimised once
+    # (called once before the loop and once in it, it was traced twice: half of the start-up).
+    step_function = tf.function(one_step)
+    return tf.function(lambda iterator, num_steps: _steps(step_function, iterator, num_steps))
 
 
 def _steps(one_step, iterator, num_steps):
-    """`num_steps` calls of `one_step` (traced into one graph): their metrics averaged, the
-    skipped steps summed, and the offset of the first with a non-finite loss (-1 if none)."""
-    totals = one_step(iterator)
-    first_bad = tf.where(tf.math.is_finite(totals["loss"]), -1, 0)
-    for offset in tf.range(1, num_steps):
+    """`num_steps` (>= 1) calls of `one_step`, a `tf.function`, in one graph: their metrics
+    averaged, the skipped steps summed, and the offset of the first with a non-finite loss (-1
+    if none)."""
+    outputs = one_step.get_concrete_function(iterator).structured_outputs
+    totals = {name: tf.zeros(value.shape, value.dtype) for name, value in outputs.items()}
+    first_bad = tf.constant(-1)
+    for offset in tf.range(num_steps):
         metrics = one_step(iterator)
         first_bad = tf.where((first_bad < 0) & ~tf.math.is_finite(metrics["loss"]),
                              offset, first_bad)
