@@ -122,9 +122,8 @@ def export_every_file(workdir):
         except extras.MissingPackage as missing:
             print(f"{name}: not measured ({missing})", flush=True)
             continue
-        file = formats.write(model, path, name, calibration)
-        figures[name] = formats.parity(
-            reference, formats.open_file(file).predict_images(parity_images))
+        figures[name] = export.write_format_file(model, path, name, calibration, parity_images,
+                                                 reference)["parity_with_saved_model"]
         measure, floor = file_format.parity_floor
         figures[name].update(floor=[measure, floor], floor_met=figures[name][measure] >= floor)
         print(f"wrote {name}: {measure} {figures[name][measure]:.6f} (floor {floor}"

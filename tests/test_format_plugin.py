@@ -48,15 +48,20 @@ class ToyRuntime(common.PixelRuntime):
         return {key: value.numpy() for key, value in self.function(tf.constant(images)).items()}
 
 
+def tiny_model():
+    model = PartLossNet(num_classes=5, num_parts=3, embedding_dim=16, backbone="tiny",
+                        image_size=(64, 32))
+    model.build()
+    return model
+
+
 TOY = spec.FileFormat("model.toy", "toy", "float32", write_toy, ToyRuntime)
 
 
 def test_a_toy_format_is_one_module_and_one_line_in_files(tmp_path, monkeypatch):
     monkeypatch.setitem(formats.FILES, TOY.file, TOY)  # the one registration line
     assert "toy" in formats.format_names() and formats.files_of(["toy"]) == ["model.toy"]
-    model = PartLossNet(num_classes=5, num_parts=3, embedding_dim=16, backbone="tiny",
-                        image_size=(64, 32))
-    model.build()
+    model = tiny_model()
     images = testing.synthetic_images(6, (64, 32))
     path = export_lib.export_model(model, str(tmp_path), 3, ["model.toy"],
                                    parity_images=images, log=lambda line: None)
@@ -88,9 +93,7 @@ def test_a_format_under_its_floor_is_refused_by_its_declared_floor(tmp_path, mon
 
     noisy = spec.FileFormat("model_noisy.toy", "toy", "float16", write_noisy, NoisyRuntime)
     monkeypatch.setitem(formats.FILES, noisy.file, noisy)
-    model = PartLossNet(num_classes=5, num_parts=3, embedding_dim=16, backbone="tiny",
-                        image_size=(64, 32))
-    model.build()
+    model = tiny_model()
     try:
         export_lib.export_model(model, str(tmp_path), 4, ["model_noisy.toy"],
                                 parity_images=testing.synthetic_images(6, (64, 32)),

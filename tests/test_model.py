@@ -242,3 +242,29 @@ def test_bfloat16_keeps_depthwise_convolutions_in_float32_and_tracks_float32_los
     assert dtypes[keras.layers.Conv2D] == {"bfloat16"}
     assert all(np.isfinite(mixed)) and full[-1] < full[0]
     np.testing.assert_allclose(mixed, full, rtol=0.02)
+
+
+def test_the_train_step_is_traced_once_for_any_number_of_steps():
+    """The one-step graph is traced once per train step function (it was traced twice: called
+    before its loop and inside it, doubling tracing and graph optimisation at start-up)."""
+    traces = []
+
+    def loss_fn(labels, outputs, gather):
+        traces.append(1)  # Python runs only while tracing
+        return losses.plnet_loss(labels, outputs, 1.0, 0.0, gather=gather)
+
+    net = model_lib.PartLossNet(num_classes=4, num_parts=2, embedding_dim=16, backbone="tiny",
+                                image_size=(64, 32))
+    net.build()
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(net.trainable_variables)
+    step = step_lib.make_train_step(net, optimizer, tf.distribute.get_strategy(),
+                                    global_batch_size=8, loss_fn=loss_fn)
+    batch = {"image": tf.random.stateless_uniform([8, 64, 32, 3], [0, 1], 0, 255),
+             "label": tf.constant([0, 0, 1, 1, 2, 2, 3, 3])}
+    batches = iter(tf.data.Dataset.from_tensors(batch).repeat())
+    first = step(batches, tf.constant(3))
+    step(batches, tf.constant(1))
+    assert len(traces) == 1
+    assert int(optimizer.iterations) == 4 and int(first["first_bad_step"]) == -1
+    assert np.isfinite(float(first["loss"]))

@@ -187,15 +187,8 @@ def _write_formats(module, folder, files, calibration, parity_images, log):
     entries = {}
     for name in files:
         started = time.perf_counter()
-        path = formats.write(module.model, folder, name, calibration)
-        outputs = formats.open_file(path).predict_images(parity_images)
-        file_format = formats.get(name)
-        entries[name] = {"format": file_format.format,
-                         "quantization": file_format.quantization,
-                         "bytes": formats.file_bytes(path), "sha256": formats.file_digest(path),
-                         "parity_with_saved_model": formats.parity(reference, outputs)}
-        if file_format.calibrated:
-            entries[name]["calibration_images"] = int(len(calibration))
+        entries[name] = write_format_file(module.model, folder, name, calibration,
+                                          parity_images, reference)
         figures = entries[name]["parity_with_saved_model"]
         formats.check_parity(name, figures)
         log(f"wrote {name} ({entries[name]['bytes'] / 1e6:.1f} MB, "
@@ -206,3 +199,16 @@ def _write_formats(module, folder, files, calibration, parity_images, log):
     return entries
 
 
+def write_format_file(model, folder, name, calibration, parity_images, reference):
+    """Writes the format file `name` into `folder` and compares its outputs on `parity_images`
+    with the SavedModel's (`reference`); returns its model-card entry, not yet checked against
+    its floor (`formats.check_parity`)."""
+    path = formats.write(model, folder, name, calibration)
+    file_format = formats.get(name)
+    entry = {"format": file_format.format, "quantization": file_format.quantization,
+             "bytes": formats.file_bytes(path), "sha256": formats.file_digest(path),
+             "parity_with_saved_model": formats.parity(
+                 reference, formats.open_file(path).predict_images(parity_images))}
+    if file_format.calibrated:
+        entry["calibration_images"] = int(len(calibration))
+    return entry

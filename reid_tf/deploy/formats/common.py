@@ -107,8 +107,7 @@ class PixelRuntime:
         self.num_parts = (int(output_shapes["part_embeddings"][1])
                           if "part_embeddings" in output_shapes else 0)
         self.embedding_width = (self.num_parts + 1) * dim
-        stem = path[:-len(os.path.splitext(path)[1])]
-        self.model_id = _model_id(path, [path] + [stem + suffix for suffix in companions])
+        self.model_id = _model_id(path, spec.with_companions(path, companions))
 
     def _run(self, images):
         """uint8 `[N,H,W,3]` at `image_size` -> `{key: np.ndarray}`."""

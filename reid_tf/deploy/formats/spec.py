@@ -66,8 +66,14 @@ class FileFormat:
 
     def paths(self, path):
         """The file at `path` and its companions."""
-        stem = path[:-len(self.suffix)]
-        return [path] + [stem + suffix for suffix in self.companions]
+        return with_companions(path, self.companions)
+
+
+def with_companions(path, companions):
+    """`path` and the files beside it named for it with the suffixes `companions`
+    (`model.xml` -> `model.bin`)."""
+    stem = os.path.splitext(path)[0]
+    return [path] + [stem + suffix for suffix in companions]
 
 
 def parity(reference, candidate):

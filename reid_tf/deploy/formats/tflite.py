@@ -4,7 +4,6 @@
 pixel function, read by LiteRT (`ai-edge-litert`). The training size is the size of the
 file's first resize. Needs the `[tflite]` extra."""
 
-import functools
 import os
 import tempfile
 import threading
@@ -136,13 +135,11 @@ def _resize_size(interpreter):
 
 
 def _file(name, quantization):
-    write = functools.partial(_write, quantization=quantization)
+    def write(model, path, calibration=None):
+        return write_tflite(model, path, quantization, calibration)
+
     return spec.FileFormat(name, "tflite", quantization, write, TFLiteRuntime,
                            needs=("ai_edge_litert",))
-
-
-def _write(model, path, calibration=None, quantization="float32"):
-    return write_tflite(model, path, quantization, calibration)
 
 
 FILES = (_file("model.tflite", "float32"), _file("model_fp16.tflite", "float16"),
