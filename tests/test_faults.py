@@ -142,6 +142,21 @@ def test_no_readable_checkpoint_is_one_line(trained, tmp_path):
                 if ".data" in n]) == 2
 
 
+def test_checkpoint_of_another_model_is_refused_not_half_restored(trained, tmp_path):
+    """A checkpoint that lacks some of the model's variables (model.json edited, or a network
+    whose layers were renumbered) must not leave them at their initial values unnoticed."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained["workdir"], workdir)
+    path = os.path.join(workdir, "model.json")
+    with open(path) as f:
+        config = json.load(f)
+    assert config["part_strategy"] == "bands"
+    with open(path, "w") as f:
+        json.dump({**config, "part_strategy": "learned"}, f)  # a learned part classifier more
+    result = run("reid_tf.cli.eval", f"--workdir={workdir}", f"--data_dir={trained['data_dir']}")
+    assert_one_line_error(result, "reid-eval", "ckpt-8", "does not hold every weight")
+
+
 def test_refused_starts_write_nothing_and_the_corrected_command_then_runs(tmp_path, data_dir):
     workdir = tmp_path / "run"
     for flag, needle in [("--dataset=folder:/nonexistent/reid", "/nonexistent/reid"),

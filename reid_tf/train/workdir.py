@@ -182,7 +182,15 @@ def load_trained_model(workdir, log=print):
     # Synchronised BatchNorm only matters while training on several replicas.
     model = PartLossNet.from_config({**model_config, "sync_batch_norm": False})
     model.build()
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    status = tf.train.Checkpoint(model=model).restore(latest)
+    try:  # every weight of the network from the checkpoint (its optimizer slots are not needed)
+        status.assert_existing_objects_matched()
+    except AssertionError as error:
+        raise ValueError(
+            f"{latest} does not hold every weight of the network that {workdir}/model.json "
+            f"describes (was model.json edited, or the checkpoint written by another model?): "
+            f"{str(error).splitlines()[0][:300]}") from None
+    status.expect_partial()
     return model, latest
 
 
