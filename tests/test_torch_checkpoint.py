@@ -9,6 +9,7 @@ import sys
 import types
 import zipfile
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -211,3 +212,31 @@ def test_last_stride_one_keeps_twice_the_rows_in_the_part_model(shared_dir):
     assert outputs["part_masks"].shape == (2, 8, 4, 3)
     # model.json rebuilds the torchvision layout (weights then come from the checkpoint).
     assert net.get_config()["backbone"] == "torchvision_mobilenet_v2"
+
+
+def test_torchvision_layout_pads_like_pytorch_with_no_pad_op_at_stride_one():
+    """Every 3x3 convolution of the torchvision layout gives what PyTorch's padding=1 gives (its
+    input zero-padded by 1 on every side, then 'valid'), and only the stride-2 ones need a Pad op
+    of their own: at stride 1 the padding is the convolution's (a Pad and its gradient cost about
+    6 % of a training step)."""
+    net = backbones.build_backbone("torchvision_mobilenet_v2", (64, 32, 3), weights=None,
+                                   last_stride=1).get_layer("torchvision_mobilenet_v2")
+    convolutions = [layer for layer in net.layers
+                    if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))
+                    and layer.kernel_size == (3, 3)]
+    assert len(convolutions) == 18  # the stem and 17 depthwise
+    pads = {layer.name for layer in net.layers if isinstance(layer, keras.layers.ZeroPadding2D)}
+    stride_two = {layer.name for layer in convolutions if layer.strides == (2, 2)}
+    assert pads == {f"{name}_pad" for name in stride_two} and len(stride_two) == 4
+    probe = keras.Model(net.inputs, [layer.input for layer in convolutions]
+                        + [layer.output for layer in convolutions])
+    values = probe(tf.random.normal([2, 64, 32, 3], seed=3))
+    for layer, given, output in zip(convolutions, values[:18], values[18:]):
+        padded = tf.pad(given, [[0, 0], [1, 1], [1, 1], [0, 0]]) if layer.padding == "same" \
+            else given  # the stride-2 ones get the padded map from their Pad layer
+        stride = [1, *layer.strides, 1]
+        expected = (tf.nn.depthwise_conv2d(padded, layer.kernel, stride, "VALID")
+                    if isinstance(layer, keras.layers.DepthwiseConv2D)
+                    else tf.nn.conv2d(padded, layer.kernel, stride, "VALID"))
+        np.testing.assert_allclose(output.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5,
+                                   err_msg=layer.name)

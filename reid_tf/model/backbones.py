@@ -135,17 +135,25 @@ def _torch_conv_bn(x, conv_key, bn_key, filters, kernel_size, stride, activation
     """torchvision's Conv2d(bias=False) + BatchNorm2d(eps=1e-5) [+ ReLU6].
 
     Layers are named for the torch modules they hold, dots as underscores (`features_3_conv_1_0`
-    is `features.3.conv.1.0`). 3x3 convolutions pad 1 on every side, then run 'valid' (PyTorch's
-    padding=1): Keras's 'same' pads asymmetrically at stride 2 and shifts every map by half a pixel.
+    is `features.3.conv.1.0`). PyTorch's padding=1 on every side: Keras's 'same' is the same at
+    stride 1, and inside the convolution's kernel (no Pad op and its gradient, about 6 % of a
+    training step); at stride 2 'same' pads asymmetrically and would shift every map by half a
+    pixel, so those four convolutions pad 1 on every side first and then run 'valid'.
     """
     conv_name, bn_name = conv_key.replace(".", "_"), bn_key.replace(".", "_")
-    if kernel_size == 3:
+    padding = "same"
+    if kernel_size == 3 and stride == 2:
         x = keras.layers.ZeroPadding2D(1, name=f"{conv_name}_pad")(x)
+        padding = "valid"
+    elif kernel_size == 3:
+        # No op: holds the place of the pad layer this convolution had before, because
+        # checkpoints number the network's layers (`_operations.N`) and must keep restoring.
+        x = keras.layers.Identity(name=f"{conv_name}_pad")(x)
     if depthwise:
-        x = keras.layers.DepthwiseConv2D(kernel_size, strides=stride, padding="valid",
+        x = keras.layers.DepthwiseConv2D(kernel_size, strides=stride, padding=padding,
                                          use_bias=False, name=conv_name)(x)
     else:
-        x = keras.layers.Conv2D(filters, kernel_size, strides=stride, padding="valid",
+        x = keras.layers.Conv2D(filters, kernel_size, strides=stride, padding=padding,
                                 use_bias=False, name=conv_name)(x)
     x = normalization.FusedBatchNormalization(epsilon=1e-5, momentum=0.9, name=bn_name)(x)
     if activation:
