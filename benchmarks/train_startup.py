@@ -22,7 +22,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 
 from absl import app
 from absl import flags
@@ -89,15 +88,7 @@ def command(workdir):
 def timeline():
     """[(seconds since start, line)] of a plain run."""
     with tempfile.TemporaryDirectory() as workdir:
-        start = time.perf_counter()
-        process = subprocess.Popen(command(workdir), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
-        lines = [(time.perf_counter() - start, line.rstrip()) for line in process.stdout]
-        process.wait()
-        lines.append((time.perf_counter() - start, f"exit {process.returncode}"))
-    if process.returncode:
-        raise RuntimeError("\n".join(line for _, line in lines[-20:]))
-    return lines
+        return testing.stamped_output(command(workdir))
 
 
 def report_timeline(lines, batch_size):

@@ -58,6 +58,20 @@ def cpu_line(facts=None):
             + (f"; lacks {', '.join(missing)}" if missing and present else ""))
 
 
+
+def stamped_output(argv):
+    """[(seconds since the process started, line)] of a command's output (stdout and stderr),
+    its exit last; raises RuntimeError with the last lines when it fails. For the whole-run
+    benchmarks (train_startup.py, train_whole_run.py)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = [(time.perf_counter() - start, line.rstrip()) for line in process.stdout]
+    process.wait()
+    lines.append((time.perf_counter() - start, f"exit {process.returncode}"))
+    if process.returncode:
+        raise RuntimeError("\n".join(line for _, line in lines[-20:]))
+    return lines
+
 def peak_rss_gib():
     """This process's peak RSS in GiB: VmHWM, which starts afresh at exec (ru_maxrss would carry
     over a forking parent's peak into a child); ru_maxrss where /proc is missing."""

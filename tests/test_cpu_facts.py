@@ -1,7 +1,11 @@
-"""Every benchmark names the CPU and its units beside its figures (issue 41)."""
+"""Every benchmark names the CPU and its units beside its figures (issue 41); the whole-run
+benchmarks read a process's output stamped from its start."""
 
 import glob
 import os
+import sys
+
+import pytest
 
 from reid_tf import testing
 
@@ -34,3 +38,14 @@ def test_every_benchmark_prints_the_cpu_line():
     assert len(scripts) >= 10
     for script in scripts:
         assert "testing.cpu_line()" in open(script).read(), script
+
+
+def test_stamped_output_keeps_order_and_times_from_the_start():
+    script = "import sys, time; print('first'); sys.stdout.flush(); time.sleep(0.2); " \
+             "print('second', file=sys.stderr)"
+    lines = testing.stamped_output([sys.executable, "-c", script])
+    assert [line for _, line in lines] == ["first", "second", "exit 0"]
+    seconds = [t for t, _ in lines]
+    assert 0 < seconds[0] <= seconds[1] <= seconds[2] and seconds[1] >= 0.2  # after the sleep
+    with pytest.raises(RuntimeError, match="gone wrong"):
+        testing.stamped_output([sys.executable, "-c", "import sys; sys.exit('gone wrong')"])
