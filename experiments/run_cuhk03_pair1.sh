@@ -95,11 +95,14 @@ fi
 # Issue 38's learned partition (--part_strategy=learned), on the held-out ids at the recipe's
 # 12 epochs, against fixed stripes and bands on the same ids (the _val_stripes_e12 and
 # _val_bands_e12 runs): the variant (ISP-style, its own masks from the start; RPP-style, the
-# teacher's masks for the first 30 % of training) and the teacher (bands, stripes). Queued behind
-# the search's trials (one training at a time); its 3-seed rows wait for the tuned recipe.
+# teacher's masks for the first 30 % of training; distilled, the teacher's masks throughout, so
+# the head only learns to reproduce them and replaces K-means at inference) and the teacher
+# (bands, stripes). One training at a time with the search; its 3-seed rows wait for the tuned
+# recipe. (The first four ran 2026-12-07; the distilled pair was added after them: the ISP-style
+# head left its teacher, experiments/RESULTS.md.)
 if [[ $WHICH == learned_validation ]]; then
   for teacher in bands stripes; do
-    for induction in 0 0.3; do
+    for induction in 0 0.3 1; do
       RUNS+=("${R}_labeled_val_learned_${teacher}_i${induction}_e12|$L|--part_strategy=learned --part_teacher=$teacher --part_induction=$induction --epochs=12 $V")
     done
   done
