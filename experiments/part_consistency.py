@@ -4,7 +4,10 @@ Loads a reid-train workdir, computes the backbone's feature maps of its evaluati
 (validation query + gallery when the run held validation identities out, else the test split),
 and partitions the same maps with each strategy (`bands`, `peaks`, `activation`, `stripes`) at the
 run's K: `parts.part_consistency` (mean IoU with the population's mean part mask, share of
-images whose parts are strictly ordered top to bottom) for each. Prints a table and writes
+images whose parts are strictly ordered top to bottom) for each. A run with learned parts adds
+its head's own soft masks (`learned`), the share of cells where the head's most likely part is
+its teacher's, and where each part's mass lies, row by row of the feature map (does part k still
+mean a region?). Prints tables and writes
 experiments/results/consistency/part_consistency_<run>.json (numbers only).
 
     .venv/bin/python experiments/part_consistency.py --workdir=runs/cuhk03_pair1_labeled_val_bands_e12
@@ -23,6 +26,32 @@ from reid_tf.model import parts
 from reid_tf.train import workdir as workdir_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def learned_head(model, maps):
+    """The learned partition's own masks on `maps`: consistency, agreement with its teacher and
+    the mean mass of each part by feature-map row (printed and returned)."""
+    masks, agreement = [], []
+    for i in range(0, len(maps), 256):
+        batch = tf.constant(maps[i:i + 256])
+        head = model.partition(batch)["masks"]
+        teacher = model.partition.teacher(batch)
+        masks.append(head.numpy())
+        agreement.append((tf.argmax(head, -1) == tf.argmax(teacher, -1)).numpy())
+    masks = np.concatenate(masks)
+    consistency = parts.part_consistency(masks)
+    rows = masks.mean(axis=(0, 2))  # [h, K]
+    result = {**consistency, "teacher_agreement": float(np.concatenate(agreement).mean()),
+              "teacher": model.partition.teacher_strategy, "mass_by_row": rows.round(4).tolist()}
+    print(f"| learned (the run's head) | {consistency['mean_iou']:.3f} | "
+          f"{consistency['ordered_fraction']:.3f} |")
+    print(f"cells where the head's most likely part is its teacher's ({result['teacher']}): "
+          f"{100 * result['teacher_agreement']:.1f} %")
+    print("| row | " + " | ".join(f"part {k}" for k in range(rows.shape[1])) + " |")
+    print("| --- " * (rows.shape[1] + 1) + "|")
+    for row, shares in enumerate(rows):
+        print(f"| {row} | " + " | ".join(f"{share:.2f}" for share in shares) + " |")
+    return result
 
 
 def main():
@@ -60,6 +89,8 @@ def main():
         results["strategies"][strategy] = consistency
         print(f"| {strategy} | {consistency['mean_iou']:.3f} | "
               f"{consistency['ordered_fraction']:.3f} |")
+    if model.part_strategy == "learned":
+        results["learned"] = learned_head(model, maps)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, f"part_consistency_{results['workdir']}.json")
     with open(path, "w") as f:

@@ -2,10 +2,12 @@
 loss, the model pooling with the head's soft masks at inference (and the teacher's during
 induction), an inference graph without the K-means, and reid-train end to end."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -172,3 +174,25 @@ def test_reid_train_with_learned_parts_and_every_export_format(trained, tmp_path
                                   "model_int8_dynamic.tflite", "model_int8.tflite"}
     float_files = card["files"]["model.onnx"], card["files"]["model.tflite"]
     assert all(f["parity_with_saved_model"]["cosine_min"] > 0.9999 for f in float_files)
+
+
+def test_part_consistency_reports_the_heads_own_parts_against_its_teacher():
+    """experiments/part_consistency.py on a learned run: the head's masks by row and how often its
+    most likely part is the teacher's. A head at even odds puts 1/K of every row in each part,
+    its parts in no order, and picks part 0 everywhere (argmax of a tie), so it agrees with
+    the teacher exactly where the teacher says part 0."""
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "part_consistency.py")
+    spec = importlib.util.spec_from_file_location("part_consistency", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    layer = learned_parts.LearnedPartPartition(4, teacher="bands")
+    maps = features(seed=3, shape=(6, 8, 4, 16))
+    layer(maps)
+    layer.classifier.set_weights([np.zeros((16, 4), np.float32), np.zeros(4, np.float32)])
+    result = module.learned_head(types.SimpleNamespace(partition=layer), maps.numpy())
+    np.testing.assert_allclose(result["mass_by_row"], np.full((8, 4), 0.25), atol=1e-6)
+    assert result["ordered_fraction"] == 0.0 and result["mean_iou"] == pytest.approx(1.0)
+    teacher_part_zero = parts.ActivationPartPartition(4, "bands")(maps).numpy()[..., 0]
+    assert 0 < teacher_part_zero.mean() < 1
+    assert result["teacher_agreement"] == pytest.approx(teacher_part_zero.mean())
+    assert result["teacher"] == "bands"
