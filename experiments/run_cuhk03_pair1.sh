@@ -98,14 +98,16 @@ fi
 # teacher's masks for the first 30 % of training; distilled, the teacher's masks throughout, so
 # the head only learns to reproduce them and replaces K-means at inference) and the teacher
 # (bands, stripes). One training at a time with the search; its 3-seed rows wait for the tuned
-# recipe. (The first four ran 2026-12-07; the distilled pair was added after them: the ISP-style
-# head left its teacher, experiments/RESULTS.md.)
+# recipe. (The first four ran 2026-12-07; added after them, because the ISP-style head left its
+# teacher (experiments/RESULTS.md): the distilled pair, and the ISP-style head with a teacher
+# loss ten times as heavy, bands as teacher.)
 if [[ $WHICH == learned_validation ]]; then
   for teacher in bands stripes; do
     for induction in 0 0.3 1; do
       RUNS+=("${R}_labeled_val_learned_${teacher}_i${induction}_e12|$L|--part_strategy=learned --part_teacher=$teacher --part_induction=$induction --epochs=12 $V")
     done
   done
+  RUNS+=("${R}_labeled_val_learned_bands_i0_w10_e12|$L|--part_strategy=learned --part_teacher=bands --part_induction=0 --part_assignment_weight=10 --epochs=12 $V")
 fi
 if [[ $WHICH == main ]]; then
   for seed in 0 1 2; do
