@@ -1,3 +1,5 @@
+import collections
+
 import numpy as np
 import pytest
 
@@ -131,3 +133,64 @@ def test_mean_over_splits():
     mean = metrics_lib.mean_over_splits(results)
     assert mean["rank1"] == 0.75 and mean["mAP"] == pytest.approx(0.6)
     assert mean["num_splits"] == 2 and mean["num_skipped"] == 1
+
+
+def classic_case(num_ids=100, closer=None):
+    """Queries: identity i on camera 1. Gallery: identity i on camera 2 (the true match, at
+    distance 0.5 from query i) and on camera 1 (same camera, distance 0: never a match). Query
+    i has `closer[i]` other identities' camera-2 images nearer than its true match."""
+    closer = np.zeros(num_ids, int) if closer is None else np.asarray(closer)
+    ids = np.arange(num_ids)
+    gallery_ids = np.concatenate([ids, ids])
+    gallery_cameras = np.concatenate([np.full(num_ids, 2), np.full(num_ids, 1)])
+    distances = np.ones((num_ids, 2 * num_ids), np.float32)
+    distances[ids, ids] = 0.5
+    distances[ids, num_ids + ids] = 0.0  # same camera as the query: left out
+    for i in ids:
+        distances[i, [(i + 1 + k) % num_ids for k in range(closer[i])]] = 0.25
+    return distances, ids, gallery_ids, np.ones(num_ids, int), gallery_cameras
+
+
+def test_classic_protocol_ranks_each_probe_among_one_image_per_identity():
+    # 100 identities, all drawn in every trial: query i's true match is at rank closer[i] + 1.
+    closer = np.arange(100) % 4  # ranks 1, 2, 3, 4 in equal shares
+    result = metrics_lib.evaluate_classic(*classic_case(100, closer), identities=100, trials=3)
+    np.testing.assert_allclose(result["cmc"][:5], [0.25, 0.5, 0.75, 1.0, 1.0])
+    assert result["rank1"] == 0.25 and result["classic"] == {"identities": 100, "trials": 3,
+                                                              "seed": 0}
+    # mAP is the standard protocol's (the same-camera image is left out there too).
+    standard = metrics_lib.evaluate(*classic_case(100, closer))
+    assert result["mAP"] == standard["mAP"]
+    # 100 of 300 identities per trial: a probe keeps only the nearer identities that were drawn.
+    one_nearer = metrics_lib.evaluate_classic(*classic_case(300, np.ones(300, int)), trials=20)
+    assert 0.6 < one_nearer["rank1"] < 0.73  # each of the 99 others drawn: 99/299 = 0.33
+    assert one_nearer["cmc"][1] == 1.0
+    again = metrics_lib.evaluate_classic(*classic_case(300, np.ones(300, int)), trials=20)
+    np.testing.assert_array_equal(again["cmc"], one_nearer["cmc"])  # seeded
+    with pytest.raises(ValueError, match="only 50 have a query and a gallery image"):
+        metrics_lib.evaluate_classic(*classic_case(50))
+
+
+def test_reid_eval_scoring_takes_the_classic_protocol_and_records_it():
+    from reid_tf.evaluate import evaluator
+
+    _, q_ids, g_ids, q_cams, g_cams = classic_case(100)
+    split = collections.namedtuple("Split", "person_ids camera_ids")
+    query, gallery = split(q_ids, q_cams), split(g_ids, g_cams)
+    rng = np.random.default_rng(0)
+    query_features = rng.normal(size=(100, 8)).astype(np.float32)
+    gallery_features = np.concatenate([  # camera 2: each query's identity, noisy; camera 1: any
+        query_features + rng.normal(scale=0.6, size=(100, 8)),
+        rng.normal(size=(100, 8))]).astype(np.float32)
+    scoring = evaluator.Scoring(metric="euclidean", classic_identities=100, classic_trials=2)
+    metrics, _ = evaluator.score(query_features, gallery_features, query, gallery, scoring)
+    expected = metrics_lib.evaluate_classic(
+        metrics_lib.pairwise_distances(query_features, gallery_features, "euclidean"),
+        q_ids, g_ids, q_cams, g_cams, trials=2)
+    np.testing.assert_array_equal(metrics["cmc"], expected["cmc"])
+    assert 0 < metrics["rank1"] < 1 and metrics["cmc"][-1] > metrics["rank1"]
+    record = evaluator.results_record(metrics, dataset="made up")
+    assert record["classic_protocol"] == {"identities": 100, "trials": 2, "seed": 0}
+    both = evaluator.Scoring(single_gallery_shot=True, classic_identities=100)
+    with pytest.raises(ValueError, match="two protocols"):
+        evaluator.score(query_features, gallery_features, query, gallery, both)

@@ -205,6 +205,10 @@ def print_metrics(config, dataset, metrics, queries, gallery_size):
     print(f"\n{dataset}: {queries} queries ({metrics['num_skipped']} skipped), "
           f"{gallery_size} gallery images; descriptor={config.descriptor} flip={config.flip} "
           f"rerank={config.rerank}")
+    if "classic" in metrics:
+        classic = metrics["classic"]
+        print(f"classic protocol: CMC over {classic['trials']} draws of {classic['identities']} "
+              "identities, one gallery image each; mAP and mINP of the standard protocol")
     print("| rank-1 | rank-5 | rank-10 | rank-20 | mAP | mINP |")
     print("| --- | --- | --- | --- | --- | --- |")
     print(f"| {cmc[0]:.4f} | {cmc[4]:.4f} | {cmc[9]:.4f} | {cmc[19]:.4f} | "

@@ -293,6 +293,45 @@ def evaluate_single_gallery_shot(distances, query_ids, gallery_ids, query_camera
     return {**standard, "cmc": cmc, "rank1": float(cmc[0])}
 
 
+def evaluate_classic(distances, query_ids, gallery_ids, query_cameras, gallery_cameras,
+                     identities=100, trials=20, seed=0, max_rank=20):
+    """CUHK03's classic protocol (Li et al. 2014; the paper era's figures): in each of `trials`
+    seeded draws, `identities` test identities, each with one probe image (from the queries)
+    and one gallery image from another camera than its probe; every probe ranked against those
+    `identities` gallery images (ties by the draw's order), CMC averaged over probes and draws.
+    mAP and mINP stay the standard protocol's (`evaluate`); with one true match per probe the
+    classic protocol has no mAP of its own."""
+    gallery_ids, gallery_cameras = np.asarray(gallery_ids), np.asarray(gallery_cameras)
+    candidates = {}  # identity -> [(probe index, its other-camera gallery indexes)]
+    for q, (identity, camera) in enumerate(zip(query_ids, query_cameras)):
+        other = np.flatnonzero((gallery_ids == identity) & (gallery_cameras != camera))
+        if len(other):
+            candidates.setdefault(int(identity), []).append((q, other))
+    eligible = np.array(sorted(candidates))
+    if len(eligible) < identities:
+        raise ValueError(f"classic protocol: {identities} identities asked, but only "
+                         f"{len(eligible)} have a query and a gallery image from another camera.")
+    distances = np.asarray(distances, np.float32)
+    hits = np.zeros(max_rank)
+    for trial in range(trials):
+        rng = np.random.default_rng([seed, trial])
+        probes, gallery = [], []
+        for identity in rng.choice(eligible, identities, replace=False):
+            q, other = candidates[int(identity)][rng.integers(len(candidates[int(identity)]))]
+            probes.append(q)
+            gallery.append(other[rng.integers(len(other))])
+        block = distances[np.ix_(probes, gallery)]
+        true = np.diag(block)[:, None]
+        earlier = np.arange(identities)[None, :] < np.arange(identities)[:, None]
+        ranks = 1 + ((block < true) | ((block == true) & earlier)).sum(axis=1)
+        hits += (ranks[:, None] <= np.arange(1, max_rank + 1)[None, :]).sum(axis=0)
+    cmc = hits / (trials * identities)
+    standard = evaluate(distances, query_ids, gallery_ids, query_cameras, gallery_cameras,
+                        max(max_rank, 20))
+    return {**standard, "cmc": cmc, "rank1": float(cmc[0]),
+            "classic": {"identities": identities, "trials": trials, "seed": seed}}
+
+
 def mean_over_splits(results):
     """Mean CMC, mAP and mINP over evaluations of several splits (VIPeR's 10 x 2 protocol)."""
     if not results:
