@@ -26,7 +26,9 @@
 #   bash experiments/run_cuhk03_pair1.sh search_confirm  # their best 3 configurations, 3 seeds
 #   bash experiments/run_cuhk03_pair1.sh learned_validation  # issue 38: the learned partition's
 #                                                     # variant and teacher, on validation
-#   (round four's queue, from a pinned clone: `... search && ... learned_validation`)
+#   bash experiments/run_cuhk03_pair1.sh paper_protocol  # (a), (b) again, labeled, 3 seeds, and
+#                                                 # CUHK03's classic protocol (RECIPE=: tuned)
+#   (round four's queue, from a pinned clone: `... learned_validation && ... search`)
 #   .venv/bin/python experiments/summarize.py         # the tables of RESULTS.md
 #   ONLY=_s0 bash experiments/run_cuhk03_pair1.sh wide # only runs whose name matches (regex)
 set -euo pipefail
@@ -108,6 +110,18 @@ if [[ $WHICH == learned_validation ]]; then
     done
   done
   RUNS+=("${R}_labeled_val_learned_bands_i0_w10_e12|$L|--part_strategy=learned --part_teacher=bands --part_induction=0 --part_assignment_weight=10 --epochs=12 $V")
+fi
+# Issue 37's paper-protocol table: rows (a) and (b) of a recipe (RECIPE, default the old one)
+# trained again on labeled boxes at 3 seeds (their checkpoints were not kept), then scored by
+# reid-eval on CUHK03's classic protocol (--classic_identities=100: 100 test identities, one
+# gallery image each, 20 draws) beside their standard figures; results/<run>_classic.json.
+PAPER_RECIPE=${RECIPE:-${R}_labeled_mobilenetv2_128x64}
+PAPER_TAG=$([[ $PAPER_RECIPE == "${R}_labeled_mobilenetv2_128x64" ]] && echo old || echo "${PAPER_RECIPE##*_}")
+if [[ $WHICH == paper_protocol ]]; then
+  for seed in 0 1 2; do
+    RUNS+=("${R}_labeled_baseline_paper_${PAPER_TAG}_s${seed}|$PAPER_RECIPE|--num_parts=0 --seed=${seed}")
+    RUNS+=("${R}_labeled_plnet_paper_${PAPER_TAG}_s${seed}|$PAPER_RECIPE|--seed=${seed}")
+  done
 fi
 if [[ $WHICH == main ]]; then
   for seed in 0 1 2; do
@@ -210,3 +224,17 @@ for run in "${RUNS[@]}"; do
   echo "   $(cat "$dir/wall_seconds") s"
   "$PYTHON" experiments/summarize.py --collect="$dir" --recipe="$recipe" --extra="$extra"
 done
+if [[ $WHICH == paper_protocol ]]; then
+  for run in "${RUNS[@]}"; do
+    name=${run%%|*}
+    out=experiments/results/${name}_classic.json
+    [[ $name =~ $ONLY ]] || continue
+    [[ -f $out ]] && { echo "== $name (classic protocol): done, skipped"; continue; }
+    [[ -d runs/$name/checkpoints ]] || { echo "!! $name: not trained here, no classic score"; continue; }
+    echo "== $name: reid-eval --classic_identities=100"
+    "$PYTHON" -m reid_tf.cli.eval --workdir="runs/$name" --classic_identities=100 \
+      --output_dir="runs/$name/classic" >>"runs/$name/classic.log" 2>&1 \
+      && cp "runs/$name/classic/results.json" "$out" \
+      || echo "!! $name: classic scoring failed, see runs/$name/classic.log"
+  done
+fi
