@@ -17,6 +17,7 @@ line with the CPU's facts.
     REID_TF_SHARED_DIR=../shared python benchmarks/train_whole_run.py [--rounds=2]
 """
 
+import functools
 import json
 import os
 import re
@@ -40,8 +41,15 @@ flags.DEFINE_string("peer_python", "experiments/peers/.venv/bin/python",
 STEP_LINE = re.compile(r"^step (\d+)/(\d+)")
 
 
+@functools.cache
+def recipe_values():
+    """{flag: value} of the recipe's flagfile, read once."""
+    with open(FLAGS.recipe) as f:
+        return dict(re.findall(r"^--(\w+)=(.*)$", f.read(), re.M))
+
+
 def recipe_value(name):
-    return re.search(rf"^--{name}=(.*)$", open(FLAGS.recipe).read(), re.M).group(1)
+    return recipe_values()[name]
 
 
 def ours(workdir, steps):
