@@ -26,6 +26,8 @@
 #   bash experiments/run_cuhk03_pair1.sh search_confirm  # their best 3 configurations, 3 seeds
 #   bash experiments/run_cuhk03_pair1.sh learned_validation  # issue 38: the learned partition's
 #                                                     # variant and teacher, on validation
+#   bash experiments/run_cuhk03_pair1.sh learned_seeds  # its pick against stripes and bands,
+#                                                     # seeds 1 and 2 (validation)
 #   bash experiments/run_cuhk03_pair1.sh paper_protocol  # (a), (b) again, labeled, 3 seeds, and
 #                                                 # CUHK03's classic protocol (RECIPE=: tuned)
 #   (round four's queue, from a pinned clone: `... learned_validation && ... search`)
@@ -110,6 +112,17 @@ if [[ $WHICH == learned_validation ]]; then
     done
   done
   RUNS+=("${R}_labeled_val_learned_bands_i0_w10_e12|$L|--part_strategy=learned --part_teacher=bands --part_induction=0 --part_assignment_weight=10 --epochs=12 $V")
+fi
+# Issue 38's pick at more than one seed: the ISP-style head with bands as teacher (the best
+# validation mAP at seed 0, 59.0) against fixed stripes (58.0) and bands (56.8), seeds 1 and 2
+# (seed 0 is the run without a suffix); summarize.py's "Validation runs at several seeds".
+if [[ $WHICH == learned_seeds ]]; then
+  for seed in 1 2; do
+    S="${V/--seed=0/--seed=$seed}"
+    RUNS+=("${R}_labeled_val_learned_bands_i0_e12_s${seed}|$L|--part_strategy=learned --part_teacher=bands --part_induction=0 --epochs=12 $S")
+    RUNS+=("${R}_labeled_val_stripes_e12_s${seed}|$L|--part_strategy=stripes --epochs=12 $S")
+    RUNS+=("${R}_labeled_val_bands_e12_s${seed}|$L|--part_strategy=bands --epochs=12 $S")
+  done
 fi
 # Issue 37's paper-protocol table: rows (a) and (b) of a recipe (RECIPE, default the old one)
 # trained again on labeled boxes at 3 seeds (their checkpoints were not kept), then scored by

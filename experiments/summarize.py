@@ -314,6 +314,44 @@ def validation_table(records, prefix="cuhk03_pair1_labeled_val_"):
     return "\n".join(lines)
 
 
+def validation_seeds(records, prefix="cuhk03_pair1_labeled_val_"):
+    """{validation run: {seed: record}}: a run's seed-0 record is named without a suffix, its
+    other seeds `<name>_s<seed>`; only runs with more than one seed."""
+    groups = {}
+    for name, record in records.items():
+        if name.startswith(prefix):
+            base = re.sub(r"_s\d+$", "", name[len(prefix):])
+            groups.setdefault(base, {})[record["config"]["seed"]] = record
+    return {base: runs for base, runs in sorted(groups.items()) if len(runs) > 1}
+
+
+def validation_seeds_table(records, against="stripes_e12", prefix="cuhk03_pair1_labeled_val_"):
+    """Validation runs repeated at several seeds: mean ± std of rank-1 and mAP, and the mAP
+    gain over `against`, paired by seed."""
+    groups = validation_seeds(records, prefix)
+    lines = ["| validation run | seeds | rank-1 | mAP | global alone mAP | "
+             f"mAP − {against}, paired |", "| --- | --- | --- | --- | --- | --- |"]
+    for base, runs in groups.items():
+        def points(seed, metric, descriptor=None):
+            validation = runs[seed]["results"]["validation"]
+            value = (validation["descriptors"].get(descriptor, {}).get(metric)
+                     if descriptor else validation[metric])
+            return None if value is None else 100 * value
+        seeds = sorted(runs)
+        global_alone = [points(s, "mAP", "global_embedding") for s in seeds]
+        paired = sorted(set(seeds) & set(groups.get(against, {})))
+        gain = "–"
+        if base != against and paired:
+            reference = groups[against]
+            gain = mean_std([points(s, "mAP") - 100 * reference[s]["results"]["validation"]
+                             ["mAP"] for s in paired]) + f" (seeds {paired})"
+        lines.append(
+            f"| {base} | {seeds} | {mean_std([points(s, 'rank1') for s in seeds])} | "
+            f"{mean_std([points(s, 'mAP') for s in seeds])} | "
+            f"{mean_std(global_alone) if None not in global_alone else '–'} | {gain} |")
+    return "\n".join(lines)
+
+
 GRID_KS = (2, 3, 4, 6)
 GRID_LAMBDAS = ("0.5", "1", "2")
 
@@ -464,6 +502,7 @@ def tables(records):
     return "\n\n".join([
         "## Validation (labeled, 20 % of the training identities held out)\n\n"
         + validation_table(records) + "\n\n" + plateau_lines(records),
+        "## Validation runs at several seeds\n\n" + validation_seeds_table(records),
         "## K and λ on validation (PL-Net, bands)\n\n" + grid_table(records),
         "## Main table: test identities, at convergence\n\n" + main_table(records)
         + "\n\n" + comparison_lines(records),

@@ -344,6 +344,25 @@ def test_summarize_pairs_runs_by_seed_and_checks_num_parts():
         summarize.main_table(records)
 
 
+def test_summarize_validation_seeds_mean_and_paired_gain():
+    summarize = load_summarize()
+
+    def val(name, seed, map_):
+        return name, {"name": name, "config": {"seed": seed}, "results": {"validation": {
+            "rank1": map_, "mAP": map_, "descriptors": {"global_embedding": {"mAP": map_ / 2}}}}}
+    prefix = "cuhk03_pair1_labeled_val_"
+    records = dict([val(prefix + "stripes_e12", 0, 0.58), val(prefix + "stripes_e12_s1", 1, 0.56),
+                    val(prefix + "learned_e12", 0, 0.59), val(prefix + "learned_e12_s1", 1, 0.60),
+                    val(prefix + "learned_e12_s2", 2, 0.61),  # no stripes at seed 2: unpaired
+                    val(prefix + "bands_e12", 0, 0.57)])  # one seed: not in the table
+    table = summarize.validation_seeds_table(records)
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines()[2:]}
+    assert sorted(rows) == ["learned_e12", "stripes_e12"]
+    assert rows["learned_e12"] == ("| learned_e12 | [0, 1, 2] | 60.0 ± 1.0 | 60.0 ± 1.0 | "
+                                   "30.0 ± 0.5 | 2.5 ± 2.1 (seeds [0, 1]) |")
+    assert rows["stripes_e12"].endswith("| 57.0 ± 1.4 | 28.5 ± 0.7 | – |")
+
+
 def test_summarize_paired_gains_verdict_and_peer_agreement():
     summarize = load_summarize()
     records = dict([record(f"cuhk03_pair1_labeled_baseline_s{s}", s, 0, m)
