@@ -29,16 +29,22 @@
 #   bash experiments/run_cuhk03_pair1.sh learned_seeds  # its pick against stripes and bands,
 #                                                     # seeds 1 and 2 (validation)
 #   bash experiments/run_cuhk03_pair1.sh paper_protocol  # (a), (b) again, labeled, 3 seeds, and
-#                                                 # CUHK03's classic protocol (RECIPE=: tuned)
+#                                                 # CUHK03's classic protocol (RECIPE=tuned)
+#   (after `search.py --confirm` and `--write_recipes`, issue 37 on the tuned recipes:)
+#   bash experiments/run_cuhk03_pair1.sh tuned_health   # twice the budget; the triplet flipped
+#   bash experiments/run_cuhk03_pair1.sh tuned          # rows (a), (b), (h), (i), 3 seeds, both
+#   bash experiments/run_cuhk03_pair1.sh tuned_openset  # DIR@FAR on the tuned (a), (b)
 #   (round four's queue, from a pinned clone: `... learned_validation && ... search`)
 #   .venv/bin/python experiments/summarize.py         # the tables of RESULTS.md
 #   ONLY=_s0 bash experiments/run_cuhk03_pair1.sh wide # only runs whose name matches (regex)
+#   DRY=1 bash experiments/run_cuhk03_pair1.sh tuned   # the phase's runs, listed, not run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TRAIN=${TRAIN:-.venv/bin/reid-train}
 PYTHON=${PYTHON:-.venv/bin/python}
 WHICH=${1:-main}
 ONLY=${ONLY:-}  # a regular expression: run only the runs whose names match it
+DRY=${DRY:-}  # DRY=1: print each run of the phase as name|recipe|flags, run nothing
 RUNS=()
 R=cuhk03_pair1
 # Validation: labeled boxes, 20 % of the training identities held out, evaluated every 50 steps
@@ -124,16 +130,78 @@ if [[ $WHICH == learned_seeds ]]; then
     RUNS+=("${R}_labeled_val_bands_e12_s${seed}|$L|--part_strategy=bands --epochs=12 $S")
   done
 fi
-# Issue 37's paper-protocol table: rows (a) and (b) of a recipe (RECIPE, default the old one)
-# trained again on labeled boxes at 3 seeds (their checkpoints were not kept), then scored by
+# Issue 37 on the tuned recipes: experiments/cuhk03_pair1_<data>_tuned_<study>.flags, written
+# by `search.py --write_recipes` from each study's 3-seed confirmation (the baseline study's for
+# row (a), PL-Net's for (b), (h) and (i), with their K and lambda). A tuned phase stops before
+# they exist. Runs are named ..._tuned_s<seed> (test) and ..._val_tuned_* (validation).
+tuned_recipe() {  # tuned_recipe <data> <study>: the recipe's name, or exit if not written yet
+  local name=${R}_$1_tuned_$2
+  [[ -f experiments/$name.flags ]] || {
+    echo "$WHICH: experiments/$name.flags is not written yet (search.py --confirm, then --write_recipes)" >&2
+    exit 2; }
+  echo "$name"
+}
+flag_of() {  # flag_of <recipe> <name>: its value; the last one, as reid-train reads it
+  sed -n "s/^--$2=//p" "experiments/$1.flags" | tail -n 1
+}
+# The learned partition picked on validation (experiments/RESULTS.md, "Learned parts").
+LEARNED=${LEARNED:---part_strategy=learned --part_teacher=bands --part_induction=0}
+ALSO="--also_evaluate_on=folder:../shared/data/${R}_detected"
+# The recipe's health on validation, seeds 0-2 (the search's own runs at seeds 0-2 of the
+# chosen configuration are the reference, experiments/search/*_confirm.json): twice the chosen
+# budget (PL-Net), and the triplet loss flipped (weight 0 if the search chose one, else the
+# batch-hard loss of rows (f)/(g): TRIPLET) for each study.
+if [[ $WHICH == tuned_health ]]; then
+  for study in plnet baseline; do
+    recipe=$(tuned_recipe labeled $study)
+    weight=$(flag_of "$recipe" triplet_weight)
+    flip=$([[ ${weight:-0} != 0 && ${weight:-0} != 0.0 ]] && echo "--triplet_weight=0" \
+           || echo "${TRIPLET:---triplet_weight=1 --triplet_margin=0.3}")
+    for seed in 0 1 2; do
+      S="${V/--seed=0/--seed=$seed}"
+      if [[ $study == plnet ]]; then
+        epochs=$(flag_of "$recipe" epochs)
+        RUNS+=("${R}_labeled_val_tuned_plnet_x2_s${seed}|$recipe|--epochs=$((2 * epochs)) $S")
+      fi
+      RUNS+=("${R}_labeled_val_tuned_${study}_triplet_flipped_s${seed}|$recipe|$flip $S")
+    done
+  done
+fi
+# Rows (a), (b), (h), (i) on the tuned recipes, 3 seeds, both box types; labeled runs are also
+# tested on the detected test split (the robustness table).
+if [[ $WHICH == tuned ]]; then
+  for seed in 0 1 2; do
+    for data in labeled detected; do
+      also=$([[ $data == labeled ]] && echo "$ALSO" || echo "")
+      base=$(tuned_recipe $data baseline); plnet=$(tuned_recipe $data plnet)
+      RUNS+=("${R}_${data}_baseline_tuned_s${seed}|$base|--num_parts=0 --seed=${seed} $also")
+      RUNS+=("${R}_${data}_plnet_tuned_s${seed}|$plnet|--part_strategy=bands --seed=${seed} $also")
+      RUNS+=("${R}_${data}_stripes_tuned_s${seed}|$plnet|--part_strategy=stripes --seed=${seed} $also")
+      RUNS+=("${R}_${data}_learned_tuned_s${seed}|$plnet|$LEARNED --seed=${seed} $also")
+    done
+  done
+fi
+# The open-set table on the tuned (a) and (b): thresholds fitted on 20 % validation identities.
+if [[ $WHICH == tuned_openset ]]; then
+  for data in labeled detected; do
+    RUNS+=("${R}_${data}_openset_baseline_tuned_s0|$(tuned_recipe $data baseline)|--num_parts=0 --validation_identities=0.2 --seed=0")
+    RUNS+=("${R}_${data}_openset_plnet_tuned_s0|$(tuned_recipe $data plnet)|--validation_identities=0.2 --seed=0")
+  done
+fi
+# Issue 37's paper-protocol table: rows (a) and (b) on labeled boxes, 3 seeds, scored by
 # reid-eval on CUHK03's classic protocol (--classic_identities=100: 100 test identities, one
-# gallery image each, 20 draws) beside their standard figures; results/<run>_classic.json.
-PAPER_RECIPE=${RECIPE:-${R}_labeled_mobilenetv2_128x64}
-PAPER_TAG=$([[ $PAPER_RECIPE == "${R}_labeled_mobilenetv2_128x64" ]] && echo old || echo "${PAPER_RECIPE##*_}")
+# gallery image each, 20 draws) beside their standard figures; results/classic/<run>.json.
+# RECIPE=old (default): the old recipe's (a) and (b) trained again (their checkpoints were not
+# kept) as ..._paper_old_s<seed>; RECIPE=tuned: the tuned phase's runs (trained if missing).
 if [[ $WHICH == paper_protocol ]]; then
   for seed in 0 1 2; do
-    RUNS+=("${R}_labeled_baseline_paper_${PAPER_TAG}_s${seed}|$PAPER_RECIPE|--num_parts=0 --seed=${seed}")
-    RUNS+=("${R}_labeled_plnet_paper_${PAPER_TAG}_s${seed}|$PAPER_RECIPE|--seed=${seed}")
+    if [[ ${RECIPE:-old} == tuned ]]; then
+      RUNS+=("${R}_labeled_baseline_tuned_s${seed}|$(tuned_recipe labeled baseline)|--num_parts=0 --seed=${seed} $ALSO")
+      RUNS+=("${R}_labeled_plnet_tuned_s${seed}|$(tuned_recipe labeled plnet)|--part_strategy=bands --seed=${seed} $ALSO")
+    else
+      RUNS+=("${R}_labeled_baseline_paper_old_s${seed}|$L|--num_parts=0 --seed=${seed}")
+      RUNS+=("${R}_labeled_plnet_paper_old_s${seed}|$L|--seed=${seed}")
+    fi
   done
 fi
 if [[ $WHICH == main ]]; then
@@ -147,7 +215,6 @@ fi
 # Rows (f)-(h). Labeled runs are also tested on the detected test split (the same people in
 # detector boxes): the robustness table. (g) takes K and lambda from the validation grid:
 # KL="K lambda" (required: no default, so that (g) cannot run before the choice).
-ALSO="--also_evaluate_on=folder:../shared/data/${R}_detected"
 if [[ $WHICH == strong ]]; then
   [[ -n ${KL:-} ]] || { echo "strong: set KL=\"K lambda\" from the validation grid" >&2; exit 2; }
   read -r K lambda <<<"$KL"
@@ -223,6 +290,7 @@ for run in "${RUNS[@]}"; do
   IFS='|' read -r name recipe extra <<<"$run"
   dir=runs/$name
   [[ $name =~ $ONLY ]] || continue
+  [[ -n $DRY ]] && { echo "$name|$recipe|$extra"; continue; }
   [[ -f $dir/results.json || -f experiments/results/$name.json ]] \
     && { echo "== $name: done, skipped"; continue; }
   while [[ -f runs/PAUSE ]]; do sleep 10; done
@@ -237,17 +305,17 @@ for run in "${RUNS[@]}"; do
   echo "   $(cat "$dir/wall_seconds") s"
   "$PYTHON" experiments/summarize.py --collect="$dir" --recipe="$recipe" --extra="$extra"
 done
-if [[ $WHICH == paper_protocol ]]; then
+if [[ $WHICH == paper_protocol && -z $DRY ]]; then
   for run in "${RUNS[@]}"; do
     name=${run%%|*}
-    out=experiments/results/${name}_classic.json
+    out=experiments/results/classic/${name}.json
     [[ $name =~ $ONLY ]] || continue
     [[ -f $out ]] && { echo "== $name (classic protocol): done, skipped"; continue; }
     [[ -d runs/$name/checkpoints ]] || { echo "!! $name: not trained here, no classic score"; continue; }
     echo "== $name: reid-eval --classic_identities=100"
     "$PYTHON" -m reid_tf.cli.eval --workdir="runs/$name" --classic_identities=100 \
       --output_dir="runs/$name/classic" >>"runs/$name/classic.log" 2>&1 \
-      && cp "runs/$name/classic/results.json" "$out" \
+      && mkdir -p experiments/results/classic && cp "runs/$name/classic/results.json" "$out" \
       || echo "!! $name: classic scoring failed, see runs/$name/classic.log"
   done
 fi

@@ -3,6 +3,7 @@
     .venv/bin/python experiments/search.py --studies=plnet,baseline --trials=24
     .venv/bin/python experiments/search.py --studies=plnet --confirm --top=3 --seeds=0,1,2
     .venv/bin/python experiments/search.py --studies=plnet,baseline --export_only
+    .venv/bin/python experiments/search.py --studies=plnet,baseline --write_recipes
 
 Each trial is one `reid-train` run of the labeled CUHK03 pair-1 recipe on
 `--validation_identities=0.2` of the training identities, `--nofinal_eval`: the run never
@@ -28,7 +29,9 @@ trial's flags, validation curve, state and value) and the database is copied the
 
 `--confirm` reruns the `--top` best finished configurations of each study at `--seeds`
 (the trial itself is seed 0) on validation and writes `<study>_confirm.json`: the recipe is
-chosen by the mean over seeds, never by one run.
+chosen by the mean over seeds, never by one run. `--write_recipes` then writes each study's
+winner as a flagfile, `experiments/cuhk03_pair1_<labeled|detected>_tuned_<study>.flags`: the
+base recipe with the winner's values, its header the search and the confirmation.
 """
 
 import hashlib
@@ -40,6 +43,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 
@@ -65,7 +69,8 @@ flags.DEFINE_string("export_dir", "experiments/search", "Where the study's recor
 flags.DEFINE_list("train_command", [sys.executable, "-m", "reid_tf.cli.train"],
                   "The reid-train command (tests put a stand-in here).")
 flags.DEFINE_integer("steps_per_epoch", 0, "Steps per epoch of the validation-carved "
-                     "training split (0: computed from --recipe's dataset).")
+                     "training split (0: computed from --recipe's dataset; tests: it also "
+                     "stands for the whole split's in --write_recipes).")
 flags.DEFINE_integer("startup_trials", 10, "Random trials before TPE models the space.")
 flags.DEFINE_integer("prune_after", 8, "Finished trials before the pruner may prune.")
 flags.DEFINE_integer("sampler_seed", 0, "TPE's seed.")
@@ -77,6 +82,12 @@ flags.DEFINE_bool("confirm", False, "Rerun the --top configurations at --seeds."
 flags.DEFINE_integer("top", 3, "Configurations --confirm reruns.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of --confirm (0: the trial itself).")
 flags.DEFINE_bool("export_only", False, "Only write the record of the studies.")
+flags.DEFINE_bool("write_recipes", False, "Write each study's tuned flagfiles from its "
+                  "confirmation (<study>_confirm.json): <recipes_dir>/cuhk03_pair1_<data>_tuned_"
+                  "<study>.flags for each of --recipe_data.")
+flags.DEFINE_string("recipes_dir", "experiments", "Where --write_recipes writes.")
+flags.DEFINE_list("recipe_data", ["labeled", "detected"], "Box types --write_recipes writes "
+                  "a recipe for (the search ran on labeled boxes; the others take its values).")
 
 
 def suggest(trial, kind):
@@ -377,17 +388,18 @@ def table(record):
     return "\n".join(rows)
 
 
-def steps_per_epoch_of_recipe():
-    """Steps per epoch of the recipe's training split once validation identities are carved
-    out (what reid-train will compute), read with the library's own `build_data`."""
+def steps_per_epoch_of_recipe(recipe=None, validation_identities=VALIDATION_IDENTITIES):
+    """Steps per epoch of a recipe's training split (by default `--recipe` with the validation
+    identities carved out, what a trial's reid-train computes), read with the library's own
+    `build_data`."""
     from reid_tf import options
     from reid_tf.train.config import TrainConfig
     from reid_tf.train.loop import build_data
 
     flags_file = flags.FlagValues()
     options.define_flags(TrainConfig, flags_file)
-    flags_file([sys.argv[0], f"--flagfile={FLAGS.recipe}",
-                f"--validation_identities={VALIDATION_IDENTITIES}", "--nofinal_eval",
+    flags_file([sys.argv[0], f"--flagfile={recipe or FLAGS.recipe}",
+                f"--validation_identities={validation_identities}", "--nofinal_eval",
                 *FLAGS.extra_flags])
     return build_data(options.from_flags(TrainConfig, flags_file), log=lambda line: None
                       ).steps_per_epoch
@@ -438,6 +450,104 @@ def confirm(study, steps_per_epoch, log=print):
     return record
 
 
+# A trial's flags that only a validation trial has: the tuned recipe trains on every training
+# identity, is tested, exports, evaluates and checkpoints as the base recipe does, and takes its
+# warm-up as the same share of its own schedule.
+VALIDATION_ONLY = ("validation_identities", "validation_seed", "seed", "final_eval", "export",
+                   "also_evaluate_on", "eval_every", "checkpoint_every", "image_summary_every",
+                   "log_every", "warmup_steps")
+
+
+def _flag_name(flag):
+    name = flag[2:].split("=", 1)[0]
+    return name[2:] if "=" not in flag and name.startswith("no") else name
+
+
+def base_recipe(data):
+    """The recipe the search started from, for `data` boxes (labeled or detected)."""
+    return FLAGS.recipe.replace("_labeled_", f"_{data}_")
+
+
+def tuned_recipe(base_lines, trial_flags, warmup_fraction, steps_per_epoch, header):
+    """A tuned flagfile's text: `header` (comment lines), then the base recipe's flag lines
+    with the trial's values in their place (new flags appended), without the validation-only
+    flags, and `--warmup_steps` as `warmup_fraction` of this data's schedule."""
+    tuned = [f for f in trial_flags if _flag_name(f) not in VALIDATION_ONLY]
+    epochs = int(next(f for f in tuned if _flag_name(f) == "epochs").split("=")[1])
+    tuned.append(f"--warmup_steps={int(round(warmup_fraction * epochs * steps_per_epoch))}")
+    names = {_flag_name(f): f for f in tuned}
+    lines = []
+    for line in base_lines:
+        if line.startswith("--"):
+            line = names.pop(_flag_name(line), line)
+        if line.strip() and not line.startswith("#"):
+            lines.append(line)
+    lines += [names[name] for name in sorted(names)]
+    wrapped = [part for line in header  # indented lines (the confirmation's rows) as they are
+               for part in ([line] if line.startswith(" ") else textwrap.wrap(line, 94) or [""])]
+    return "\n".join(["# " + line if line else "#" for line in wrapped] + lines) + "\n"
+
+
+def recipe_header(study, record, data, steps_per_epoch):
+    """The comment lines heading a tuned flagfile: the search, its 3-seed confirmation and the
+    winner."""
+    kind = study.study_name[len(STUDY_PREFIX):]
+    trials = study.get_trials(deepcopy=False)
+    count = {state: sum(t.state == state for t in trials) for state in optuna.trial.TrialState}
+    commits = sorted({t.user_attrs["code"]["commit"][:7] for t in trials
+                      if t.user_attrs.get("code", {}).get("commit")})
+    chosen = study.trials[record["chosen"]]
+    name = f"cuhk03_pair1_{data}_tuned_{kind}"
+    lines = [
+        f"Tuned recipe (issue 37): {'PL-Net' if kind == 'plnet' else 'the global-loss baseline'}"
+        f" on CUHK03 camera pair 1, {data} boxes. Written by `experiments/search.py "
+        f"--write_recipes` on {time.strftime('%Y-%m-%d')} from the study in experiments/search/"
+        f" ({study.study_name}.json, _confirm.json, search.db).", "",
+        f"The search: Optuna, TPE sampler and median pruner, {finished(study)} finished trials "
+        f"({count[optuna.trial.TrialState.COMPLETE]} complete, "
+        f"{count[optuna.trial.TrialState.PRUNED]} pruned; "
+        f"{count[optuna.trial.TrialState.FAIL]} interrupted and retried), each reid-train on "
+        f"the labeled training identities with {VALIDATION_IDENTITIES:.0%} held out "
+        "(validation_seed 0); objective: validation mAP at the end of the schedule. The test "
+        f"split was never read. Trials ran at commits {', '.join(commits) or 'unknown'}.",
+        f"The {len(record['seeds'])}-seed confirmation on validation (mAP %, seed 0 is the "
+        "trial itself):"]
+    for row in record["configurations"]:
+        runs = ", ".join(f"{100 * row['runs'][seed]['mAP']:.1f}" for seed in sorted(row["runs"]))
+        lines.append(f"  trial {row['trial']}: {100 * row['mean_mAP']:.1f} ± "
+                     f"{100 * row['std_mAP']:.1f} ({runs})"
+                     + ("  <- chosen: the best mean" if row["trial"] == record["chosen"] else ""))
+    lines += [
+        f"--warmup_steps is the trial's warm-up share ({chosen.params['warmup_fraction']:.1%}) of"
+        f" this schedule ({steps_per_epoch} steps per epoch on every training identity).",
+        *([] if data == "labeled" else [
+            "The search ran on labeled boxes only; these are its values on detected boxes."]), "",
+        f"  reid-train --flagfile=experiments/{name}.flags --workdir=runs/<run> --seed=0"]
+    return lines
+
+
+def write_recipes(study, log=print):
+    """The tuned flagfiles of `study`'s confirmed winner, one per `--recipe_data`."""
+    path = os.path.join(FLAGS.export_dir, f"{study.study_name}_confirm.json")
+    record = _read_json(path)
+    if not record or record.get("chosen") is None:
+        raise SystemExit(f"search: no confirmation in {path}: run --confirm first")
+    chosen = next(row for row in record["configurations"] if row["trial"] == record["chosen"])
+    warmup = study.trials[record["chosen"]].params["warmup_fraction"]
+    for data in FLAGS.recipe_data:
+        base = base_recipe(data)
+        steps = FLAGS.steps_per_epoch or steps_per_epoch_of_recipe(base, 0.0)
+        with open(base) as f:
+            text = tuned_recipe(f.read().splitlines(), chosen["flags"], warmup, steps,
+                                recipe_header(study, record, data, steps))
+        out = os.path.join(_made(FLAGS.recipes_dir), f"cuhk03_pair1_{data}_tuned_"
+                           f"{study.study_name[len(STUDY_PREFIX):]}.flags")
+        with open(out + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(out + ".tmp", out)
+        log(f"{study.study_name}: trial {record['chosen']} written to {out}")
+
+
 def _made(folder):
     os.makedirs(folder, exist_ok=True)
     return folder
@@ -463,6 +573,10 @@ def main(argv):
             record = export(study)
             log(f"{study.study_name}: {record['finished']} finished trials exported")
             print(table(record), flush=True)
+        return
+    if FLAGS.write_recipes:
+        for study in studies.values():
+            write_recipes(study, log)
         return
     steps_per_epoch = FLAGS.steps_per_epoch or steps_per_epoch_of_recipe()
     log(f"{steps_per_epoch} steps per epoch on the validation-carved training split")

@@ -3,12 +3,13 @@
 Keras layer checks: config round trip; eager, tf.function and XLA give the same outputs.
 Training: a few SGD steps of a tiny PL-Net under a strategy (1 device against 2 replicas).
 HTTP: a free port, a small JSON client, and the load test of reid-serve. Images: synthetic
-people to feed a model.
+people to feed a model. Scripts: experiments/*.py imported by path.
 """
 
 import base64
 import contextlib
 import http.client
+import importlib.util
 import json
 import os
 import socket
@@ -21,6 +22,16 @@ import numpy as np
 import tensorflow as tf
 
 from reid_tf.extras import require
+
+
+def load_script(path):
+    """A script that is not part of a package (experiments/*.py), imported from its path so
+    that its tests can call its functions; named after its file."""
+    spec = importlib.util.spec_from_file_location(
+        os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # The reduced-precision and vector units a CPU timing depends on (Linux /proc/cpuinfo names).

@@ -311,13 +311,8 @@ def test_evaluate_takes_lists_and_refuses_no_valid_query():
 
 
 def load_summarize():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "summarize.py")
-    spec = importlib.util.spec_from_file_location("summarize", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return testing.load_script(os.path.join(os.path.dirname(__file__), "..", "experiments",
+                                            "summarize.py"))
 
 
 def record(name, seed, num_parts, map_, data="labeled", embedding_dim=256):

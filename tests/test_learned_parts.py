@@ -2,7 +2,6 @@
 loss, the model pooling with the head's soft masks at inference (and the teacher's during
 induction), an inference graph without the K-means, and reid-train end to end."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -181,10 +180,8 @@ def test_part_consistency_reports_the_heads_own_parts_against_its_teacher():
     most likely part is the teacher's. A head at even odds puts 1/K of every row in each part,
     its parts in no order, and picks part 0 everywhere (argmax of a tie), so it agrees with
     the teacher exactly where the teacher says part 0."""
-    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "part_consistency.py")
-    spec = importlib.util.spec_from_file_location("part_consistency", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = testing.load_script(os.path.join(os.path.dirname(__file__), "..", "experiments",
+                                              "part_consistency.py"))
     layer = learned_parts.LearnedPartPartition(4, teacher="bands")
     maps = features(seed=3, shape=(6, 8, 4, 16))
     layer(maps)

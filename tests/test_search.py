@@ -1,7 +1,7 @@
 """experiments/search.py: the search space, the pruned and resumable study, its record, the
 3-seed confirmation, and one real reid-train trial that never opens the test split."""
 
-import importlib.util
+import dataclasses
 import json
 import os
 import shutil
@@ -16,15 +16,14 @@ import pytest
 from absl import flags
 
 from reid_tf import options
+from reid_tf import testing
 from reid_tf.data import synthetic
 from reid_tf.train.config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "search.py")
 STAND_IN = os.path.join(ROOT, "tests", "search_stand_in.py")
-spec = importlib.util.spec_from_file_location("search_driver", SCRIPT)
-search = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(search)
+search = testing.load_script(SCRIPT)
 
 
 def parse_trial(command_flags):
@@ -185,6 +184,55 @@ def test_confirmation_reruns_the_best_configurations_at_more_seeds(tmp_path):
     assert record["chosen"] == record["configurations"][0]["trial"]
     confirm_runs = os.listdir(tmp_path / "runs" / "cuhk03_pair1_labeled_baseline_confirm")
     assert len(confirm_runs) == 2
+
+
+def parse_recipe(path):
+    flag_values = flags.FlagValues()
+    options.define_flags(TrainConfig, flag_values)
+    flag_values(["reid-train", f"--flagfile={path}"])
+    return options.from_flags(TrainConfig, flag_values)
+
+
+@pytest.mark.slow  # trains, or runs a tool in a process
+def test_the_confirmed_winner_is_written_as_a_tuned_recipe_per_box_type(tmp_path):
+    recipes = tmp_path / "recipes"
+    written = [sys.executable, SCRIPT, f"--storage=sqlite:///{tmp_path}/study.db",
+               f"--export_dir={tmp_path}/export", "--steps_per_epoch=10", "--studies=plnet",
+               "--write_recipes", f"--recipes_dir={recipes}"]
+    driver(tmp_path, "--studies=plnet", "--trials=4", "--prune_after=100")
+    missing = subprocess.run(written, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "run --confirm first" in missing.stderr
+    driver(tmp_path, "--studies=plnet", "--confirm", "--top=2", "--seeds=0,1")
+    subprocess.run(written, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    confirmation = json.load(open(tmp_path / "export" / "cuhk03_pair1_labeled_plnet_confirm.json"))
+    study = json.load(open(tmp_path / "export" / "cuhk03_pair1_labeled_plnet.json"))
+    winner = next(t for t in study["trials"] if t["number"] == confirmation["chosen"])
+    trial = parse_trial(winner["flags"])
+    labeled = parse_recipe(recipes / "cuhk03_pair1_labeled_tuned_plnet.flags")
+    detected = parse_recipe(recipes / "cuhk03_pair1_detected_tuned_plnet.flags")
+    base = parse_recipe(os.path.join(ROOT, search.RECIPE))
+    # The winner's searched values, on every training identity, tested, as the base recipe
+    # evaluates and checkpoints; its warm-up the same share of this (stand-in) schedule.
+    for name in ("learning_rate", "optimizer", "epochs", "weight_decay", "random_erasing",
+                 "label_smoothing", "num_parts", "part_loss_weight", "triplet_weight", "pad",
+                 "schedule", "backbone_lr_multiplier", "triplet_normalize"):
+        assert getattr(labeled, name) == getattr(trial, name), name
+    assert (labeled.validation_identities, labeled.final_eval, labeled.seed) == (0.0, True, 0)
+    assert (labeled.eval_every, labeled.checkpoint_every) == (base.eval_every,
+                                                              base.checkpoint_every)
+    warmup = winner["params"]["warmup_fraction"] * labeled.epochs * 10
+    assert labeled.warmup_steps == round(warmup) and trial.warmup_steps == round(warmup)
+    assert detected.dataset == base.dataset.replace("labeled", "detected")
+    assert dataclasses.replace(detected, dataset=labeled.dataset) == labeled
+    text = (recipes / "cuhk03_pair1_labeled_tuned_plnet.flags").read_text()
+    names = [line.split("=")[0] for line in text.splitlines() if line.startswith("--")]
+    assert len(names) == len(set(names))  # every flag once
+    mean = next(row for row in confirmation["configurations"]
+                if row["trial"] == confirmation["chosen"])["mean_mAP"]
+    assert f"trial {confirmation['chosen']}: {100 * mean:.1f} ± 0.0" in text
+    assert "<- chosen: the best mean" in text and "4 finished trials" in text
+    # `--no<name>` is read as a boolean's negation: no reid-train option is itself named no...
+    assert not [f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("no")]
 
 
 @pytest.mark.slow  # trains, or runs a tool in a process

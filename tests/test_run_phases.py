@@ -1,0 +1,113 @@
+"""experiments/run_cuhk03_pair1.sh's phases on the tuned recipes (issue 37), listed with DRY=1:
+which runs, on which recipe, with which flags, each a valid reid-train command."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+from absl import flags
+
+from reid_tf import options
+from reid_tf.train.config import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OLD = "cuhk03_pair1_labeled_mobilenetv2_128x64"
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A copy of the script and the old recipes, with tuned recipes as --write_recipes would
+    leave them: PL-Net's with K=6, 36 epochs and a soft-margin triplet loss, the baseline's
+    with 18 epochs and none."""
+    (tmp_path / "experiments").mkdir()
+    shutil.copy(os.path.join(ROOT, "experiments", "run_cuhk03_pair1.sh"), tmp_path / "experiments")
+    for data in ("labeled", "detected"):
+        old = open(os.path.join(ROOT, "experiments", OLD.replace("labeled", data) + ".flags")).read()
+        (tmp_path / "experiments" / f"{OLD.replace('labeled', data)}.flags").write_text(old)
+        tuned = {"plnet": "--num_parts=6\n--epochs=36\n--triplet_weight=0.17\n--triplet_margin=0\n",
+                 "baseline": "--epochs=18\n--triplet_weight=0.0\n"}
+        for study, values in tuned.items():
+            (tmp_path / "experiments" / f"cuhk03_pair1_{data}_tuned_{study}.flags").write_text(
+                old + values)
+    return tmp_path
+
+
+def phase(checkout, which, **env):
+    result = subprocess.run(["bash", str(checkout / "experiments" / "run_cuhk03_pair1.sh"), which],
+                            env={**os.environ, "DRY": "1", **env}, capture_output=True, text=True,
+                            timeout=60)
+    runs = {}
+    for line in result.stdout.splitlines():
+        name, recipe, extra = line.split("|")
+        runs[name] = (recipe, config_of(checkout, recipe, extra))
+    return result, runs
+
+
+def config_of(checkout, recipe, extra):
+    """The TrainConfig reid-train builds from the run's recipe and flags."""
+    flag_values = flags.FlagValues()
+    options.define_flags(TrainConfig, flag_values)
+    flag_values(["reid-train", f"--flagfile={checkout}/experiments/{recipe}.flags",
+                 *extra.split()])
+    config = options.from_flags(TrainConfig, flag_values)
+    config.validate()
+    return config
+
+
+def test_tuned_phases_stop_before_the_recipes_are_written(checkout):
+    (checkout / "experiments" / "cuhk03_pair1_detected_tuned_plnet.flags").unlink()
+    for which in ("tuned", "tuned_openset"):
+        result, runs = phase(checkout, which)
+        assert result.returncode == 2 and not runs
+        assert "cuhk03_pair1_detected_tuned_plnet.flags is not written yet" in result.stderr
+
+
+def test_tuned_rows_a_b_h_i_three_seeds_both_box_types(checkout):
+    result, runs = phase(checkout, "tuned")
+    assert result.returncode == 0, result.stderr
+    assert len(runs) == 4 * 3 * 2
+    for data in ("labeled", "detected"):
+        for seed in (0, 1, 2):
+            base_recipe, a = runs[f"cuhk03_pair1_{data}_baseline_tuned_s{seed}"]
+            _, b = runs[f"cuhk03_pair1_{data}_plnet_tuned_s{seed}"]
+            _, h = runs[f"cuhk03_pair1_{data}_stripes_tuned_s{seed}"]
+            recipe, i = runs[f"cuhk03_pair1_{data}_learned_tuned_s{seed}"]
+            assert base_recipe == f"cuhk03_pair1_{data}_tuned_baseline"
+            assert recipe == f"cuhk03_pair1_{data}_tuned_plnet"
+            assert (a.num_parts, a.epochs, a.triplet_weight) == (0, 18, 0.0)
+            assert [(c.part_strategy, c.num_parts, c.epochs, c.triplet_weight) for c in (b, h, i)
+                    ] == [(s, 6, 36, 0.17) for s in ("bands", "stripes", "learned")]
+            assert (i.part_teacher, i.part_induction) == ("bands", 0.0)
+            for config in (a, b, h, i):
+                assert config.seed == seed and config.validation_identities == 0
+                assert data in config.dataset and config.final_eval
+                assert config.also_evaluate_on == (
+                    ("folder:../shared/data/cuhk03_pair1_detected",) if data == "labeled" else ())
+
+
+def test_tuned_health_doubles_the_budget_and_flips_the_triplet_loss(checkout):
+    result, runs = phase(checkout, "tuned_health")
+    assert result.returncode == 0, result.stderr
+    assert len(runs) == 9
+    for seed in (0, 1, 2):
+        _, doubled = runs[f"cuhk03_pair1_labeled_val_tuned_plnet_x2_s{seed}"]
+        _, plnet = runs[f"cuhk03_pair1_labeled_val_tuned_plnet_triplet_flipped_s{seed}"]
+        _, base = runs[f"cuhk03_pair1_labeled_val_tuned_baseline_triplet_flipped_s{seed}"]
+        assert (doubled.epochs, doubled.num_parts, doubled.triplet_weight) == (72, 6, 0.17)
+        assert (plnet.epochs, plnet.triplet_weight) == (36, 0.0)  # the search chose one: off
+        assert (base.epochs, base.triplet_weight, base.triplet_margin) == (18, 1.0, 0.3)
+        for config in (doubled, plnet, base):
+            assert config.validation_identities == 0.2 and config.seed == seed
+
+
+def test_paper_protocol_scores_the_tuned_rows_or_trains_the_old_ones(checkout):
+    _, tuned = phase(checkout, "paper_protocol", RECIPE="tuned")
+    _, rows = phase(checkout, "tuned")
+    assert sorted(tuned) == sorted(name for name in rows if "labeled_baseline" in name
+                                   or "labeled_plnet" in name)
+    assert all(tuned[name][0] == rows[name][0] for name in tuned)  # the same runs, reused
+    _, old = phase(checkout, "paper_protocol")
+    assert sorted(old) == sorted(f"cuhk03_pair1_labeled_{row}_paper_old_s{seed}"
+                                 for row in ("baseline", "plnet") for seed in (0, 1, 2))
+    assert {recipe for recipe, _ in old.values()} == {OLD}
