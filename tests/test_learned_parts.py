@@ -11,11 +11,13 @@ import types
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
 
 from reid_tf import testing
 from reid_tf.model import PartLossNet
 from reid_tf.model import learned_parts
 from reid_tf.model import parts
+from reid_tf.train import workdir as workdir_lib
 
 
 def features(seed=0, shape=(2, 8, 4, 16)):
@@ -152,7 +154,8 @@ def test_reid_train_with_learned_parts_and_every_export_format(trained, tmp_path
     result = subprocess.run(
         [sys.executable, "-m", "reid_tf.cli.train", f"--workdir={workdir}",
          f"--data_dir={trained['data_dir']}", *TINY, "--part_strategy=learned",
-         "--part_teacher=stripes", "--part_induction=0.5", "--train_steps=16"],
+         "--part_teacher=stripes", "--part_induction=0.5", "--train_steps=16",
+         "--image_summary_every=8"],
         capture_output=True, text=True, timeout=600, env={**os.environ,
                                                           "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -173,6 +176,21 @@ def test_reid_train_with_learned_parts_and_every_export_format(trained, tmp_path
                                   "model_int8_dynamic.tflite", "model_int8.tflite"}
     float_files = card["files"]["model.onnx"], card["files"]["model.tflite"]
     assert all(f["parity_with_saved_model"]["cosine_min"] > 0.9999 for f in float_files)
+    # The masks users see: TensorBoard's pictures at each image summary, and the SavedModel's
+    # `part_masks` (what reid-serve returns with return_masks for the page to draw): the
+    # head's soft masks, not a teacher's hard ones.
+    events = event_accumulator.EventAccumulator(str(workdir / "tensorboard" / "train"),
+                                                size_guidance={"tensors": 0})
+    events.Reload()
+    assert [e.step for e in events.Tensors("train/part_masks")] == [8, 16]
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (3, 64, 32, 3)), tf.uint8)
+    served = tf.saved_model.load(str(tmp_path / "export" / "1")).signatures["serving_default"](
+        images=images)["part_masks"]
+    trained_model, _ = workdir_lib.load_trained_model(str(workdir), log=lambda line: None)
+    head = trained_model.partition(trained_model.backbone(trained_model.preprocess(images),
+                                                          training=False))["masks"]
+    np.testing.assert_allclose(served, head, atol=1e-5)
+    assert 0.01 < float(tf.reduce_min(served)) and float(tf.reduce_max(served)) < 0.99  # soft
 
 
 def test_part_consistency_reports_the_heads_own_parts_against_its_teacher():
