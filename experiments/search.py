@@ -396,13 +396,10 @@ def steps_per_epoch_of_recipe(recipe=None, validation_identities=VALIDATION_IDEN
     from reid_tf.train.config import TrainConfig
     from reid_tf.train.loop import build_data
 
-    flags_file = flags.FlagValues()
-    options.define_flags(TrainConfig, flags_file)
-    flags_file([sys.argv[0], f"--flagfile={recipe or FLAGS.recipe}",
-                f"--validation_identities={validation_identities}", "--nofinal_eval",
-                *FLAGS.extra_flags])
-    return build_data(options.from_flags(TrainConfig, flags_file), log=lambda line: None
-                      ).steps_per_epoch
+    config = options.parse(TrainConfig, [f"--flagfile={recipe or FLAGS.recipe}",
+                                         f"--validation_identities={validation_identities}",
+                                         "--nofinal_eval", *FLAGS.extra_flags])
+    return build_data(config, log=lambda line: None).steps_per_epoch
 
 
 def confirm(study, steps_per_epoch, log=print):

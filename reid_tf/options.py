@@ -1,7 +1,8 @@
 """Options: each declared once, with its type, default, help and whether a resume must keep it.
 
 A config is a dataclass whose fields are `Option(...).field()`; its command-line flags
-(`define_flags`), the config built from them (`from_flags`), the checks of values
+(`define_flags`), the config built from them (`from_flags`, or `parse` from a command line
+of one's own), the checks of values
 (`check`) and the resume check (`resume_options`) are all derived from those declarations, so a
 flag without a field, or a field without a flag, cannot exist; `read` turns a saved config
 (config.json) back into its typed config. Options that several tools
@@ -96,6 +97,21 @@ def from_flags(config_class, flag_values=flags.FLAGS):
     """The config of `config_class` built from its parsed flags."""
     return config_class(**{name: value(name, kind, option, flag_values)
                            for name, kind, option in declared(config_class)})
+
+
+def parse(config_class, argv):
+    """The config a tool of `config_class` builds from the command line `argv` (without the
+    program's name; flagfiles are read), in flag values of its own: for callers that are not
+    the tool (the search driver, tests).
+
+    >>> from reid_tf.train.config import TrainConfig
+    >>> parse(TrainConfig, ["--epochs=3", "--noflip"]).epochs
+    3
+    """
+    flag_values = flags.FlagValues()
+    define_flags(config_class, flag_values, module_name="parse")
+    flag_values(["parse", *argv])
+    return from_flags(config_class, flag_values)
 
 
 def checked_from_flags(config_class, flag_values=flags.FLAGS):

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 
 import pytest
-from absl import flags
 
 from reid_tf import options
 from reid_tf.train.config import TrainConfig
@@ -46,11 +45,8 @@ def phase(checkout, which, **env):
 
 def config_of(checkout, recipe, extra):
     """The TrainConfig reid-train builds from the run's recipe and flags."""
-    flag_values = flags.FlagValues()
-    options.define_flags(TrainConfig, flag_values)
-    flag_values(["reid-train", f"--flagfile={checkout}/experiments/{recipe}.flags",
-                 *extra.split()])
-    config = options.from_flags(TrainConfig, flag_values)
+    config = options.parse(TrainConfig, [f"--flagfile={checkout}/experiments/{recipe}.flags",
+                                         *extra.split()])
     config.validate()
     return config
 

@@ -13,7 +13,6 @@ import time
 import numpy as np
 import optuna
 import pytest
-from absl import flags
 
 from reid_tf import options
 from reid_tf import testing
@@ -28,11 +27,8 @@ search = testing.load_script(SCRIPT)
 
 def parse_trial(command_flags):
     """The TrainConfig reid-train would build from the recipe plus a trial's flags."""
-    flag_values = flags.FlagValues()
-    options.define_flags(TrainConfig, flag_values)
-    flag_values(["reid-train", f"--flagfile={os.path.join(ROOT, search.RECIPE)}",
-                 *command_flags])
-    config = options.from_flags(TrainConfig, flag_values)
+    config = options.parse(TrainConfig, [f"--flagfile={os.path.join(ROOT, search.RECIPE)}",
+                                         *command_flags])
     config.validate()
     return config
 
@@ -187,10 +183,7 @@ def test_confirmation_reruns_the_best_configurations_at_more_seeds(tmp_path):
 
 
 def parse_recipe(path):
-    flag_values = flags.FlagValues()
-    options.define_flags(TrainConfig, flag_values)
-    flag_values(["reid-train", f"--flagfile={path}"])
-    return options.from_flags(TrainConfig, flag_values)
+    return options.parse(TrainConfig, [f"--flagfile={path}"])
 
 
 @pytest.mark.slow  # trains, or runs a tool in a process
