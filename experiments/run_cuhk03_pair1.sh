@@ -31,8 +31,9 @@
 #   bash experiments/run_cuhk03_pair1.sh paper_protocol  # (a), (b) again, labeled, 3 seeds, and
 #                                                 # CUHK03's classic protocol (RECIPE=tuned)
 #   (after `search.py --confirm` and `--write_recipes`, issue 37 on the tuned recipes:)
-#   bash experiments/run_cuhk03_pair1.sh tuned_health   # twice the budget; the triplet flipped
-#   bash experiments/run_cuhk03_pair1.sh tuned          # rows (a), (b), (h), (i), 3 seeds, both
+#   bash experiments/run_cuhk03_pair1.sh tuned_health   # twice the budget; the triplet flipped;
+#                                                     # the baseline on PL-Net's recipe
+#   LEARNED="..." bash experiments/run_cuhk03_pair1.sh tuned  # rows (a), (b), (h), (i), 3 seeds
 #   bash experiments/run_cuhk03_pair1.sh tuned_openset  # DIR@FAR on the tuned (a), (b)
 #   (round four's queue, from a pinned clone: `... learned_validation && ... search`)
 #   .venv/bin/python experiments/summarize.py         # the tables of RESULTS.md
@@ -154,13 +155,16 @@ tuned_recipe() {  # tuned_recipe <data> <study>: the recipe's name, or exit if n
 flag_of() {  # flag_of <recipe> <name>: its value; the last one, as reid-train reads it
   sed -n "s/^--$2=//p" "experiments/$1.flags" | tail -n 1
 }
-# The learned partition picked on validation (experiments/RESULTS.md, "Learned parts").
-LEARNED=${LEARNED:---part_strategy=learned --part_teacher=bands --part_induction=0}
+# Row (i)'s learned partition, as picked on validation (experiments/RESULTS.md, "Learned parts
+# on validation"), e.g. LEARNED="--part_strategy=learned --part_teacher=stripes
+# --part_induction=1": required by `tuned`, so that (i) cannot run before the pick.
+LEARNED=${LEARNED:-}
 ALSO="--also_evaluate_on=folder:../shared/data/${R}_detected"
 # The recipe's health on validation, seeds 0-2 (the search's own runs at seeds 0-2 of the
 # chosen configuration are the reference, experiments/search/*_confirm.json): twice the chosen
 # budget (PL-Net), and the triplet loss flipped (weight 0 if the search chose one, else the
-# batch-hard loss of rows (f)/(g): TRIPLET) for each study.
+# batch-hard loss of rows (f)/(g): TRIPLET) for each study; and the baseline on PL-Net's recipe
+# (--num_parts=0), against the baseline's own (does one recipe serve both?).
 if [[ $WHICH == tuned_health ]]; then
   for study in plnet baseline; do
     recipe=$(tuned_recipe labeled $study)
@@ -172,6 +176,7 @@ if [[ $WHICH == tuned_health ]]; then
       if [[ $study == plnet ]]; then
         epochs=$(flag_of "$recipe" epochs)
         RUNS+=("${R}_labeled_val_tuned_plnet_x2_s${seed}|$recipe|--epochs=$((2 * epochs)) $S")
+        RUNS+=("${R}_labeled_val_tuned_baseline_on_plnet_recipe_s${seed}|$recipe|--num_parts=0 $S")
       fi
       RUNS+=("${R}_labeled_val_tuned_${study}_triplet_flipped_s${seed}|$recipe|$flip $S")
     done
@@ -180,6 +185,8 @@ fi
 # Rows (a), (b), (h), (i) on the tuned recipes, 3 seeds, both box types; labeled runs are also
 # tested on the detected test split (the robustness table).
 if [[ $WHICH == tuned ]]; then
+  [[ $LEARNED == *--part_strategy=learned* ]] || {
+    echo "tuned: set LEARNED to row (i)'s partition as picked on validation (RESULTS.md)" >&2; exit 2; }
   for seed in 0 1 2; do
     for data in labeled detected; do
       also=$([[ $data == labeled ]] && echo "$ALSO" || echo "")

@@ -580,12 +580,13 @@ def paper_protocol_table(records, results_dir=RESULTS_DIR, prefix="cuhk03_pair1"
 def health_lines(records, search_dir=os.path.join(HERE, "search"), prefix="cuhk03_pair1"):
     """The tuned recipe's health on validation, paired by seed against the search's own runs of
     the chosen configuration (`<study>_confirm.json`): twice the budget (target: loses at most
-    1 mAP) and the triplet loss flipped."""
+    1 mAP), the triplet loss flipped, and the baseline on PL-Net's recipe against its own."""
     lines = []
     for study, run, what in (("plnet", "plnet_x2", "twice the budget"),
                              ("plnet", "plnet_triplet_flipped", "the triplet loss flipped"),
                              ("baseline", "baseline_triplet_flipped",
-                              "the triplet loss flipped")):
+                              "the triplet loss flipped"),
+                             ("baseline", "baseline_on_plnet_recipe", "on PL-Net's recipe")):
         path = os.path.join(search_dir, f"{prefix}_labeled_{study}_confirm.json")
         if not os.path.exists(path):
             continue

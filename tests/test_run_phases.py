@@ -12,6 +12,7 @@ from reid_tf.train.config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD = "cuhk03_pair1_labeled_mobilenetv2_128x64"
+LEARNED = "--part_strategy=learned --part_teacher=stripes --part_induction=1"  # a pick for (i)
 
 
 @pytest.fixture
@@ -54,13 +55,15 @@ def config_of(checkout, recipe, extra):
 def test_tuned_phases_stop_before_the_recipes_are_written(checkout):
     (checkout / "experiments" / "cuhk03_pair1_detected_tuned_plnet.flags").unlink()
     for which in ("tuned", "tuned_openset"):
-        result, runs = phase(checkout, which)
+        result, runs = phase(checkout, which, LEARNED=LEARNED)
         assert result.returncode == 2 and not runs
         assert "cuhk03_pair1_detected_tuned_plnet.flags is not written yet" in result.stderr
 
 
 def test_tuned_rows_a_b_h_i_three_seeds_both_box_types(checkout):
-    result, runs = phase(checkout, "tuned")
+    result, runs = phase(checkout, "tuned")  # row (i) not picked yet: nothing runs
+    assert result.returncode == 2 and not runs and "set LEARNED" in result.stderr
+    result, runs = phase(checkout, "tuned", LEARNED=LEARNED)
     assert result.returncode == 0, result.stderr
     assert len(runs) == 4 * 3 * 2
     for data in ("labeled", "detected"):
@@ -74,7 +77,7 @@ def test_tuned_rows_a_b_h_i_three_seeds_both_box_types(checkout):
             assert (a.num_parts, a.epochs, a.triplet_weight) == (0, 18, 0.0)
             assert [(c.part_strategy, c.num_parts, c.epochs, c.triplet_weight) for c in (b, h, i)
                     ] == [(s, 6, 36, 0.17) for s in ("bands", "stripes", "learned")]
-            assert (i.part_teacher, i.part_induction) == ("bands", 0.0)
+            assert (i.part_teacher, i.part_induction) == ("stripes", 1.0)
             for config in (a, b, h, i):
                 assert config.seed == seed and config.validation_identities == 0
                 assert data in config.dataset and config.final_eval
@@ -85,8 +88,11 @@ def test_tuned_rows_a_b_h_i_three_seeds_both_box_types(checkout):
 def test_tuned_health_doubles_the_budget_and_flips_the_triplet_loss(checkout):
     result, runs = phase(checkout, "tuned_health")
     assert result.returncode == 0, result.stderr
-    assert len(runs) == 9
+    assert len(runs) == 12
     for seed in (0, 1, 2):
+        recipe, crossed = runs[f"cuhk03_pair1_labeled_val_tuned_baseline_on_plnet_recipe_s{seed}"]
+        assert recipe == "cuhk03_pair1_labeled_tuned_plnet"
+        assert (crossed.num_parts, crossed.epochs, crossed.triplet_weight) == (0, 36, 0.17)
         _, doubled = runs[f"cuhk03_pair1_labeled_val_tuned_plnet_x2_s{seed}"]
         _, plnet = runs[f"cuhk03_pair1_labeled_val_tuned_plnet_triplet_flipped_s{seed}"]
         _, base = runs[f"cuhk03_pair1_labeled_val_tuned_baseline_triplet_flipped_s{seed}"]
@@ -99,7 +105,7 @@ def test_tuned_health_doubles_the_budget_and_flips_the_triplet_loss(checkout):
 
 def test_paper_protocol_scores_the_tuned_rows_or_trains_the_old_ones(checkout):
     _, tuned = phase(checkout, "paper_protocol", RECIPE="tuned")
-    _, rows = phase(checkout, "tuned")
+    _, rows = phase(checkout, "tuned", LEARNED=LEARNED)
     assert sorted(tuned) == sorted(name for name in rows if "labeled_baseline" in name
                                    or "labeled_plnet" in name)
     assert all(tuned[name][0] == rows[name][0] for name in tuned)  # the same runs, reused

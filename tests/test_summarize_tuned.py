@@ -88,13 +88,22 @@ def test_health_pairs_twice_the_budget_and_the_flipped_triplet_with_the_searchs_
             records.update([run(name, seed, 0, "r", triplet=triplet,
                                 validation={"mAP": value})])
     lines = summarize.health_lines(records, search_dir=str(tmp_path)).splitlines()
-    assert len(lines) == 2  # no baseline confirmation: no baseline line
+    assert len(lines) == 2  # no baseline confirmation: no baseline lines
     # x2 - chosen: -0.5, -1.5, -1.5 -> -1.2: more than 1 lost.
     assert lines[0].endswith("seeds [0, 1, 2]: -1.2 ± 0.6; target (loses at most 1): missed")
     assert "triplet weight 0," in lines[1] and lines[1].endswith("-4.0 ± 2.0")
     records[f"{val}x2_s1"]["results"]["validation"]["mAP"] = 0.655  # -0.5, +0.5, -1.5
     assert summarize.health_lines(records, search_dir=str(tmp_path)).splitlines()[0].endswith(
         "-0.5 ± 1.0; target (loses at most 1): met")
+    # The baseline on PL-Net's recipe, against the baseline study's own chosen runs.
+    confirm["configurations"][1]["runs"] = {"0": {"mAP": 0.60}, "1": {"mAP": 0.58}}
+    (tmp_path / "cuhk03_pair1_labeled_baseline_confirm.json").write_text(json.dumps(confirm))
+    for seed, value in ((0, 0.61), (1, 0.56)):
+        records.update([run(f"cuhk03_pair1_labeled_val_tuned_baseline_on_plnet_recipe_s{seed}",
+                            seed, 0, "r", num_parts=0, validation={"mAP": value})])
+    line = summarize.health_lines(records, search_dir=str(tmp_path)).splitlines()[-1]
+    assert line.startswith("- baseline, on PL-Net's recipe") and line.endswith(
+        "seeds [0, 1]: -0.5 ± 2.1")
 
 
 def test_classic_protocol_table_reads_the_classic_scores_beside_the_standard_ones(tmp_path):
