@@ -581,18 +581,22 @@ def health_lines(records, search_dir=os.path.join(HERE, "search"), prefix="cuhk0
     """The tuned recipe's health on validation, paired by seed against the search's own runs of
     the chosen configuration (`<study>_confirm.json`): twice the budget (target: loses at most
     1 mAP), the triplet loss flipped, and the baseline on PL-Net's recipe against its own."""
-    lines = []
+    lines, chosen_runs = [], {}  # each study's confirmation, read once
+    for study in ("plnet", "baseline"):
+        path = os.path.join(search_dir, f"{prefix}_labeled_{study}_confirm.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                confirm = json.load(f)
+            chosen_runs[study] = next(r for r in confirm["configurations"]
+                                      if r["trial"] == confirm["chosen"])
     for study, run, what in (("plnet", "plnet_x2", "twice the budget"),
                              ("plnet", "plnet_triplet_flipped", "the triplet loss flipped"),
                              ("baseline", "baseline_triplet_flipped",
                               "the triplet loss flipped"),
                              ("baseline", "baseline_on_plnet_recipe", "on PL-Net's recipe")):
-        path = os.path.join(search_dir, f"{prefix}_labeled_{study}_confirm.json")
-        if not os.path.exists(path):
+        chosen = chosen_runs.get(study)
+        if chosen is None:
             continue
-        with open(path) as f:
-            confirm = json.load(f)
-        chosen = next(r for r in confirm["configurations"] if r["trial"] == confirm["chosen"])
         runs = {r["config"]["seed"]: r for name, r in records.items()
                 if re.fullmatch(rf"{prefix}_labeled_val_tuned_{run}_s\d+", name)}
         paired = sorted(set(runs) & {int(seed) for seed in chosen["runs"]})
