@@ -291,3 +291,39 @@ def test_a_restarted_driver_draws_new_configurations(tmp_path):
     record = json.load(open(tmp_path / "export" / "cuhk03_pair1_labeled_plnet.json"))
     assert [t["state"] for t in record["trials"]] == ["COMPLETE"] * 4
     assert len({json.dumps(t["params"], sort_keys=True) for t in record["trials"]}) == 4
+
+
+@pytest.mark.slow  # trains, or runs a tool in a process
+def test_a_trial_whose_driver_died_again_and_again_is_retried_not_dropped(tmp_path):
+    # Session ends killed one 60-epoch trial four times (the study's trials 14 to 17): a dead
+    # driver is never the trial's fault, so its retries have no limit, and a chain that an older
+    # driver cut off (its last trial failed by a stale heartbeat, no retry after it) is queued
+    # again. A trial whose reid-train failed (outcome "error") stays failed.
+    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=5),
+                                  direction="maximize")
+    drawn = []
+    for _ in range(2):
+        trial = scratch.ask()
+        search.suggest(trial, "plnet")
+        drawn.append(scratch.tell(trial, state=optuna.trial.TrialState.FAIL))
+    study = optuna.create_study(study_name="cuhk03_pair1_labeled_plnet", direction="maximize",
+                                storage=f"sqlite:///{tmp_path}/study.db")
+    for number in range(4):  # trial 0 and its three retries, each left by a dead driver
+        retried = {"failed_trial": 0, "retry_history": list(range(number))} if number else {}
+        study.add_trial(optuna.create_trial(
+            state=optuna.trial.TrialState.FAIL, params=drawn[0].params,
+            distributions=drawn[0].distributions, system_attrs=retried,
+            user_attrs={"flags": ["--seed=0"]}))
+    study.add_trial(optuna.create_trial(  # trial 4: reid-train itself failed
+        state=optuna.trial.TrialState.FAIL, params=drawn[1].params,
+        distributions=drawn[1].distributions, user_attrs={"outcome": "error"}))
+    result = driver(tmp_path, "--studies=plnet", "--trials=1", env={"STAND_IN_SECONDS": "0"})
+    record = json.load(open(tmp_path / "export" / "cuhk03_pair1_labeled_plnet.json"))
+    trials = record["trials"]
+    assert len(trials) == 6 and trials[5]["state"] == "COMPLETE", result.stdout
+    assert trials[5]["retry_of"] == 0 and trials[5]["params"] == drawn[0].params
+    assert [t["state"] for t in trials[:5]] == ["FAIL"] * 5
+    # Retries have no limit: this one's retry history is already four long.
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/study.db")
+    frozen = optuna.load_study(study_name=study.study_name, storage=storage).trials[5]
+    assert frozen.system_attrs["retry_history"] == [0, 1, 2, 3]
