@@ -113,3 +113,20 @@ def test_paper_protocol_scores_the_tuned_rows_or_trains_the_old_ones(checkout):
     assert sorted(old) == sorted(f"cuhk03_pair1_labeled_{row}_paper_old_s{seed}"
                                  for row in ("baseline", "plnet") for seed in (0, 1, 2))
     assert {recipe for recipe, _ in old.values()} == {OLD}
+
+
+@pytest.mark.parametrize("recipe", ["old", "tuned"])
+def test_paper_identities_trains_row_b_on_a_half_a_quarter_and_an_eighth_of_the_identities(
+        checkout, recipe):
+    _, runs = phase(checkout, "paper_identities", RECIPE=recipe)
+    tag = "paper_old" if recipe == "old" else "tuned"
+    expected = {f"cuhk03_pair1_labeled_plnet_{tag}_ids{kept}_s{seed}": (held_out, seed)
+                for kept, held_out in ((50, 0.5), (25, 0.75), (12, 0.875)) for seed in (0, 1, 2)}
+    assert sorted(runs) == sorted(expected)
+    for name, (held_out, seed) in expected.items():
+        recipe_name, config = runs[name]
+        assert recipe_name == (OLD if recipe == "old" else "cuhk03_pair1_labeled_tuned_plnet")
+        assert config.validation_identities == held_out
+        assert config.seed == config.validation_seed == seed  # a new draw of identities per seed
+        assert config.final_eval and config.part_strategy == "bands"
+        assert config.num_parts == (6 if recipe == "tuned" else 4)

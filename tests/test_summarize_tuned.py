@@ -5,6 +5,7 @@ runs, and the classic-protocol table."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from reid_tf import testing
@@ -126,3 +127,30 @@ def test_classic_protocol_table_reads_the_classic_scores_beside_the_standard_one
     path.write_text(json.dumps({"rank1": 0.5, "classic_protocol": {"identities": 50}}))
     with pytest.raises(ValueError, match="not the 100-identity protocol"):
         summarize.paper_protocol_table(records, results_dir=str(tmp_path))
+
+
+def test_identities_curve_fits_classic_rank1_against_log2_of_the_training_identities(tmp_path):
+    # Classic rank-1 set on the line 10 × log2(identities) − 27 (+ seed noise that averages
+    # out): the fit finds +10.0 per doubling, and 10 × log2(1367) − 27 = 77.2 at the paper's.
+    (tmp_path / "classic").mkdir()
+    records = {}
+    for kept, train, held in (("", 421, 0), ("_ids50", 211, 210), ("_ids25", 105, 316),
+                              ("_ids12", 53, 368)):
+        for seed, noise in ((0, -0.5), (1, 0.5)):
+            name = f"cuhk03_pair1_labeled_plnet_paper_old{kept}_s{seed}"
+            counts = {"train_identities": train, "held_out_identities": held} if kept else {}
+            records.update([run(name, seed, 0.3, "old", **counts)])  # the full runs: no counts
+            classic = (10 * np.log2(train) - 27 + noise) / 100
+            (tmp_path / "classic" / f"{name}.json").write_text(json.dumps(
+                {"rank1": classic, "classic_protocol": {"identities": 100}}))
+    table = summarize.identities_curve_table(records, results_dir=str(tmp_path))
+    rows = table.splitlines()
+    assert rows[2].startswith(f"| old | 421 | 2 | {10 * np.log2(421) - 27:.1f} ± 0.7 | 30.0 ± 0.0")
+    assert [row.split(" | ")[1] for row in rows[2:6]] == ["421", "211", "105", "53"]
+    assert "+10.0 per doubling" in table and "over 8 runs, 53 to 421 identities" in table
+    assert "reaches 77.2 at the paper's 1,367 identities (-5.6 from its 82.75)" in table
+    assert "3.2× past the largest split" in table
+    # Runs whose splits disagree on the training split's size are refused.
+    records["cuhk03_pair1_labeled_plnet_paper_old_ids25_s1"]["results"]["held_out_identities"] = 300
+    with pytest.raises(ValueError, match="training splits of sizes"):
+        summarize.identities_curve_table(records, results_dir=str(tmp_path))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import random
 import signal
 import socket
@@ -551,6 +552,11 @@ def test_a_validated_run_fits_its_decisions_and_its_export_carries_them_and_its_
     assert [p["far"] for p in fitted["open_set"]] == [0.1, 0.01, 0.001]
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert results["calibration"]["open_set"] == fitted["open_set"]
+    # How many identities it trained on and held out (of the training split's): 30 % held out.
+    everyone = int(re.search(r"images, (\d+) identities", log).group(1)) \
+        + results["held_out_identities"]
+    assert results["held_out_identities"] == round(0.3 * everyone) > 0
+    assert results["train_identities"] == everyone - results["held_out_identities"]
     # And the test split, open set, at those thresholds.
     assert [p["far"] for p in results["open_set"]["points"]] == [0.1, 0.01, 0.001]
     assert results["open_set"]["unknown_queries"] > 0 and "open set (test" in log

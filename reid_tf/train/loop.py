@@ -274,7 +274,10 @@ def _train(config, workdir, strategy, chief, data, model, optimizer, checkpoint,
                "train_seconds": train_seconds,  # this call's steps, mean over them:
                "train_images_per_second":
                    (step - start_step) * config.global_batch_size / max(train_seconds, 1e-9),
-               "skipped_steps": int(skipped_steps.numpy())}
+               "skipped_steps": int(skipped_steps.numpy()),
+               "train_identities": data.num_classes,  # a training-identities curve's x
+               "held_out_identities": len(data.splits["val_query"].identities)
+               if "val_query" in data.splits else 0}
     if chief:  # results.json: each hook adds its part, the last (ResultsWriter) writes it
         for hook in hooks:
             hook.end(step, results)
