@@ -24,8 +24,9 @@ Resuming. The study lives in SQLite (`--storage`); every trial's workdir is name
 its flags. A driver that is killed leaves its trial RUNNING; its heartbeat stops, and the next
 driver marks it failed and enqueues it again with the same parameters
 (`RetryHeartbeatStaleTrialCallback`, no limit on retries: a dead driver is never the trial's
-fault), so the retry finds the same workdir and reid-train resumes from its checkpoint. After every trial the study is exported to `--export_dir/<study>.json` (every
-trial's flags, validation curve, state and value) and the database is copied there: commit both.
+fault), so the retry finds the same workdir and reid-train resumes from its checkpoint. After
+every trial the study is exported to `--export_dir/<study>.json` (every trial's flags,
+validation curve, state and value) and the database is copied there: commit both.
 
 `--confirm` reruns the `--top` best finished configurations of each study at `--seeds`
 (the trial itself is seed 0) on validation and writes `<study>_confirm.json`: the recipe is
@@ -292,6 +293,14 @@ def objective(kind, steps_per_epoch, log=print):
     return run
 
 
+# A trial whose heartbeat went stale had its driver killed (a session's end, a re-pin): never
+# the trial's fault, so its retries have no limit. A trial whose reid-train failed is told
+# FAIL by its own driver (outcome "error") and is not retried.
+with warnings.catch_warnings():  # "experimental" since Optuna 2.8
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)
+
+
 def open_study(kind):
     with warnings.catch_warnings():  # heartbeats and multivariate TPE are "experimental"
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -312,14 +321,6 @@ def open_study(kind):
             n_startup_trials=FLAGS.startup_trials, multivariate=True, group=True,
             seed=FLAGS.sampler_seed + len(study.get_trials(deepcopy=False)))
     return study
-
-
-# A trial whose heartbeat went stale had its driver killed (a session's end, a re-pin): never
-# the trial's fault, so its retries have no limit. A trial whose reid-train failed is told
-# FAIL by its own driver (outcome "error") and is not retried.
-with warnings.catch_warnings():  # "experimental" since Optuna 2.8
-    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)
 
 
 def requeue_cut_off(study):
