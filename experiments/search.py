@@ -35,6 +35,7 @@ winner as a flagfile, `experiments/cuhk03_pair1_<labeled|detected>_tuned_<study>
 base recipe with the winner's values, its header the search and the confirmation.
 """
 
+import collections
 import hashlib
 import json
 import math
@@ -510,6 +511,19 @@ def tuned_recipe(base_lines, trial_flags, warmup_fraction, steps_per_epoch, head
     return "\n".join(["# " + line if line else "#" for line in wrapped] + lines) + "\n"
 
 
+# How a failed trial failed, by its outcome (none: its driver died, and it was retried).
+FAILED_AS = {None: "interrupted and retried", "duplicate": "a repeat of an earlier draw, "
+             "stopped at once", "error": "failed in reid-train"}
+
+
+def failed_trials(trials):
+    """'; 3 interrupted and retried; 1 a repeat ...' for a study's failed trials, or ''."""
+    outcomes = collections.Counter(t.user_attrs.get("outcome") for t in trials
+                                   if t.state == optuna.trial.TrialState.FAIL)
+    return "".join(f"; {n} {FAILED_AS.get(outcome, outcome)}"
+                   for outcome, n in sorted(outcomes.items(), key=lambda item: str(item[0])))
+
+
 def recipe_header(study, record, data, steps_per_epoch):
     """The comment lines heading a tuned flagfile: the search, its 3-seed confirmation and the
     winner."""
@@ -527,8 +541,8 @@ def recipe_header(study, record, data, steps_per_epoch):
         f" ({study.study_name}.json, _confirm.json, search.db).", "",
         f"The search: Optuna, TPE sampler and median pruner, {finished(study)} finished trials "
         f"({count[optuna.trial.TrialState.COMPLETE]} complete, "
-        f"{count[optuna.trial.TrialState.PRUNED]} pruned; "
-        f"{count[optuna.trial.TrialState.FAIL]} interrupted and retried), each reid-train on "
+        f"{count[optuna.trial.TrialState.PRUNED]} pruned{failed_trials(trials)}), each "
+        "reid-train on "
         f"the labeled training identities with {VALIDATION_IDENTITIES:.0%} held out "
         "(validation_seed 0); objective: validation mAP at the end of the schedule. The test "
         f"split was never read. Trials ran at commits {', '.join(commits) or 'unknown'}.",

@@ -196,6 +196,12 @@ def test_the_confirmed_winner_is_written_as_a_tuned_recipe_per_box_type(tmp_path
     missing = subprocess.run(written, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "run --confirm first" in missing.stderr
     driver(tmp_path, "--studies=plnet", "--confirm", "--top=2", "--seeds=0,1")
+    storage = f"sqlite:///{tmp_path}/study.db"
+    study = optuna.load_study(study_name="cuhk03_pair1_labeled_plnet", storage=storage)
+    repeat = study.trials[0]  # a repeated draw, failed at once: no interrupted trial here
+    study.add_trial(optuna.create_trial(
+        state=optuna.trial.TrialState.FAIL, params=repeat.params,
+        distributions=repeat.distributions, user_attrs={"outcome": "duplicate"}))
     subprocess.run(written, cwd=ROOT, check=True, capture_output=True, timeout=300)
     confirmation = json.load(open(tmp_path / "export" / "cuhk03_pair1_labeled_plnet_confirm.json"))
     study = json.load(open(tmp_path / "export" / "cuhk03_pair1_labeled_plnet.json"))
@@ -224,6 +230,9 @@ def test_the_confirmed_winner_is_written_as_a_tuned_recipe_per_box_type(tmp_path
                 if row["trial"] == confirmation["chosen"])["mean_mAP"]
     assert f"trial {confirmation['chosen']}: {100 * mean:.1f} ± 0.0" in text
     assert "<- chosen: the best mean" in text and "4 finished trials" in text
+    header = " ".join(line[2:] for line in text.splitlines() if line.startswith("# "))
+    assert "1 a repeat of an earlier draw, stopped at once" in header
+    assert "interrupted" not in header
     # `--no<name>` is read as a boolean's negation: no reid-train option is itself named no...
     assert not [f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("no")]
 
