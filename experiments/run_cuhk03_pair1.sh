@@ -30,7 +30,7 @@
 #                                                     # seeds 1 and 2 (validation)
 #   bash experiments/run_cuhk03_pair1.sh paper_protocol  # (a), (b) again, labeled, 3 seeds, and
 #                                                 # CUHK03's classic protocol (RECIPE=tuned)
-#   bash experiments/run_cuhk03_pair1.sh paper_identities  # (b) on 1/2, 1/4, 1/8 of the training
+#   bash experiments/run_cuhk03_pair1.sh paper_identities  # (b), (a) on 1/2, 1/4, 1/8 of the training
 #                                                 # identities, classic protocol (RECIPE=tuned)
 #   (after `search.py --confirm` and `--write_recipes`, issue 37 on the tuned recipes:)
 #   bash experiments/run_cuhk03_pair1.sh tuned_health   # twice the budget; the triplet flipped;
@@ -223,19 +223,23 @@ if [[ $WHICH == paper_protocol ]]; then
     fi
   done
 fi
-# The paper gap in numbers (issue 37): row (b), labeled, trained on 1/2, 1/4 and 1/8 of the
-# training identities (the rest held out with --validation_identities, a new draw per seed),
-# scored on the same classic protocol; with paper_protocol's runs on all of them, classic
-# rank-1 against the number of training identities (summarize.py). RECIPE=old|tuned.
+# The paper gap in numbers (issue 37): rows (b) and (a), labeled, trained on 1/2, 1/4 and 1/8
+# of the training identities (the rest held out with --validation_identities, a new draw per
+# seed, the same for both rows), scored on the same classic protocol; with paper_protocol's
+# runs on all of them, classic rank-1 against the number of training identities, and the part
+# loss's gain at each (summarize.py). RECIPE=old|tuned.
 if [[ $WHICH == paper_identities ]]; then
-  if [[ ${RECIPE:-old} == tuned ]]; then
-    tag=tuned; recipe=$(tuned_recipe labeled plnet); strategy="--part_strategy=bands "
-  else
-    tag=paper_old; recipe=$L; strategy=""
-  fi
-  for seed in 0 1 2; do
-    for kept in 50:0.5 25:0.75 12:0.875; do
-      RUNS+=("${R}_labeled_plnet_${tag}_ids${kept%:*}_s${seed}|$recipe|${strategy}--seed=${seed} --validation_identities=${kept#*:} --validation_seed=${seed}")
+  for key in plnet baseline; do
+    if [[ $key == baseline ]]; then row="--num_parts=0 "; else row="--part_strategy=bands "; fi
+    if [[ ${RECIPE:-old} == tuned ]]; then
+      tag=tuned; recipe=$(tuned_recipe labeled $key)
+    else
+      tag=paper_old; recipe=$L; [[ $key == plnet ]] && row=""
+    fi
+    for seed in 0 1 2; do
+      for kept in 50:0.5 25:0.75 12:0.875; do
+        RUNS+=("${R}_labeled_${key}_${tag}_ids${kept%:*}_s${seed}|$recipe|${row}--seed=${seed} --validation_identities=${kept#*:} --validation_seed=${seed}")
+      done
     done
   done
 fi

@@ -116,17 +116,23 @@ def test_paper_protocol_scores_the_tuned_rows_or_trains_the_old_ones(checkout):
 
 
 @pytest.mark.parametrize("recipe", ["old", "tuned"])
-def test_paper_identities_trains_row_b_on_a_half_a_quarter_and_an_eighth_of_the_identities(
+def test_paper_identities_trains_rows_a_and_b_on_a_half_a_quarter_and_an_eighth_of_the_identities(
         checkout, recipe):
     _, runs = phase(checkout, "paper_identities", RECIPE=recipe)
     tag = "paper_old" if recipe == "old" else "tuned"
-    expected = {f"cuhk03_pair1_labeled_plnet_{tag}_ids{kept}_s{seed}": (held_out, seed)
+    expected = {f"cuhk03_pair1_labeled_{key}_{tag}_ids{kept}_s{seed}": (key, held_out, seed)
+                for key in ("baseline", "plnet")
                 for kept, held_out in ((50, 0.5), (25, 0.75), (12, 0.875)) for seed in (0, 1, 2)}
     assert sorted(runs) == sorted(expected)
-    for name, (held_out, seed) in expected.items():
+    for name, (key, held_out, seed) in expected.items():
         recipe_name, config = runs[name]
-        assert recipe_name == (OLD if recipe == "old" else "cuhk03_pair1_labeled_tuned_plnet")
+        assert recipe_name == (OLD if recipe == "old" else f"cuhk03_pair1_labeled_tuned_{key}")
         assert config.validation_identities == held_out
-        assert config.seed == config.validation_seed == seed  # a new draw of identities per seed
-        assert config.final_eval and config.part_strategy == "bands"
-        assert config.num_parts == (6 if recipe == "tuned" else 4)
+        # A new draw of identities per seed, the same for (a) and (b): their gain is paired.
+        assert config.seed == config.validation_seed == seed
+        assert config.final_eval
+        if key == "plnet":
+            assert config.part_strategy == "bands"
+            assert config.num_parts == (6 if recipe == "tuned" else 4)
+        else:
+            assert config.num_parts == 0

@@ -130,26 +130,37 @@ def test_classic_protocol_table_reads_the_classic_scores_beside_the_standard_one
 
 
 def test_identities_curve_fits_classic_rank1_against_log2_of_the_training_identities(tmp_path):
-    # Classic rank-1 set on the line 10 × log2(identities) − 27 (+ seed noise that averages
-    # out): the fit finds +10.0 per doubling, and 10 × log2(1367) − 27 = 77.2 at the paper's.
+    # Classic rank-1 of (b) set on the line 10 × log2(identities) − 27, of (a) on
+    # 8 × log2(identities) − 22 (+ seed noise that averages out, the same for both rows: their
+    # gain is paired by seed): the fit finds +10.0 and +8.0 per doubling, 10 × log2(1367) − 27 =
+    # 77.2 at the paper's, and the part loss gains 2 × log2(identities) − 5 at each size.
     (tmp_path / "classic").mkdir()
     records = {}
-    for kept, train, held in (("", 421, 0), ("_ids50", 211, 210), ("_ids25", 105, 316),
-                              ("_ids12", 53, 368)):
-        for seed, noise in ((0, -0.5), (1, 0.5)):
-            name = f"cuhk03_pair1_labeled_plnet_paper_old{kept}_s{seed}"
-            counts = {"train_identities": train, "held_out_identities": held} if kept else {}
-            records.update([run(name, seed, 0.3, "old", **counts)])  # the full runs: no counts
-            classic = (10 * np.log2(train) - 27 + noise) / 100
-            (tmp_path / "classic" / f"{name}.json").write_text(json.dumps(
-                {"rank1": classic, "classic_protocol": {"identities": 100}}))
+    for key, slope, offset in (("plnet", 10, -27), ("baseline", 8, -22)):
+        for kept, train, held in (("", 421, 0), ("_ids50", 211, 210), ("_ids25", 105, 316),
+                                  ("_ids12", 53, 368)):
+            for seed, noise in ((0, -0.5), (1, 0.5)):
+                name = f"cuhk03_pair1_labeled_{key}_paper_old{kept}_s{seed}"
+                counts = {"train_identities": train, "held_out_identities": held} if kept else {}
+                records.update([run(name, seed, 0.3, "old", **counts)])  # the full: no counts
+                classic = (slope * np.log2(train) + offset + noise) / 100
+                (tmp_path / "classic" / f"{name}.json").write_text(json.dumps(
+                    {"rank1": classic, "classic_protocol": {"identities": 100}}))
     table = summarize.identities_curve_table(records, results_dir=str(tmp_path))
     rows = table.splitlines()
-    assert rows[2].startswith(f"| old | 421 | 2 | {10 * np.log2(421) - 27:.1f} ± 0.7 | 30.0 ± 0.0")
-    assert [row.split(" | ")[1] for row in rows[2:6]] == ["421", "211", "105", "53"]
-    assert "+10.0 per doubling" in table and "over 8 runs, 53 to 421 identities" in table
+    assert rows[2].startswith(f"| old | (b) PL-Net | 421 | 2 | "
+                              f"{10 * np.log2(421) - 27:.1f} ± 0.7 | 30.0 ± 0.0")
+    assert [row.split(" | ")[2] for row in rows[2:10]] == ["421", "211", "105", "53"] * 2
+    assert rows[6].startswith(f"| old | (a) global baseline | 421 | 2 | "
+                              f"{8 * np.log2(421) - 22:.1f} ± 0.7 |")
+    assert "(b) PL-Net, old recipe: classic rank-1 gains +10.0 per doubling" in table
+    assert "(a) global baseline, old recipe: classic rank-1 gains +8.0 per doubling" in table
+    assert "over 8 runs, 53 to 421 identities" in table
     assert "reaches 77.2 at the paper's 1,367 identities (-5.6 from its 82.75)" in table
     assert "3.2× past the largest split" in table
+    gains = ", ".join(f"{2 * np.log2(n) - 5:+.1f} ± 0.0 at {n}" for n in (421, 211, 105, 53))
+    assert ("old recipe, the part loss's gain in classic rank-1 (b − a, paired by seed): "
+            f"{gains} training identities") in table
     # Runs whose splits disagree on the training split's size are refused.
     records["cuhk03_pair1_labeled_plnet_paper_old_ids25_s1"]["results"]["held_out_identities"] = 300
     with pytest.raises(ValueError, match="training splits of sizes"):
