@@ -614,11 +614,12 @@ def _identity_fit(row, recipe, ids, found):
     y = [100 * c["rank1"] for kept in found for _, c in found[kept].values()]
     slope, intercept = np.polyfit(np.log2(x), y, 1)
     reach = intercept + slope * np.log2(PAPER_IDENTITIES)
+    against = f" ({reach - PAPER_RANK1:+.1f} from its {PAPER_RANK1})" if "PL-Net" in row else ""
     return (f"{row}, {recipe} recipe: classic rank-1 gains {slope:+.1f} per doubling of the "
             f"training identities (least squares over {len(x)} runs, {min(x)} to {max(x)} "
             f"identities); the line reaches {reach:.1f} at the paper's {PAPER_IDENTITIES:,} "
-            f"identities ({reach - PAPER_RANK1:+.1f} from its {PAPER_RANK1}), an extrapolation "
-            f"{PAPER_IDENTITIES / max(x):.1f}× past the largest split measured.")
+            f"identities{against}, an extrapolation {PAPER_IDENTITIES / max(x):.1f}× past the "
+            "largest split measured.")
 
 
 def _identity_gains(recipe, plnet, baseline, ids):
