@@ -58,6 +58,13 @@ def mean_std(values):
     return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
 
 
+def signed_mean_std(values):
+    """A paired gain: '+1.2 ± 0.3' (std over seeds), or '+1.2' from one seed."""
+    values = np.asarray(values, float)
+    spread = f" ± {values.std(ddof=1):.1f}" if len(values) > 1 else ""
+    return f"{values.mean():+.1f}{spread}"
+
+
 def _check(record, num_parts=None, recipe=None, embedding_dim=None, strategy=None,
            triplet=False):
     """Refuses a record whose flags are not those its row claims (`num_parts="any"`: K > 0;
@@ -223,9 +230,8 @@ def comparison_lines(records, seeds=(0, 1, 2), prefix="cuhk03_pair1", target=3.0
                      for m in ("rank1", "mAP")}
             parts = []
             for metric, values in gains.items():
-                spread = f" ± {values.std(ddof=1):.1f}" if len(values) > 1 else ""
                 parts.append(f"{'rank-1' if metric == 'rank1' else 'mAP'} "
-                             f"{values.mean():+.1f}{spread}")
+                             f"{signed_mean_std(values)}")
             line = (f"- {data}, {label} − {against}, paired over seeds {paired}: "
                     f"{'; '.join(parts)}")
             if wanted is not None:
@@ -468,7 +474,6 @@ def robustness_table(records, seeds=(0, 1, 2), prefix="cuhk03_pair1",
         other = {m: [100 * r["results"]["also_evaluated"][DETECTED][m] for r in runs]
                  for m in ("rank1", "mAP")}
         change = np.array(other["mAP"]) - np.array(own["mAP"])
-        spread = f" ± {change.std(ddof=1):.1f}" if len(change) > 1 else ""
         trained = _by_seed(records, rows[row][0], rows[row][1], "detected", seeds, prefix)
         reference = (f"{mean_std([v['rank1'] for v in trained.values()])} / "
                      f"{mean_std([v['mAP'] for v in trained.values()])}" if trained else "–")
@@ -476,7 +481,7 @@ def robustness_table(records, seeds=(0, 1, 2), prefix="cuhk03_pair1",
             f"| {label} | {', '.join(str(r['config']['seed']) for r in runs)} | "
             f"{mean_std(own['rank1'])} / {mean_std(own['mAP'])} | "
             f"{mean_std(other['rank1'])} / {mean_std(other['mAP'])} | "
-            f"{change.mean():+.1f}{spread} | {reference} | {row_commit(label, runs)} |")
+            f"{signed_mean_std(change)} | {reference} | {row_commit(label, runs)} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -608,13 +613,14 @@ def _training_identities(found, what):
                    for seed, (r, _) in runs.items()} for kept, runs in found.items()}
 
 
-def _identity_fit(row, recipe, ids, found):
+def _identity_fit(row, key, recipe, ids, found):
     """The note on one row's least-squares line of classic rank-1 against log2(identities)."""
     x = [ids[kept][seed] for kept in found for seed in found[kept]]
     y = [100 * c["rank1"] for kept in found for _, c in found[kept].values()]
     slope, intercept = np.polyfit(np.log2(x), y, 1)
     reach = intercept + slope * np.log2(PAPER_IDENTITIES)
-    against = f" ({reach - PAPER_RANK1:+.1f} from its {PAPER_RANK1})" if "PL-Net" in row else ""
+    # The paper's figure is PL-Net's: only row (b) is held against it.
+    against = f" ({reach - PAPER_RANK1:+.1f} from its {PAPER_RANK1})" if key == "plnet" else ""
     return (f"{row}, {recipe} recipe: classic rank-1 gains {slope:+.1f} per doubling of the "
             f"training identities (least squares over {len(x)} runs, {min(x)} to {max(x)} "
             f"identities); the line reaches {reach:.1f} at the paper's {PAPER_IDENTITIES:,} "
@@ -622,17 +628,16 @@ def _identity_fit(row, recipe, ids, found):
             "largest split measured.")
 
 
-def _identity_gains(recipe, plnet, baseline, ids):
-    """The note on (b) − (a) in classic rank-1 at each share, paired by seed (the same draw)."""
+def _identity_gains(recipe, plnet, baseline, sizes):
+    """The note on (b) − (a) in classic rank-1 at each share, paired by seed (the same draw);
+    `sizes`: each share's training identities."""
     gains = []
     for kept in (k for k in KEPT if k in plnet and k in baseline):
         paired = sorted(set(plnet[kept]) & set(baseline[kept]))
         if paired:
-            gain = np.array([100 * (plnet[kept][s][1]["rank1"] - baseline[kept][s][1]["rank1"])
-                             for s in paired])
-            spread = f" ± {gain.std(ddof=1):.1f}" if len(gain) > 1 else ""
-            size = round(np.mean(list(ids[kept].values())))
-            gains.append(f"{gain.mean():+.1f}{spread} at {size}")
+            gain = [100 * (plnet[kept][s][1]["rank1"] - baseline[kept][s][1]["rank1"])
+                    for s in paired]
+            gains.append(f"{signed_mean_std(gain)} at {sizes[kept]}")
     return (f"{recipe} recipe, the part loss's gain in classic rank-1 (b − a, paired by seed): "
             f"{', '.join(gains)} training identities.")
 
@@ -653,15 +658,16 @@ def identities_curve_table(records, results_dir=RESULTS_DIR, prefix="cuhk03_pair
             if len(found) < 2:
                 continue
             ids = _training_identities(found, f"{row}, {recipe}")
-            rows[key] = found, ids
+            sizes = {kept: round(np.mean(list(ids[kept].values()))) for kept in found}
+            rows[key] = found, sizes
             for kept, runs in found.items():
                 standard = [r["results"] for r, _ in runs.values()]
                 lines.append(
-                    f"| {recipe} | {row} | {round(np.mean(list(ids[kept].values())))} | "
+                    f"| {recipe} | {row} | {sizes[kept]} | "
                     f"{len(runs)} | {mean_std([100 * c['rank1'] for _, c in runs.values()])} | "
                     f"{mean_std([100 * r['rank1'] for r in standard])} | "
                     f"{mean_std([100 * r['mAP'] for r in standard])} |")
-            notes.append(_identity_fit(row, recipe, ids, found))
+            notes.append(_identity_fit(row, key, recipe, ids, found))
         if len(rows) == 2:
             notes.append(_identity_gains(recipe, rows["plnet"][0], rows["baseline"][0],
                                          rows["plnet"][1]))
@@ -697,11 +703,10 @@ def health_lines(records, search_dir=os.path.join(HERE, "search"), prefix="cuhk0
             continue
         gaps = np.array([100 * (runs[s]["results"]["validation"]["mAP"]
                                 - chosen["runs"][str(s)]["mAP"]) for s in paired])
-        spread = f" ± {gaps.std(ddof=1):.1f}" if len(gaps) > 1 else ""
         line = (f"- {study}, {what} (triplet weight "
                 f"{runs[paired[0]]['config'].get('triplet_weight', 0):g}, "
                 f"{runs[paired[0]]['config']['epochs']} epochs) − the chosen recipe, validation "
-                f"mAP paired over seeds {paired}: {gaps.mean():+.1f}{spread}")
+                f"mAP paired over seeds {paired}: {signed_mean_std(gaps)}")
         if run == "plnet_x2":
             line += f"; target (loses at most 1): {'met' if gaps.mean() >= -1 else 'missed'}"
         lines.append(line)
