@@ -24,6 +24,7 @@
 #   bash experiments/run_cuhk03_pair1.sh triplet_probe  # triplet weight 0.1, soft margin (val)
 #   bash experiments/run_cuhk03_pair1.sh search       # the Optuna studies (issue 37), resumable
 #   bash experiments/run_cuhk03_pair1.sh search_confirm  # their best 3 configurations, 3 seeds
+#   bash experiments/run_cuhk03_pair1.sh search_recipes  # the tuned flagfiles from the confirmation
 #   bash experiments/run_cuhk03_pair1.sh learned_validation  # issue 38: the learned partition's
 #                                                     # variant and teacher, on validation
 #   bash experiments/run_cuhk03_pair1.sh learned_seeds  # its pick against stripes and bands,
@@ -37,11 +38,13 @@
 #                                                     # the baseline on PL-Net's recipe
 #   LEARNED="..." bash experiments/run_cuhk03_pair1.sh tuned  # rows (a), (b), (h), (i), 3 seeds
 #   bash experiments/run_cuhk03_pair1.sh tuned_openset  # DIR@FAR on the tuned (a), (b)
-#   (round four's queue, from a pinned clone: `... learned_validation && ... search`)
+#   bash experiments/run_cuhk03_pair1.sh round4   # round four's queue, all of the above in
+#                                                 # order (search ... paper_identities tuned)
 #   .venv/bin/python experiments/summarize.py         # the tables of RESULTS.md
 #   ONLY=_s0 bash experiments/run_cuhk03_pair1.sh wide # only runs whose name matches (regex)
 #   DRY=1 bash experiments/run_cuhk03_pair1.sh tuned   # the phase's runs, listed, not run
 set -euo pipefail
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
 TRAIN=${TRAIN:-.venv/bin/reid-train}
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -57,10 +60,31 @@ V="--validation_identities=0.2 --eval_every=50 --seed=0"
 # The hyper-parameter search (experiments/search.py): one trial of each study in turn until each
 # has TRIALS finished; the study is resumed from runs/search/search.db, or from the committed
 # experiments/search/search.db on a fresh checkout. Commit experiments/search/ as it grows.
-if [[ $WHICH == search || $WHICH == search_confirm ]]; then
-  confirm=$([[ $WHICH == search_confirm ]] && echo "--confirm" || echo "")
-  exec "$PYTHON" experiments/search.py --studies="${STUDIES:-plnet,baseline}" \
-    --trials="${TRIALS:-20}" $confirm
+# search_recipes: the tuned flagfiles from each study's confirmation (--write_recipes).
+if [[ $WHICH == search || $WHICH == search_confirm || $WHICH == search_recipes ]]; then
+  what=$([[ $WHICH == search_confirm ]] && echo "--confirm" || echo "")
+  what=$([[ $WHICH == search_recipes ]] && echo "--write_recipes" || echo "$what")
+  command=("$PYTHON" experiments/search.py --studies="${STUDIES:-plnet,baseline}"
+           --trials="${TRIALS:-20}" $what)
+  [[ -n $DRY ]] && { echo "$WHICH: ${command[*]}" >&2; exit 0; }
+  exec "${command[@]}"
+fi
+# Round four's whole queue in order, one command on a fresh machine (from the pinned clone's
+# root, after its `make install`): each step skips what finished and resumes what was cut off,
+# so after any interruption run it again. Row (i) is the learned partition picked on validation
+# (RESULTS.md, "Learned parts on validation"); LEARNED overrides it. DRY=1: the steps (step|
+# phase|RECIPE|LEARNED) and each tuned step's runs, nothing run.
+if [[ $WHICH == round4 ]]; then
+  LEARNED=${LEARNED:---part_strategy=learned --part_teacher=stripes --part_induction=1}
+  for step in search search_confirm search_recipes tuned_health tuned tuned_openset \
+      paper_protocol:tuned paper_identities:tuned; do
+    phase=${step%%:*}; recipe=$([[ $step == *:* ]] && echo "${step#*:}" || echo "")
+    echo "step|$phase|$recipe|$LEARNED"
+    [[ -n $DRY && $phase == search* ]] && continue
+    echo "$(date +%H:%M:%S) round4: $phase ${recipe:+(RECIPE=$recipe)}" >&2
+    RECIPE=${recipe:-old} LEARNED=$LEARNED bash "$SELF" "$phase" || [[ -n $DRY ]]
+  done
+  exit 0
 fi
 L=${R}_labeled_mobilenetv2_128x64
 if [[ $WHICH == validation ]]; then

@@ -136,3 +136,27 @@ def test_paper_identities_trains_rows_a_and_b_on_a_half_a_quarter_and_an_eighth_
             assert config.num_parts == (6 if recipe == "tuned" else 4)
         else:
             assert config.num_parts == 0
+
+
+def test_round_four_chains_every_phase_in_order_with_row_i_picked(checkout):
+    """`round4` is the whole queue a fresh machine restarts with one command: the search, its
+    confirmation, the tuned recipes, then every tuned phase; each step skips what finished."""
+    result = subprocess.run(["bash", str(checkout / "experiments" / "run_cuhk03_pair1.sh"),
+                             "round4"], env={**os.environ, "DRY": "1"}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    steps = [line.split("|") for line in result.stdout.splitlines() if line.startswith("step|")]
+    assert [(phase, recipe) for _, phase, recipe, _ in steps] == [
+        ("search", ""), ("search_confirm", ""), ("search_recipes", ""), ("tuned_health", ""),
+        ("tuned", ""), ("tuned_openset", ""), ("paper_protocol", "tuned"),
+        ("paper_identities", "tuned")]
+    assert {learned for *_, learned in steps} == {LEARNED}  # row (i)'s pick (RESULTS.md)
+    for which, what in (("search", ""), ("search_confirm", " --confirm"),
+                        ("search_recipes", " --write_recipes")):  # listed, never started
+        listed, runs = phase(checkout, which)
+        assert listed.returncode == 0 and not runs
+        command = f"search.py --studies=plnet,baseline --trials=20{what}"
+        assert listed.stderr.strip().endswith(command)
+    # Each tuned step lists its runs (the recipes are there): the same as the phase alone.
+    _, rows = phase(checkout, "tuned", LEARNED=LEARNED)
+    assert set(rows) <= {line.split("|")[0] for line in result.stdout.splitlines()}
