@@ -1,10 +1,14 @@
-"""experiments/RESULTS.md's table of the search's trials (issue 37) is written by hand as the
-trials land: every figure in it must be the committed record's (experiments/search/*.json),
-rounded as printed. A mistyped learning rate or mAP fails here."""
+"""experiments/RESULTS.md's tables hold the committed records: every table row that
+experiments/summarize.py prints from experiments/results/ is in it verbatim, and the search's
+trial table (issue 37, written by hand as the trials land) has each trial's figures from
+experiments/search/*.json, rounded as printed. A mistyped learning rate or mAP fails here, and
+so does a run whose JSON is committed without its row."""
 
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -77,3 +81,16 @@ def test_every_trial_in_the_results_table_is_the_committed_records():
     finished = {(study, n) for study, trials in by_study.items() for n, t in trials.items()
                 if t["state"] in ("COMPLETE", "PRUNED") and "duplicate_of" not in t}
     assert shown == finished  # every finished trial is in the table, and only those
+
+
+def test_every_row_summarize_prints_is_in_results_md_verbatim():
+    printed = subprocess.run([sys.executable, os.path.join("experiments", "summarize.py")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    rows = [line.rstrip() for line in printed.stdout.splitlines()
+            if line.startswith("| ") or " validation mAP gain over the last " in line]
+    assert len(rows) > 100  # the tables were printed (126 rows and 41 curves on 2026-12-07)
+    text = open(os.path.join(ROOT, "experiments", "RESULTS.md"), encoding="utf-8").read()
+    written = {line.rstrip() for line in text.splitlines()}
+    missing = [row for row in rows if row not in written]
+    assert not missing, "not in RESULTS.md as summarize.py prints it:\n" + "\n".join(missing)
