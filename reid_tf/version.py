@@ -10,12 +10,15 @@ import subprocess
 from reid_tf import __version__
 
 SOURCE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Records, not code: what a queue writes into its own pinned clone as it runs (the search's
+# export, each finished run's JSON). Changing them does not change what a run computes.
+RECORDS = ("experiments/search", "experiments/results")
 
 
 def commit(source_dir=SOURCE_DIR):
     """The 40-hex commit of the git checkout holding reid_tf, with `+dirty` when tracked files
-    differ from it; None when reid_tf is not in a git checkout (an installed wheel) or git is
-    missing."""
+    other than the `RECORDS` differ from it; None when reid_tf is not in a git checkout (an
+    installed wheel) or git is missing."""
     def git(*args):
         return subprocess.run(["git", "-C", source_dir, *args], capture_output=True, text=True,
                               timeout=30, check=True).stdout.strip()
@@ -24,7 +27,8 @@ def commit(source_dir=SOURCE_DIR):
         if not os.path.exists(os.path.join(source_dir, ".git")):
             return None
         head = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    *(f":(exclude){path}" for path in RECORDS))
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty else "")
