@@ -26,7 +26,9 @@ driver marks it failed and enqueues it again with the same parameters
 (`RetryHeartbeatStaleTrialCallback`, no limit on retries: a dead driver is never the trial's
 fault), so the retry finds the same workdir and reid-train resumes from its checkpoint. After
 every trial the study is exported to `--export_dir/<study>.json` (every trial's flags,
-validation curve, state and value) and the database is copied there: commit both.
+validation curve, state and value) and the database is copied there: commit both. To stop a
+driver without cutting a trial off (to re-pin its clone), `touch runs/PAUSE` (`--pause_file`):
+it waits before its next trial or confirmation run until the file is gone; stop it then.
 
 `--confirm` reruns the `--top` best finished configurations of each study at `--seeds`
 (the trial itself is seed 0) on validation and writes `<study>_confirm.json`: the recipe is
@@ -80,6 +82,8 @@ flags.DEFINE_integer("sampler_seed", 0, "TPE's seed.")
 flags.DEFINE_float("poll_seconds", 10.0, "How often a running trial's curve is read.")
 flags.DEFINE_integer("heartbeat_seconds", 60, "Optuna heartbeat of a running trial.")
 flags.DEFINE_list("extra_flags", [], "Flags added to every trial (tests: tiny shapes).")
+flags.DEFINE_string("pause_file", "runs/PAUSE", "While it exists the driver waits before each "
+                    "trial and confirmation run (as run_cuhk03_pair1.sh does between runs).")
 flags.DEFINE_bool("keep_checkpoints", False, "Keep finished trials' checkpoints.")
 flags.DEFINE_bool("confirm", False, "Rerun the --top configurations at --seeds.")
 flags.DEFINE_integer("top", 3, "Configurations --confirm reruns.")
@@ -174,9 +178,7 @@ def run_trial(trial, command, workdir, total, log=print):
     curve_path = os.path.join(workdir, "validation_curve.json")
     reported = set()
     with open(os.path.join(workdir, "train.log"), "a") as train_log:
-        process = subprocess.Popen(command, stdout=train_log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, preexec_fn=_die_with_parent)
-        _RUNNING.add(process)
+        process = _start(command, train_log)
         try:
             while True:
                 finished = process.poll() is not None
@@ -212,6 +214,38 @@ def run_trial(trial, command, workdir, total, log=print):
 
 
 _RUNNING = set()  # the reid-train processes of this driver
+
+
+def _start(command, train_log):
+    """reid-train in its own process group, killed with the driver, stopped by its signals."""
+    process = subprocess.Popen(command, stdout=train_log, stderr=subprocess.STDOUT,
+                               start_new_session=True, preexec_fn=_die_with_parent)
+    _RUNNING.add(process)
+    return process
+
+
+def _train(command, workdir):
+    """One confirmation run to its end (it resumes from the workdir's checkpoint)."""
+    with open(os.path.join(_made(workdir), "train.log"), "a") as train_log:
+        process = _start(command, train_log)
+        try:
+            process.wait()
+        finally:
+            _stop(process)
+            _RUNNING.discard(process)
+    if process.returncode != 0:
+        raise TrialFailed(f"reid-train exited {process.returncode} in {workdir}")
+
+
+def wait_while_paused(log=print):
+    """Holds the driver while `--pause_file` exists: nothing runs, so the driver can be stopped
+    (a clone re-pinned) without cutting a trial off."""
+    if not os.path.exists(FLAGS.pause_file):
+        return
+    log(f"search: paused ({FLAGS.pause_file} exists); remove it to go on")
+    while os.path.exists(FLAGS.pause_file):
+        time.sleep(FLAGS.poll_seconds)
+    log("search: going on")
 
 
 def _die_with_parent():
@@ -449,12 +483,10 @@ def confirm(study, steps_per_epoch, log=print):
             workdir = workdir_of(FLAGS.runs_dir, study.study_name + "_confirm", command_flags)
             results = _read_json(os.path.join(workdir, "results.json"))
             if not results:
+                wait_while_paused(log)
                 log(f"confirm trial {trial.number} seed {seed}: {' '.join(command_flags)}")
-                command = FLAGS.train_command + [f"--flagfile={FLAGS.recipe}",
-                                                 f"--workdir={workdir}", *command_flags]
-                with open(os.path.join(_made(workdir), "train.log"), "a") as train_log:
-                    subprocess.run(command, stdout=train_log, stderr=subprocess.STDOUT,
-                                   check=True)
+                _train(FLAGS.train_command + [f"--flagfile={FLAGS.recipe}",
+                                              f"--workdir={workdir}", *command_flags], workdir)
                 results = _read_json(os.path.join(workdir, "results.json"))
             runs[seed] = {k: results["validation"][k] for k in ("mAP", "rank1")}
         maps = [run["mAP"] for run in runs.values()]
@@ -627,6 +659,7 @@ def main(argv):
         for kind, study in studies.items():
             if finished(study) >= FLAGS.trials:
                 continue
+            wait_while_paused(log)
             before = len(study.get_trials(deepcopy=False,
                                           states=(optuna.trial.TrialState.FAIL,)))
             study.optimize(objective(kind, steps_per_epoch, log), n_trials=1,

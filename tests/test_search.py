@@ -182,6 +182,60 @@ def test_confirmation_reruns_the_best_configurations_at_more_seeds(tmp_path):
     assert len(confirm_runs) == 2
 
 
+@pytest.mark.slow  # trains, or runs a tool in a process
+def test_a_killed_confirmation_leaves_no_trainer_and_resumes_its_run(tmp_path):
+    # The confirmation's runs are hours each: a driver killed by a session's end or a re-pin
+    # must take its trainer with it (one left training would train beside the next driver's
+    # run of the same workdir), and the next driver resumes the run from its checkpoint.
+    driver(tmp_path, "--studies=baseline", "--trials=3", "--prune_after=100")
+    first = driver(tmp_path, "--studies=baseline", "--confirm", "--top=1", "--seeds=0,1",
+                   env={"STAND_IN_SECONDS": "0.5"}, stdout=subprocess.PIPE,
+                   stderr=subprocess.STDOUT)
+    runs = tmp_path / "runs" / "cuhk03_pair1_labeled_baseline_confirm"
+    deadline, curve = time.time() + 120, []
+    while time.time() < deadline and len(curve) < 3:
+        time.sleep(0.2)
+        for path in runs.glob("*/validation_curve.json") if runs.exists() else []:
+            curve = json.load(open(path))
+    assert len(curve) >= 3, first.stdout.read() if first.poll() is not None else "timeout"
+    first.send_signal(signal.SIGKILL)  # as a stopped session: no handler runs
+    first.wait()
+    time.sleep(1.5)
+    stopped = len(json.load(open(path)))
+    time.sleep(1.5)
+    assert len(json.load(open(path))) == stopped  # the trainer died with its driver
+    driver(tmp_path, "--studies=baseline", "--confirm", "--top=1", "--seeds=0,1",
+           env={"STAND_IN_SECONDS": "0.01"})
+    starts = [line for line in open(path.parent / "train.log") if line.startswith("started")]
+    assert starts[0] == "started at step 0\n" and int(starts[1].split()[-1]) >= 30
+    record = json.load(open(tmp_path / "export" / "cuhk03_pair1_labeled_baseline_confirm.json"))
+    assert sorted(record["configurations"][0]["runs"]) == ["0", "1"]
+
+
+@pytest.mark.slow  # trains, or runs a tool in a process
+def test_a_pause_file_holds_the_driver_between_trials(tmp_path):
+    # `touch runs/PAUSE` holds the queue between runs (run_cuhk03_pair1.sh); the search driver
+    # honours it too, before each trial and each confirmation run, so that a clone can be
+    # re-pinned with nothing running (stopping a trial halfway leaves a failed trial behind).
+    pause = tmp_path / "PAUSE"
+    pause.touch()
+    held = driver(tmp_path, "--studies=baseline", "--trials=2", f"--pause_file={pause}",
+                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    line = held.stdout.readline()
+    while line and "paused" not in line:
+        line = held.stdout.readline()
+    assert f"search: paused ({pause} exists)" in line
+    time.sleep(1.0)
+    study = optuna.load_study(study_name="cuhk03_pair1_labeled_baseline",
+                              storage=f"sqlite:///{tmp_path}/study.db")
+    assert study.trials == [] and held.poll() is None  # waiting, nothing started
+    pause.unlink()
+    assert held.wait(timeout=120) == 0
+    study = optuna.load_study(study_name="cuhk03_pair1_labeled_baseline",
+                              storage=f"sqlite:///{tmp_path}/study.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+
+
 def parse_recipe(path):
     return options.parse(TrainConfig, [f"--flagfile={path}"])
 
