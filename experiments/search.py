@@ -31,7 +31,8 @@ driver without cutting a trial off (to re-pin its clone), `touch runs/PAUSE` (`-
 it waits before its next trial or confirmation run until the file is gone; stop it then.
 
 `--confirm` reruns the `--top` best finished configurations of each study at `--seeds`
-(the trial itself is seed 0) on validation and writes `<study>_confirm.json`: the recipe is
+(the trial itself is seed 0) on validation and writes `<study>_confirm.json` after each run
+(commit it as it grows: a fresh machine takes the runs it holds from there): the recipe is
 chosen by the mean over seeds, never by one run. `--write_recipes` then writes each study's
 winner as a flagfile, `experiments/cuhk03_pair1_<labeled|detected>_tuned_<study>.flags`: the
 base recipe with the winner's values, its header the search and the confirmation.
@@ -463,7 +464,9 @@ def steps_per_epoch_of_recipe(recipe=None, validation_identities=VALIDATION_IDEN
 
 
 def confirm(study, steps_per_epoch, log=print):
-    """Reruns the `--top` best complete trials at `--seeds` (0: the trial's own run)."""
+    """Reruns the `--top` best complete trials at `--seeds` (0: the trial's own run). Each
+    finished run goes into `<study>_confirm.json` at once (commit it): a fresh machine takes
+    the runs it holds from there instead of training them again."""
     ranked = sorted(study.get_trials(deepcopy=False,
                                      states=(optuna.trial.TrialState.COMPLETE,)),
                     key=lambda t: -t.value)
@@ -471,37 +474,57 @@ def confirm(study, steps_per_epoch, log=print):
     for trial in ranked:
         distinct.setdefault(json.dumps(trial.user_attrs.get("flags")), trial)
     complete = list(distinct.values())[:FLAGS.top]
+    path = os.path.join(_made(FLAGS.export_dir), f"{study.study_name}_confirm.json")
+    recorded = {(json.dumps(row["flags"]), seed): run
+                for row in (_read_json(path) or {}).get("configurations", [])
+                for seed, run in row["runs"].items()}
     rows = []
     for trial in complete:
-        runs = {}
+        row = {"trial": trial.number, "flags": trial.user_attrs["flags"], "runs": {}}
+        rows.append(row)
         for seed in map(int, FLAGS.seeds):
-            if seed == 0:
-                runs[seed] = {"mAP": trial.value, "rank1": trial.user_attrs.get("rank1")}
-                continue
-            command_flags = [f for f in trial.user_attrs["flags"] if not f.startswith("--seed=")]
-            command_flags.append(f"--seed={seed}")
-            workdir = workdir_of(FLAGS.runs_dir, study.study_name + "_confirm", command_flags)
-            results = _read_json(os.path.join(workdir, "results.json"))
-            if not results:
-                wait_while_paused(log)
-                log(f"confirm trial {trial.number} seed {seed}: {' '.join(command_flags)}")
-                _train(FLAGS.train_command + [f"--flagfile={FLAGS.recipe}",
-                                              f"--workdir={workdir}", *command_flags], workdir)
-                results = _read_json(os.path.join(workdir, "results.json"))
-            runs[seed] = {k: results["validation"][k] for k in ("mAP", "rank1")}
-        maps = [run["mAP"] for run in runs.values()]
-        mean = sum(maps) / len(maps)
-        std = math.sqrt(sum((m - mean) ** 2 for m in maps) / max(1, len(maps) - 1))
-        rows.append({"trial": trial.number, "flags": trial.user_attrs["flags"], "runs": runs,
-                     "mean_mAP": mean, "std_mAP": std})
-        log(f"trial {trial.number}: validation mAP {mean:.4f} +- {std:.4f} over seeds "
-            f"{sorted(runs)}")
+            row["runs"][str(seed)] = (
+                {"mAP": trial.value, "rank1": trial.user_attrs.get("rank1")} if seed == 0 else
+                recorded.get((json.dumps(row["flags"]), str(seed)))
+                or confirmation_run(study, trial, seed, log))
+            if seed and (json.dumps(row["flags"]), str(seed)) in recorded:
+                log(f"confirm trial {trial.number} seed {seed}: from the record")
+            _write_confirmation(path, study, rows, done=False)
+        maps = [run["mAP"] for run in row["runs"].values()]
+        row["mean_mAP"] = sum(maps) / len(maps)
+        row["std_mAP"] = math.sqrt(sum((m - row["mean_mAP"]) ** 2 for m in maps)
+                                   / max(1, len(maps) - 1))
+        log(f"trial {trial.number}: validation mAP {row['mean_mAP']:.4f} +- "
+            f"{row['std_mAP']:.4f} over seeds {sorted(map(int, row['runs']))}")
     rows.sort(key=lambda row: -row["mean_mAP"])
+    return _write_confirmation(path, study, rows, done=True)
+
+
+def confirmation_run(study, trial, seed, log=print):
+    """`trial`'s flags at `seed`, trained (or resumed) in its own workdir: its validation
+    mAP and rank-1, and the commit that ran it."""
+    command_flags = [f for f in trial.user_attrs["flags"] if not f.startswith("--seed=")]
+    command_flags.append(f"--seed={seed}")
+    workdir = workdir_of(FLAGS.runs_dir, study.study_name + "_confirm", command_flags)
+    results = _read_json(os.path.join(workdir, "results.json"))
+    if not results:
+        wait_while_paused(log)
+        log(f"confirm trial {trial.number} seed {seed}: {' '.join(command_flags)}")
+        _train(FLAGS.train_command + [f"--flagfile={FLAGS.recipe}", f"--workdir={workdir}",
+                                      *command_flags], workdir)
+        results = _read_json(os.path.join(workdir, "results.json"))
+    return {**{k: results["validation"][k] for k in ("mAP", "rank1")},
+            "commit": (results.get("code") or {}).get("commit")}
+
+
+def _write_confirmation(path, study, rows, done):
+    """The confirmation's record; `chosen` (the best mean) only once every run is in."""
     record = {"study": study.study_name, "seeds": sorted(map(int, FLAGS.seeds)),
-              "chosen": rows[0]["trial"] if rows else None, "configurations": rows}
-    path = os.path.join(_made(FLAGS.export_dir), f"{study.study_name}_confirm.json")
-    with open(path, "w") as f:
+              "complete": done, "chosen": rows[0]["trial"] if done and rows else None,
+              "configurations": rows}
+    with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
     return record
 
 

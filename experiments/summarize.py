@@ -686,8 +686,9 @@ def health_lines(records, search_dir=os.path.join(HERE, "search"), prefix="cuhk0
         if os.path.exists(path):
             with open(path) as f:
                 confirm = json.load(f)
-            chosen_runs[study] = next(r for r in confirm["configurations"]
-                                      if r["trial"] == confirm["chosen"])
+            if confirm.get("chosen") is not None:  # None: the confirmation is still running
+                chosen_runs[study] = next(r for r in confirm["configurations"]
+                                          if r["trial"] == confirm["chosen"])
     for study, run, what in (("plnet", "plnet_x2", "twice the budget"),
                              ("plnet", "plnet_triplet_flipped", "the triplet loss flipped"),
                              ("baseline", "baseline_triplet_flipped",

@@ -213,6 +213,34 @@ def test_a_killed_confirmation_leaves_no_trainer_and_resumes_its_run(tmp_path):
 
 
 @pytest.mark.slow  # trains, or runs a tool in a process
+def test_a_fresh_machine_keeps_the_confirmation_runs_the_committed_record_holds(tmp_path):
+    # The confirmation is hours of training per run: each finished run goes into the committed
+    # record at once, and a fresh machine (no runs/) takes it from there instead of training
+    # it again. A record cut off halfway chooses nothing yet.
+    driver(tmp_path, "--studies=baseline", "--trials=3", "--prune_after=100")
+    driver(tmp_path, "--studies=baseline", "--confirm", "--top=2", "--seeds=0,1,2")
+    path = tmp_path / "export" / "cuhk03_pair1_labeled_baseline_confirm.json"
+    whole = json.load(open(path))
+    assert whole["complete"] and whole["chosen"] is not None
+    # Cut off after the first configuration's seed 1: the record as the driver left it then.
+    first = whole["configurations"][0] if whole["configurations"][0]["trial"] == min(
+        row["trial"] for row in whole["configurations"]) else whole["configurations"][1]
+    partial = dict(whole, complete=False, chosen=None, configurations=[
+        {"trial": first["trial"], "flags": first["flags"],
+         "runs": {k: v for k, v in first["runs"].items() if k in ("0", "1")}}])
+    shutil.rmtree(tmp_path / "runs")
+    json.dump(partial, open(path, "w"))
+    result = driver(tmp_path, "--studies=baseline", "--confirm", "--top=2", "--seeds=0,1,2")
+    trained = [line for line in result.stdout.splitlines()
+               if "confirm trial" in line and "from the record" not in line]
+    assert len(trained) == 3, trained  # seed 2 of the first, seeds 1 and 2 of the other
+    assert f"confirm trial {first['trial']} seed 1: from the record" in result.stdout
+    again = json.load(open(path))
+    assert again["chosen"] == whole["chosen"] and again["complete"]
+    assert again["configurations"] == whole["configurations"]
+
+
+@pytest.mark.slow  # trains, or runs a tool in a process
 def test_a_pause_file_holds_the_driver_between_trials(tmp_path):
     # `touch runs/PAUSE` holds the queue between runs (run_cuhk03_pair1.sh); the search driver
     # honours it too, before each trial and each confirmation run, so that a clone can be

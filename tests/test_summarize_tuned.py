@@ -105,6 +105,12 @@ def test_health_pairs_twice_the_budget_and_the_flipped_triplet_with_the_searchs_
     line = summarize.health_lines(records, search_dir=str(tmp_path)).splitlines()[-1]
     assert line.startswith("- baseline, on PL-Net's recipe") and line.endswith(
         "seeds [0, 1]: -0.5 ± 2.1")
+    # A confirmation still running (its record is written after each run) has chosen nothing:
+    # no line against it yet.
+    confirm.update(chosen=None, complete=False)
+    (tmp_path / "cuhk03_pair1_labeled_baseline_confirm.json").write_text(json.dumps(confirm))
+    lines = summarize.health_lines(records, search_dir=str(tmp_path)).splitlines()
+    assert len(lines) == 2 and not any("baseline, on PL-Net's recipe" in line for line in lines)
 
 
 def test_classic_protocol_table_reads_the_classic_scores_beside_the_standard_ones(tmp_path):
