@@ -349,6 +349,23 @@ print($epochs * (len(pipeline.pk_epoch(labels, 16, 4, np.random.default_rng([0, 
       >>"runs/$run/train.log" 2>&1 || echo "!! $run failed, see runs/$run/train.log"
   done
 fi
+# CUHK03's classic protocol (reid-eval --classic_identities=100) scores a run from its
+# checkpoints, which only the machine that trained it has: each run that paper_protocol or
+# paper_identities scores is scored as soon as it is trained (the tuned phase's labeled (a) and
+# (b) too), and again at the end of those phases for any trained here but not yet scored.
+CLASSIC='^$'
+[[ $WHICH == paper_protocol || $WHICH == paper_identities ]] && CLASSIC='.'
+[[ $WHICH == tuned ]] && CLASSIC="^${R}_labeled_(baseline|plnet)_tuned_s[0-9]+$"
+classic_score() {  # classic_score <run>: experiments/results/classic/<run>.json
+  local name=$1 out=experiments/results/classic/$1.json
+  [[ -f $out ]] && { echo "== $name (classic protocol): done, skipped"; return; }
+  [[ -d runs/$name/checkpoints ]] || { echo "!! $name: not trained here, no classic score"; return; }
+  echo "== $name: reid-eval --classic_identities=100"
+  "$PYTHON" -m reid_tf.cli.eval --workdir="runs/$name" --classic_identities=100 \
+    --output_dir="runs/$name/classic" >>"runs/$name/classic.log" 2>&1 \
+    && mkdir -p experiments/results/classic && cp "runs/$name/classic/results.json" "$out" \
+    || echo "!! $name: classic scoring failed, see runs/$name/classic.log"
+}
 for run in "${RUNS[@]}"; do
   IFS='|' read -r name recipe extra <<<"$run"
   dir=runs/$name
@@ -367,18 +384,12 @@ for run in "${RUNS[@]}"; do
   mv "$dir/wall_seconds.new" "$dir/wall_seconds"
   echo "   $(cat "$dir/wall_seconds") s"
   "$PYTHON" experiments/summarize.py --collect="$dir" --recipe="$recipe" --extra="$extra"
+  [[ $name =~ $CLASSIC ]] && classic_score "$name"
 done
-if [[ ($WHICH == paper_protocol || $WHICH == paper_identities) && -z $DRY ]]; then
+if [[ $CLASSIC != '^$' && -z $DRY ]]; then
   for run in "${RUNS[@]}"; do
     name=${run%%|*}
-    out=experiments/results/classic/${name}.json
-    [[ $name =~ $ONLY ]] || continue
-    [[ -f $out ]] && { echo "== $name (classic protocol): done, skipped"; continue; }
-    [[ -d runs/$name/checkpoints ]] || { echo "!! $name: not trained here, no classic score"; continue; }
-    echo "== $name: reid-eval --classic_identities=100"
-    "$PYTHON" -m reid_tf.cli.eval --workdir="runs/$name" --classic_identities=100 \
-      --output_dir="runs/$name/classic" >>"runs/$name/classic.log" 2>&1 \
-      && mkdir -p experiments/results/classic && cp "runs/$name/classic/results.json" "$out" \
-      || echo "!! $name: classic scoring failed, see runs/$name/classic.log"
+    [[ $name =~ $ONLY && $name =~ $CLASSIC ]] && classic_score "$name"
   done
 fi
+exit 0

@@ -160,3 +160,45 @@ def test_round_four_chains_every_phase_in_order_with_row_i_picked(checkout):
     # Each tuned step lists its runs (the recipes are there): the same as the phase alone.
     _, rows = phase(checkout, "tuned", LEARNED=LEARNED)
     assert set(rows) <= {line.split("|")[0] for line in result.stdout.splitlines()}
+
+
+FAKE_TRAIN = """#!/usr/bin/env bash
+for a; do [[ $a == --workdir=* ]] && w=${a#*=}; done
+mkdir -p "$w/checkpoints" && echo '{}' > "$w/results.json"
+"""
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> calls.log
+for a; do
+  [[ $1 == -m && $a == --output_dir=* ]] && mkdir -p "${a#*=}" && echo '{}' > "${a#*=}/results.json"
+  [[ $1 == experiments/summarize.py && $a == --collect=* ]] && mkdir -p experiments/results \\
+    && cp "${a#*=}/results.json" "experiments/results/$(basename "${a#*=}").json"
+done
+exit 0
+"""
+
+
+def test_tuned_rows_a_and_b_get_their_classic_score_as_soon_as_they_are_trained(checkout):
+    # The classic protocol (paper_protocol) scores the tuned (a) and (b) from their checkpoints,
+    # which a fresh machine no longer has: the tuned phase scores each right after training it.
+    for name, text in (("train", FAKE_TRAIN), ("python", FAKE_PYTHON)):
+        (checkout / name).write_text(text)
+        (checkout / name).chmod(0o755)
+    result = subprocess.run(
+        ["bash", "experiments/run_cuhk03_pair1.sh", "tuned"], cwd=checkout, capture_output=True,
+        text=True, timeout=120, env={**os.environ, "LEARNED": LEARNED, "ONLY": "_s0$",
+                                     "TRAIN": str(checkout / "train"),
+                                     "PYTHON": str(checkout / "python")})
+    assert result.returncode == 0, result.stderr
+    trained = sorted(os.listdir(checkout / "experiments" / "results"))
+    assert len(trained) == 1 + 8  # classic/ and the 8 seed-0 runs
+    scored = sorted(os.listdir(checkout / "experiments" / "results" / "classic"))
+    assert scored == ["cuhk03_pair1_labeled_baseline_tuned_s0.json",
+                      "cuhk03_pair1_labeled_plnet_tuned_s0.json"]
+    # paper_protocol finds them scored: nothing trained or scored again.
+    calls = (checkout / "calls.log").read_text()
+    result = subprocess.run(
+        ["bash", "experiments/run_cuhk03_pair1.sh", "paper_protocol"], cwd=checkout,
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "RECIPE": "tuned", "ONLY": "_s0$", "PYTHON": str(checkout / "python")})
+    assert result.returncode == 0 and (checkout / "calls.log").read_text() == calls
+    assert result.stdout.count("(classic protocol): done, skipped") == 2
