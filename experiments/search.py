@@ -483,12 +483,15 @@ def confirm(study, steps_per_epoch, log=print):
         row = {"trial": trial.number, "flags": trial.user_attrs["flags"], "runs": {}}
         rows.append(row)
         for seed in map(int, FLAGS.seeds):
-            row["runs"][str(seed)] = (
-                {"mAP": trial.value, "rank1": trial.user_attrs.get("rank1")} if seed == 0 else
-                recorded.get((json.dumps(row["flags"]), str(seed)))
-                or confirmation_run(study, trial, seed, log))
-            if seed and (json.dumps(row["flags"]), str(seed)) in recorded:
+            key = (json.dumps(row["flags"]), str(seed))
+            if seed == 0:  # the trial itself
+                run = {"mAP": trial.value, "rank1": trial.user_attrs.get("rank1")}
+            elif key in recorded:
+                run = recorded[key]
                 log(f"confirm trial {trial.number} seed {seed}: from the record")
+            else:
+                run = confirmation_run(study, trial, seed, log)
+            row["runs"][str(seed)] = run
             _write_confirmation(path, study, rows, done=False)
         maps = [run["mAP"] for run in row["runs"].values()]
         row["mean_mAP"] = sum(maps) / len(maps)
