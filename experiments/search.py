@@ -39,6 +39,7 @@ base recipe with the winner's values, its header the search and the confirmation
 """
 
 import collections
+import contextlib
 import hashlib
 import json
 import math
@@ -178,31 +179,27 @@ def run_trial(trial, command, workdir, total, log=print):
     os.makedirs(workdir, exist_ok=True)
     curve_path = os.path.join(workdir, "validation_curve.json")
     reported = set()
-    with open(os.path.join(workdir, "train.log"), "a") as train_log:
-        process = _start(command, train_log)
-        try:
-            while True:
-                finished = process.poll() is not None
-                curve = _read_json(curve_path) or []
-                for point in curve:
-                    step = percent(point["step"], total)
-                    if step in reported or point["step"] >= total:
-                        continue  # the last point is the objective, told at completion
-                    reported.add(step)
-                    trial.report(point["mAP"], step)
-                    log(f"  trial {trial.number} at {step}% (epoch {point['epoch']:.1f}): "
-                        f"validation mAP {point['mAP']:.4f} rank-1 {point['rank1']:.4f}")
-                    if not finished and trial.should_prune():
-                        stopped = _stop(process)
-                        if stopped:  # else it ended on its own meanwhile: a complete trial
-                            # The curve as it stands on disk, for the record.
-                            return point, _read_json(curve_path) or curve, "pruned"
-                if finished:
-                    break
-                time.sleep(FLAGS.poll_seconds)
-        finally:
-            _stop(process)
-            _RUNNING.discard(process)
+    with open(os.path.join(workdir, "train.log"), "a") as train_log, \
+            _trainer(command, train_log) as process:
+        while True:
+            finished = process.poll() is not None
+            curve = _read_json(curve_path) or []
+            for point in curve:
+                step = percent(point["step"], total)
+                if step in reported or point["step"] >= total:
+                    continue  # the last point is the objective, told at completion
+                reported.add(step)
+                trial.report(point["mAP"], step)
+                log(f"  trial {trial.number} at {step}% (epoch {point['epoch']:.1f}): "
+                    f"validation mAP {point['mAP']:.4f} rank-1 {point['rank1']:.4f}")
+                if not finished and trial.should_prune():
+                    stopped = _stop(process)
+                    if stopped:  # else it ended on its own meanwhile: a complete trial
+                        # The curve as it stands on disk, for the record.
+                        return point, _read_json(curve_path) or curve, "pruned"
+            if finished:
+                break
+            time.sleep(FLAGS.poll_seconds)
     results = _read_json(os.path.join(workdir, "results.json"))
     if process.returncode == 0 and results and "validation" in results:
         return results["validation"], results.get("validation_curve", curve), "complete"
@@ -217,23 +214,25 @@ def run_trial(trial, command, workdir, total, log=print):
 _RUNNING = set()  # the reid-train processes of this driver
 
 
-def _start(command, train_log):
-    """reid-train in its own process group, killed with the driver, stopped by its signals."""
+@contextlib.contextmanager
+def _trainer(command, train_log):
+    """reid-train in its own process group, killed with the driver, stopped by its signals,
+    and stopped when the block ends, however it ends."""
     process = subprocess.Popen(command, stdout=train_log, stderr=subprocess.STDOUT,
                                start_new_session=True, preexec_fn=_die_with_parent)
     _RUNNING.add(process)
-    return process
+    try:
+        yield process
+    finally:
+        _stop(process)
+        _RUNNING.discard(process)
 
 
 def _train(command, workdir):
     """One confirmation run to its end (it resumes from the workdir's checkpoint)."""
-    with open(os.path.join(_made(workdir), "train.log"), "a") as train_log:
-        process = _start(command, train_log)
-        try:
-            process.wait()
-        finally:
-            _stop(process)
-            _RUNNING.discard(process)
+    with open(os.path.join(_made(workdir), "train.log"), "a") as train_log, \
+            _trainer(command, train_log) as process:
+        process.wait()
     if process.returncode != 0:
         raise TrialFailed(f"reid-train exited {process.returncode} in {workdir}")
 
@@ -403,10 +402,7 @@ def export(study):
               "finished": finished(study), "best": best and {k: best[k] for k in
                                                               ("number", "value", "flags")},
               "trials": trials}
-    path = os.path.join(FLAGS.export_dir, f"{study.study_name}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
+    _write_json(os.path.join(FLAGS.export_dir, f"{study.study_name}.json"), record)
     if FLAGS.storage.startswith("sqlite:///"):  # sqlite's backup: consistent while in use
         target = os.path.join(FLAGS.export_dir, "search.db")
         source = sqlite3.connect(FLAGS.storage[len("sqlite:///"):])
@@ -525,10 +521,15 @@ def _write_confirmation(path, study, rows, done):
     record = {"study": study.study_name, "seeds": sorted(map(int, FLAGS.seeds)),
               "complete": done, "chosen": rows[0]["trial"] if done and rows else None,
               "configurations": rows}
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
+    _write_json(path, record)
     return record
+
+
+def _write_json(path, value):
+    """Whole or not at all: a reader never sees half a record."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 # A trial's flags that only a validation trial has: the tuned recipe trains on every training
