@@ -2,13 +2,15 @@
 
 Keras layer checks: config round trip; eager, tf.function and XLA give the same outputs.
 Training: a few SGD steps of a tiny PL-Net under a strategy (1 device against 2 replicas).
-HTTP: a free port, a small JSON client, and the load test of reid-serve. Images: synthetic
-people to feed a model. Scripts: experiments/*.py imported by path.
+HTTP: a free port, a small JSON client, the load test of reid-serve, and a stream of gallery
+adds cut by a SIGKILL. Images: synthetic people to feed a model, PNG in and out. Scripts:
+experiments/*.py imported by path.
 """
 
 import base64
 import contextlib
 import http.client
+import io
 import importlib.util
 import json
 import os
@@ -106,6 +108,75 @@ def synthetic_images(count, size=(128, 64), seed=0):
     return np.stack([synthetic.render_person(synthetic.sample_identity(rng),
                                              synthetic.sample_camera(rng), rng, *size)
                      for _ in range(count)]).astype(np.uint8)
+
+
+def png(image):
+    """A uint8 `[H,W,3]` image as PNG bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64_png(image):
+    """A uint8 `[H,W,3]` image as the base64 PNG of a reid-serve request's `b64`."""
+    return base64.b64encode(png(image)).decode()
+
+
+def decoded(encoded):
+    """Encoded images (a split's `images`) as uint8 `[N,H,W,3]` RGB arrays."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                     for data in encoded])
+
+
+def gallery_adds(count, dim=64, seed=0):
+    """`count` entries for reid-serve's `:add`, `id<i>` on camera `i % 4`: every third one an
+    image (a random 64x32 PNG), the others a random `dim`-d embedding. Returns `(embeddings,
+    pictures, entry)`: the embeddings `[count, dim]`, `{i: base64 PNG}` and `entry(i)`."""
+    rng = np.random.default_rng(seed)
+    embeddings = rng.normal(size=(count, dim)).astype(np.float32)
+    pictures = {i: b64_png(rng.integers(0, 256, (64, 32, 3), dtype=np.uint8))
+                for i in range(0, count, 3)}
+
+    def entry(i):
+        source = {"b64": pictures[i]} if i in pictures else {"embedding": embeddings[i].tolist()}
+        return {"id": f"id{i}", "camera_id": i % 4, **source}
+
+    return embeddings, pictures, entry
+
+
+def add_until_killed(client, entry, count, kill_after):
+    """Adds `entry(0)`, `entry(1)`, ... to the reid-serve of `client` one request each, while
+    another thread SIGKILLs the server at a random moment after `kill_after` acknowledgements.
+    Returns `(acknowledged, attempted)`: the indices answered 200, and how many were sent (the
+    one in flight at the kill included)."""
+    import random
+    import signal
+
+    acknowledged, chance = [], random.Random()
+
+    def kill():
+        while len(acknowledged) < kill_after:
+            time.sleep(0.0005)
+        time.sleep(chance.uniform(0, 0.003))
+        os.kill(client.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    attempted = 0
+    for i in range(count):
+        attempted += 1
+        try:
+            status, _ = client.request("POST", "/v1/models/reid:add", {"entries": [entry(i)]})
+        except OSError:
+            break
+        assert status == 200, status
+        acknowledged.append(i)
+    killer.join()
+    return acknowledged, attempted
 
 
 def train_steps(strategy, initial_weights, batches, sync_batch_norm=False, **step_options):

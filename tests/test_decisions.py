@@ -1,7 +1,6 @@
 """reid-serve's decisions (match / in_gallery / :verify at calibrated thresholds) and the
 gallery's reads (stats, entries, thumbnails), on the tiny run of `trained` (tests/conftest.py)."""
 
-import base64
 import io
 import json
 import os
@@ -18,15 +17,8 @@ from reid_tf.evaluate import calibration
 pytestmark = pytest.mark.slow  # every test here trains, serves or runs a tool
 
 
-def b64_png(image):
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def decoded(split, count):
-    return np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-                     for data in split.images[:count]])
+    return testing.decoded(split.images[:count])
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +52,7 @@ def test_search_decides_each_hit_and_query_at_the_calibrated_threshold(trained, 
     fitted = calibration.load(served_calibration)
     queries = decoded(trained["splits"]["query"], 6)
     status, answer = served.request("POST", "/v1/models/reid:search", {
-        "k": 20, "instances": [{"b64": b64_png(q)} for q in queries]})
+        "k": 20, "instances": [{"b64": testing.b64_png(q)} for q in queries]})
     assert status == 200, answer
     point = answer["operating_point"]
     # 19 validation queries cannot measure an open-set FAR of 0.01 (issue 39): the server
@@ -83,17 +75,17 @@ def test_search_decides_each_hit_and_query_at_the_calibrated_threshold(trained, 
         assert all(hit["thumbnail"] is False for hit in hits)  # seeded from a features.npz
     # A fitted rate the validation set cannot measure is refused, and so is an unfitted one.
     status, refused = served.request("POST", "/v1/models/reid:search", {
-        "far": 0.01, "instances": [{"b64": b64_png(queries[0])}]})
+        "far": 0.01, "instances": [{"b64": testing.b64_png(queries[0])}]})
     assert status == 400 and refused["field"] == "far"
     assert "validation queries cannot measure it" in refused["error"]
     assert "supported FARs: 0.1." in refused["error"]
     status, refused = served.request("POST", "/v1/models/reid:search", {
-        "far": 0.05, "instances": [{"b64": b64_png(queries[0])}]})
+        "far": 0.05, "instances": [{"b64": testing.b64_png(queries[0])}]})
     assert status == 400 and refused["field"] == "far"
     assert "not fitted; the calibration has 0.1, 0.01, 0.001" in refused["error"]
     # The query's part masks, for the page's overlay.
     status, masked = served.request("POST", "/v1/models/reid:search", {
-        "k": 1, "return_masks": True, "instances": [{"b64": b64_png(queries[0])}]})
+        "k": 1, "return_masks": True, "instances": [{"b64": testing.b64_png(queries[0])}]})
     masks = np.array(masked["part_masks"])
     assert masks.shape[0] == 1 and masks.shape[-1] == 3
     np.testing.assert_allclose(masks.sum(-1), 1)  # every cell in exactly one part
@@ -104,7 +96,7 @@ def test_verify_compares_two_images_or_embeddings(trained, served, served_calibr
     images = decoded(trained["splits"]["gallery"], 3)
     embeddings = runtime.SavedModelRuntime(trained["export"]).predict_images(images)["embedding"]
     status, answer = served.request("POST", "/v1/models/reid:verify", {
-        "instances": [{"b64": b64_png(images[0])}, {"b64": b64_png(images[1])}]})
+        "instances": [{"b64": testing.b64_png(images[0])}, {"b64": testing.b64_png(images[1])}]})
     assert status == 200, answer
     distance = 1 - embeddings[0] @ embeddings[1]
     assert answer["distance"] == pytest.approx(distance, abs=1e-5)
@@ -170,7 +162,7 @@ def test_gallery_stats_entries_thumbnails_and_search_by_entry(trained, tmp_path)
     database = str(tmp_path / "gallery.sqlite")
     with testing.serve(trained["export"], f"--gallery_db={database}", "--thumbnail_size=40",
                        log=log) as client:
-        entries = [{"id": f"cam{i % 2}/img{i}", "b64": b64_png(image), "camera_id": i % 2,
+        entries = [{"id": f"cam{i % 2}/img{i}", "b64": testing.b64_png(image), "camera_id": i % 2,
                     "timestamp": 100.0 + i} for i, image in enumerate(images[:3])]
         entries.append({"id": "vector", "embedding": [1.0] + [0.0] * 63, "camera_id": 5})
         status, _ = client.request("POST", "/v1/models/reid:add", {"entries": entries})
@@ -206,7 +198,7 @@ def test_gallery_stats_entries_thumbnails_and_search_by_entry(trained, tmp_path)
             "entry_ids": ["nobody"]})
         assert status == 400 and refused["field"] == "entry_ids[0]"
         status, refused = client.request("POST", "/v1/models/reid:add", {"entries": [
-            {"id": "x", "b64": b64_png(images[0]), "thumbnail": "abc"}]})
+            {"id": "x", "b64": testing.b64_png(images[0]), "thumbnail": "abc"}]})
         assert status == 400 and refused["field"] == "entries[0].thumbnail"
         status, refused = client.request("GET", "/v1/models/reid/gallery/entries?limit=-1")
         assert status == 400 and refused["field"] == "limit"

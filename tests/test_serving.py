@@ -1,7 +1,6 @@
 """reid-export, reid-extract and reid-serve on a tiny synthetic training run (subprocesses)."""
 
 import base64
-import io
 import os
 import sqlite3
 import subprocess
@@ -36,16 +35,9 @@ def run(*command, check=True):
 python = testing.run_module
 
 
-def png(image):
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def decoded(split):
     """The split's images as uint8 arrays (lossless PNGs in synthetic_persons)."""
-    return np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-                     for data in split.images])
+    return testing.decoded(split.images)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +97,7 @@ def test_keras_savedmodel_subprocess_and_http_embeddings_agree(trained, server):
     assert status == 200, from_arrays
     status, from_b64 = server.request("POST", "/v1/models/reid/versions/20:predict", {
         "signature_name": "serve_encoded",
-        "instances": [{"b64": base64.b64encode(png(image)).decode()} for image in images]})
+        "instances": [{"b64": testing.b64_png(image)} for image in images]})
     assert status == 200, from_b64
     status, columnar = server.request("POST", "/v1/models/reid:predict",
                                       {"inputs": {"images": images[:2].tolist()}})
@@ -234,10 +226,6 @@ def test_extract_folder_names_an_undecodable_file_and_reads_any_folder(trained, 
     assert features_npz.load_features(str(output))["embeddings"].shape == (3, 64)  # kept
 
 
-def b64_png(image):
-    return base64.b64encode(png(image)).decode()
-
-
 def test_live_gallery_add_search_remove_restart(trained, tmp_path):
     """The README's flow: start with a database, add images and embeddings, search with
     filters, remove, restart, search again."""
@@ -246,15 +234,15 @@ def test_live_gallery_add_search_remove_restart(trained, tmp_path):
     expected = runtime.SavedModelRuntime(trained["export"]).predict_images(images)["embedding"]
     log = open(tmp_path / "serve.log", "w")
     with testing.serve(trained["export"], f"--gallery_db={database}", log=log) as client:
-        entries = [{"id": f"img{i}", "b64": b64_png(image), "camera_id": i % 2,
+        entries = [{"id": f"img{i}", "b64": testing.b64_png(image), "camera_id": i % 2,
                     "timestamp": 100.0 + i, "metadata": {"frame": i}}
                    for i, image in enumerate(images[:4])]
         entries.append({"id": "arr4", "image": images[4].tolist(), "camera_id": 0})
         entries.append({"id": "vec5", "embedding": expected[5].tolist(), "person_id": 7})
         status, answer = client.request("POST", "/v1/models/reid:add", {"entries": entries})
         assert (status, answer) == (200, {"added": 6})
-        status, answer = client.request("POST", "/v1/models/reid:search",
-                                        {"k": 6, "instances": [{"b64": b64_png(images[2])}]})
+        status, answer = client.request("POST", "/v1/models/reid:search", {
+            "k": 6, "instances": [{"b64": testing.b64_png(images[2])}]})
         assert status == 200
         top = answer["results"][0]
         assert top[0]["id"] == "img2" and top[0]["metadata"] == {"frame": 2}
@@ -283,47 +271,17 @@ def test_live_gallery_add_search_remove_restart(trained, tmp_path):
 
 def test_sigkill_during_a_stream_of_adds_loses_no_acknowledged_entry(trained, tmp_path):
     import random
-    import signal
-    import sqlite3
-    import threading
-    import time
 
     database = str(tmp_path / "gallery.sqlite")
-    rng = np.random.default_rng(0)
-    embeddings = rng.normal(size=(1000, 64)).astype(np.float32)
     # Every third add is an image: its entry and thumbnail are one transaction.
-    pictures = {i: b64_png(rng.integers(0, 256, (64, 32, 3), dtype=np.uint8))
-                for i in range(0, 1000, 3)}
-
-    def entry(i):
-        source = {"b64": pictures[i]} if i in pictures else {"embedding": embeddings[i].tolist()}
-        return {"id": f"id{i}", "camera_id": i % 4, **source}
-
-    acknowledged, attempted = [], []
+    embeddings, pictures, entry = testing.gallery_adds(1000)
     log = open(tmp_path / "serve.log", "w")
     with testing.serve(trained["export"], f"--gallery_db={database}", "--persist_every=100",
                        log=log) as client:
-        chance = random.Random()
-        kill_after = chance.randint(100, 900)
-
-        def kill():  # at a random moment after a random number of acknowledgements
-            while len(acknowledged) < kill_after:
-                time.sleep(0.0005)
-            time.sleep(chance.uniform(0, 0.003))
-            os.kill(client.pid, signal.SIGKILL)
-
-        killer = threading.Thread(target=kill)
-        killer.start()
-        for i in range(1000):
-            attempted.append(f"id{i}")
-            try:
-                status, _ = client.request("POST", "/v1/models/reid:add",
-                                           {"entries": [entry(i)]})
-            except OSError:
-                break
-            assert status == 200
-            acknowledged.append(f"id{i}")
-        killer.join()
+        # Killed at a random moment after a random number of acknowledgements.
+        added, sent = testing.add_until_killed(client, entry, 1000, random.randint(100, 900))
+    acknowledged = [f"id{i}" for i in added]
+    attempted = [f"id{i}" for i in range(sent)]
     assert 0 < len(acknowledged) < 1000, len(acknowledged)  # killed mid-stream
     with testing.serve(trained["export"], f"--gallery_db={database}", log=log) as client:
         found = {}
@@ -400,7 +358,7 @@ def test_unknown_routes_and_signature_mismatches_answer_json(trained, server):
     assert status == 404 and "error" in answer
     image = decoded(trained["splits"]["query"])[:1]
     status, answer = server.request("POST", "/v1/models/reid:predict", {
-        "signature_name": "serving_default", "instances": [{"b64": b64_png(image[0])}]})
+        "signature_name": "serving_default", "instances": [{"b64": testing.b64_png(image[0])}]})
     assert status == 400 and answer["field"] == "signature_name"
     status, answer = server.request("POST", "/v1/models/reid:predict", {
         "signature_name": "serve_encoded", "instances": image.tolist()})
@@ -484,7 +442,7 @@ def test_a_timed_out_add_says_it_may_have_committed_and_its_retry_is_safe(traine
     import time
 
     images = decoded(trained["splits"]["gallery"])[:48]
-    body = {"entries": [{"id": f"slow{i}", "b64": base64.b64encode(png(image)).decode()}
+    body = {"entries": [{"id": f"slow{i}", "b64": testing.b64_png(image)}
                         for i, image in enumerate(images)]}
     database = f"--gallery_db={tmp_path / 'g.sqlite'}"
 

@@ -1,29 +1,16 @@
 """reid-serve with its gallery on Milvus Lite (--gallery_uri=milvus:PATH): the same answers as
 the SQLite gallery, and no acknowledged add lost when the server is killed mid-stream."""
 
-import base64
-import io
-import os
 import random
-import signal
-import threading
-import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from reid_tf import testing
 
 pytestmark = pytest.mark.slow  # every test here trains, serves or runs a tool
 
 pytest.importorskip("pymilvus", reason="pymilvus is not installed (make test installs it)")
-
-
-def b64_png(image):
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def test_milvus_gallery_answers_as_the_sqlite_one(trained, tmp_path):
@@ -52,38 +39,10 @@ def test_milvus_gallery_answers_as_the_sqlite_one(trained, tmp_path):
 
 def test_sigkill_during_adds_to_milvus_lite_loses_no_acknowledged_entry(trained, tmp_path):
     uri = f"--gallery_uri=milvus:{tmp_path / 'g_milvus.db'}"
-    rng = np.random.default_rng(0)
-    embeddings = rng.normal(size=(600, 64)).astype(np.float32)
-    pictures = {i: b64_png(rng.integers(0, 256, (64, 32, 3), dtype=np.uint8))
-                for i in range(0, 600, 3)}
-
-    def entry(i):
-        source = {"b64": pictures[i]} if i in pictures else {"embedding": embeddings[i].tolist()}
-        return {"id": f"id{i}", "camera_id": i % 4, **source}
-
-    acknowledged = []
+    embeddings, pictures, entry = testing.gallery_adds(600)
     log = open(tmp_path / "serve.log", "w")
     with testing.serve(trained["export"], uri, log=log) as client:
-        chance = random.Random()
-        kill_after = chance.randint(50, 500)
-
-        def kill():
-            while len(acknowledged) < kill_after:
-                time.sleep(0.0005)
-            time.sleep(chance.uniform(0, 0.003))
-            os.kill(client.pid, signal.SIGKILL)
-
-        killer = threading.Thread(target=kill)
-        killer.start()
-        for i in range(600):
-            try:
-                status, _ = client.request("POST", "/v1/models/reid:add",
-                                           {"entries": [entry(i)]})
-            except OSError:
-                break
-            assert status == 200
-            acknowledged.append(i)
-        killer.join()
+        acknowledged, _ = testing.add_until_killed(client, entry, 600, random.randint(50, 500))
     assert 0 < len(acknowledged) < 600
     with testing.serve(trained["export"], uri, log=log) as client:
         status, stats = client.request("GET", "/v1/models/reid/gallery")
