@@ -676,6 +676,33 @@ def identities_curve_table(records, results_dir=RESULTS_DIR, prefix="cuhk03_pair
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {note}" for note in notes)
 
 
+def confirmation_table(search_dir=os.path.join(HERE, "search"), prefix="cuhk03_pair1"):
+    """The search's confirmation (`<study>_confirm.json`, issue 37): each configuration's
+    validation mAP / rank-1 at each seed as its runs land, the mean ± std over the seeds once
+    all are in, and the one chosen (the best mean) once every configuration has them."""
+    lines = []
+    for study, label in (("plnet", "PL-Net"), ("baseline", "baseline")):
+        path = os.path.join(search_dir, f"{prefix}_labeled_{study}_confirm.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            confirm = json.load(f)
+        seeds = [str(seed) for seed in confirm["seeds"]]
+        if not lines:
+            lines = [f"| study | trial | {' | '.join(f'seed {s}' for s in seeds)} | mean mAP "
+                     "| |", "| --- " * (len(seeds) + 4) + "|"]
+        for row in confirm["configurations"]:
+            runs = row["runs"]
+            cells = [f"{100 * runs[s]['mAP']:.1f} / {100 * runs[s]['rank1']:.1f}"
+                     if s in runs else "–" for s in seeds]
+            mean = (mean_std([100 * runs[s]["mAP"] for s in seeds])
+                    if all(s in runs for s in seeds) else "–")
+            chosen = "chosen" if confirm.get("chosen") == row["trial"] else ""
+            lines.append(f"| {label} | {row['trial']} | {' | '.join(cells)} | {mean} | "
+                         f"{chosen} |".replace("|  |", "| |"))
+    return "\n".join(lines)
+
+
 def health_lines(records, search_dir=os.path.join(HERE, "search"), prefix="cuhk03_pair1"):
     """The tuned recipe's health on validation, paired by seed against the search's own runs of
     the chosen configuration (`<study>_confirm.json`): twice the budget (target: loses at most
@@ -718,6 +745,8 @@ def tuned_tables(records):
     """The tables of the tuned recipes (issue 37), where their runs exist."""
     table = (TUNED_ROWS, TUNED_COMPARISONS)
     return "\n\n".join([
+        "## The search's 3-seed confirmation (validation mAP / rank-1, %)\n\n"
+        + confirmation_table(),
         "## The tuned recipe's health on validation\n\n" + health_lines(records),
         "## Main table on the tuned recipes\n\n"
         + main_table(records, rows=TUNED_ROWS)

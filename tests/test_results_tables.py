@@ -18,10 +18,12 @@ STUDIES = {"PL-Net": "cuhk03_pair1_labeled_plnet", "baseline": "cuhk03_pair1_lab
 
 
 def table_rows():
-    """The trial table's rows under "## Hyper-parameter search", as lists of cells."""
+    """The trial table's rows under "## Hyper-parameter search" (the table headed `| study |
+    trial | outcome |`; the confirmation's table is summarize.py's), as lists of cells."""
     text = open(os.path.join(ROOT, "experiments", "RESULTS.md"), encoding="utf-8").read()
     section = text.split("## Hyper-parameter search", 1)[1].split("\n## ", 1)[0]
-    rows = [line.strip("|").split("|") for line in section.splitlines()
+    table = section.split("| study | trial | outcome |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.strip("|").split("|") for line in table.splitlines()
             if line.startswith(tuple(f"| {study} |" for study in STUDIES))]
     return [[cell.strip() for cell in row] for row in rows]
 

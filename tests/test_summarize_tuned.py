@@ -113,6 +113,26 @@ def test_health_pairs_twice_the_budget_and_the_flipped_triplet_with_the_searchs_
     assert len(lines) == 2 and not any("baseline, on PL-Net's recipe" in line for line in lines)
 
 
+def test_confirmation_table_shows_each_run_and_a_mean_once_every_seed_is_in(tmp_path):
+    runs = {"0": {"mAP": 0.7117, "rank1": 0.75}, "1": {"mAP": 0.6946, "rank1": 0.679},
+            "2": {"mAP": 0.6853, "rank1": 0.696}}
+    confirm = {"seeds": [0, 1, 2], "chosen": None, "configurations": [
+        {"trial": 26, "runs": runs, "mean_mAP": 0.6973, "std_mAP": 0.0134},
+        {"trial": 21, "runs": {"0": {"mAP": 0.690, "rank1": 0.690}}}]}
+    (tmp_path / "cuhk03_pair1_labeled_plnet_confirm.json").write_text(json.dumps(confirm))
+    lines = summarize.confirmation_table(search_dir=str(tmp_path)).splitlines()
+    assert lines[0].startswith("| study | trial | seed 0 | seed 1 | seed 2 | mean mAP")
+    assert lines[2] == ("| PL-Net | 26 | 71.2 / 75.0 | 69.5 / 67.9 | 68.5 / 69.6 | "
+                        "69.7 ± 1.3 | |")
+    assert lines[3] == "| PL-Net | 21 | 69.0 / 69.0 | – | – | – | |"  # seeds 1, 2 to come
+    assert len(lines) == 4  # no baseline record: no baseline rows
+    confirm.update(chosen=26, configurations=confirm["configurations"][:1])
+    (tmp_path / "cuhk03_pair1_labeled_baseline_confirm.json").write_text(json.dumps(confirm))
+    lines = summarize.confirmation_table(search_dir=str(tmp_path)).splitlines()
+    assert lines[-1] == ("| baseline | 26 | 71.2 / 75.0 | 69.5 / 67.9 | 68.5 / 69.6 | "
+                         "69.7 ± 1.3 | chosen |")
+
+
 def test_classic_protocol_table_reads_the_classic_scores_beside_the_standard_ones(tmp_path):
     (tmp_path / "classic").mkdir()
     records = {}
