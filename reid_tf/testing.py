@@ -10,8 +10,8 @@ experiments/*.py imported by path.
 import base64
 import contextlib
 import http.client
-import io
 import importlib.util
+import io
 import json
 import os
 import socket
@@ -156,10 +156,12 @@ def add_until_killed(client, entry, count, kill_after):
     import random
     import signal
 
-    acknowledged, chance = [], random.Random()
+    acknowledged, chance, failed = [], random.Random(), threading.Event()
 
     def kill():
         while len(acknowledged) < kill_after:
+            if failed.is_set():  # an add was refused: the test fails, nothing to kill
+                return
             time.sleep(0.0005)
         time.sleep(chance.uniform(0, 0.003))
         os.kill(client.pid, signal.SIGKILL)
@@ -167,15 +169,21 @@ def add_until_killed(client, entry, count, kill_after):
     killer = threading.Thread(target=kill)
     killer.start()
     attempted = 0
-    for i in range(count):
-        attempted += 1
-        try:
-            status, _ = client.request("POST", "/v1/models/reid:add", {"entries": [entry(i)]})
-        except OSError:
-            break
-        assert status == 200, status
-        acknowledged.append(i)
-    killer.join()
+    try:
+        for i in range(count):
+            attempted += 1
+            try:
+                status, _ = client.request("POST", "/v1/models/reid:add",
+                                           {"entries": [entry(i)]})
+            except OSError:
+                break
+            assert status == 200, status
+            acknowledged.append(i)
+    except BaseException:
+        failed.set()
+        raise
+    finally:
+        killer.join()
     return acknowledged, attempted
 
 
