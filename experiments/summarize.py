@@ -697,9 +697,9 @@ def confirmation_table(search_dir=os.path.join(HERE, "search"), prefix="cuhk03_p
                      if s in runs else "–" for s in seeds]
             mean = (mean_std([100 * runs[s]["mAP"] for s in seeds])
                     if all(s in runs for s in seeds) else "–")
-            chosen = "chosen" if confirm.get("chosen") == row["trial"] else ""
-            lines.append(f"| {label} | {row['trial']} | {' | '.join(cells)} | {mean} | "
-                         f"{chosen} |".replace("|  |", "| |"))
+            chosen = " chosen " if confirm.get("chosen") == row["trial"] else " "
+            lines.append(f"| {label} | {row['trial']} | {' | '.join(cells)} | {mean} "
+                         f"|{chosen}|")
     return "\n".join(lines)
 
 
